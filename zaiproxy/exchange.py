@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.test_exchange -*-
+"""
+One request's record, and what happens to it when it ends: a line in the
+access log and a set of metric observations.
+
+The relay only fills the record in; it does not know how metrics are named
+or how log lines look.
+"""
+
+from __future__ import annotations
+
+import mmap
+import re
+from typing import IO, Any
+
+import attrs
+from twisted.logger import Logger
+
+from zaiproxy.dialects import Dialect
+from zaiproxy.metrics import Metrics
+
+__all__ = ["Exchange", "Reporter", "sniffModel", "CLIENT_CLOSED"]
+
+#: The status recorded when the client left before the response ended
+#: (nginx's convention), so client disconnects never look like upstream
+#: errors or successes.
+CLIENT_CLOSED = 499
+
+# The first "model": "<name>" pair. The model key comes before the messages
+# in Claude Code's bodies; in the openai SDK's it comes after them, but
+# message contents and tool arguments are JSON strings, so their quotes are
+# escaped and cannot match.
+_MODEL = re.compile(rb'"model"\s*:\s*"([^"\\]{1,200})"')
+
+
+def sniffModel(content: IO[bytes]) -> str | None:
+    """
+    The request's C{model}, found without parsing the whole JSON body.
+
+    C{json.loads} costs 3 ms per MB on the reactor thread; this scan costs
+    about 0.01 ms for a typical 15 kB body.
+    """
+    getbuffer = getattr(content, "getbuffer", None)
+    try:
+        if getbuffer is not None:
+            with getbuffer() as view:
+                match = _MODEL.search(view)
+                return match.group(1).decode("utf-8", "replace") if match else None
+        content.seek(0, 2)
+        if content.tell() == 0:
+            return None
+        with mmap.mmap(content.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            match = _MODEL.search(mapped)
+            return match.group(1).decode("utf-8", "replace") if match else None
+    except (OSError, ValueError):
+        return None
+    finally:
+        if getbuffer is None:
+            content.seek(0)
+
+
+@attrs.define
+class Exchange:
+    """
+    What is known about one request, filled in as it goes.
+
+    @ivar errorType: the kind of upstream failure, if any, with the seed's
+        C{error_type} vocabulary.
+    """
+
+    method: str
+    route: str
+    startedAt: float
+    dialect: Dialect | None = None
+    requestBytes: int = 0
+    status: int = 0
+    responseBytes: int = 0
+    firstByteAt: float | None = None
+    model: str | None = None
+    errorType: str | None = None
+    client: str = "-"
+
+
+_ACCESS = "{method} {route} {status} {duration:.3f}s in={bytesIn} out={bytesOut} model={model}"
+_ACCESS_ERROR = _ACCESS + " error={errorType}"
+
+
+# Module level: as a class attribute Logger would rename itself after the class.
+_accessLog = Logger(namespace="zaiproxy.access")
+
+
+class Reporter:
+    """
+    Turns finished exchanges into metrics and one access-log line each.
+    """
+
+    def __init__(self, metrics: Metrics, clock: Any) -> None:
+        self.metrics = metrics
+        self._clock = clock
+
+    def upstreamError(self, errorType: str) -> None:
+        self.metrics.upstreamError(errorType)
+
+    def firstByte(self, exchange: Exchange) -> None:
+        now = self._clock.seconds()
+        exchange.firstByteAt = now
+        self.metrics.firstByte(exchange.method, exchange.route, now - exchange.startedAt)
+
+    def finished(self, exchange: Exchange) -> None:
+        duration = self._clock.seconds() - exchange.startedAt
+        self.metrics.requestFinished(
+            exchange.method,
+            exchange.route,
+            exchange.status,
+            duration,
+            exchange.requestBytes,
+            exchange.responseBytes,
+        )
+        _accessLog.info(
+            _ACCESS_ERROR if exchange.errorType else _ACCESS,
+            method=exchange.method,
+            route=exchange.route,
+            status=exchange.status,
+            duration=duration,
+            bytesIn=exchange.requestBytes,
+            bytesOut=exchange.responseBytes,
+            model=exchange.model or "-",
+            errorType=exchange.errorType,
+            client=exchange.client,
+            ttfb=(
+                None if exchange.firstByteAt is None
+                else round(exchange.firstByteAt - exchange.startedAt, 6)
+            ),
+        )

@@ -1,0 +1,94 @@
+# -*- test-case-name: tests.test_logs -*-
+"""
+Log output: Twisted's structured events as text lines or JSON lines, at
+the level the operator chose.
+
+twistd's own JSON observer writes every internal field (level objects as
+C{{"name": "info", "__class_uuid__": ...}}); operators want one flat object
+per line that journald and log shippers can read.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import IO, Any, Callable
+
+from twisted.logger import (
+    FileLogObserver,
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    formatEvent,
+)
+from twisted.python.failure import Failure
+
+__all__ = ["buildObserver", "formatJSON", "formatText"]
+
+_SCALARS = (str, int, float, bool, type(None))
+
+# Twisted logs every pooled upstream connection it opens and closes at info.
+_CHATTY = ("twisted.web.client._HTTP11ClientFactory",)
+
+
+def _timestamp(event: dict[str, Any]) -> str:
+    when = datetime.fromtimestamp(event.get("log_time", 0.0), timezone.utc)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _failureText(event: dict[str, Any]) -> str | None:
+    failure = event.get("log_failure")
+    if isinstance(failure, Failure):
+        return failure.getTraceback()
+    return None
+
+
+def formatText(event: dict[str, Any]) -> str:
+    """
+    C{2026-11-23T05:40:00.123Z [zaiproxy.access#info] message}, plus the
+    traceback of a logged failure.
+    """
+    level = event.get("log_level", LogLevel.info)
+    namespace = event.get("log_namespace", "-")
+    text = formatEvent(event).replace("\n", "\n\t")
+    line = f"{_timestamp(event)} [{namespace}#{level.name}] {text}\n"
+    traceback = _failureText(event)
+    if traceback:
+        line += "\t" + traceback.rstrip("\n").replace("\n", "\n\t") + "\n"
+    return line
+
+
+def formatJSON(event: dict[str, Any]) -> str:
+    """
+    One JSON object per line: time, level, namespace, the formatted message,
+    and every scalar field of the event.
+    """
+    level = event.get("log_level", LogLevel.info)
+    record: dict[str, Any] = {
+        "time": _timestamp(event),
+        "level": level.name,
+        "namespace": event.get("log_namespace", "-"),
+        "message": formatEvent(event),
+    }
+    for key, value in event.items():
+        if key.startswith("log_") or key in record or key in ("format", "message", "system"):
+            continue
+        if isinstance(value, _SCALARS):
+            record[key] = value
+    traceback = _failureText(event)
+    if traceback:
+        record["traceback"] = traceback
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def buildObserver(stream: IO[str], logFormat: str, level: LogLevel) -> ILogObserver:
+    """
+    An observer writing C{logFormat} ("text" or "json") lines of events at
+    C{level} and above to C{stream}.
+    """
+    formatter: Callable[[dict[str, Any]], str] = formatJSON if logFormat == "json" else formatText
+    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
+    for namespace in _CHATTY:
+        predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
+    return FilteringLogObserver(FileLogObserver(stream, formatter), [predicate])

@@ -1,0 +1,138 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+Every Prometheus metric of the proxy, defined once, with the Go seed's
+names, types, labels and buckets so existing dashboards keep working.
+
+Unlike the seed, every label is bounded: C{path} is the route name, never
+the raw path, and C{method} is one of a fixed set.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    exposition,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+__all__ = ["Metrics", "methodLabel", "DURATION_BUCKETS", "SIZE_BUCKETS"]
+
+# The seed exports no *_created series; neither do we.
+prometheus_client.disable_created_metrics()
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SIZE_BUCKETS = tuple(100.0 * 10**i for i in range(8))
+TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+_METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+
+
+def methodLabel(method: bytes) -> str:
+    """
+    The request method as a bounded label.
+    """
+    text = method.decode("ascii", "replace").upper()
+    return text if text in _METHODS else "OTHER"
+
+
+class Metrics:
+    """
+    The proxy's metrics on their own registry (one per proxy, so tests that
+    start several proxies in one process do not share counters).
+    """
+
+    def __init__(
+        self,
+        variant: str,
+        version: str,
+        commit: str = "unknown",
+        buildTime: str = "unknown",
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.variant = variant
+        if registry is None:
+            registry = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry, platform=platform)
+            GCCollector(registry=registry)
+        self.registry = registry
+        r = registry
+
+        self.requests = Counter(
+            "zai_proxy_requests", "Requests handled, by route and status.",
+            ["method", "path", "status_code", "variant"], registry=r,
+        )
+        self.requestDuration = Histogram(
+            "zai_proxy_request_duration_seconds", "Time from request to the end of the response.",
+            ["method", "path", "status_code", "variant"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.requestSize = Histogram(
+            "zai_proxy_request_size_bytes", "Request body size.",
+            ["method", "path", "variant"], buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.responseSize = Histogram(
+            "zai_proxy_response_size_bytes", "Response body bytes written to the client.",
+            ["method", "path", "status_code", "variant"], buckets=SIZE_BUCKETS, registry=r,
+        )
+        self.timeToFirstByte = Histogram(
+            "zai_proxy_time_to_first_byte_seconds",
+            "Time from request to the first response body byte sent to the client.",
+            ["method", "path", "variant"], buckets=TTFB_BUCKETS, registry=r,
+        )
+        self.concurrentRequests = Gauge(
+            "zai_proxy_concurrent_requests", "Proxied requests in flight.",
+            ["variant"], registry=r,
+        )
+        self.upstreamErrors = Counter(
+            "zai_proxy_upstream_errors", "Upstream failures, by kind.",
+            ["error_type", "variant"], registry=r,
+        )
+        self.buildInfo = Gauge(
+            "zai_proxy_build_info", "Build information (always 1).",
+            ["version", "variant", "commit", "build_time"], registry=r,
+        )
+        self.buildInfo.labels(version, variant, commit, buildTime).set(1)
+        self.inFlight = self.concurrentRequests.labels(variant)
+
+    def requestFinished(
+        self,
+        method: str,
+        path: str,
+        status: int,
+        duration: float,
+        requestBytes: int,
+        responseBytes: int,
+    ) -> None:
+        """
+        Record one finished request (proxied, local or refused).
+        """
+        code = str(status)
+        v = self.variant
+        self.requests.labels(method, path, code, v).inc()
+        self.requestDuration.labels(method, path, code, v).observe(duration)
+        self.requestSize.labels(method, path, v).observe(requestBytes)
+        self.responseSize.labels(method, path, code, v).observe(responseBytes)
+
+    def upstreamError(self, errorType: str) -> None:
+        self.upstreamErrors.labels(errorType, self.variant).inc()
+
+    def firstByte(self, method: str, path: str, seconds: float) -> None:
+        self.timeToFirstByte.labels(method, path, self.variant).observe(seconds)
+
+    def exposition(self, accept: bytes | None) -> tuple[bytes, str]:
+        """
+        The scrape body and its content type, negotiated like the client
+        library's own HTTP handler (OpenMetrics when asked for).
+        """
+        encoder, contentType = exposition.choose_encoder(
+            (accept or b"").decode("latin-1")
+        )
+        return encoder(self.registry), contentType

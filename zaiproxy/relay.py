@@ -1,0 +1,471 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+One request's journey: forward it upstream, relay the answer chunk by chunk
+with backpressure, and stop the upstream as soon as the client leaves.
+
+A L{Relay} is the body protocol of the upstream response and the push
+producer registered with the client's request, so a client that reads
+slowly pauses the upstream socket itself (no buffering in the proxy), and
+every chunk goes from one socket to the other in a single method call.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+from twisted.internet import error as netError
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import (
+    PotentialDataLoss,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseDone,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from zaiproxy.dialects import Dialect, errorBody, streamErrorEvent
+from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
+from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
+from zaiproxy.routes import Forward
+from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
+from zaiproxy.upstream import Upstream, bodyProducerFor
+
+__all__ = ["Relay", "RelayContext", "InFlight", "respondWithError"]
+
+
+@attrs.frozen
+class RelayContext:
+    """
+    What every relay shares: the clock, the upstream, where results go, and
+    the timeouts.
+    """
+
+    clock: IReactorTime
+    upstream: Upstream
+    reporter: Reporter
+    apiKey: bytes = attrs.field(repr=False)
+    firstByteTimeout: float
+    idleTimeout: float
+
+
+class InFlight:
+    """
+    The relays in progress, so shutdown can wait for them (or cut them).
+    """
+
+    def __init__(self) -> None:
+        self._relays: set[Relay] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._relays))
+
+    def add(self, relay: "Relay") -> None:
+        self._relays.add(relay)
+
+    def discard(self, relay: "Relay") -> None:
+        self._relays.discard(relay)
+        if not self._relays:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenEmpty(self) -> "Deferred[None]":
+        if not self._relays:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
+        self._waiters.append(waiter)
+        return waiter
+
+
+def respondWithError(
+    request: Request, dialect: Dialect, status: int, message: str, code: str | None = None
+) -> int:
+    """
+    Answer C{request} with a JSON error in C{dialect} and finish it.
+
+    @return: the number of body bytes written.
+    """
+    body = errorBody(dialect, status, message, code)
+    request.setResponseCode(status)
+    request.responseHeaders = Headers(
+        {
+            b"content-type": [b"application/json"],
+            b"content-length": [b"%d" % (len(body),)],
+        }
+    )
+    if request.method == b"HEAD":
+        body = b""
+    request.write(body)
+    request.finish()
+    return len(body)
+
+
+# Errors that mean the upstream connection went away, as the client wraps them.
+_CLIENT_ERRORS = (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent, ResponseFailed)
+
+# Upstream failures before response headers: (test, status, error_type, message).
+_NO_RESPONSE: list[tuple[Callable[[Failure], Any], int, str, str]] = [
+    (
+        lambda f: f.check(netError.TimeoutError),
+        504,
+        "connect_timeout",
+        "the upstream did not accept a connection in time",
+    ),
+    (
+        lambda f: f.check(netError.DNSLookupError),
+        502,
+        "upstream_connection",
+        "the upstream host name could not be resolved",
+    ),
+    (
+        lambda f: f.check(netError.ConnectionRefusedError),
+        502,
+        "upstream_connection",
+        "the upstream refused the connection",
+    ),
+]
+
+
+@implementer(IPushProducer)
+class Relay(Protocol):
+    """
+    Forwards one request and relays its response.
+
+    Upstream data arrives in L{dataReceived} (this is the response's body
+    protocol) and the client's transport pauses and resumes the upstream
+    through L{pauseProducing}/L{resumeProducing} (this is also the request's
+    producer).
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        request: Request,
+        route: Forward,
+        exchange: Exchange,
+        context: RelayContext,
+        inFlight: InFlight,
+    ) -> None:
+        self._request = request
+        self._route = route
+        self._exchange = exchange
+        self._context = context
+        self._inFlight = inFlight
+        self._pending: Deferred[IResponse] | None = None
+        self._firstByteTimer: IDelayedCall | None = None
+        self._idleTimer: IDelayedCall | None = None
+        self._sse = False
+        self._partial = b""
+        self._clientGone = False
+        self._timedOut = False
+        self._idleTimedOut = False
+        self._shutdown = False
+        self._registered = False
+        self._done = False
+        # notifyFinish() made after the client left never fires: ask first.
+        request.notifyFinish().addErrback(self._clientLost)
+
+    # -- forwarding ---------------------------------------------------------
+
+    def start(self) -> None:
+        """
+        Send the request upstream.
+        """
+        context = self._context
+        request = self._request
+        self._inFlight.add(self)
+        headers = upstreamRequestHeaders(request.requestHeaders, self._route.dialect, context.apiKey)
+        body = bodyProducerFor(request.content, context.upstream.cooperator)
+        self._firstByteTimer = context.clock.callLater(
+            context.firstByteTimeout, self._firstByteTimeout
+        )
+        try:
+            pending = context.upstream.request(request.method, self._route.url, headers, body)
+        except Exception:
+            pending = Deferred()
+            pending.errback(Failure())
+        self._pending = pending
+        pending.addCallbacks(self._gotResponse, self._noResponse)
+        pending.addErrback(self._bug)
+
+    def _firstByteTimeout(self) -> None:
+        self._firstByteTimer = None
+        self._timedOut = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _cancelFirstByteTimer(self) -> None:
+        if self._firstByteTimer is not None:
+            if self._firstByteTimer.active():
+                self._firstByteTimer.cancel()
+            self._firstByteTimer = None
+
+    def _noResponse(self, failure: Failure) -> None:
+        self._pending = None
+        self._cancelFirstByteTimer()
+        if self._clientGone:
+            self._finished(CLIENT_CLOSED)
+            return
+        if self._shutdown:
+            self._fail(503, None, "the proxy is shutting down; retry")
+            return
+        if self._timedOut:
+            self._fail(
+                504,
+                "first_byte_timeout",
+                "the upstream sent no response within "
+                f"{self._context.firstByteTimeout:g} s",
+            )
+            return
+        for test, status, errorType, message in _NO_RESPONSE:
+            if test(failure):
+                self._fail(status, errorType, message)
+                return
+        if not failure.check(
+            netError.ConnectionClosed,
+            netError.ConnectError,
+            CancelledError,
+            *_CLIENT_ERRORS,
+        ):
+            self.log.failure("upstream request to {route} failed", failure=failure, route=self._route.label)
+        self._fail(502, "upstream_connection", "the upstream closed the connection before responding")
+
+    def _fail(self, status: int, errorType: str | None, message: str) -> None:
+        if errorType is not None:
+            self._exchange.errorType = errorType
+            self._context.reporter.upstreamError(errorType)
+        self._exchange.responseBytes = respondWithError(
+            self._request, self._route.dialect, status, message
+        )
+        self._finished(status)
+
+    # -- the response -------------------------------------------------------
+
+    def _gotResponse(self, response: IResponse) -> None:
+        self._pending = None
+        self._cancelFirstByteTimer()
+        if self._clientGone:
+            # Too late to cancel the request: close its connection instead.
+            response.deliverBody(_Discard())
+            self._finished(CLIENT_CLOSED)
+            return
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        headers = request.responseHeaders
+        for name, values in clientResponseHeaders(response.headers):
+            headers.setRawHeaders(name, values)
+        if not response.headers.hasHeader(b"server"):
+            headers.removeHeader(b"server")
+        contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        self._sse = contentType.lower().startswith(b"text/event-stream")
+        if not self._sse and response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+            # The body passes unchanged, so its length still holds.
+            headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+        self._exchange.status = response.code
+        if response.code >= 400:
+            self._exchange.errorType = str(response.code)
+            self._context.reporter.upstreamError(str(response.code))
+        response.deliverBody(self)
+
+    def connectionMade(self) -> None:
+        self._request.registerProducer(self, True)
+        self._registered = True
+        self._startIdleTimer()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idleTimer is not None:
+            self._idleTimer.reset(self._context.idleTimeout)
+        exchange = self._exchange
+        if exchange.firstByteAt is None:
+            self._context.reporter.firstByte(exchange)
+        if self._sse:
+            # Write whole events only, so an error event can always follow.
+            if self._partial:
+                data = self._partial + data
+            end = lastEventEnd(data)
+            if end != len(data):
+                if len(data) - end <= MAX_PARTIAL_EVENT:
+                    self._partial = data[end:]
+                    data = data[:end]
+                    if not data:
+                        return
+                else:
+                    self._partial = b""
+            else:
+                self._partial = b""
+        exchange.responseBytes += len(data)
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._cancelIdleTimer()
+        if self._clientGone:
+            self._finished(CLIENT_CLOSED)
+            return
+        request = self._request
+        clean = (
+            reason.check(ResponseDone, PotentialDataLoss)
+            and not self._idleTimedOut
+            and not self._shutdown
+        )
+        if clean:
+            if self._partial:
+                self._exchange.responseBytes += len(self._partial)
+                request.write(self._partial)
+                self._partial = b""
+            self._unregister()
+            request.finish()
+            self._finished(self._exchange.status)
+            return
+        if self._shutdown:
+            errorType, message = None, "the proxy is shutting down; the stream was cut"
+        elif self._idleTimedOut:
+            errorType = "idle_timeout"
+            message = f"the upstream sent nothing for {self._context.idleTimeout:g} s"
+        else:
+            errorType = "read_error"
+            message = "the upstream connection broke mid-response"
+        self._streamBroke(errorType, message)
+
+    def _streamBroke(self, errorType: str | None, message: str) -> None:
+        """
+        End a response the upstream did not finish, so the client can tell.
+        """
+        request = self._request
+        exchange = self._exchange
+        self._unregister()
+        if not request.startedWriting:
+            # Nothing sent yet: a plain error response is still possible.
+            status = 503 if errorType is None else 504 if errorType == "idle_timeout" else 502
+            self._fail(status, errorType, message)
+            return
+        if errorType is not None:
+            exchange.errorType = errorType
+            self._context.reporter.upstreamError(errorType)
+        if self._sse:
+            # Drop the half event; the error event starts on a boundary.
+            self._partial = b""
+            event = streamErrorEvent(self._route.dialect, message)
+            exchange.responseBytes += len(event)
+            request.write(event)
+            request.finish()
+        else:
+            # A JSON body cut short: make sure the client sees a truncated
+            # response, never a falsely complete one.
+            request.channel.forceAbortClient()
+        self._finished(exchange.status)
+
+    # -- IPushProducer, for the client's side --------------------------------
+
+    def pauseProducing(self) -> None:
+        # Silence while the client is the slow side is not upstream idleness.
+        self._cancelIdleTimer()
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._startIdleTimer()
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    def _startIdleTimer(self) -> None:
+        if self._idleTimer is None and not self._done:
+            self._idleTimer = self._context.clock.callLater(
+                self._context.idleTimeout, self._idleTimeout
+            )
+
+    def _cancelIdleTimer(self) -> None:
+        if self._idleTimer is not None:
+            if self._idleTimer.active():
+                self._idleTimer.cancel()
+            self._idleTimer = None
+
+    def _idleTimeout(self) -> None:
+        self._idleTimer = None
+        self._idleTimedOut = True
+        self.transport.stopProducing()
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            if not self._clientGone:
+                self._request.unregisterProducer()
+
+    # -- endings ------------------------------------------------------------
+
+    def _clientLost(self, failure: Failure) -> None:
+        """
+        The client went away: stop spending the user's quota at once.
+        """
+        self._clientGone = True
+        self._registered = False
+        if self._pending is not None:
+            self._cancelFirstByteTimer()
+            self._pending.cancel()
+        elif self.transport is not None and not self._done:
+            self.transport.stopProducing()
+
+    def shutdown(self) -> None:
+        """
+        Cut this relay short because the proxy is stopping.
+        """
+        if self._done:
+            return
+        self._shutdown = True
+        if self._pending is not None:
+            self._cancelFirstByteTimer()
+            self._pending.cancel()
+        elif self.transport is not None:
+            self.transport.stopProducing()
+
+    def _finished(self, status: int) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._cancelFirstByteTimer()
+        self._cancelIdleTimer()
+        self._exchange.status = status
+        self._inFlight.discard(self)
+        self._context.reporter.finished(self._exchange)
+
+    def _bug(self, failure: Failure) -> None:
+        """
+        The last errback of the chain: a bug here must not hang the client.
+        """
+        self.log.failure("relay for {route} failed", failure=failure, route=self._route.label)
+        if self._done:
+            return
+        self._unregister()
+        request = self._request
+        if not self._clientGone:
+            if not request.startedWriting:
+                self._exchange.responseBytes = respondWithError(
+                    request, self._route.dialect, 500, "internal proxy error"
+                )
+            else:
+                request.channel.forceAbortClient()
+        self._finished(500)
+
+
+class _Discard(Protocol):
+    """
+    A body nobody will read: close the connection rather than download it.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()

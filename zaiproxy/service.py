@@ -1,0 +1,255 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The proxy as a service: builds the pieces, listens, and drains on stop.
+
+Stopping (SIGTERM) closes the listeners first, lets the streams in flight
+finish for up to C{DRAIN_TIMEOUT}, cuts the rest with an error event, and
+then closes every client connection and waits until it is gone: a response
+handed to the transport has not left the socket yet, and a reactor that
+stops at that moment loses the tail of the stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
+from twisted.python.failure import Failure
+
+from zaiproxy import __version__
+from zaiproxy.endpoints import HealthResource, MetricsResource, ReadyResource
+from zaiproxy.exchange import Reporter
+from zaiproxy.metrics import Metrics
+from zaiproxy.relay import InFlight, RelayContext
+from zaiproxy.resource import ProxyResource
+from zaiproxy.routes import Targets
+from zaiproxy.settings import Settings
+from zaiproxy.site import ProxySite
+from zaiproxy.upstream import Upstream
+
+__all__ = ["ProxyService", "BuildInfo"]
+
+#: After the drain, how long closing connections may take to flush.
+_FLUSH_SECONDS = 5.0
+#: After cutting streams at the drain deadline, how long they have to end.
+_CUT_SECONDS = 2.0
+
+
+class BuildInfo:
+    """
+    The version, commit and build time reported by C{zai_proxy_build_info}.
+    """
+
+    def __init__(self, version: str = __version__, commit: str = "unknown", buildTime: str = "unknown") -> None:
+        self.version = version
+        self.commit = commit
+        self.buildTime = buildTime
+
+
+class ProxyService(MultiService):
+    """
+    The whole proxy: listeners, upstream pool, metrics and the drain.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        settings: Settings,
+        listen: list[str],
+        observer: ILogObserver | None = None,
+        warnings: list[str] | None = None,
+        build: BuildInfo | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.settings = settings
+        self.draining = False
+        self._announced = False
+        self._observer = observer
+        self._warnings = list(warnings or [])
+        build = build or BuildInfo()
+        self.build = build
+
+        self.metrics = metrics or Metrics(
+            settings.deploymentVariant, build.version, build.commit, build.buildTime
+        )
+        self.upstream = Upstream(
+            reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize
+        )
+        self.reporter = Reporter(self.metrics, reactor)
+        self.inFlight = InFlight()
+        self.metrics.inFlight.set_function(lambda: len(self.inFlight))
+        self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
+        self.context = RelayContext(
+            clock=reactor,
+            upstream=self.upstream,
+            reporter=self.reporter,
+            apiKey=settings.zaiApiKey.encode("ascii", "replace"),
+            firstByteTimeout=settings.upstreamFirstByteTimeout,
+            idleTimeout=settings.upstreamIdleTimeout,
+        )
+        isDraining = lambda: self.draining  # noqa: E731
+        self.health = HealthResource(
+            {
+                "version": build.version,
+                "variant": settings.deploymentVariant,
+                "upstream": {
+                    "anthropic": settings.zaiTargetURL,
+                    "openai": settings.zaiOpenAITargetURL,
+                },
+            },
+            isDraining,
+        )
+        self.resource = ProxyResource(
+            self.targets,
+            self.context,
+            self.inFlight,
+            {
+                b"/metrics": MetricsResource(self.metrics),
+                b"/health": self.health,
+                b"/readyz": ReadyResource(isDraining),
+            },
+            isDraining,
+        )
+        self.site = ProxySite(
+            self.resource,
+            reactor,
+            maxRequestBytes=settings.maxRequestBytes,
+            headerTimeout=settings.clientHeaderTimeout,
+            idleTimeout=settings.clientIdleTimeout,
+            onRejected=self.resource.rejected,
+        )
+        # Parsed now, so a bad --listen stops start-up with a clear error.
+        self._endpoints = [
+            (description, endpoints.serverFromString(reactor, description))
+            for description in listen
+        ]
+        self.ports: list[IListeningPort] = []
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        Under twistd, give the application our log observer, so LOG_FORMAT
+        and LOG_LEVEL apply without twistd command-line flags.
+        """
+        if self._observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self._observer)
+        super().setServiceParent(parent)
+
+    def privilegedStartService(self) -> None:
+        # Bind before twistd drops privileges (port 80, systemd sockets).
+        self._announce()
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._announce()
+        self._listen()
+        super().startService()
+
+    def _announce(self) -> None:
+        """
+        The seed's start-up lines, once.
+        """
+        if self._announced:
+            return
+        self._announced = True
+        settings = self.settings
+        for warning in self._warnings:
+            self.log.warn("{warning}", warning=warning)
+        if settings.deploymentVariant != "production":
+            self.log.info("Deployment variant: {variant}", variant=settings.deploymentVariant)
+        self.log.info(
+            "Build info: version={version}, variant={variant}, commit={commit}, build_time={buildTime}",
+            version=self.build.version,
+            variant=settings.deploymentVariant,
+            commit=self.build.commit,
+            buildTime=self.build.buildTime,
+        )
+        self.log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
+        self.log.info(
+            "Forwarding Anthropic-compatible calls to {anthropic} and OpenAI-compatible calls to {openai}",
+            anthropic=settings.zaiTargetURL,
+            openai=settings.zaiOpenAITargetURL,
+        )
+
+    def _listen(self) -> None:
+        """
+        Listen on every endpoint; a port that cannot be bound stops start-up.
+        """
+        if self.ports:
+            return
+        for description, endpoint in self._endpoints:
+            outcome: list[Any] = []
+            endpoint.listen(self.site).addBoth(outcome.append)
+            if not outcome or isinstance(outcome[0], Failure):
+                for port in self.ports:
+                    port.stopListening()
+                self.ports = []
+                if outcome:
+                    outcome[0].raiseException()
+                raise RuntimeError(f"listening on {description} did not complete")
+            port = outcome[0]
+            self.ports.append(port)
+            address = port.getHost()
+            self.log.info(
+                "Z.AI proxy listening on {where} ({description}); metrics at /metrics",
+                where=f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}",
+                description=description,
+            )
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """
+        Drain: stop accepting, let streams finish, flush, close the pool.
+        """
+        self.draining = True
+        self.log.info(
+            "Draining: {n} request(s) in flight, up to {timeout:g} s",
+            n=len(self.inFlight),
+            timeout=self.settings.drainTimeout,
+        )
+        ports, self.ports = self.ports, []
+        yield defer.gatherResults(
+            [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
+        ).addErrback(lambda f: self.log.failure("closing a listener failed", failure=f))
+
+        drained = yield self._within(self.inFlight.whenEmpty(), self.settings.drainTimeout)
+        if not drained:
+            self.log.warn(
+                "Drain timeout: cutting {n} request(s) still in flight", n=len(self.inFlight)
+            )
+            for relay in self.inFlight:
+                relay.shutdown()
+            yield self._within(self.inFlight.whenEmpty(), _CUT_SECONDS)
+
+        # Hand every connection's last bytes to the kernel before the
+        # reactor stops: loseConnection() flushes the write buffer first.
+        for channel in list(self.site.channels):
+            channel.loseConnection()
+        closed = yield self._within(self.site.whenNoChannels(), _FLUSH_SECONDS)
+        if not closed:
+            for channel in list(self.site.channels):
+                channel.transport.abortConnection()
+        yield self.upstream.close()
+        Service.stopService(self)
+        self.log.info("Drained; stopped")
+
+    @inlineCallbacks
+    def _within(self, waiting: "Deferred[None]", seconds: float) -> Any:
+        """
+        Wait for C{waiting} for at most C{seconds}; say whether it fired.
+        """
+        try:
+            yield waiting.addTimeout(seconds, self.reactor)
+        except defer.TimeoutError:
+            return False
+        return True

@@ -1,0 +1,427 @@
+# -*- test-case-name: tests.test_settings -*-
+"""
+The proxy's settings: one frozen object built from the environment and an
+optional EnvironmentFile, checked once at start-up.
+
+The variable names and defaults are the Go seed's, so its users can switch
+without rewriting their deployment. Unlike the seed, a value that does not
+parse is an error naming the variable, the value and what is accepted,
+never a silent fallback to the default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
+
+import attrs
+from twisted.logger import LogLevel
+
+from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
+
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "SettingSpec",
+    "settingSpecs",
+    "loadSettings",
+]
+
+
+class SettingsError(ValueError):
+    """
+    A setting is missing or invalid; C{str()} is the one line to show.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: each takes the raw text and returns the value or raises
+# ValueError with a phrase saying what is accepted.
+
+_TRUE = {"true", "1", "yes", "y", "on"}
+_FALSE = {"false", "0", "no", "n", "off"}
+
+
+def parseBool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ValueError("expected true/false, 1/0, yes/no or on/off")
+
+
+def _number(text: str, kind: Callable[[str], Any], what: str) -> Any:
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        raise ValueError(f"expected {what}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected {what}")
+    return value
+
+
+def parsePositiveInt(text: str) -> int:
+    value: int = _number(text, int, "a whole number greater than 0")
+    if value <= 0:
+        raise ValueError("expected a whole number greater than 0")
+    return value
+
+
+def parseNonNegativeInt(text: str) -> int:
+    value: int = _number(text, int, "a whole number, 0 or more")
+    if value < 0:
+        raise ValueError("expected a whole number, 0 or more")
+    return value
+
+
+def parsePositiveFloat(text: str) -> float:
+    value: float = _number(text, float, "a number greater than 0")
+    if value <= 0:
+        raise ValueError("expected a number greater than 0")
+    return value
+
+
+def _fraction(low: float, high: float, closedHigh: bool) -> Callable[[str], float]:
+    what = f"a number in ({low:g}, {high:g}{']' if closedHigh else ')'}"
+
+    def parse(text: str) -> float:
+        value: float = _number(text, float, what)
+        if not (low < value < high or (closedHigh and value == high)):
+            raise ValueError(f"expected {what}")
+        return value
+
+    return parse
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parseDuration(text: str) -> float:
+    """
+    Seconds, as a plain number (C{2.5}) or Go-style units (C{1m30s},
+    C{300ms}, C{6h}), since the seed used Go durations.
+    """
+    what = "seconds greater than 0, e.g. 30, 2.5, 1m30s, 300ms or 6h"
+    stripped = text.strip()
+    try:
+        seconds = float(stripped)
+    except ValueError:
+        pos = 0
+        seconds = 0.0
+        for match in _DURATION_PART.finditer(stripped):
+            if match.start() != pos:
+                break
+            seconds += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+            pos = match.end()
+        if pos != len(stripped) or pos == 0:
+            raise ValueError(f"expected {what}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"expected {what}")
+    return seconds
+
+
+_SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
+
+
+def parseByteSize(text: str) -> int:
+    """
+    Bytes, with an optional binary suffix (C{32MiB}, C{512k}).
+    """
+    match = _SIZE.match(text.strip())
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError("expected bytes greater than 0, e.g. 33554432, 512KiB or 32MiB")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)[:1].lower()]
+
+
+def parseURL(text: str) -> str:
+    """
+    An absolute http(s) base URL without query or fragment; a trailing slash
+    is dropped so that joining a path never doubles it.
+    """
+    what = "an http:// or https:// URL with a host, without query or fragment"
+    stripped = text.strip()
+    try:
+        parts = urlsplit(stripped)
+        parts.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise ValueError(f"expected {what}") from None
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.query
+        or parts.fragment
+        or "@" in parts.netloc
+    ):
+        raise ValueError(f"expected {what}")
+    return stripped.rstrip("/")
+
+
+def parseText(text: str) -> str:
+    if any(c in text for c in "\r\n\x00"):
+        raise ValueError("expected a single line of text")
+    return text.strip()
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        lowered = text.strip().lower()
+        if lowered not in choices:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return lowered
+
+    return parse
+
+
+_LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "warning": LogLevel.warn,
+    "error": LogLevel.error,
+    "critical": LogLevel.critical,
+}
+
+
+def parseLogLevel(text: str) -> LogLevel:
+    try:
+        return _LEVELS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("expected debug, info, warn, error or critical") from None
+
+
+def parseOptionalPath(text: str) -> str | None:
+    """
+    A file path, or C{off} to turn the feature off (the seed could not).
+    """
+    stripped = text.strip()
+    if stripped.lower() in ("off", "none", "false"):
+        return None
+    if "\x00" in stripped:
+        raise ValueError("expected a file path or off")
+    return stripped
+
+
+def parseSecret(text: str) -> str:
+    stripped = text.strip()
+    if any(c.isspace() for c in stripped) or any(ord(c) < 32 for c in stripped):
+        # Never echo the value: it is a secret.
+        raise ValueError("must be a single token without spaces or control characters")
+    return stripped
+
+
+# ---------------------------------------------------------------------------
+# The schema.
+
+
+@attrs.frozen
+class SettingSpec:
+    """
+    How one environment variable becomes one attribute of L{Settings}.
+
+    @ivar default: the default as it would be written in the environment;
+        L{None} when the variable is required.
+    """
+
+    env: str
+    attribute: str
+    parse: Callable[[str], Any]
+    default: str | None
+    help: str
+    secret: bool = False
+
+
+_SPECS: list[SettingSpec] = []
+
+
+def _setting(
+    env: str,
+    parse: Callable[[str], Any],
+    default: str | None,
+    help: str,
+    secret: bool = False,
+) -> Any:
+    """
+    Declare an attribute of L{Settings} and the variable it comes from.
+    """
+    metadata = {"env": env, "parse": parse, "default": default, "help": help, "secret": secret}
+    if default is None:
+        return attrs.field(metadata=metadata, repr=not secret)
+    return attrs.field(default=parse(default), metadata=metadata, repr=not secret)
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    """
+    Every setting of the proxy, validated; build it with L{loadSettings}.
+    """
+
+    zaiApiKey: str = _setting(
+        "ZAI_API_KEY", parseSecret, None,
+        "Upstream Z.AI key, injected into every forwarded request. Required; never logged.",
+        secret=True,
+    )
+    zaiTargetURL: str = _setting(
+        "ZAI_TARGET_URL", parseURL, "https://api.z.ai/api/anthropic",
+        "Anthropic-compatible upstream base; /v1/... paths are appended to it.",
+    )
+    zaiOpenAITargetURL: str = _setting(
+        "ZAI_OPENAI_TARGET_URL", parseURL, "https://api.z.ai/api/coding/paas/v4",
+        "OpenAI-compatible upstream base; /chat/completions is appended to it.",
+    )
+    deploymentVariant: str = _setting(
+        "DEPLOYMENT_VARIANT", parseText, "production",
+        "Value of the variant label on every metric (canary deployments).",
+    )
+    tokenCountingEnabled: bool = _setting(
+        "TOKEN_COUNTING_ENABLED", parseBool, "true",
+        "Count tokens with tiktoken where the upstream does not report usage.",
+    )
+    tokenizerModel: str = _setting(
+        "TOKENIZER_MODEL", parseText, "glm-4",
+        "Model label used when a request names no model.",
+    )
+    maxWorkers: int = _setting(
+        "MAX_WORKERS", parsePositiveInt, "10",
+        "Upstream calls in flight at once.",
+    )
+    maxRetries: int = _setting(
+        "MAX_RETRIES", parseNonNegativeInt, "3",
+        "Retries before the first byte reaches the client (total attempts = 1 + this).",
+    )
+    rateLimitInitial: float = _setting(
+        "RATE_LIMIT_INITIAL", parsePositiveFloat, "10.0",
+        "Starting request rate (requests/s).",
+    )
+    rateLimitMin: float = _setting(
+        "RATE_LIMIT_MIN", parsePositiveFloat, "1.0",
+        "Lowest request rate the limiter will go to (requests/s).",
+    )
+    rateLimitMax: float = _setting(
+        "RATE_LIMIT_MAX", parsePositiveFloat, "50.0",
+        "Highest request rate, and the first ceiling estimate (requests/s).",
+    )
+    rateLimitStateFile: str | None = _setting(
+        "RATE_LIMIT_STATE_FILE", parseOptionalPath, "/var/lib/zai-proxy/ceiling.json",
+        "Where the learned rate ceiling is kept across restarts; off disables it.",
+    )
+    logLevel: LogLevel = _setting(
+        "LOG_LEVEL", parseLogLevel, "info",
+        "Lowest level logged: debug, info, warn, error or critical.",
+    )
+    logFormat: str = _setting(
+        "LOG_FORMAT", _choice("text", "json"), "text",
+        "text, or json for one JSON object per line.",
+    )
+    maxRequestBytes: int = _setting(
+        "MAX_REQUEST_BYTES", parseByteSize, "32MiB",
+        "Largest request body accepted; larger ones get 413 before they are read.",
+    )
+    upstreamConnectTimeout: float = _setting(
+        "UPSTREAM_CONNECT_TIMEOUT", parseDuration, "10s",
+        "Time to open a connection to the upstream.",
+    )
+    upstreamFirstByteTimeout: float = _setting(
+        "UPSTREAM_FIRST_BYTE_TIMEOUT", parseDuration, "300s",
+        "Time from sending a request to the upstream's response headers (thinking models are slow).",
+    )
+    upstreamIdleTimeout: float = _setting(
+        "UPSTREAM_IDLE_TIMEOUT", parseDuration, "120s",
+        "Longest silence between two chunks of a response before the stream is ended.",
+    )
+    upstreamPoolSize: int = _setting(
+        "UPSTREAM_POOL_SIZE", parsePositiveInt, "32",
+        "Idle upstream connections kept open for reuse, per upstream host.",
+    )
+    clientHeaderTimeout: float = _setting(
+        "CLIENT_HEADER_TIMEOUT", parseDuration, "30s",
+        "Time a client has to send its request line and headers.",
+    )
+    clientIdleTimeout: float = _setting(
+        "CLIENT_IDLE_TIMEOUT", parseDuration, "75s",
+        "Idle time after which a client's keep-alive connection is closed.",
+    )
+    drainTimeout: float = _setting(
+        "DRAIN_TIMEOUT", parseDuration, "30s",
+        "On SIGTERM, how long in-flight requests may take to finish.",
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if not self.rateLimitMin <= self.rateLimitMax:
+            raise SettingsError(
+                f"RATE_LIMIT_MIN={self.rateLimitMin:g} must not exceed "
+                f"RATE_LIMIT_MAX={self.rateLimitMax:g}"
+            )
+        if not self.rateLimitMin <= self.rateLimitInitial <= self.rateLimitMax:
+            raise SettingsError(
+                f"RATE_LIMIT_INITIAL={self.rateLimitInitial:g} must lie between "
+                f"RATE_LIMIT_MIN={self.rateLimitMin:g} and "
+                f"RATE_LIMIT_MAX={self.rateLimitMax:g}"
+            )
+
+
+def settingSpecs() -> list[SettingSpec]:
+    """
+    Every setting in declaration order, for help texts and documentation.
+    """
+    return [
+        SettingSpec(
+            env=f.metadata["env"],
+            attribute=f.name,
+            parse=f.metadata["parse"],
+            default=f.metadata["default"],
+            help=f.metadata["help"],
+            secret=f.metadata["secret"],
+        )
+        for f in attrs.fields(Settings)
+    ]
+
+
+def loadSettings(
+    environ: Mapping[str, str], configPath: str | None = None
+) -> tuple[Settings, list[str]]:
+    """
+    Build L{Settings} from a config file overlaid by the environment.
+
+    An empty value counts as unset (as in the seed), so C{KEY=} in a file
+    means "the default".
+
+    @return: the settings, and warnings to log once logging is up (such as
+        unknown variables in the config file, which are usually typos).
+    @raise SettingsError: with one line naming the variable and what is
+        accepted; a secret's value is never quoted.
+    """
+    merged: dict[str, str] = {}
+    warnings: list[str] = []
+    specs = settingSpecs()
+    known = {spec.env for spec in specs}
+    if configPath is not None:
+        try:
+            fileValues = readEnvironmentFile(configPath)
+        except EnvironmentFileError as e:
+            raise SettingsError(str(e)) from None
+        for name in fileValues:
+            if name not in known:
+                warnings.append(
+                    f"config file {configPath} sets {name}, which zaiproxy does not use"
+                )
+        merged.update(fileValues)
+    merged.update({k: v for k, v in environ.items() if k in known})
+
+    values: dict[str, Any] = {}
+    for spec in specs:
+        raw = merged.get(spec.env, "")
+        if raw.strip() == "":
+            if spec.default is None:
+                raise SettingsError(f"{spec.env} is required but not set")
+            continue
+        try:
+            values[spec.attribute] = spec.parse(raw)
+        except ValueError as e:
+            shown = "(hidden)" if spec.secret else repr(raw)
+            raise SettingsError(f"{spec.env}={shown} is not valid: {e}") from None
+    return Settings(**values), warnings

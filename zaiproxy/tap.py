@@ -1,0 +1,139 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd zaiproxy}: command-line options and the service they build.
+
+This is the one module that touches the global reactor, and only inside
+L{makeService}, after twistd has installed the reactor it was asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from typing import IO, Any
+
+from twisted.application.service import IService
+from twisted.logger import ILogObserver
+from twisted.python import usage
+from twisted.python.logfile import LogFile
+
+from zaiproxy import __version__
+from zaiproxy.logs import buildObserver
+from zaiproxy.settings import Settings, SettingsError, loadSettings, settingSpecs
+
+__all__ = ["Options", "makeService"]
+
+DEFAULT_LISTEN = "tcp:8080"
+
+
+def _settingsHelp() -> str:
+    lines = [
+        "Settings come from the environment (and --config); the environment wins.",
+        "",
+    ]
+    for spec in settingSpecs():
+        default = "required" if spec.default is None else f"default {spec.default}"
+        lines.append(f"  {spec.env} ({default})")
+        lines.extend(textwrap.wrap(spec.help, 72, initial_indent="      ", subsequent_indent="      "))
+    return "\n".join(lines)
+
+
+class Options(usage.Options):
+    """
+    C{twistd zaiproxy [--listen DESCRIPTION ...] [--config PATH]}
+    """
+
+    synopsis = "[--listen DESCRIPTION ...] [--config PATH]"
+    optParameters = [
+        [
+            "config",
+            "c",
+            None,
+            "A KEY=VALUE file in systemd EnvironmentFile syntax (e.g. "
+            "/etc/zaiproxy/zaiproxy.env); variables in the process environment "
+            "override it.",
+        ],
+    ]
+
+    longdesc = (
+        f"zaiproxy {__version__}: a streaming reverse proxy in front of the Z.AI "
+        "API. It injects the upstream key, relays answers as they arrive, counts "
+        "tokens and exports Prometheus metrics."
+    )
+
+    def getUsage(self, width: int | None = None) -> str:
+        # twistd reflows longdesc into one paragraph; the settings list
+        # keeps its layout after it.
+        return super().getUsage(width) + "\n" + _settingsHelp() + "\n"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """
+        Where to accept connections, as a strports description (e.g.
+        tcp:8080:interface=127.0.0.1, unix:/run/zaiproxy.sock,
+        systemd:domain=INET:index=0). Repeat to listen on several.
+        [default: tcp:8080]
+        """
+        self["listen"].append(description)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+
+
+def _fail(message: str) -> None:
+    # One line and a non-zero exit: twistd has not started logging yet.
+    sys.stderr.write(f"zaiproxy: {message}\n")
+    sys.stderr.flush()
+    raise SystemExit(2)
+
+
+def chooseObserver(twistdOptions: Any, settings: Settings, stdout: IO[str]) -> ILogObserver | None:
+    """
+    Our log observer, writing where twistd would have written.
+
+    If the operator picked twistd's own logging (--logger or --syslog),
+    leave it alone.
+    """
+    if twistdOptions is None:
+        return buildObserver(stdout, settings.logFormat, settings.logLevel)
+    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
+        return None
+    logfile = twistdOptions.get("logfile") or ""
+    if logfile == "-" or (not logfile and twistdOptions.get("nodaemon")):
+        stream: Any = stdout
+    else:
+        stream = LogFile.fromFullPath(logfile or "twistd.log")
+    return buildObserver(stream, settings.logFormat, settings.logLevel)
+
+
+def makeService(options: Options) -> IService:
+    """
+    Load and check the settings, then build the proxy service.
+    """
+    from twisted.internet import reactor
+
+    from zaiproxy.service import BuildInfo, ProxyService
+
+    try:
+        settings, warnings = loadSettings(os.environ, options["config"])
+    except SettingsError as e:
+        _fail(str(e))
+    observer = chooseObserver(getattr(options, "parent", None), settings, sys.stdout)
+    build = BuildInfo(
+        version=os.environ.get("ZAI_PROXY_VERSION") or __version__,
+        commit=os.environ.get("ZAI_PROXY_COMMIT") or "unknown",
+        buildTime=os.environ.get("ZAI_PROXY_BUILD_TIME") or "unknown",
+    )
+    try:
+        return ProxyService(reactor, settings, options["listen"], observer, warnings, build)
+    except ValueError as e:
+        # endpoints.serverFromString rejects a malformed --listen.
+        _fail(f"invalid --listen: {e}")
+        raise
