@@ -6,7 +6,7 @@ trial would).
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
@@ -75,3 +75,118 @@ async def cleanReactor(reactor: Any) -> AsyncIterator[None]:
         + ("\n  " if leftSockets and leftCalls else "")
         + _describe(leftCalls)
     )
+
+
+# ---------------------------------------------------------------------------
+# A running stack: the fake Z.AI on a loopback port and the proxy in front.
+
+import attrs  # noqa: E402
+from treq.client import HTTPClient  # noqa: E402
+from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
+
+from zaiproxy.fake import FakeZai, parseScenario  # noqa: E402
+from zaiproxy.fake.testing import RunningFake, startFake  # noqa: E402
+from zaiproxy.service import ProxyService  # noqa: E402
+from zaiproxy.settings import loadSettings  # noqa: E402
+
+#: The upstream key the proxy injects in tests; it must never reach a client.
+UPSTREAM_KEY = "zai-upstream-SECRET-7f3a9"
+
+
+@attrs.define
+class Stack:
+    """
+    The fake upstream and the proxy in front of it.
+    """
+
+    fake: FakeZai
+    upstream: RunningFake
+    proxy: ProxyService
+
+    @property
+    def port(self) -> int:
+        return self.proxy.ports[0].getHost().port  # type: ignore[no-any-return]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        """
+        The current value of one metric sample of the proxy.
+        """
+        return self.proxy.metrics.registry.get_sample_value(name, labels)
+
+
+@pytest_twisted.async_yield_fixture
+async def makeStack(reactor: Any) -> AsyncIterator[Any]:
+    """
+    A factory of stacks: C{await makeStack("events=3", UPSTREAM_IDLE_TIMEOUT="1")}.
+    Everything it started is stopped at the end of the test.
+    """
+    made: list[Stack] = []
+
+    async def make(
+        scenario: str = "",
+        fakeKey: str | None = UPSTREAM_KEY,
+        fakeClock: Any = None,
+        **env: str,
+    ) -> Stack:
+        fake = FakeZai(fakeClock or reactor, apiKey=fakeKey, defaults=parseScenario(scenario))
+        upstream = await startFake(reactor, fake)
+        environ = {
+            "ZAI_API_KEY": UPSTREAM_KEY,
+            "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
+            "ZAI_OPENAI_TARGET_URL": upstream.url("/api/coding/paas/v4"),
+            "RATE_LIMIT_STATE_FILE": "off",
+            "DRAIN_TIMEOUT": "2",
+            **env,
+        }
+        settings, _ = loadSettings(environ)
+        proxy = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
+        proxy.startService()
+        stack = Stack(fake, upstream, proxy)
+        made.append(stack)
+        return stack
+
+    yield make
+    for stack in reversed(made):
+        if stack.proxy.running:
+            await stack.proxy.stopService()
+        await stack.upstream.stop()
+
+
+@pytest_twisted.async_yield_fixture
+async def stack(makeStack: Any) -> AsyncIterator[Stack]:
+    """
+    A stack with the fake's default scenario.
+    """
+    yield await makeStack()
+
+
+@pytest_twisted.async_yield_fixture
+async def http(reactor: Any) -> AsyncIterator[HTTPClient]:
+    """
+    A treq client for tests, on its own pool, closed at the end.
+    """
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    yield HTTPClient(Agent(reactor, pool=pool))
+    await pool.closeCachedConnections()
+
+
+@pytest.fixture(autouse=True)
+def logEvents() -> Iterator[list[dict[str, Any]]]:
+    """
+    Every log event of the test; none may contain the upstream key.
+    """
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+    for event in events:
+        text = formatEvent(event) + repr(sorted(event.items(), key=lambda kv: kv[0]))
+        failure = event.get("log_failure")
+        if failure is not None:
+            text += failure.getTraceback()
+        assert UPSTREAM_KEY not in text, f"the upstream key was logged: {formatEvent(event)}"

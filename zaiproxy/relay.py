@@ -100,7 +100,7 @@ def respondWithError(
     @return: the number of body bytes written.
     """
     body = errorBody(dialect, status, message, code)
-    request.setResponseCode(status)
+    request.setResponseCode(status, _PHRASES.get(status))
     request.responseHeaders = Headers(
         {
             b"content-type": [b"application/json"],
@@ -113,6 +113,9 @@ def respondWithError(
     request.finish()
     return len(body)
 
+
+# Statuses twisted.web has no reason phrase for (it would say "Unknown Status").
+_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
 
 # Errors that mean the upstream connection went away, as the client wraps them.
 _CLIENT_ERRORS = (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent, ResponseFailed)

@@ -242,6 +242,10 @@ class ProxyService(MultiService):
         yield self.upstream.close()
         Service.stopService(self)
         self.log.info("Drained; stopped")
+        # twistd re-raises a stopping signal after shutdown so that the exit
+        # status says "killed by SIGTERM"; a completed drain is a clean exit.
+        if getattr(self.reactor, "_exitSignal", None) is not None:
+            self.reactor._exitSignal = None
 
     @inlineCallbacks
     def _within(self, waiting: "Deferred[None]", seconds: float) -> Any:

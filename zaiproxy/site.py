@@ -147,6 +147,23 @@ class ProxyChannel(http.HTTPChannel):
         self._cancelHeaderTimer()
         super().allHeadersReceived()
 
+    def checkPersistence(self, request: http.Request, version: bytes) -> bool:
+        """
+        Twisted splits C{Connection} on spaces only, so C{close, x-foo}
+        would keep the connection open: read it as the comma-separated
+        token list it is, across every C{Connection} header.
+        """
+        tokens = {
+            token.strip().lower()
+            for value in request.requestHeaders.getRawHeaders(b"connection", [])
+            for token in value.split(b",")
+        }
+        if version == b"HTTP/1.1" and b"close" not in tokens:
+            return True
+        if version == b"HTTP/1.1":
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
     def requestDone(self, request: http.Request) -> None:
         super().requestDone(request)
         self._awaitingHeaders = True
@@ -176,6 +193,11 @@ class ProxyChannel(http.HTTPChannel):
         else:
             self.reject(400, "malformed HTTP request")
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # One header line longer than LineReceiver.MAX_LENGTH: Twisted would
+        # drop the connection without a word.
+        self.reject(431, f"a request header line exceeds {self.MAX_LENGTH} bytes")
+
     def reject(self, status: int, message: str) -> None:
         """
         Answer C{status} at once, whatever state the parser is in, then
@@ -184,6 +206,8 @@ class ProxyChannel(http.HTTPChannel):
         if self._rejecting or self.transport is None:
             return
         self._rejecting = True
+        # Parse nothing more, not even lines already buffered.
+        self.clearLineBuffer()
         self._cancelHeaderTimer()
         self.setTimeout(None)
         request = self.requests[-1] if self.requests else None

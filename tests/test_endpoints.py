@@ -1,0 +1,104 @@
+"""
+Tests for L{zaiproxy.endpoints}: /metrics, /health and /readyz.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest_twisted
+import treq
+
+from conftest import UPSTREAM_KEY, Stack
+from zaiproxy.fake.testing import rawRequest
+
+
+async def get(url: str, **kw: Any) -> tuple[Any, bytes]:
+    response = await treq.get(url, persistent=False, **kw)
+    return response, await response.content()
+
+
+@pytest_twisted.ensureDeferred
+async def test_metrics(reactor: Any, stack: Stack) -> None:
+    """
+    /metrics serves the seed's metric families with bounded labels, in the
+    Prometheus text format (OpenMetrics when asked).
+    """
+    client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages?beta=true", [], b'{"model":"glm-4.7"}')
+    await client.closed.addErrback(lambda f: None)
+    response, body = await get(stack.url("/metrics"))
+    assert response.code == 200
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"text/plain; version=")
+    text = body.decode()
+    for family in (
+        "zai_proxy_requests_total",
+        "zai_proxy_request_duration_seconds_bucket",
+        "zai_proxy_request_size_bytes_bucket",
+        "zai_proxy_response_size_bytes_bucket",
+        "zai_proxy_concurrent_requests",
+        "zai_proxy_time_to_first_byte_seconds_bucket",
+        "zai_proxy_build_info",
+        "process_resident_memory_bytes",
+    ):
+        assert family in text, family
+    assert 'zai_proxy_requests_total{method="POST",path="/v1/messages",status_code="200",variant="production"} 1.0' in text
+    assert 'zai_proxy_build_info{build_time="unknown",commit="unknown",variant="production",version="0.1.0"} 1.0' in text
+    assert "beta=true" not in text
+    assert "_created" not in text
+    assert UPSTREAM_KEY not in text
+    response, body = await get(stack.url("/metrics"), headers={"accept": ["application/openmetrics-text"]})
+    assert response.headers.getRawHeaders(b"content-type")[0].startswith(b"application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+@pytest_twisted.ensureDeferred
+async def test_health(reactor: Any, stack: Stack) -> None:
+    """
+    /health says what runs and where it forwards, without secrets.
+    """
+    response, body = await get(stack.url("/health"))
+    assert response.code == 200
+    document = json.loads(body)
+    assert document == {
+        "status": "ok",
+        "version": "0.1.0",
+        "variant": "production",
+        "upstream": {
+            "anthropic": stack.upstream.url("/api/anthropic"),
+            "openai": stack.upstream.url("/api/coding/paas/v4"),
+        },
+    }
+    assert UPSTREAM_KEY.encode() not in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_readyz(reactor: Any, stack: Stack) -> None:
+    """
+    /readyz is 200 while serving and 503 while draining; /health then says
+    draining but stays 200.
+    """
+    response, body = await get(stack.url("/readyz"))
+    assert (response.code, json.loads(body)) == (200, {"status": "ready"})
+    stack.proxy.draining = True
+    response, body = await get(stack.url("/readyz"))
+    assert (response.code, json.loads(body)) == (503, {"status": "draining"})
+    response, body = await get(stack.url("/health"))
+    assert (response.code, json.loads(body)["status"]) == (200, "draining")
+
+
+@pytest_twisted.ensureDeferred
+async def test_methodNotAllowed(reactor: Any, stack: Stack) -> None:
+    """
+    The local endpoints answer GET and HEAD; other methods get 405 JSON,
+    and nothing is forwarded.
+    """
+    response = await treq.post(stack.url("/metrics"), data=b"x", persistent=False)
+    body = await response.content()
+    assert response.code == 405
+    assert response.headers.getRawHeaders(b"allow") == [b"GET, HEAD"]
+    assert json.loads(body)["error"]["message"] == "method not allowed"
+    response = await treq.head(stack.url("/health"), persistent=False)
+    assert response.code == 200
+    assert await response.content() == b""
+    assert stack.fake.received == []

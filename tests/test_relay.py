@@ -1,0 +1,398 @@
+"""
+Tests for L{zaiproxy.relay}, over real sockets: the fake Z.AI on one
+loopback port, the proxy on another, and raw or treq clients.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+from conftest import UPSTREAM_KEY, Stack
+from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
+
+ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01"), (b"x-api-key", b"client-key")]
+OPENAI = [(b"content-type", b"application/json"), (b"authorization", b"Bearer client-key")]
+
+
+def messagesBody(stream: bool = True, text: str = "hi") -> bytes:
+    return json.dumps(
+        {"model": "glm-4.7", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": text}]}
+    ).encode()
+
+
+def chatBody(stream: bool = True) -> bytes:
+    return json.dumps({"model": "glm-4.7", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def events(body: bytes) -> list[tuple[str | None, str]]:
+    """
+    The (event, data) pairs of an SSE body; asserts it ends on a boundary.
+    """
+    assert body.endswith(b"\n\n"), body[-80:]
+    parsed = []
+    for frame in body.decode().split("\n\n")[:-1]:
+        name, data = None, []
+        for line in frame.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].strip())
+        parsed.append((name, "\n".join(data)))
+    return parsed
+
+
+async def sleep(reactor: Any, seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+async def proxied(stack: Stack, reactor: Any, path: bytes, body: bytes, headers: Any = ANTHROPIC, method: bytes = b"POST") -> RawClient:
+    return await rawRequest(reactor, stack.port, method, path, headers, body)
+
+
+async def ended(client: RawClient) -> None:
+    """
+    Wait until the connection is closed (cleanly or not).
+    """
+    await client.closed.addErrback(lambda failure: None)
+
+
+def assertNoSecret(client: RawClient) -> None:
+    assert UPSTREAM_KEY.encode() not in client.raw
+
+
+# -- byte-exact streaming ----------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["events=20", "events=20 split=true thinking=true tool=true"])
+@pytest_twisted.ensureDeferred
+async def test_streamRelayedByteForByte(reactor: Any, makeStack: Any, scenario: str) -> None:
+    """
+    A stream reaches the client exactly as the upstream sent it, even when
+    the upstream cuts frames across writes: compared with the same answer
+    fetched straight from a twin fake.
+    """
+    viaProxy = await makeStack(scenario, fakeClock=FrozenClock(reactor))
+    direct = await makeStack(scenario, fakeClock=FrozenClock(reactor))
+    client = await proxied(viaProxy, reactor, b"/v1/messages?beta=true", messagesBody())
+    await ended(client)
+    straight = await rawRequest(
+        reactor, direct.upstream.port, b"POST", b"/api/anthropic/v1/messages",
+        [*ANTHROPIC[:2], (b"x-api-key", UPSTREAM_KEY.encode())], messagesBody(),
+    )
+    await ended(straight)
+    response, expected = client.response(), straight.response()
+    assert response.status == 200
+    assert response.body == expected.body
+    assert len(response.body) == viaProxy.fake.received[0].bytesSent
+    assert [name for name, _ in events(response.body)][:2] == ["message_start", "ping"]
+    assert response.header(b"content-type") == [b"text/event-stream; charset=utf-8"]
+    assert client.raw.endswith(b"0\r\n\r\n")
+    assertNoSecret(client)
+    labels = {"method": "POST", "path": "/v1/messages", "variant": "production"}
+    assert viaProxy.sample("zai_proxy_requests_total", status_code="200", **labels) == 1
+    assert viaProxy.sample("zai_proxy_response_size_bytes_sum", status_code="200", **labels) == len(response.body)
+    assert viaProxy.sample("zai_proxy_time_to_first_byte_seconds_count", **labels) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_jsonBodyRelayedWithLength(reactor: Any, makeStack: Any) -> None:
+    """
+    A non-streaming answer passes unchanged, with its Content-Length.
+    """
+    viaProxy = await makeStack(fakeClock=FrozenClock(reactor))
+    direct = await makeStack(fakeClock=FrozenClock(reactor))
+    client = await proxied(viaProxy, reactor, b"/v1/chat/completions", chatBody(stream=False), OPENAI)
+    await ended(client)
+    straight = await rawRequest(
+        reactor, direct.upstream.port, b"POST", b"/api/coding/paas/v4/chat/completions",
+        [(b"authorization", b"Bearer " + UPSTREAM_KEY.encode())], chatBody(stream=False),
+    )
+    await ended(straight)
+    response = client.response()
+    assert response.status == 200
+    assert response.body == straight.response().body
+    assert response.header(b"content-length") == [b"%d" % len(response.body)]
+    assert response.header(b"transfer-encoding") == []
+    assert json.loads(response.body)["usage"]["prompt_tokens"] > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_largeRequestBodyByteForByte(reactor: Any, makeStack: Any) -> None:
+    """
+    A request body over 100 kB (which twisted.web keeps in a temporary file)
+    reaches the upstream byte for byte, never re-serialised.
+    """
+    stack = await makeStack()
+    text = "é 漢字 " * 150000
+    body = messagesBody(stream=False, text=text).replace(b'{"model"', b'{ "model"')
+    client = await proxied(stack, reactor, b"/v1/messages", body)
+    await ended(client)
+    assert client.response().status == 200
+    assert stack.fake.received[0].body == body
+    assert stack.sample("zai_proxy_request_size_bytes_sum", method="POST", path="/v1/messages", variant="production") == len(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_firstEventBeforeStreamEnds(reactor: Any, makeStack: Any) -> None:
+    """
+    The first event reaches the client while the upstream is still working
+    on the next one.
+    """
+    stack = await makeStack("events=3 interval=0.4")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await client.when(lambda c: b"event: message_start" in c.raw)
+    record = stack.fake.received[0]
+    assert not record.done.called
+    assert b"message_stop" not in client.raw
+    await ended(client)
+    assert b"event: message_stop" in client.raw
+
+
+# -- backpressure and disconnects ---------------------------------------------
+
+
+async def settled(reactor: Any, read: Any, step: float = 0.2, limit: float = 10.0) -> int:
+    """
+    Wait until C{read()} stops changing; return its value.
+    """
+    last = read()
+    waited = 0.0
+    while waited < limit:
+        await sleep(reactor, step)
+        waited += step
+        now = read()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError("value kept changing")
+
+
+@pytest_twisted.ensureDeferred
+async def test_slowReaderPausesUpstream(reactor: Any, makeStack: Any) -> None:
+    """
+    A client that stops reading stops the upstream too (the proxy does not
+    buffer the stream); when it reads again the stream resumes; when it
+    leaves, the upstream call is cancelled.
+    """
+    stack = await makeStack("events=1000000 deltaSize=1000")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await client.when(lambda c: c.received > 1_000_000)
+    client.transport.pauseProducing()
+    record = stack.fake.received[0]
+    stalled = await settled(reactor, lambda: record.bytesSent)
+    await sleep(reactor, 0.5)
+    assert record.bytesSent == stalled
+    # Only socket buffers lie between the fake and the client, not a stream.
+    assert stalled - client.received < 64 * 2**20
+    assert stalled < 1_000_000 * 1000 // 4
+    client.transport.resumeProducing()
+    await client.when(lambda c: c.received > stalled + 5_000_000)
+    assert record.bytesSent > stalled
+    client.transport.abortConnection()
+    assert await record.done == "disconnected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnectBeforeHeadersCancelsUpstream(reactor: Any, makeStack: Any) -> None:
+    """
+    A client that leaves while the upstream is still thinking (no headers
+    yet) has the upstream call cancelled within 100 ms.
+    """
+    stack = await makeStack("mode=hang")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    record = await stack.fake.whenReceived(1)
+    await sleep(reactor, 0.1)
+    left = reactor.seconds()
+    client.transport.abortConnection()
+    assert await record.done == "disconnected"
+    assert record.disconnectedAt - left < 0.1
+    await sleep(reactor, 0.05)
+    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="499", variant="production") == 1
+    assert len(stack.proxy.inFlight) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_disconnectMidStreamCancelsUpstream(reactor: Any, makeStack: Any) -> None:
+    """
+    A client that leaves mid-stream has the upstream connection closed
+    within 100 ms.
+    """
+    stack = await makeStack("events=100 interval=0.05")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await client.when(lambda c: c.raw.count(b"content_block_delta") >= 2)
+    record = stack.fake.received[0]
+    left = reactor.seconds()
+    client.transport.abortConnection()
+    assert await record.done == "disconnected"
+    assert record.disconnectedAt - left < 0.1
+    await sleep(reactor, 0.05)
+    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="499", variant="production") == 1
+
+
+# -- upstream failures ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, headers, body, envelope",
+    [
+        (b"/v1/messages", ANTHROPIC, messagesBody(), "anthropic"),
+        (b"/v1/chat/completions", OPENAI, chatBody(), "openai"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_firstByteTimeout(reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, envelope: str) -> None:
+    """
+    No response headers within UPSTREAM_FIRST_BYTE_TIMEOUT: 504 in the
+    route's dialect, the upstream call is dropped, and it is counted.
+    """
+    stack = await makeStack("mode=hang", UPSTREAM_FIRST_BYTE_TIMEOUT="0.3")
+    client = await proxied(stack, reactor, path, body, headers)
+    await ended(client)
+    response = client.response()
+    assert response.status == 504
+    error = json.loads(response.body)
+    if envelope == "anthropic":
+        assert error["type"] == "error" and error["error"]["type"] == "api_error"
+        assert "0.3 s" in error["error"]["message"]
+    else:
+        assert error["error"]["type"] == "server_error"
+    assert await stack.fake.received[0].done == "disconnected"
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="first_byte_timeout", variant="production") == 1
+
+
+@pytest.mark.parametrize(
+    "path, headers, body, marker",
+    [
+        (b"/v1/messages", ANTHROPIC, messagesBody(), b"event: error\ndata: "),
+        (b"/v1/chat/completions", OPENAI, chatBody(), b'data: {"error":'),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_idleTimeoutEndsStreamWithError(reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, marker: bytes) -> None:
+    """
+    An upstream silent for longer than UPSTREAM_IDLE_TIMEOUT mid-stream: the
+    client's stream ends cleanly with an error event its SDK will raise on.
+    """
+    stack = await makeStack("mode=stall-mid after=2", UPSTREAM_IDLE_TIMEOUT="0.3")
+    client = await proxied(stack, reactor, path, body, headers)
+    await ended(client)
+    assert client.raw.endswith(b"0\r\n\r\n")
+    response = client.response()
+    assert response.status == 200
+    parsed = events(response.body)
+    assert marker in response.body
+    last = json.loads(parsed[-1][1])
+    assert "sent nothing for 0.3 s" in json.dumps(last)
+    assert await stack.fake.received[0].done == "disconnected"
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="idle_timeout", variant="production") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_resetMidStreamEndsOnABoundary(reactor: Any, makeStack: Any) -> None:
+    """
+    An upstream reset mid-stream, even inside a frame: the client gets every
+    whole event, then an error event, then a clean end.
+    """
+    stack = await makeStack("mode=reset-mid after=3 split=true")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await ended(client)
+    response = client.response()
+    parsed = events(response.body)
+    assert parsed[-1][0] == "error"
+    assert json.loads(parsed[-1][1])["error"]["type"] == "api_error"
+    for _name, data in parsed:
+        json.loads(data)
+    assert client.raw.endswith(b"0\r\n\r\n")
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="read_error", variant="production") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_resetBeforeHeaders(reactor: Any, makeStack: Any) -> None:
+    """
+    An upstream that drops the connection before answering: 502.
+    """
+    stack = await makeStack("mode=reset")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await ended(client)
+    response = client.response()
+    assert response.status == 502
+    assert json.loads(response.body)["error"]["message"] == "the upstream closed the connection before responding"
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="upstream_connection", variant="production") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_connectionRefused(reactor: Any, makeStack: Any) -> None:
+    """
+    Nothing listening upstream: 502 in the route's dialect.
+    """
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    stack = await makeStack(ZAI_OPENAI_TARGET_URL=f"http://127.0.0.1:{port}/v4")
+    client = await proxied(stack, reactor, b"/v1/chat/completions", chatBody(), OPENAI)
+    await ended(client)
+    response = client.response()
+    assert response.status == 502
+    assert json.loads(response.body)["error"]["message"] == "the upstream refused the connection"
+
+
+@pytest_twisted.ensureDeferred
+async def test_connectTimeout(reactor: Any, makeStack: Any) -> None:
+    """
+    An upstream that never accepts the connection (its backlog is full):
+    504 after UPSTREAM_CONNECT_TIMEOUT.
+    """
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        try:
+            filler.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(filler)
+    try:
+        await sleep(reactor, 0.1)
+        stack = await makeStack(
+            ZAI_TARGET_URL=f"http://127.0.0.1:{port}/api/anthropic", UPSTREAM_CONNECT_TIMEOUT="0.3"
+        )
+        started = reactor.seconds()
+        client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+        await ended(client)
+        assert client.response().status == 504
+        assert 0.25 < reactor.seconds() - started < 2
+        assert stack.sample("zai_proxy_upstream_errors_total", error_type="connect_timeout", variant="production") == 1
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstreamErrorsPassThrough(reactor: Any, makeStack: Any) -> None:
+    """
+    Z.AI's own errors reach the client unchanged (status and body), and are
+    counted by status.
+    """
+    stack = await makeStack("mode=error code=1308")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await ended(client)
+    response = client.response()
+    assert response.status == 429
+    body = json.loads(response.body)
+    assert body["error"]["type"] == "1308"
+    assert body["error"]["message"].startswith("Usage limit reached for 5 hour")
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="429", variant="production") == 1
+    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="429", variant="production") == 1
+    assertNoSecret(client)

@@ -1,0 +1,182 @@
+"""
+The official C{anthropic} and C{openai} SDKs as clients of the proxy, with
+the fake Z.AI behind it: what real users run.
+
+The SDKs are synchronous, so each call runs in a thread while the reactor
+serves the proxy and the fake.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import anthropic
+import openai
+import pytest
+import pytest_twisted
+from twisted.internet import threads
+
+from conftest import UPSTREAM_KEY, Stack
+
+T = TypeVar("T")
+
+
+async def inThread(f: Callable[[], T]) -> T:
+    return await threads.deferToThread(f)
+
+
+def anthropicClient(stack: Stack) -> anthropic.Anthropic:
+    # What Claude Code users set: the proxy's URL and any placeholder key.
+    return anthropic.Anthropic(base_url=stack.url(""), api_key="proxy-handles-auth", max_retries=0)
+
+
+def openaiClient(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url("/v1"), api_key="proxy-handles-auth", max_retries=0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropicStream(reactor: Any, makeStack: Any) -> None:
+    """
+    The anthropic SDK streams text and thinking through the proxy and reads
+    Z.AI's usage from message_delta.
+    """
+    stack = await makeStack("events=4 thinking=true")
+
+    def call() -> Any:
+        with anthropicClient(stack) as client:
+            with client.messages.stream(
+                model="claude-sonnet-5",  # a Claude name: Z.AI maps it
+                max_tokens=256,
+                messages=[{"role": "user", "content": "hi"}],
+                extra_headers={"anthropic-beta": "interleaved-thinking-2025-05-14"},
+            ) as stream:
+                texts = list(stream.text_stream)
+                return texts, stream.get_final_message()
+
+    texts, message = await inThread(call)
+    assert "".join(texts) == "hello " * 4
+    assert message.model == "glm-4.7"
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    record = stack.fake.received[0]
+    assert record.header(b"x-api-key") == [UPSTREAM_KEY.encode()]
+    assert record.header(b"anthropic-beta") == [b"interleaved-thinking-2025-05-14"]
+    assert record.uri == b"/api/anthropic/v1/messages"
+    assert message.usage.input_tokens == max(1, len(record.body) // 4)
+    assert message.usage.output_tokens > 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_openaiStream(reactor: Any, makeStack: Any) -> None:
+    """
+    The openai SDK streams a chat completion through the proxy, with the
+    usage of the last chunk.
+    """
+    stack = await makeStack("events=4 thinking=true")
+
+    def call() -> Any:
+        with openaiClient(stack) as client:
+            chunks = list(
+                client.chat.completions.create(
+                    model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+            )
+            return chunks
+
+    chunks = await inThread(call)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "hello " * 4
+    usage = [c.usage for c in chunks if c.usage is not None]
+    assert len(usage) == 1 and usage[0].prompt_tokens > 0
+    record = stack.fake.received[0]
+    assert record.header(b"authorization") == [b"Bearer " + UPSTREAM_KEY.encode()]
+    assert record.uri == b"/api/coding/paas/v4/chat/completions"
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropicNonStreaming(reactor: Any, stack: Stack) -> None:
+    """
+    A plain (non-streaming) call works too.
+    """
+
+    def call() -> Any:
+        with anthropicClient(stack) as client:
+            return client.messages.create(
+                model="glm-4.7", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            )
+
+    message = await inThread(call)
+    assert message.content[0].text == "hello " * 5
+    assert message.usage.output_tokens > 0
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+@pytest_twisted.ensureDeferred
+async def test_rateLimitErrorReachesSDK(reactor: Any, makeStack: Any, dialect: str) -> None:
+    """
+    Z.AI's 429 (quota, 1310) reaches each SDK as its RateLimitError.
+    """
+    stack = await makeStack("mode=error code=1310")
+
+    def call() -> Any:
+        if dialect == "anthropic":
+            with anthropicClient(stack) as client:
+                client.messages.create(model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+        else:
+            with openaiClient(stack) as client:
+                client.chat.completions.create(model="glm-4.7", messages=[{"role": "user", "content": "hi"}])
+
+    errorClass = anthropic.RateLimitError if dialect == "anthropic" else openai.RateLimitError
+    with pytest.raises(errorClass) as raised:
+        await inThread(call)
+    assert "Weekly/Monthly Limit Exhausted" in str(raised.value)
+    assert UPSTREAM_KEY not in str(raised.value)
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+@pytest_twisted.ensureDeferred
+async def test_brokenStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect: str) -> None:
+    """
+    An upstream that goes silent mid-stream makes the SDK raise (after the
+    text received so far), rather than return a silently cut answer.
+    """
+    stack = await makeStack("mode=stall-mid after=2", UPSTREAM_IDLE_TIMEOUT="0.3")
+    received: list[str] = []
+
+    def call() -> None:
+        if dialect == "anthropic":
+            with anthropicClient(stack) as client:
+                with client.messages.stream(
+                    model="glm-4.7", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                ) as stream:
+                    for text in stream.text_stream:
+                        received.append(text)
+        else:
+            with openaiClient(stack) as client:
+                for chunk in client.chat.completions.create(
+                    model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True
+                ):
+                    received.append(chunk.choices[0].delta.content or "")
+
+    errorClass = anthropic.APIStatusError if dialect == "anthropic" else openai.APIError
+    with pytest.raises(errorClass, match="sent nothing for 0.3 s"):
+        await inThread(call)
+    assert "".join(received) == "hello " * 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_proxyErrorsParseInSDK(reactor: Any, makeStack: Any) -> None:
+    """
+    Errors the proxy makes itself (here a 504) parse as the SDK's own error
+    types, with the proxy's message.
+    """
+    stack = await makeStack("mode=hang", UPSTREAM_FIRST_BYTE_TIMEOUT="0.3")
+
+    def call() -> None:
+        with anthropicClient(stack) as client:
+            client.messages.create(model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+
+    with pytest.raises(anthropic.InternalServerError) as raised:
+        await inThread(call)
+    assert raised.value.status_code == 504
+    assert raised.value.body["error"]["type"] == "api_error"
+    assert "sent no response within 0.3 s" in raised.value.message

@@ -1,0 +1,114 @@
+"""
+Tests for L{zaiproxy.service}: building the proxy and draining it.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import ClientFactory
+
+from conftest import Stack
+from zaiproxy.fake.testing import RawClient, rawRequest
+from zaiproxy.service import ProxyService
+from zaiproxy.settings import loadSettings
+
+STREAM = b'{"model":"glm-4.7","stream":true,"messages":[{"role":"user","content":"hi"}]}'
+
+
+async def ended(client: RawClient) -> None:
+    await client.closed.addErrback(lambda failure: None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_drainLetsStreamsFinish(reactor: Any, makeStack: Any) -> None:
+    """
+    Stopping closes the listener at once, but a stream in flight runs to
+    its end (terminating chunk included) before the stop completes.
+    """
+    stack: Stack = await makeStack("events=5 interval=0.2")
+    port = stack.port
+    client = await rawRequest(reactor, port, b"POST", b"/v1/messages", [], STREAM)
+    await client.when(lambda c: b"message_start" in c.raw)
+    stopping = stack.proxy.stopService()
+    assert not stopping.called
+    with pytest.raises(ConnectionRefusedError):
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", port).connect(
+            ClientFactory.forProtocol(lambda: RawClient(b""))
+        )
+    await stopping
+    assert client.raw.endswith(b"0\r\n\r\n")
+    assert b"event: message_stop" in client.raw
+    assert stack.fake.received[0].done.result == "completed"
+    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="200", variant="production") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_drainTimeoutCutsStreams(reactor: Any, makeStack: Any) -> None:
+    """
+    Streams still running at DRAIN_TIMEOUT end with an error event (not a
+    silent truncation), and the stop completes soon after.
+    """
+    stack: Stack = await makeStack("events=100 interval=0.1", DRAIN_TIMEOUT="0.3")
+    client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", [], STREAM)
+    await client.when(lambda c: b"content_block_delta" in c.raw)
+    started = reactor.seconds()
+    await stack.proxy.stopService()
+    assert reactor.seconds() - started < 1.5
+    await ended(client)
+    body = client.response().body
+    last = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
+    assert last.startswith(b"event: error\ndata: ")
+    assert json.loads(last.split(b"data: ", 1)[1])["error"]["message"] == "the proxy is shutting down; the stream was cut"
+    assert client.raw.endswith(b"0\r\n\r\n")
+    assert await stack.fake.received[0].done == "disconnected"
+
+
+@pytest_twisted.ensureDeferred
+async def test_drainClosesIdleConnections(reactor: Any, stack: Stack) -> None:
+    """
+    Idle keep-alive connections are closed by the stop, not left to the
+    idle timeout.
+    """
+    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", stack.port)
+    client = await endpoint.connect(
+        ClientFactory.forProtocol(lambda: RawClient(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))
+    )
+    await client.when(lambda c: c.raw.endswith(b'{"status":"ready"}'))
+    assert not client.closed.called
+    started = reactor.seconds()
+    await stack.proxy.stopService()
+    await ended(client)
+    assert reactor.seconds() - started < 1
+
+
+def test_badListenDescription(reactor: Any) -> None:
+    """
+    A malformed --listen is found when the service is built.
+    """
+    settings, _ = loadSettings({"ZAI_API_KEY": "k"})
+    with pytest.raises(ValueError):
+        ProxyService(reactor, settings, ["tcp:notaport"])
+
+
+def test_portInUse(reactor: Any) -> None:
+    """
+    A port that cannot be bound stops start-up with the error.
+    """
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        settings, _ = loadSettings({"ZAI_API_KEY": "k"})
+        service = ProxyService(reactor, settings, [f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"])
+        with pytest.raises(Exception, match="Address already in use"):
+            service.privilegedStartService()
+        assert service.ports == []
+    finally:
+        taken.close()

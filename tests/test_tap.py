@@ -1,0 +1,166 @@
+"""
+Tests for L{zaiproxy.tap} and the twistd plugin, through the real C{twistd}
+executable of the installed package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import defer, protocol, task
+
+from conftest import UPSTREAM_KEY
+from zaiproxy.fake import FakeZai, parseScenario
+from zaiproxy.fake.testing import rawRequest, startFake
+from zaiproxy.settings import settingSpecs
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess[str]:
+    """
+    Run twistd to completion (only for commands that exit at once).
+    """
+    return subprocess.run(
+        [TWISTD, *args], env={"PATH": os.environ.get("PATH", ""), **env},
+        cwd=cwd, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_pluginListed(tmp_path: Any) -> None:
+    """
+    From any directory, C{twistd --help} lists both plugins.
+    """
+    result = run(["--help"], {}, str(tmp_path))
+    assert result.returncode == 0
+    assert "zaiproxy           Streaming reverse proxy" in result.stdout
+    assert "zaiproxy-fake" in result.stdout
+
+
+def test_help(tmp_path: Any) -> None:
+    """
+    C{twistd zaiproxy --help} documents both options and every setting.
+    """
+    result = run(["zaiproxy", "--help"], {}, str(tmp_path))
+    assert result.returncode == 0
+    assert "--listen=" in result.stdout and "--config=" in result.stdout
+    assert "[default: tcp:8080]" in result.stdout
+    for spec in settingSpecs():
+        assert spec.env in result.stdout
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        ({}, [], "zaiproxy: ZAI_API_KEY is required but not set"),
+        ({"ZAI_API_KEY": "k", "MAX_WORKERS": "ten"}, [],
+         "zaiproxy: MAX_WORKERS='ten' is not valid: expected a whole number greater than 0"),
+        ({"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"}, [],
+         "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off"),
+        ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
+        ({"ZAI_API_KEY": "k"}, ["--config", "/nonexistent/zaiproxy.env"],
+         "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory"),
+    ],
+)
+def test_badSettingsExit(tmp_path: Any, env: dict[str, str], args: list[str], message: str) -> None:
+    """
+    Bad settings stop start-up with one line on stderr and a non-zero exit,
+    no traceback, and nothing started.
+    """
+    result = run(["-n", "--pidfile=", "zaiproxy", *args], env, str(tmp_path))
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(message)
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        self.ended: defer.Deferred[int] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
+    """
+    The real twistd process, sent SIGTERM mid-stream: it stops accepting,
+    lets the stream finish with its last bytes on the wire, logs JSON lines
+    through it all, and exits 0.
+    """
+    fake = FakeZai(reactor, apiKey=UPSTREAM_KEY, defaults=parseScenario("events=6 interval=0.25"))
+    upstream = await startFake(reactor, fake)
+    port = freePort()
+    collect = _Collect()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "ZAI_API_KEY": UPSTREAM_KEY,
+        "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
+        "RATE_LIMIT_STATE_FILE": "off",
+        "LOG_FORMAT": "json",
+        "DRAIN_TIMEOUT": "10",
+    }
+    process = reactor.spawnProcess(
+        collect, TWISTD,
+        [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        env=env, path=str(tmp_path),
+    )
+    try:
+        for _ in range(100):
+            try:
+                response = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
+                await response.content()
+                break
+            except Exception:
+                await task.deferLater(reactor, 0.1, lambda: None)
+        client = await rawRequest(
+            reactor, port, b"POST", b"/v1/messages", [],
+            b'{"model":"glm-4.7","stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        )
+        await client.when(lambda c: b"content_block_delta" in c.raw)
+        process.signalProcess("TERM")
+        exitCode = await collect.ended
+        await client.closed.addErrback(lambda f: None)
+    finally:
+        if process.pid is not None:
+            os.kill(process.pid, signal.SIGKILL)
+        await upstream.stop()
+    assert exitCode == (0, None), collect.out.decode()[-3000:] + collect.err.decode()
+    assert client.raw.endswith(b"0\r\n\r\n")
+    assert client.raw.count(b"event: content_block_delta") == 6
+    assert b"event: message_stop" in client.raw
+    records = [json.loads(line) for line in collect.out.decode().splitlines()]
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("Draining: 1 request(s) in flight") for m in messages)
+    access = [r for r in records if r["namespace"] == "zaiproxy.access"]
+    # Probes of the local endpoints are not logged (they would flood the log).
+    assert [(r["method"], r["route"], r["status"], r["model"]) for r in access] == [
+        ("POST", "/v1/messages", 200, "glm-4.7")
+    ]
+    assert messages[-1] == "Server Shut Down."
+    assert UPSTREAM_KEY not in collect.out.decode() + collect.err.decode()
