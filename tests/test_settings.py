@@ -182,3 +182,23 @@ def test_configFileErrors(tmp_path: pytest.TempPathFactory) -> None:
         f.write("MAX_WORKERS=many\n")
     with pytest.raises(SettingsError, match="MAX_WORKERS='many' is not valid"):
         loadSettings(BASE, path)
+
+
+def test_etcTemplateListsEverySetting() -> None:
+    """
+    etc/zaiproxy.env names every setting with its default (commented out),
+    and with only the key filled in it loads to the defaults.
+    """
+    from pathlib import Path
+
+    from zaiproxy.envfile import parseEnvironmentFile
+
+    text = (Path(__file__).parent.parent / "etc" / "zaiproxy.env").read_text()
+    for spec in settingSpecs():
+        line = f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}"
+        assert line in text.splitlines(), line
+    uncommented = "\n".join(line.lstrip("#") if "=" in line and not line.startswith("# ") else line for line in text.splitlines())
+    values = parseEnvironmentFile(uncommented.replace("ZAI_API_KEY=\n", "ZAI_API_KEY=k\n"))
+    settings, warnings = loadSettings(values)
+    assert warnings == []
+    assert settings == load(ZAI_API_KEY="k")

@@ -1,0 +1,108 @@
+"""
+Tests for L{zaiproxy.upstream}.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from typing import Any
+
+import pytest_twisted
+import treq
+from twisted.internet import task
+from twisted.internet.testing import StringTransport
+from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
+
+from conftest import UPSTREAM_KEY
+from zaiproxy.fake import FakeZai, parseScenario
+from zaiproxy.fake.testing import startFake
+from zaiproxy.upstream import BytesProducer, Upstream, bodyProducerFor
+
+
+def test_bytesProducer() -> None:
+    """
+    A body in memory is written in one call, with its length known.
+    """
+    transport = StringTransport()
+    producer = BytesProducer(b"hello")
+    assert producer.length == 5
+    done = producer.startProducing(transport)
+    assert done.called
+    assert transport.value() == b"hello"
+
+
+def test_bodyProducerFor() -> None:
+    """
+    Small bodies (BytesIO) are sent from memory, large ones (a temporary
+    file) streamed with their length; empty bodies send none.
+    """
+    cooperator = task.Cooperator(started=False)
+    assert bodyProducerFor(io.BytesIO(b""), cooperator) is None
+    small = bodyProducerFor(io.BytesIO(b"abc"), cooperator)
+    assert isinstance(small, BytesProducer) and small.length == 3
+    with tempfile.TemporaryFile() as f:
+        assert bodyProducerFor(f, cooperator) is None
+        f.write(b"x" * 200_000)
+        large = bodyProducerFor(f, cooperator)
+        assert isinstance(large, FileBodyProducer)
+        assert large.length == 200_000
+        assert f.tell() == 0
+
+
+def test_pool(reactor: Any) -> None:
+    """
+    The pool keeps UPSTREAM_POOL_SIZE idle connections per host, closed
+    before a typical load balancer's keep-alive timeout.
+    """
+    upstream = Upstream(reactor, connectTimeout=3.0, poolSize=17)
+    assert upstream.pool.maxPersistentPerHost == 17
+    assert upstream.pool.cachedConnectionTimeout < 60
+    assert upstream.pool.persistent
+
+
+@pytest_twisted.ensureDeferred
+async def test_treqClientRefusesCookies(reactor: Any) -> None:
+    """
+    The treq client for non-relay calls never stores upstream cookies, so
+    it can never replay one.
+    """
+    fake = FakeZai(reactor, apiKey=None, defaults=parseScenario("cookie=true"))
+    running = await startFake(reactor, fake)
+    upstream = Upstream(reactor, connectTimeout=3.0, poolSize=2)
+    try:
+        for _ in range(2):
+            response = await upstream.client.get(running.url("/api/coding/paas/v4/models"), unbuffered=True)
+            assert response.headers.getRawHeaders(b"set-cookie")
+            await response.content()
+        assert [r.header(b"cookie") for r in fake.received] == [[], []]
+    finally:
+        await upstream.close()
+        await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_requestReusesConnections(reactor: Any) -> None:
+    """
+    Sequential requests reuse one pooled connection.
+    """
+    fake = FakeZai(reactor, apiKey=UPSTREAM_KEY)
+    running = await startFake(reactor, fake)
+    upstream = Upstream(reactor, connectTimeout=3.0, poolSize=4)
+    try:
+        for _ in range(3):
+            response = await upstream.request(
+                b"GET",
+                running.url("/api/anthropic/v1/models").encode(),
+                Headers({b"x-api-key": [UPSTREAM_KEY.encode()]}),
+                None,
+            )
+            assert response.code == 200
+            await treq.content(response)
+        assert len(fake.received) == 3
+        [(key, idle)] = upstream.pool._connections.items()
+        assert len(idle) == 1
+    finally:
+        await upstream.close()
+        await running.stop()
