@@ -68,6 +68,7 @@ async def test_health(reactor: Any, stack: Stack) -> None:
             "anthropic": stack.upstream.url("/api/anthropic"),
             "openai": stack.upstream.url("/api/coding/paas/v4"),
         },
+        "token_counting": {"enabled": True, "counter": "tiktoken", "encoding": "cl100k_base"},
     }
     assert UPSTREAM_KEY.encode() not in body
 

@@ -13,29 +13,16 @@ import docutils.core
 import docutils.nodes
 
 from zaiproxy.metrics import Metrics
-from zaiproxy.settings import settingSpecs
+from zaiproxy.settings import settingsTable
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.rst").read_text(encoding="utf-8")
 
 
-def settingsTable() -> str:
-    rows = [
-        (f"``{s.env}``", "*required*" if s.default is None else f"``{s.default}``", s.help)
-        for s in settingSpecs()
-    ]
-    widths = [max(len(r[i]) for r in rows + [("Variable", "Default", "Meaning")]) for i in range(3)]
-    rule = " ".join("=" * w for w in widths)
-    lines = [rule, " ".join(h.ljust(w) for h, w in zip(("Variable", "Default", "Meaning"), widths)).rstrip(), rule]
-    lines += [" ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(rule)
-    return "\n".join(lines)
-
-
 def test_settingsTableIsTheSchema() -> None:
     """
     The table between the markers is generated from the settings schema
-    (regenerate it with this function when a setting changes).
+    (regenerate it with C{python -m zaiproxy.settings}).
     """
     inside = README.split(".. settings-table-start\n\n", 1)[1].split("\n\n.. settings-table-end", 1)[0]
     assert inside == settingsTable()

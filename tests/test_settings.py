@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 from twisted.logger import LogLevel
 
-from zaiproxy.settings import Settings, SettingsError, loadSettings, settingSpecs
+from zaiproxy.settings import (
+    Settings,
+    SettingsError,
+    environmentTemplate,
+    loadSettings,
+    settingSpecs,
+)
 
 BASE = {"ZAI_API_KEY": "k.secret"}
 
@@ -194,6 +200,8 @@ def test_etcTemplateListsEverySetting() -> None:
     from zaiproxy.envfile import parseEnvironmentFile
 
     text = (Path(__file__).parent.parent / "etc" / "zaiproxy.env").read_text()
+    # Regenerate it with: python -m zaiproxy.settings --env > etc/zaiproxy.env
+    assert text == environmentTemplate() + "\n"
     for spec in settingSpecs():
         line = f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}"
         assert line in text.splitlines(), line

@@ -1,12 +1,22 @@
 """
-Tests for L{zaiproxy.sse}.
+Tests for L{zaiproxy.sse}: event boundaries, and the incremental parser
+(proved with hypothesis: any cut of a stream gives the same events, and no
+bytes make it raise).
 """
 
 from __future__ import annotations
 
-import pytest
+import json
 
-from zaiproxy.sse import lastEventEnd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from zaiproxy.fake import parseScenario, usageFor
+from zaiproxy.fake.chat import chatStream
+from zaiproxy.fake.content import contentFor, idsFor
+from zaiproxy.fake.messages import messageStream
+from zaiproxy.sse import Event, EventParser, lastEventEnd
 
 
 @pytest.mark.parametrize(
@@ -30,3 +40,99 @@ def test_lastEventEnd(data: bytes, end: int) -> None:
     The cut falls just after the last blank line, never inside an event.
     """
     assert lastEventEnd(data) == end
+
+
+def recorded(spec: str, dialect: str) -> bytes:
+    """
+    A whole stream as the fake Z.AI sends it.
+    """
+    scenario = parseScenario(spec)
+    body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
+    frames = (messageStream if dialect == "anthropic" else chatStream)(
+        scenario, contentFor(scenario), usageFor(scenario, body), idsFor(1, 1767225600.0)
+    )
+    return b"".join(frame.data for frame in frames)
+
+
+STREAMS = [
+    recorded("events=6 thinking=true tool=true deltaText=h%C3%A9llo%20%E6%BC%A2%20", "anthropic"),
+    recorded("events=6 thinking=true tool=true", "openai"),
+    recorded("events=3 usage=start", "openai"),
+    b": comment\r\nevent: a\r\ndata: 1\r\ndata: 2\r\n\r\nid: 7\rretry: 5\rdata:no-space\r\r",
+    b"\xef\xbb\xbfdata: bom\n\nevent: empty\n\ndata\n\n: only a comment\n\ndata: [DONE]\n\n",
+]
+
+
+def parseAll(chunks: list[bytes]) -> list[Event]:
+    parser = EventParser()
+    events: list[Event] = []
+    for chunk in chunks:
+        events.extend(parser.feed(chunk))
+    return events
+
+
+def test_parse() -> None:
+    """
+    Fields, comments, multi-line data, CR/CRLF/LF, a BOM and data-less
+    events are read as the specification says.
+    """
+    assert parseAll([STREAMS[3]]) == [Event(b"a", b"1\n2"), Event(None, b"no-space")]
+    assert parseAll([STREAMS[4]]) == [Event(None, b"bom"), Event(None, b""), Event(None, b"[DONE]")]
+
+
+def test_recordedStreams() -> None:
+    """
+    The fake's streams parse into their frames: every Anthropic event is
+    named and its data is the JSON of that type.
+    """
+    events = parseAll([STREAMS[0]])
+    assert [e.name for e in events][:2] == [b"message_start", b"ping"]
+    assert events[-1].name == b"message_stop"
+    for event in events:
+        assert json.loads(event.data)["type"] == event.name.decode()
+    chat = parseAll([STREAMS[1]])
+    assert chat[-1] == Event(None, b"[DONE]")
+    assert all(json.loads(e.data)["object"] == "chat.completion.chunk" for e in chat[:-1])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(STREAMS), st.lists(st.integers(min_value=0, max_value=1 << 20), max_size=40))
+def test_anySplitSameEvents(stream: bytes, cuts: list[int]) -> None:
+    """
+    However the bytes are cut into chunks (inside a CRLF, a multi-byte
+    character, a field name), the events are the same.
+    """
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    assert parseAll(chunks) == parseAll([stream])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(STREAMS[:3]), st.sampled_from([b"\r\n", b"\r"]))
+def test_lineEndingsAgree(stream: bytes, ending: bytes) -> None:
+    """
+    The same stream with CRLF or CR line ends gives the same events as LF.
+    """
+    assert parseAll([stream.replace(b"\n", ending)]) == parseAll([stream])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.binary(max_size=200), max_size=20))
+def test_garbageNeverRaises(chunks: list[bytes]) -> None:
+    """
+    Random bytes never make the parser raise.
+    """
+    parseAll(chunks)
+
+
+def test_oversizedEventDropped() -> None:
+    """
+    An event larger than the limit (or a line that never ends) is dropped
+    and counted; the parser carries on with the next one.
+    """
+    parser = EventParser(maxEventBytes=100)
+    assert parser.feed(b"data: " + b"x" * 60 + b"\ndata: " + b"y" * 60 + b"\n\ndata: ok\n\n") == [Event(None, b"ok")]
+    assert parser.dropped == 1
+    assert parser.feed(b"data: " + b"z" * 500) == []
+    assert parser.feed(b"zzz\n\ndata: after\n\n") == [Event(None, b"after")]
+    assert parser.dropped == 2

@@ -30,6 +30,8 @@ prometheus_client.disable_created_metrics()
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SIZE_BUCKETS = tuple(100.0 * 10**i for i in range(8))
+TOKEN_COUNT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1)
+TOKEN_RATE_BUCKETS = (10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
 _METHODS = frozenset(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
@@ -101,6 +103,39 @@ class Metrics:
         )
         self.buildInfo.labels(version, variant, commit, buildTime).set(1)
         self.inFlight = self.concurrentRequests.labels(variant)
+
+        # Tokens and cost (seed section 8.2).
+        tokenLabels = ["direction", "model", "variant", "pricing_tier"]
+        self.tokens = Counter(
+            "zai_proxy_tokens", "Tokens billed (as Z.AI reports them, else estimated).",
+            tokenLabels, registry=r,
+        )
+        self.estimatedCost = Counter(
+            "zai_proxy_estimated_cost_usd", "Estimated cost in USD, from the configured prices.",
+            tokenLabels, registry=r,
+        )
+        self.tokenCountDuration = Histogram(
+            "zai_proxy_token_count_duration_seconds", "Time spent counting tokens locally.",
+            ["variant"], buckets=TOKEN_COUNT_BUCKETS, registry=r,
+        )
+        self.tokenRate = Histogram(
+            "zai_proxy_token_rate", "Output tokens per second of generation.",
+            ["direction", "model", "variant"], buckets=TOKEN_RATE_BUCKETS, registry=r,
+        )
+        self.tokenCounter = Gauge(
+            "zai_proxy_token_counter_info", "Which local token counter is active (always 1).",
+            ["counter", "encoding", "variant"], registry=r,
+        )
+        self.usageSource = Counter(
+            "zai_proxy_token_usage_source",
+            "Model answers by where their token numbers came from: reported by Z.AI, "
+            "estimated locally, or partial (the answer was cut short).",
+            ["source", "variant"], registry=r,
+        )
+        self.zaiErrors = Counter(
+            "zai_proxy_zai_errors", "Z.AI business errors, by class and code.",
+            ["class", "code", "variant"], registry=r,
+        )
 
     def requestFinished(
         self,

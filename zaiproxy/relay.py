@@ -7,6 +7,11 @@ A L{Relay} is the body protocol of the upstream response and the push
 producer registered with the client's request, so a client that reads
 slowly pauses the upstream socket itself (no buffering in the proxy), and
 every chunk goes from one socket to the other in a single method call.
+
+When token counting is on, a L{UsageTap} reads the answer as it passes. It
+may hand back a piece that is still being counted (usage added to a stream
+that lacks it): everything after that piece waits, with the upstream paused,
+until it is ready.
 """
 
 from __future__ import annotations
@@ -28,19 +33,19 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from zaiproxy.dialects import Dialect, errorBody, streamErrorEvent
+from zaiproxy.accounting import Accounting, Piece, UsageTap
+from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
 from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
 from zaiproxy.routes import Forward
 from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
 from zaiproxy.upstream import Upstream, bodyProducerFor
 
-__all__ = ["Relay", "RelayContext", "InFlight", "respondWithError"]
+__all__ = ["Relay", "RelayContext", "InFlight"]
 
 
 @attrs.frozen
@@ -56,6 +61,7 @@ class RelayContext:
     apiKey: bytes = attrs.field(repr=False)
     firstByteTimeout: float
     idleTimeout: float
+    accounting: Accounting | None = None
 
 
 class InFlight:
@@ -90,32 +96,6 @@ class InFlight:
         self._waiters.append(waiter)
         return waiter
 
-
-def respondWithError(
-    request: Request, dialect: Dialect, status: int, message: str, code: str | None = None
-) -> int:
-    """
-    Answer C{request} with a JSON error in C{dialect} and finish it.
-
-    @return: the number of body bytes written.
-    """
-    body = errorBody(dialect, status, message, code)
-    request.setResponseCode(status, _PHRASES.get(status))
-    request.responseHeaders = Headers(
-        {
-            b"content-type": [b"application/json"],
-            b"content-length": [b"%d" % (len(body),)],
-        }
-    )
-    if request.method == b"HEAD":
-        body = b""
-    request.write(body)
-    request.finish()
-    return len(body)
-
-
-# Statuses twisted.web has no reason phrase for (it would say "Unknown Status").
-_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
 
 # Errors that mean the upstream connection went away, as the client wraps them.
 _CLIENT_ERRORS = (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent, ResponseFailed)
@@ -163,17 +143,25 @@ class Relay(Protocol):
         exchange: Exchange,
         context: RelayContext,
         inFlight: InFlight,
+        tap: UsageTap | None = None,
     ) -> None:
         self._request = request
         self._route = route
         self._exchange = exchange
         self._context = context
         self._inFlight = inFlight
+        self._tap = tap
+        self._mode = "none"
         self._pending: Deferred[IResponse] | None = None
         self._firstByteTimer: IDelayedCall | None = None
         self._idleTimer: IDelayedCall | None = None
         self._sse = False
         self._partial = b""
+        self._waiting: Deferred[bytes] | None = None
+        self._backlog: list[Piece] = []
+        self._ended: Failure | None = None
+        self._endPieces = False
+        self._clientPaused = False
         self._clientGone = False
         self._timedOut = False
         self._idleTimedOut = False
@@ -231,20 +219,14 @@ class Relay(Protocol):
             self._fail(
                 504,
                 "first_byte_timeout",
-                "the upstream sent no response within "
-                f"{self._context.firstByteTimeout:g} s",
+                f"the upstream sent no response within {self._context.firstByteTimeout:g} s",
             )
             return
         for test, status, errorType, message in _NO_RESPONSE:
             if test(failure):
                 self._fail(status, errorType, message)
                 return
-        if not failure.check(
-            netError.ConnectionClosed,
-            netError.ConnectError,
-            CancelledError,
-            *_CLIENT_ERRORS,
-        ):
+        if not failure.check(netError.ConnectionClosed, netError.ConnectError, CancelledError, *_CLIENT_ERRORS):
             self.log.failure("upstream request to {route} failed", failure=failure, route=self._route.label)
         self._fail(502, "upstream_connection", "the upstream closed the connection before responding")
 
@@ -268,15 +250,25 @@ class Relay(Protocol):
             self._finished(CLIENT_CLOSED)
             return
         request = self._request
+        contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        if self._tap is not None:
+            self._mode = self._tap.start(response.code, contentType)
+        if self._mode == "local":
+            self._answerLocally(response)
+            return
         request.setResponseCode(response.code, response.phrase)
         headers = request.responseHeaders
         for name, values in clientResponseHeaders(response.headers):
             headers.setRawHeaders(name, values)
         if not response.headers.hasHeader(b"server"):
             headers.removeHeader(b"server")
-        contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
         self._sse = contentType.lower().startswith(b"text/event-stream")
-        if not self._sse and response.length is not UNKNOWN_LENGTH and request.method != b"HEAD":
+        if (
+            self._mode != "body"
+            and not self._sse
+            and response.length is not UNKNOWN_LENGTH
+            and request.method != b"HEAD"
+        ):
             # The body passes unchanged, so its length still holds.
             headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         self._exchange.status = response.code
@@ -284,6 +276,35 @@ class Relay(Protocol):
             self._exchange.errorType = str(response.code)
             self._context.reporter.upstreamError(str(response.code))
         response.deliverBody(self)
+
+    def _answerLocally(self, response: IResponse) -> None:
+        """
+        Z.AI does not serve count_tokens: read and drop its answer (keeping
+        the connection for reuse) and count the prompt here.
+        """
+        assert self._tap is not None
+        response.deliverBody(_Drain())
+        self._exchange.status = 200
+        self._tap.localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(self._bug)
+
+    def _localCounted(self, body: bytes) -> None:
+        if self._clientGone:
+            self._finished(CLIENT_CLOSED)
+            return
+        request = self._request
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % (len(body),))
+        self._send(body)
+        request.finish()
+        self._finished(200, complete=True)
+
+    def _localFailed(self, failure: Failure) -> None:
+        self.log.failure("counting tokens for count_tokens failed", failure=failure)
+        if self._clientGone:
+            self._finished(CLIENT_CLOSED)
+            return
+        self._fail(500, None, "count_tokens is not served upstream and could not be estimated")
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -296,6 +317,13 @@ class Relay(Protocol):
         exchange = self._exchange
         if exchange.firstByteAt is None:
             self._context.reporter.firstByte(exchange)
+        if self._mode == "body":
+            assert self._tap is not None
+            if not self._tap.hold(data):
+                # Too large to account for: pass it on as it came.
+                self._mode = "none"
+                self._send(self._tap.takeHeld())
+            return
         if self._sse:
             # Write whole events only, so an error event can always follow.
             if self._partial:
@@ -311,29 +339,131 @@ class Relay(Protocol):
                     self._partial = b""
             else:
                 self._partial = b""
-        exchange.responseBytes += len(data)
+            if self._mode == "stream":
+                assert self._tap is not None
+                self._emit(self._tap.feed(data))
+                return
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        self._exchange.responseBytes += len(data)
         self._request.write(data)
+
+    # -- pieces that wait for a count ---------------------------------------
+
+    def _emit(self, pieces: list[Piece]) -> None:
+        """
+        Write C{pieces} in order; a piece still being counted holds back
+        everything after it, with the upstream paused.
+        """
+        if self._waiting is not None:
+            self._backlog.extend(pieces)
+            return
+        for index, piece in enumerate(pieces):
+            if isinstance(piece, bytes):
+                self._send(piece)
+                continue
+            self._waiting = piece
+            self._backlog = list(pieces[index + 1 :])
+            self._holdUpstream()
+            piece.addErrback(self._pieceFailed).addCallback(self._released).addErrback(self._bug)
+            return
+
+    def _pieceFailed(self, failure: Failure) -> bytes:
+        self.log.failure("adding usage to a stream failed", failure=failure)
+        return b""
+
+    def _released(self, data: bytes) -> None:
+        self._waiting = None
+        self._send(data)
+        backlog, self._backlog = self._backlog, []
+        self._emit(backlog)
+        if self._waiting is None:
+            self._resumeUpstream()
+            self._maybeEnd()
+
+    def _holdUpstream(self) -> None:
+        self._cancelIdleTimer()
+        if self._ended is None and self.transport is not None:
+            self.transport.pauseProducing()
+
+    def _resumeUpstream(self) -> None:
+        if self._ended is None and self.transport is not None and not self._clientPaused:
+            self.transport.resumeProducing()
+            self._startIdleTimer()
+
+    # -- the end of the response --------------------------------------------
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelIdleTimer()
+        self._ended = reason
+        self._maybeEnd()
+
+    def _maybeEnd(self) -> None:
+        """
+        End the response once the upstream has ended and nothing waits.
+        """
+        reason = self._ended
+        if reason is None or self._waiting is not None or self._done:
+            return
         if self._clientGone:
             self._finished(CLIENT_CLOSED)
             return
-        request = self._request
         clean = (
             reason.check(ResponseDone, PotentialDataLoss)
             and not self._idleTimedOut
             and not self._shutdown
         )
-        if clean:
-            if self._partial:
-                self._exchange.responseBytes += len(self._partial)
-                request.write(self._partial)
-                self._partial = b""
-            self._unregister()
-            request.finish()
-            self._finished(self._exchange.status)
+        if not clean:
+            self._streamBroke()
             return
+        if not self._endPieces:
+            self._endPieces = True
+            pieces: list[Piece] = []
+            if self._partial:
+                pieces.append(self._partial)
+                self._partial = b""
+            if self._mode == "stream":
+                assert self._tap is not None
+                pieces.extend(self._tap.endStream())
+            elif self._mode == "body":
+                assert self._tap is not None
+                self._endBody(self._tap.endBody())
+                return
+            self._emit(pieces)
+            if self._waiting is not None:
+                return
+        self._unregister()
+        self._request.finish()
+        self._finished(self._exchange.status, complete=True)
+
+    def _endBody(self, piece: Piece) -> None:
+        """
+        Write a held JSON answer whole, with its (possibly new) length.
+        """
+        if not isinstance(piece, bytes):
+            self._waiting = piece
+            piece.addErrback(self._pieceFailed).addCallback(self._bodyReady).addErrback(self._bug)
+            return
+        self._bodyReady(piece)
+
+    def _bodyReady(self, body: bytes) -> None:
+        self._waiting = None
+        if self._clientGone:
+            self._finished(CLIENT_CLOSED)
+            return
+        request = self._request
+        if request.method != b"HEAD":
+            request.setHeader(b"content-length", b"%d" % (len(body),))
+            self._send(body)
+        self._unregister()
+        request.finish()
+        self._finished(self._exchange.status, complete=True)
+
+    def _streamBroke(self) -> None:
+        """
+        End a response the upstream did not finish, so the client can tell.
+        """
         if self._shutdown:
             errorType, message = None, "the proxy is shutting down; the stream was cut"
         elif self._idleTimedOut:
@@ -342,12 +472,6 @@ class Relay(Protocol):
         else:
             errorType = "read_error"
             message = "the upstream connection broke mid-response"
-        self._streamBroke(errorType, message)
-
-    def _streamBroke(self, errorType: str | None, message: str) -> None:
-        """
-        End a response the upstream did not finish, so the client can tell.
-        """
         request = self._request
         exchange = self._exchange
         self._unregister()
@@ -362,9 +486,7 @@ class Relay(Protocol):
         if self._sse:
             # Drop the half event; the error event starts on a boundary.
             self._partial = b""
-            event = streamErrorEvent(self._route.dialect, message)
-            exchange.responseBytes += len(event)
-            request.write(event)
+            self._send(streamErrorEvent(self._route.dialect, message))
             request.finish()
         else:
             # A JSON body cut short: make sure the client sees a truncated
@@ -376,18 +498,21 @@ class Relay(Protocol):
 
     def pauseProducing(self) -> None:
         # Silence while the client is the slow side is not upstream idleness.
+        self._clientPaused = True
         self._cancelIdleTimer()
         self.transport.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._startIdleTimer()
-        self.transport.resumeProducing()
+        self._clientPaused = False
+        if self._waiting is None:
+            self._startIdleTimer()
+            self.transport.resumeProducing()
 
     def stopProducing(self) -> None:
         self.transport.stopProducing()
 
     def _startIdleTimer(self) -> None:
-        if self._idleTimer is None and not self._done:
+        if self._idleTimer is None and not self._done and self._ended is None:
             self._idleTimer = self._context.clock.callLater(
                 self._context.idleTimeout, self._idleTimeout
             )
@@ -420,7 +545,7 @@ class Relay(Protocol):
         if self._pending is not None:
             self._cancelFirstByteTimer()
             self._pending.cancel()
-        elif self.transport is not None and not self._done:
+        elif self.transport is not None and self._ended is None:
             self.transport.stopProducing()
 
     def shutdown(self) -> None:
@@ -433,10 +558,10 @@ class Relay(Protocol):
         if self._pending is not None:
             self._cancelFirstByteTimer()
             self._pending.cancel()
-        elif self.transport is not None:
+        elif self.transport is not None and self._ended is None:
             self.transport.stopProducing()
 
-    def _finished(self, status: int) -> None:
+    def _finished(self, status: int, complete: bool = False) -> None:
         if self._done:
             return
         self._done = True
@@ -445,10 +570,12 @@ class Relay(Protocol):
         self._exchange.status = status
         self._inFlight.discard(self)
         self._context.reporter.finished(self._exchange)
+        if self._tap is not None:
+            self._tap.settle(complete)
 
     def _bug(self, failure: Failure) -> None:
         """
-        The last errback of the chain: a bug here must not hang the client.
+        The last errback of every chain: a bug here must not hang the client.
         """
         self.log.failure("relay for {route} failed", failure=failure, route=self._route.label)
         if self._done:
@@ -460,7 +587,7 @@ class Relay(Protocol):
                 self._exchange.responseBytes = respondWithError(
                     request, self._route.dialect, 500, "internal proxy error"
                 )
-            else:
+            elif not request.finished:
                 request.channel.forceAbortClient()
         self._finished(500)
 
@@ -472,3 +599,12 @@ class _Discard(Protocol):
 
     def connectionMade(self) -> None:
         self.transport.stopProducing()
+
+
+class _Drain(Protocol):
+    """
+    A short body to read and drop, so its connection returns to the pool.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass

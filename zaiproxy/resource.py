@@ -13,7 +13,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from zaiproxy.exchange import Exchange, sniffModel
 from zaiproxy.metrics import methodLabel
-from zaiproxy.relay import InFlight, Relay, RelayContext, respondWithError
+from zaiproxy.dialects import respondWithError
+from zaiproxy.relay import InFlight, Relay, RelayContext
 from zaiproxy.routes import Forward, Local, Targets, guessDialect, resolve
 
 __all__ = ["ProxyResource"]
@@ -80,7 +81,10 @@ class ProxyResource(Resource):
             return NOT_DONE_YET
         exchange.dialect = route.dialect
         exchange.model = sniffModel(request.content)
-        Relay(request, route, exchange, context, self._inFlight).start()
+        tap = None
+        if context.accounting is not None:
+            tap = context.accounting.tapFor(route.label, route.dialect, exchange, request.content)
+        Relay(request, route, exchange, context, self._inFlight, tap).start()
         return NOT_DONE_YET
 
     def rejected(self, method: bytes, path: bytes, status: int, bodyBytes: int) -> None:

@@ -22,6 +22,7 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from zaiproxy import __version__
+from zaiproxy.accounting import Accounting, ModelLabels, Price, Pricing
 from zaiproxy.endpoints import HealthResource, MetricsResource, ReadyResource
 from zaiproxy.exchange import Reporter
 from zaiproxy.metrics import Metrics
@@ -30,6 +31,7 @@ from zaiproxy.resource import ProxyResource
 from zaiproxy.routes import Targets
 from zaiproxy.settings import Settings
 from zaiproxy.site import ProxySite
+from zaiproxy.tokens import Counting, loadCounter
 from zaiproxy.upstream import Upstream
 
 __all__ = ["ProxyService", "BuildInfo"]
@@ -85,6 +87,7 @@ class ProxyService(MultiService):
             reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize
         )
         self.reporter = Reporter(self.metrics, reactor)
+        self.accounting = self._buildAccounting(reactor, settings)
         self.inFlight = InFlight()
         self.metrics.inFlight.set_function(lambda: len(self.inFlight))
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
@@ -95,6 +98,7 @@ class ProxyService(MultiService):
             apiKey=settings.zaiApiKey.encode("ascii", "replace"),
             firstByteTimeout=settings.upstreamFirstByteTimeout,
             idleTimeout=settings.upstreamIdleTimeout,
+            accounting=self.accounting,
         )
         isDraining = lambda: self.draining  # noqa: E731
         self.health = HealthResource(
@@ -108,6 +112,7 @@ class ProxyService(MultiService):
             },
             isDraining,
         )
+        self.health.sections["token_counting"] = self.accounting.health
         self.resource = ProxyResource(
             self.targets,
             self.context,
@@ -133,6 +138,31 @@ class ProxyService(MultiService):
             for description in listen
         ]
         self.ports: list[IListeningPort] = []
+
+    def _buildAccounting(self, reactor: Any, settings: Settings) -> Accounting:
+        """
+        Load the token counter now, at start-up, never on a request.
+        """
+        self._counterProblems: list[str] = []
+        counting = None
+        if settings.tokenCountingEnabled:
+            environ = {"TIKTOKEN_CACHE_DIR": settings.tiktokenCacheDir} if settings.tiktokenCacheDir else {}
+            counter, self._counterProblems = loadCounter(environ)
+            counting = Counting(
+                reactor,
+                counter,
+                observe=self.metrics.tokenCountDuration.labels(settings.deploymentVariant).observe,
+            )
+        start, end = settings.peakHours
+        pricing = Pricing(
+            prices={model: Price(*prices) for model, prices in settings.tokenPrices},
+            peakStart=start,
+            peakEnd=end,
+            utcOffset=settings.peakUTCOffset,
+            peakMultiplier=settings.peakMultiplier,
+        )
+        labels = ModelLabels(settings.modelLabels, settings.tokenizerModel)
+        return Accounting(reactor, self.metrics, counting, labels, pricing)
 
     def setServiceParent(self, parent: Any) -> None:
         """
@@ -174,6 +204,23 @@ class ProxyService(MultiService):
             commit=self.build.commit,
             buildTime=self.build.buildTime,
         )
+        counting = self.accounting.counting
+        if counting is None:
+            self.log.info("Token counting disabled (TOKEN_COUNTING_ENABLED=false)")
+        else:
+            for problem in self._counterProblems:
+                self.log.warn("Warning: Failed to initialize TikToken counter: {problem}", problem=problem)
+            if counting.counter.name == "fallback":
+                self.log.warn("Falling back to SimpleTokenCounter")
+                self.log.info(
+                    "Token counting enabled (fallback mode, model: {model})", model=settings.tokenizerModel
+                )
+            else:
+                self.log.info(
+                    "Token counting enabled (tiktoken {encoding} encoding, model: {model})",
+                    encoding=counting.counter.encoding,
+                    model=settings.tokenizerModel,
+                )
         self.log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
         self.log.info(
             "Forwarding Anthropic-compatible calls to {anthropic} and OpenAI-compatible calls to {openai}",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import re
+import sys
+import textwrap
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
@@ -22,6 +24,8 @@ from twisted.logger import LogLevel
 from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
 
 __all__ = [
+    "settingsTable",
+    "environmentTemplate",
     "Settings",
     "SettingsError",
     "SettingSpec",
@@ -206,6 +210,63 @@ def parseOptionalPath(text: str) -> str | None:
     return stripped
 
 
+_PRICE = re.compile(r"\s*([^=,\s]+)\s*=\s*([0-9.]+)/([0-9.]+)/([0-9.]+)/([0-9.]+)\s*\Z")
+
+
+def parsePrices(text: str) -> tuple[tuple[str, tuple[float, float, float, float]], ...]:
+    """
+    C{model=input/output/cache_read/cache_write} entries in USD per million
+    tokens, comma-separated; C{*} is every other model.
+    """
+    what = "entries like *=0.60/2.20/0.11/0,glm-4.5-air=0.20/1.10/0.03/0 (USD per million tokens)"
+    entries = []
+    for entry in text.split(","):
+        if not entry.strip():
+            continue
+        match = _PRICE.match(entry)
+        if match is None:
+            raise ValueError(f"expected {what}")
+        try:
+            prices = tuple(float(g) for g in match.groups()[1:])
+        except ValueError:
+            raise ValueError(f"expected {what}") from None
+        entries.append((match.group(1).lower(), prices))
+    if not entries:
+        raise ValueError(f"expected {what}")
+    return tuple(entries)  # type: ignore[return-value]
+
+
+_HOUR = r"([01]?\d|2[0-4])(?::([0-5]\d))?"
+_HOURS = re.compile(rf"\s*{_HOUR}\s*-\s*{_HOUR}\s*\Z")
+
+
+def parseHours(text: str) -> tuple[float, float]:
+    """
+    A daily window C{HH[:MM]-HH[:MM]} (may wrap past midnight), or C{off}.
+    """
+    if text.strip().lower() in ("off", "none"):
+        return (0.0, 0.0)
+    match = _HOURS.match(text)
+    if match is None:
+        raise ValueError("expected a window like 02:00-06:00, or off")
+    h1, m1, h2, m2 = match.groups()
+    return (int(h1) + int(m1 or 0) / 60.0, int(h2) + int(m2 or 0) / 60.0)
+
+
+def parseUTCOffset(text: str) -> float:
+    value: float = _number(text, float, "hours from UTC between -14 and 14, e.g. -5 or 5.5")
+    if not -14 <= value <= 14:
+        raise ValueError("expected hours from UTC between -14 and 14, e.g. -5 or 5.5")
+    return value
+
+
+def parseNames(text: str) -> tuple[str, ...]:
+    """
+    Comma-separated names (empty entries ignored).
+    """
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 def parseSecret(text: str) -> str:
     stripped = text.strip()
     if any(c.isspace() for c in stripped) or any(ord(c) < 32 for c in stripped):
@@ -284,6 +345,30 @@ class Settings:
     tokenizerModel: str = _setting(
         "TOKENIZER_MODEL", parseText, "glm-4",
         "Model label used when a request names no model.",
+    )
+    modelLabels: tuple[str, ...] = _setting(
+        "MODEL_LABELS", parseNames, "",
+        "Extra model names kept as their own metric label (known GLM ids always are); others count as other.",
+    )
+    tokenPrices: tuple[tuple[str, tuple[float, float, float, float]], ...] = _setting(
+        "TOKEN_PRICES", parsePrices, "*=0.60/2.20/0.11/0",
+        "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million tokens; * is any other model.",
+    )
+    peakHours: tuple[float, float] = _setting(
+        "PEAK_HOURS", parseHours, "02:00-06:00",
+        "Daily window of peak pricing (pricing_tier=peak), or off.",
+    )
+    peakUTCOffset: float = _setting(
+        "PEAK_UTC_OFFSET", parseUTCOffset, "-5",
+        "Time zone of PEAK_HOURS, in hours from UTC (the seed's fixed UTC-5).",
+    )
+    peakMultiplier: float = _setting(
+        "PEAK_MULTIPLIER", parsePositiveFloat, "2",
+        "Price multiplier during peak hours.",
+    )
+    tiktokenCacheDir: str = _setting(
+        "TIKTOKEN_CACHE_DIR", parseText, "",
+        "A directory holding tiktoken's cached cl100k_base file, used before the bundled copy.",
     )
     maxWorkers: int = _setting(
         "MAX_WORKERS", parsePositiveInt, "10",
@@ -425,3 +510,42 @@ def loadSettings(
             shown = "(hidden)" if spec.secret else repr(raw)
             raise SettingsError(f"{spec.env}={shown} is not valid: {e}") from None
     return Settings(**values), warnings
+
+
+def settingsTable() -> str:
+    """
+    The reStructuredText table of every setting (README.rst holds a copy).
+    """
+    rows = [
+        (f"``{s.env}``", "*required*" if s.default is None else f"``{s.default}``" if s.default else "(empty)", s.help)
+        for s in settingSpecs()
+    ]
+    header = ("Variable", "Default", "Meaning")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
+    rule = " ".join("=" * width for width in widths)
+    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), rule]
+    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines.append(rule)
+    return "\n".join(lines)
+
+
+def environmentTemplate() -> str:
+    """
+    etc/zaiproxy.env: every setting with its default, commented out.
+    """
+    lines = [
+        "# zaiproxy settings, read by systemd (EnvironmentFile=) and by",
+        "# `twistd zaiproxy --config`. Every setting is listed with its default;",
+        "# uncomment a line to change it. Keep this file readable only by root and",
+        "# the service (it holds the Z.AI key): install -m 0640.",
+        "",
+    ]
+    for spec in settingSpecs():
+        lines.extend("# " + line for line in textwrap.wrap(spec.help, 76))
+        lines.append(f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write((environmentTemplate() if sys.argv[1:] == ["--env"] else settingsTable()) + "\n")

@@ -1,19 +1,32 @@
 # -*- test-case-name: tests.test_sse -*-
 """
-Server-sent events: where events end in a byte stream.
+Server-sent events: an incremental parser for both dialects, and where
+events end in a byte stream.
 
 The relay writes whole events to the client, so that when the upstream
 breaks mid-stream it can still append an error event the client's SDK will
-parse, instead of gluing it to half a frame.
+parse, instead of gluing it to half a frame. The parser reads the same bytes
+for accounting; it must give the same events however the bytes are cut
+into chunks, and nothing an upstream sends may make it raise.
 """
 
 from __future__ import annotations
 
-__all__ = ["lastEventEnd", "MAX_PARTIAL_EVENT"]
+from typing import Iterator
+
+import attrs
+
+__all__ = ["Event", "EventParser", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
 
 #: A partial event longer than this is passed on anyway: holding back more
 #: would make a stream without blank lines wait for its end.
 MAX_PARTIAL_EVENT = 1 << 16
+
+#: An event whose data grows past this is dropped (and counted), so a stream
+#: that never sends a blank line cannot grow the parser without bound.
+MAX_EVENT_BYTES = 16 << 20
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def lastEventEnd(data: bytes) -> int:
@@ -30,3 +43,125 @@ def lastEventEnd(data: bytes) -> int:
     if crlf >= 0 and crlf + 4 > end:
         end = crlf + 4
     return end
+
+
+@attrs.frozen
+class Event:
+    """
+    One dispatched event: its C{event:} name (L{None} if it had none) and
+    its C{data:} lines joined with LF, as bytes (JSON parsers take bytes).
+    """
+
+    name: bytes | None
+    data: bytes
+
+
+class EventParser:
+    """
+    Turns chunks of an event stream into L{Event}s, as the WHATWG
+    specification reads them: lines end in CRLF, LF or CR (a CR at the end
+    of one chunk and an LF at the start of the next are one line end);
+    C{data:} lines accumulate; C{:comment} lines, C{id:}, C{retry:} and
+    unknown fields are ignored; a blank line dispatches; an event with no
+    data is not dispatched.
+
+    @ivar dropped: events discarded for exceeding L{MAX_EVENT_BYTES}.
+    """
+
+    def __init__(self, maxEventBytes: int = MAX_EVENT_BYTES) -> None:
+        self._buffer = b""
+        self._skipLF = False
+        self._name: bytes | None = None
+        self._data: list[bytes] = []
+        self._size = 0
+        self._maxEventBytes = maxEventBytes
+        self._oversized = False
+        self._started = False
+        self.dropped = 0
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        """
+        Parse C{chunk}; return the events it completed.
+        """
+        if self._skipLF and chunk[:1] == b"\n":
+            chunk = chunk[1:]
+        self._skipLF = False
+        if not chunk:
+            return []
+        data = self._buffer + chunk if self._buffer else chunk
+        if not self._started:
+            # A BOM may only start the stream, and may arrive split.
+            if len(data) < 3 and _BOM.startswith(data):
+                self._buffer = data
+                return []
+            self._started = True
+            if data.startswith(_BOM):
+                data = data[3:]
+        events: list[Event] = []
+        for line in self._lines(data):
+            event = self._line(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _lines(self, data: bytes) -> Iterator[bytes]:
+        """
+        Complete lines of C{data}; the unterminated tail stays buffered.
+        """
+        start = 0
+        size = len(data)
+        while start < size:
+            lf = data.find(b"\n", start)
+            cr = data.find(b"\r", start, lf if lf >= 0 else size)
+            if cr >= 0:
+                end, nextStart = cr, cr + 1
+                if nextStart < size:
+                    if data[nextStart] == 0x0A:
+                        nextStart += 1
+                else:
+                    # CR as the last byte: the LF may come in the next chunk.
+                    self._skipLF = True
+            elif lf >= 0:
+                end, nextStart = lf, lf + 1
+            else:
+                break
+            yield data[start:end]
+            start = nextStart
+        tail = data[start:]
+        if len(tail) > self._maxEventBytes:
+            # A line without end that keeps growing: drop it.
+            self._oversized = True
+            tail = b""
+        self._buffer = tail
+
+    def _line(self, line: bytes) -> Event | None:
+        if not line:
+            return self._dispatch()
+        if line[:1] == b":":
+            return None
+        field, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._size += len(value) + 1
+            if self._size > self._maxEventBytes:
+                self._oversized = True
+                self._data = []
+            elif not self._oversized:
+                self._data.append(value)
+        elif field == b"event":
+            self._name = value
+        return None
+
+    def _dispatch(self) -> Event | None:
+        name, data, oversized = self._name, self._data, self._oversized
+        self._name = None
+        self._data = []
+        self._size = 0
+        self._oversized = False
+        if oversized:
+            self.dropped += 1
+            return None
+        if not data:
+            return None
+        return Event(name, b"\n".join(data))

@@ -9,10 +9,12 @@ client's SDK parses, or the client shows a useless "unexpected response".
 from __future__ import annotations
 
 import enum
+import json
+from typing import Any
 
 from zaiproxy.dialects import anthropic, openai
 
-__all__ = ["Dialect", "errorBody", "streamErrorEvent"]
+__all__ = ["Dialect", "errorBody", "streamErrorEvent", "addUsage", "respondWithError"]
 
 
 class Dialect(enum.Enum):
@@ -41,3 +43,47 @@ def streamErrorEvent(dialect: Dialect, message: str, code: str | None = None) ->
     if dialect is Dialect.openai:
         return openai.streamErrorEvent(message, code)
     return anthropic.streamErrorEvent(message, code)
+
+
+def addUsage(body: bytes, usage: dict[str, object]) -> bytes | None:
+    """
+    C{body} (a JSON object) with a top-level C{usage} member added as text,
+    so every byte the upstream sent stays as it was; L{None} if the body is
+    not an object.
+    """
+    stripped = body.rstrip()
+    if not stripped.endswith(b"}"):
+        return None
+    head = stripped[:-1].rstrip()
+    member = b'"usage":' + json.dumps(usage, separators=(",", ":")).encode()
+    separator = b"" if head.endswith(b"{") else b","
+    return head + separator + member + b"}" + body[len(stripped):]
+
+
+# Statuses twisted.web has no reason phrase for (it would say "Unknown Status").
+_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
+
+
+def respondWithError(
+    request: Any, dialect: Dialect, status: int, message: str, code: str | None = None
+) -> int:
+    """
+    Answer C{request} with a JSON error in C{dialect} and finish it.
+
+    @return: the number of body bytes written.
+    """
+    from twisted.web.http_headers import Headers
+
+    body = errorBody(dialect, status, message, code)
+    request.setResponseCode(status, _PHRASES.get(status))
+    request.responseHeaders = Headers(
+        {
+            b"content-type": [b"application/json"],
+            b"content-length": [b"%d" % (len(body),)],
+        }
+    )
+    if request.method == b"HEAD":
+        body = b""
+    request.write(body)
+    request.finish()
+    return len(body)

@@ -1,13 +1,30 @@
 # -*- test-case-name: tests.test_dialects -*-
 """
-The Anthropic Messages dialect (what Claude Code and the anthropic SDK speak).
+The Anthropic Messages dialect (what Claude Code and the anthropic SDK
+speak): error bodies, what a request and an answer contain for token
+counting, and where usage is reported or must be added.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-__all__ = ["errorBody", "errorType", "streamErrorEvent"]
+from zaiproxy.sse import Event
+from zaiproxy.tokens import Usage
+from zaiproxy.zai_errors import ZaiError, errorFromJSON
+
+__all__ = [
+    "errorBody",
+    "errorType",
+    "streamErrorEvent",
+    "requestTexts",
+    "responseTexts",
+    "usageFrom",
+    "usageJSON",
+    "StreamReader",
+    "frameWithUsage",
+]
 
 # Anthropic's error types by status (docs.claude.com/en/api/errors).
 _TYPES = {
@@ -36,10 +53,189 @@ def _error(status: int, message: str, code: str | None) -> dict[str, object]:
     return {"type": "error", "error": error}
 
 
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def errorBody(status: int, message: str, code: str | None = None) -> bytes:
-    return json.dumps(_error(status, message, code), separators=(",", ":")).encode()
+    return _dumps(_error(status, message, code)).encode()
 
 
 def streamErrorEvent(message: str, code: str | None = None) -> bytes:
-    data = json.dumps(_error(502, message, code), separators=(",", ":"))
-    return b"event: error\ndata: " + data.encode() + b"\n\n"
+    return b"event: error\ndata: " + _dumps(_error(502, message, code)).encode() + b"\n\n"
+
+
+# -- what gets counted ---------------------------------------------------------
+
+
+def _blockTexts(content: Any, out: list[str]) -> None:
+    """
+    The texts the model reads in a C{system} value or a message's content.
+
+    Images, base64 documents and redacted thinking carry no countable text
+    and are not counted.
+    """
+    if isinstance(content, str):
+        out.append(content)
+        return
+    if not isinstance(content, list):
+        return
+    for block in content:
+        if not isinstance(block, dict):
+            continue
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            out.append(block["text"])
+        elif kind == "thinking" and isinstance(block.get("thinking"), str):
+            out.append(block["thinking"])
+        elif kind in ("tool_use", "server_tool_use"):
+            out.append(_dumps(block.get("input", {})))
+        elif isinstance(kind, str) and (kind == "tool_result" or kind.endswith("_tool_result")):
+            _blockTexts(block.get("content"), out)
+        elif kind == "document":
+            source = block.get("source")
+            if isinstance(source, dict) and source.get("type") == "text":
+                if isinstance(source.get("data"), str):
+                    out.append(source["data"])
+            elif isinstance(source, dict) and source.get("type") == "content":
+                _blockTexts(source.get("content"), out)
+
+
+def requestTexts(body: Any) -> list[str]:
+    """
+    Everything a Messages request makes the model read: the system prompt,
+    every message's text, tool calls and results, thinking, and the tool
+    definitions (as compact JSON).
+    """
+    out: list[str] = []
+    if not isinstance(body, dict):
+        return out
+    _blockTexts(body.get("system"), out)
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            _blockTexts(message.get("content"), out)
+    tools = body.get("tools")
+    for tool in tools if isinstance(tools, list) else ():
+        if isinstance(tool, dict):
+            out.append(_dumps({k: v for k, v in tool.items() if k != "cache_control"}))
+    return out
+
+
+def responseTexts(body: Any) -> list[str]:
+    """
+    The output of a non-streamed answer: text, thinking and tool inputs.
+    """
+    out: list[str] = []
+    if isinstance(body, dict):
+        _blockTexts(body.get("content"), out)
+    return out
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usageFrom(usage: Any) -> Usage | None:
+    """
+    A C{usage} object, or L{None} if there is none.
+    """
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        input=_count(usage.get("input_tokens")),
+        output=_count(usage.get("output_tokens")),
+        cacheRead=_count(usage.get("cache_read_input_tokens")),
+        cacheWrite=_count(usage.get("cache_creation_input_tokens")),
+    )
+
+
+def usageJSON(usage: Usage) -> dict[str, int]:
+    return {
+        "input_tokens": usage.input,
+        "output_tokens": usage.output,
+        "cache_creation_input_tokens": usage.cacheWrite,
+        "cache_read_input_tokens": usage.cacheRead,
+    }
+
+
+class StreamReader:
+    """
+    Reads an Anthropic stream as it passes: the output text (kept, never
+    the raw stream), the usage, the model, and an in-band error.
+    """
+
+    def __init__(self) -> None:
+        self._text: list[str] = []
+        self._thinking: list[str] = []
+        self._toolInput: list[str] = []
+        self.usage: Usage | None = None
+        self.final = False
+        self.model: str | None = None
+        self.error: ZaiError | None = None
+
+    def event(self, event: Event) -> str | None:
+        """
+        Take one event; return C{"start"} or C{"delta"} when a
+        C{message_start} or C{message_delta} carries no usage at all (the
+        anthropic SDK fails on such a stream).
+        """
+        name = event.name
+        if name == b"content_block_delta":
+            try:
+                delta = json.loads(event.data)["delta"]
+                kind = delta["type"]
+            except (ValueError, KeyError, TypeError):
+                return None
+            if kind == "text_delta":
+                self._text.append(delta.get("text") or "")
+            elif kind == "thinking_delta":
+                self._thinking.append(delta.get("thinking") or "")
+            elif kind == "input_json_delta":
+                self._toolInput.append(delta.get("partial_json") or "")
+            return None
+        if name not in (b"message_start", b"message_delta", b"error"):
+            return None
+        try:
+            document = json.loads(event.data)
+        except ValueError:
+            return None
+        if not isinstance(document, dict):
+            return None
+        if name == b"error":
+            self.error = errorFromJSON(document) or ZaiError(None, "unknown")
+            return None
+        if name == b"message_start":
+            message = document.get("message")
+            if not isinstance(message, dict):
+                return None
+            if isinstance(message.get("model"), str):
+                self.model = message["model"]
+            usage = usageFrom(message.get("usage"))
+            if usage is None:
+                return "start"
+        else:
+            usage = usageFrom(document.get("usage"))
+            if usage is None:
+                return "delta"
+            # Only message_delta's numbers are final (Z.AI's start says 0/0).
+            self.final = True
+        self.usage = usage if self.usage is None else self.usage.largest(usage)
+        return None
+
+    def outputTexts(self) -> list[str]:
+        return ["".join(self._text), "".join(self._thinking), "".join(self._toolInput)]
+
+
+def frameWithUsage(event: Event, where: str, usage: Usage) -> bytes:
+    """
+    The event re-written with C{usage} added (to the message in
+    C{message_start}, at the top of C{message_delta}).
+    """
+    document = json.loads(event.data)
+    if where == "start":
+        document["message"]["usage"] = usageJSON(usage)
+    else:
+        document["usage"] = usageJSON(usage)
+    name = event.name or b"message"
+    return b"event: " + name + b"\ndata: " + _dumps(document).encode() + b"\n\n"

@@ -1,13 +1,29 @@
 # -*- test-case-name: tests.test_dialects -*-
 """
-The OpenAI chat-completions dialect (what the openai SDK speaks).
+The OpenAI chat-completions dialect (what the openai SDK speaks): error
+bodies, what a request and an answer contain for token counting, and where
+usage is reported or must be added.
 """
 
 from __future__ import annotations
 
 import json
+from typing import Any
 
-__all__ = ["errorBody", "errorType", "streamErrorEvent"]
+from zaiproxy.sse import Event
+from zaiproxy.tokens import Usage
+from zaiproxy.zai_errors import ZaiError, errorFromJSON
+
+__all__ = [
+    "errorBody",
+    "errorType",
+    "streamErrorEvent",
+    "requestTexts",
+    "responseTexts",
+    "usageFrom",
+    "usageJSON",
+    "StreamReader",
+]
 
 _TYPES = {
     401: "authentication_error",
@@ -23,21 +39,186 @@ def errorType(status: int) -> str:
 
 
 def _error(status: int, message: str, code: str | None) -> dict[str, object]:
-    return {
-        "error": {
-            "message": message,
-            "type": errorType(status),
-            "param": None,
-            "code": code,
-        }
-    }
+    return {"error": {"message": message, "type": errorType(status), "param": None, "code": code}}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def errorBody(status: int, message: str, code: str | None = None) -> bytes:
-    return json.dumps(_error(status, message, code), separators=(",", ":")).encode()
+    return _dumps(_error(status, message, code)).encode()
 
 
 def streamErrorEvent(message: str, code: str | None = None) -> bytes:
     # The openai SDK raises APIError on a data event that carries "error".
-    data = json.dumps(_error(502, message, code), separators=(",", ":"))
-    return b"data: " + data.encode() + b"\n\n"
+    return b"data: " + _dumps(_error(502, message, code)).encode() + b"\n\n"
+
+
+# -- what gets counted ---------------------------------------------------------
+
+
+def _contentTexts(content: Any, out: list[str]) -> None:
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                out.append(part["text"])
+
+
+def _toolCallTexts(calls: Any, out: list[str]) -> None:
+    for call in calls if isinstance(calls, list) else ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                out.append(function["name"])
+            if isinstance(function.get("arguments"), str):
+                out.append(function["arguments"])
+
+
+def _messageTexts(message: Any, out: list[str]) -> None:
+    if not isinstance(message, dict):
+        return
+    _contentTexts(message.get("content"), out)
+    if isinstance(message.get("reasoning_content"), str):
+        out.append(message["reasoning_content"])
+    _toolCallTexts(message.get("tool_calls"), out)
+
+
+def requestTexts(body: Any) -> list[str]:
+    """
+    Everything a chat request makes the model read: message contents (image
+    parts are not counted), reasoning carried over, tool calls, and the
+    tool definitions (as compact JSON).
+    """
+    out: list[str] = []
+    if not isinstance(body, dict):
+        return out
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        _messageTexts(message, out)
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        for tool in tools if isinstance(tools, list) else ():
+            out.append(_dumps(tool))
+    return out
+
+
+def responseTexts(body: Any) -> list[str]:
+    """
+    The output of a non-streamed answer: content, reasoning, tool arguments.
+    """
+    out: list[str] = []
+    choices = body.get("choices") if isinstance(body, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            _messageTexts(choice.get("message"), out)
+    return out
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def usageFrom(usage: Any) -> Usage | None:
+    """
+    A C{usage} object, or L{None}. C{prompt_tokens} includes the cached
+    part, which is moved to C{cacheRead}.
+    """
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = _count(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    return Usage(
+        input=max(0, _count(usage.get("prompt_tokens")) - cached),
+        output=_count(usage.get("completion_tokens")),
+        cacheRead=cached,
+    )
+
+
+def usageJSON(usage: Usage) -> dict[str, Any]:
+    prompt = usage.input + usage.cacheRead
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": usage.output,
+        "total_tokens": prompt + usage.output,
+        "prompt_tokens_details": {"cached_tokens": usage.cacheRead},
+    }
+
+
+class StreamReader:
+    """
+    Reads a chat-completions stream as it passes: output text, usage (from
+    whichever chunk carries it), the model and ids, and an in-band error.
+    """
+
+    def __init__(self) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self._arguments: list[str] = []
+        self.usage: Usage | None = None
+        self.final = False
+        self.model: str | None = None
+        self.error: ZaiError | None = None
+        self.chunkId: str = "chatcmpl-zaiproxy"
+        self.created: int = 0
+
+    def event(self, event: Event) -> str | None:
+        """
+        Take one event; return C{"done"} at C{[DONE]} when no chunk carried
+        usage (so usage can be added before it).
+        """
+        data = event.data
+        if data[:6] == b"[DONE]":
+            return "done" if self.usage is None else None
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(chunk, dict):
+            return None
+        if "error" in chunk:
+            self.error = errorFromJSON(chunk) or ZaiError(None, "unknown")
+            return None
+        if isinstance(chunk.get("model"), str):
+            self.model = chunk["model"]
+        if isinstance(chunk.get("id"), str):
+            self.chunkId = chunk["id"]
+        if isinstance(chunk.get("created"), int):
+            self.created = chunk["created"]
+        usage = usageFrom(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+            self.final = True
+        choices = chunk.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            if isinstance(delta.get("content"), str):
+                self._content.append(delta["content"])
+            if isinstance(delta.get("reasoning_content"), str):
+                self._reasoning.append(delta["reasoning_content"])
+            for call in delta.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    self._arguments.append(function["arguments"])
+        return None
+
+    def outputTexts(self) -> list[str]:
+        return ["".join(self._content), "".join(self._reasoning), "".join(self._arguments)]
+
+    def usageChunk(self, usage: Usage) -> bytes:
+        """
+        The chunk OpenAI sends last when asked to include usage.
+        """
+        chunk = {
+            "id": self.chunkId,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model or "",
+            "choices": [],
+            "usage": usageJSON(usage),
+        }
+        return b"data: " + _dumps(chunk).encode() + b"\n\n"
