@@ -156,7 +156,10 @@ async def test_anthropicReportedUsage(reactor: Any, makeStack: Any, logEvents: l
     assert stack.sample("zai_proxy_token_usage_source_total", source="reported", variant="production") == 1
     lines = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
     assert len(lines) == 1
-    assert lines[0]["log_format"].startswith("Token usage: input={input}, output={output}")
+    assert lines[0]["line"] == (
+        f"Token usage: input={expected.inputTokens}, output={expected.outputTokens}, "
+        "cache_read=7, cache_write=0, source=reported, model=glm-4.7"
+    )
     assert (lines[0]["input"], lines[0]["output"], lines[0]["source"]) == (expected.inputTokens, expected.outputTokens, "reported")
     response = client.response()
     assert b'"usage":{"input_tokens":0,"output_tokens":0}' in response.body or not stream

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, openai
 from zaiproxy.exchange import Exchange
+from zaiproxy.logs import LINE
 from zaiproxy.metrics import Metrics
 from zaiproxy.sse import Event, EventParser
 from zaiproxy.tokens import Counting, Usage
@@ -137,8 +138,15 @@ class Pricing:
     peakEnd: float = 6.0
     utcOffset: float = -5.0
     peakMultiplier: float = 2.0
+    _minute: list[Any] = attrs.field(factory=lambda: [None, ""], eq=False, repr=False)
 
     def tier(self, now: float) -> str:
+        minute = int(now // 60)
+        if self._minute[0] != minute:
+            self._minute[:] = [minute, self._tierAt(minute * 60.0)]
+        return self._minute[1]  # type: ignore[no-any-return]
+
+    def _tierAt(self, now: float) -> str:
         local = datetime.fromtimestamp(now, timezone(timedelta(hours=self.utcOffset)))
         hour = local.hour + local.minute / 60.0
         if self.peakStart <= self.peakEnd:
@@ -289,18 +297,19 @@ class Accounting:
         tier = self.pricing.tier(now)
         for direction, tokens in usage.directions().items():
             if tokens > 0:
-                metrics.tokens.labels(direction, model, variant, tier).inc(tokens)
-                cost = self.pricing.cost(model, direction, tokens, tier)
-                if cost > 0:
-                    metrics.estimatedCost.labels(direction, model, variant, tier).inc(cost)
+                metrics.tokensUsed(direction, model, tier, tokens, self.pricing.cost(model, direction, tokens, tier))
         metrics.usageSource.labels(source, variant).inc()
         if usage.output > 0 and exchange.firstByteAt is not None:
             generating = now - exchange.firstByteAt
             if generating > 0:
                 metrics.tokenRate.labels("output", model, variant).observe(usage.output / generating)
         _log.info(
-            "Token usage: input={input}, output={output}, cache_read={cacheRead}, "
-            "cache_write={cacheWrite}, source={source}, model={model}",
+            LINE,
+            line=(
+                f"Token usage: input={usage.input}, output={usage.output}, "
+                f"cache_read={usage.cacheRead}, cache_write={usage.cacheWrite}, "
+                f"source={source}, model={model}"
+            ),
             input=usage.input,
             output=usage.output,
             cacheRead=usage.cacheRead,

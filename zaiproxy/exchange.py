@@ -17,6 +17,7 @@ import attrs
 from twisted.logger import Logger
 
 from zaiproxy.dialects import Dialect
+from zaiproxy.logs import LINE
 from zaiproxy.metrics import Metrics
 
 __all__ = ["Exchange", "Reporter", "sniffModel", "CLIENT_CLOSED"]
@@ -81,10 +82,6 @@ class Exchange:
     client: str = "-"
 
 
-_ACCESS = "{method} {route} {status} {duration:.3f}s in={bytesIn} out={bytesOut} model={model}"
-_ACCESS_ERROR = _ACCESS + " error={errorType}"
-
-
 # Module level: as a class attribute Logger would rename itself after the class.
 _accessLog = Logger(namespace="zaiproxy.access")
 
@@ -116,15 +113,23 @@ class Reporter:
             exchange.requestBytes,
             exchange.responseBytes,
         )
+        model = exchange.model or "-"
+        line = (
+            f"{exchange.method} {exchange.route} {exchange.status} {duration:.3f}s "
+            f"in={exchange.requestBytes} out={exchange.responseBytes} model={model}"
+        )
+        if exchange.errorType:
+            line += f" error={exchange.errorType}"
         _accessLog.info(
-            _ACCESS_ERROR if exchange.errorType else _ACCESS,
+            LINE,
+            line=line,
             method=exchange.method,
             route=exchange.route,
             status=exchange.status,
-            duration=duration,
+            duration=round(duration, 6),
             bytesIn=exchange.requestBytes,
             bytesOut=exchange.responseBytes,
-            model=exchange.model or "-",
+            model=model,
             errorType=exchange.errorType,
             client=exchange.client,
             ttfb=(

@@ -24,17 +24,40 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-__all__ = ["buildObserver", "formatJSON", "formatText"]
+__all__ = ["buildObserver", "formatJSON", "formatText", "LINE"]
+
+#: The format of an event whose text is already made (hot-path events such
+#: as the access log): C{log.info(LINE, line=text, **fields)}. Twisted's own
+#: observers format it as usual; ours skip Twisted's formatter, which costs
+#: about 20 us an event.
+LINE = "{line}"
 
 _SCALARS = (str, int, float, bool, type(None))
+
+_NOT_FIELDS = frozenset(["format", "message", "system", "line"])
 
 # Twisted logs every pooled upstream connection it opens and closes at info.
 _CHATTY = ("twisted.web.client._HTTP11ClientFactory",)
 
 
+_lastSecond: list[Any] = [None, ""]
+
+
 def _timestamp(event: dict[str, Any]) -> str:
-    when = datetime.fromtimestamp(event.get("log_time", 0.0), timezone.utc)
-    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    when = event.get("log_time", 0.0)
+    second = int(when)
+    if _lastSecond[0] != second:
+        _lastSecond[0] = second
+        _lastSecond[1] = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_lastSecond[1]}.{int((when - second) * 1000):03d}Z"
+
+
+def _message(event: dict[str, Any]) -> str:
+    if event.get("log_format") is LINE or event.get("log_format") == LINE:
+        line = event.get("line")
+        if isinstance(line, str):
+            return line
+    return formatEvent(event)
 
 
 def _failureText(event: dict[str, Any]) -> str | None:
@@ -51,7 +74,7 @@ def formatText(event: dict[str, Any]) -> str:
     """
     level = event.get("log_level", LogLevel.info)
     namespace = event.get("log_namespace", "-")
-    text = formatEvent(event).replace("\n", "\n\t")
+    text = _message(event).replace("\n", "\n\t")
     line = f"{_timestamp(event)} [{namespace}#{level.name}] {text}\n"
     traceback = _failureText(event)
     if traceback:
@@ -69,10 +92,10 @@ def formatJSON(event: dict[str, Any]) -> str:
         "time": _timestamp(event),
         "level": level.name,
         "namespace": event.get("log_namespace", "-"),
-        "message": formatEvent(event),
+        "message": _message(event),
     }
     for key, value in event.items():
-        if key.startswith("log_") or key in record or key in ("format", "message", "system"):
+        if key.startswith("log_") or key in record or key in _NOT_FIELDS:
             continue
         if isinstance(value, _SCALARS):
             record[key] = value

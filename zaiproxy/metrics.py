@@ -10,6 +10,7 @@ the raw path, and C{method} is one of a fixed set.
 from __future__ import annotations
 
 import platform
+from typing import Any
 
 import prometheus_client
 from prometheus_client import (
@@ -103,6 +104,11 @@ class Metrics:
         )
         self.buildInfo.labels(version, variant, commit, buildTime).set(1)
         self.inFlight = self.concurrentRequests.labels(variant)
+        # labels() validates and locks on every call: keep the children of
+        # the bounded label sets the hot path uses.
+        self._requestChildren: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
+        self._firstByteChildren: dict[tuple[str, str], Any] = {}
+        self._tokenChildren: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
         # Tokens and cost (seed section 8.2).
         tokenLabels = ["direction", "model", "variant", "pricing_tier"]
@@ -149,18 +155,47 @@ class Metrics:
         """
         Record one finished request (proxied, local or refused).
         """
-        code = str(status)
-        v = self.variant
-        self.requests.labels(method, path, code, v).inc()
-        self.requestDuration.labels(method, path, code, v).observe(duration)
-        self.requestSize.labels(method, path, v).observe(requestBytes)
-        self.responseSize.labels(method, path, code, v).observe(responseBytes)
+        key = (method, path, status)
+        children = self._requestChildren.get(key)
+        if children is None:
+            code, v = str(status), self.variant
+            children = self._requestChildren[key] = (
+                self.requests.labels(method, path, code, v),
+                self.requestDuration.labels(method, path, code, v),
+                self.requestSize.labels(method, path, v),
+                self.responseSize.labels(method, path, code, v),
+            )
+        requests, durations, requestSizes, responseSizes = children
+        requests.inc()
+        durations.observe(duration)
+        requestSizes.observe(requestBytes)
+        responseSizes.observe(responseBytes)
 
     def upstreamError(self, errorType: str) -> None:
         self.upstreamErrors.labels(errorType, self.variant).inc()
 
     def firstByte(self, method: str, path: str, seconds: float) -> None:
-        self.timeToFirstByte.labels(method, path, self.variant).observe(seconds)
+        key = (method, path)
+        child = self._firstByteChildren.get(key)
+        if child is None:
+            child = self._firstByteChildren[key] = self.timeToFirstByte.labels(method, path, self.variant)
+        child.observe(seconds)
+
+    def tokensUsed(self, direction: str, model: str, tier: str, tokens: int, cost: float) -> None:
+        """
+        Count C{tokens} (and their cost) of one direction.
+        """
+        key = (direction, model, tier)
+        children = self._tokenChildren.get(key)
+        if children is None:
+            v = self.variant
+            children = self._tokenChildren[key] = (
+                self.tokens.labels(direction, model, v, tier),
+                self.estimatedCost.labels(direction, model, v, tier),
+            )
+        children[0].inc(tokens)
+        if cost > 0:
+            children[1].inc(cost)
 
     def exposition(self, accept: bytes | None) -> tuple[bytes, str]:
         """

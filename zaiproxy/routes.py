@@ -11,6 +11,7 @@ upstream's path are refused before they reach it.
 
 from __future__ import annotations
 
+import re
 from typing import Union
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -123,6 +124,10 @@ _ZAI_PREFIXES = (
 )
 
 
+_BAD_RAW = re.compile(rb"[^\x21-\x7e]|[\\#]")
+_BAD_DECODED = re.compile(rb"[\x00-\x20\x7f\\]")
+
+
 def _unsafe(path: bytes) -> str | None:
     """
     Why C{path} may not go upstream, or L{None} if it may.
@@ -131,17 +136,20 @@ def _unsafe(path: bytes) -> str | None:
     once; anything still percent-encoded after one decoding is refused, since
     some hop might decode it again into a traversal.
     """
-    if any(b < 0x21 or b > 0x7E for b in path) or b"\\" in path or b"#" in path:
+    if _BAD_RAW.search(path):
         return "request path contains characters that are not allowed"
-    decoded = unquote_to_bytes(path)
-    if b"%" in decoded:
-        return "request path is encoded more than once"
-    if any(b < 0x21 or b == 0x7F for b in decoded) or b"\\" in decoded:
-        return "request path contains characters that are not allowed"
-    segments = decoded.split(b"/")[1:]
-    if any(s in (b".", b"..") for s in segments):
-        return "request path must not contain . or .. segments"
-    if b"" in segments[:-1]:
+    decoded = path
+    if b"%" in path:
+        decoded = unquote_to_bytes(path)
+        if b"%" in decoded:
+            return "request path is encoded more than once"
+        if _BAD_DECODED.search(decoded):
+            return "request path contains characters that are not allowed"
+    if b"/." in decoded:
+        segments = decoded.split(b"/")
+        if any(s in (b".", b"..") for s in segments):
+            return "request path must not contain . or .. segments"
+    if b"//" in decoded:
         return "request path must not contain empty segments"
     return None
 

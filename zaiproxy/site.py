@@ -84,7 +84,7 @@ class ProxyRequest(server.Request):
         self.site = self.channel.site
         self.prepath = []
         self.postpath = []
-        self.setHeader(b"date", datetimeToString())
+        self.setHeader(b"date", self.site.date())
         try:
             body = self.site.resource.render(self)
         except Exception:
@@ -268,6 +268,19 @@ class ProxySite(server.Site):
         channel.callLater = self.reactor.callLater
         channel.timeOut = self.timeOut
         return channel
+
+    _dateSecond = -1
+    _dateValue = b""
+
+    def date(self) -> bytes:
+        """
+        The Date header value, made once a second rather than per request.
+        """
+        now = int(self.reactor.seconds())
+        if now != self._dateSecond:
+            self._dateSecond = now
+            self._dateValue = datetimeToString(now)
+        return self._dateValue
 
     def channelClosed(self, channel: ProxyChannel) -> None:
         self.channels.discard(channel)

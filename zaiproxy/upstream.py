@@ -19,10 +19,11 @@ from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
 __all__ = ["Upstream", "BytesProducer", "bodyProducerFor"]
@@ -79,6 +80,37 @@ def bodyProducerFor(content: IO[bytes], cooperator: task.Cooperator) -> IBodyPro
     return FileBodyProducer(content, cooperator=cooperator)
 
 
+@implementer(IAgentEndpointFactory)
+class EndpointCache:
+    """
+    One endpoint per upstream origin, made once.
+
+    Twisted's Agent builds a new endpoint for every request (IDNA-checking
+    the host name each time) although a warm pool never uses it; there are
+    only ever two origins here.
+    """
+
+    def __init__(self, reactor: Any, connectTimeout: float) -> None:
+        self._reactor = reactor
+        self._connectTimeout = connectTimeout
+        self._policy = BrowserLikePolicyForHTTPS()
+        self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._endpoints.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connectTimeout
+            )
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            elif uri.scheme != b"http":
+                raise ValueError(f"unsupported scheme {uri.scheme!r}")
+            self._endpoints[key] = endpoint
+        return endpoint
+
+
 class Upstream:
     """
     The pool, the agent the relay uses, and a treq client for the rest.
@@ -90,7 +122,9 @@ class Upstream:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = poolSize
         self.pool.cachedConnectionTimeout = _CACHED_CONNECTION_TIMEOUT
-        self.agent = Agent(reactor, connectTimeout=connectTimeout, pool=self.pool)
+        self.agent = Agent.usingEndpointFactory(
+            reactor, EndpointCache(reactor, connectTimeout), pool=self.pool
+        )
         self.client = HTTPClient(
             self.agent,
             cookiejar=IndexableCookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
