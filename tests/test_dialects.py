@@ -201,8 +201,8 @@ def test_anthropicStreamReader() -> None:
     assert [reader.event(e) for e in events] == [None] * len(events)
     assert reader.usage == Usage(expected.inputTokens, expected.outputTokens, expected.cacheReadTokens, 0)
     assert reader.model == "glm-4.7"
-    text, thinking, tool = reader.outputTexts()
-    assert text == "ababab" and thinking and tool
+    thinking, text, tool = reader.output.texts()
+    assert text == "ababab" and thinking and tool.startswith("{")
     assert reader.error is None
 
 
@@ -226,7 +226,7 @@ def test_openaiStreamReader() -> None:
     reader = openai.StreamReader()
     flags = [reader.event(e) for e in stream("events=2 usage=none", "openai")]
     assert [f for f in flags if f] == ["done"]
-    assert reader.outputTexts()[0] == "hello hello "
+    assert reader.output.texts() == ["hello hello "]
 
 
 def test_inbandErrors() -> None:

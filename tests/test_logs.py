@@ -84,3 +84,34 @@ def test_failureTraceback() -> None:
     assert record["message"] == "boom 1"
     assert record["level"] == "critical"
     assert "ZeroDivisionError" in record["traceback"]
+
+
+class _Stream(io.StringIO):
+    flushes = 0
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_flushOncePerTurn() -> None:
+    """
+    Given a running reactor, lines are flushed once per reactor turn, not
+    once per line; with the reactor stopped, at once.
+    """
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.running = True  # type: ignore[attr-defined]
+    stream = _Stream()
+    observer = buildObserver(stream, "text", LogLevel.info, clock)
+    for n in range(5):
+        observer(emit("line {n}", n=n))
+    assert stream.getvalue().count("\n") == 5
+    assert stream.flushes == 0
+    clock.advance(0)
+    assert stream.flushes == 1
+    clock.running = False  # type: ignore[attr-defined]
+    observer(emit("at shutdown"))
+    assert stream.flushes == 2
+    assert clock.getDelayedCalls() == []

@@ -18,6 +18,7 @@ import tiktoken
 from zaiproxy.tokens import (
     INLINE_CHARS,
     Counting,
+    OutputText,
     FallbackCounter,
     TiktokenCounter,
     Usage,
@@ -167,3 +168,21 @@ async def test_countingInlineAndInThread(reactor: Any, counter: TiktokenCounter)
     assert not pending.called
     assert await pending == counter.count(long[0])
     assert len(timings) == 2 and all(t > 0 for t in timings)
+
+
+def test_outputTextIsBounded() -> None:
+    """
+    An answer's text is kept up to a limit, by kind; past it only its length
+    is counted, and the estimate extrapolates at the kept part's ratio.
+    """
+    output = OutputText(limit=10)
+    output.add("text", "hello ")
+    output.add("thinking", "hmm ")
+    output.add("text", "")
+    assert output.texts() == ["hello ", "hmm "]
+    output.add("text", "x" * 1000)
+    assert output.keptChars == 10 and output.extraChars == 1000
+    assert output.texts() == ["hello ", "hmm "]
+    assert output.extrapolate(4) == 4 + 400
+    assert OutputText().extrapolate(7) == 7
+    assert not OutputText() and output

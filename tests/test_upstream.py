@@ -106,3 +106,31 @@ async def test_requestReusesConnections(reactor: Any) -> None:
     finally:
         await upstream.close()
         await running.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_agentParsesEachURLOnce(reactor: Any) -> None:
+    """
+    The relay's Agent keeps each upstream URL parsed (a bounded cache) and
+    sends the right Host header itself.
+    """
+    fake = FakeZai(reactor, apiKey=None)
+    running = await startFake(reactor, fake)
+    upstream = Upstream(reactor, connectTimeout=3.0, poolSize=2)
+    agent = upstream.agent
+    try:
+        url = running.url("/api/coding/paas/v4/models?x=1").encode()
+        for _ in range(2):
+            response = await upstream.request(b"GET", url, Headers(), None)
+            await treq.content(response)
+        assert list(agent._targets) == [url]
+        assert [r.header(b"host") for r in fake.received] == [[b"127.0.0.1:%d" % running.port]] * 2
+        assert [r.uri for r in fake.received] == [b"/api/coding/paas/v4/models?x=1"] * 2
+        agent._MAX_TARGETS = 1
+        other = running.url("/api/coding/paas/v4/models").encode()
+        response = await upstream.request(b"GET", other, None, None)
+        await treq.content(response)
+        assert list(agent._targets) == [url]
+    finally:
+        await upstream.close()
+        await running.stop()

@@ -30,7 +30,7 @@ from zaiproxy.exchange import Exchange
 from zaiproxy.logs import LINE
 from zaiproxy.metrics import Metrics
 from zaiproxy.sse import Event, EventParser
-from zaiproxy.tokens import Counting, Usage
+from zaiproxy.tokens import Counting, OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, codeLabel
 
 __all__ = [
@@ -358,7 +358,7 @@ class UsageTap:
         self._reader = self._module.StreamReader()
         self._parser = EventParser()
         self._mode = "none"
-        self._outputs: list[str] | None = None
+        self._output = self._reader.output
         self._estimate: Deferred[Usage] | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
@@ -485,7 +485,9 @@ class UsageTap:
         self._reported = self._module.usageFrom(document.get("usage"))
         if self._reported is not None:
             return body
-        self._outputs = self._module.responseTexts(document)
+        self._output = OutputText()
+        for text in self._module.responseTexts(document):
+            self._output.add("body", text)
         usageJSON = self._module.usageJSON
         return self._estimated().addCallback(lambda usage: addUsage(body, usageJSON(usage)) or body)
 
@@ -508,12 +510,12 @@ class UsageTap:
         """
         if self._estimate is None:
             accounting = self._accounting
-            outputs = self._outputs if self._outputs is not None else self._reader.outputTexts()
+            output = self._output
             self._estimate = (
                 accounting.countInput(self._dialect, self._body)
                 .addCallback(
-                    lambda inputTokens: accounting.countTexts(outputs).addCallback(
-                        lambda output: Usage(input=inputTokens, output=output)
+                    lambda inputTokens: accounting.countTexts(output.texts()).addCallback(
+                        lambda kept: Usage(input=inputTokens, output=output.extrapolate(kept))
                     )
                 )
                 .addErrback(self._countFailed)
@@ -549,7 +551,7 @@ class UsageTap:
         began = exchange.firstByteAt is not None and self._mode in ("stream", "body")
         if reported is not None:
             accounting.record(exchange, reported, "reported", model)
-        elif began and not (reader.error is not None and not any(reader.outputTexts())):
+        elif began and not (reader.error is not None and not self._output):
             source = "estimated" if complete else "partial"
             # A real prompt count from an unfinished message_start still holds.
             start = reader.usage or Usage()

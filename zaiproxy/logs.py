@@ -105,13 +105,45 @@ def formatJSON(event: dict[str, Any]) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
-def buildObserver(stream: IO[str], logFormat: str, level: LogLevel) -> ILogObserver:
+class _FlushPerTurn:
+    """
+    A stream whose flushes happen once per reactor turn, not once per line:
+    at 32 concurrent requests a turn may log dozens of lines, and each flush
+    is a system call. While the reactor is not running (start-up, shutdown)
+    every flush happens at once, so no line is lost.
+    """
+
+    def __init__(self, stream: IO[str], reactor: Any) -> None:
+        self._stream = stream
+        self._reactor = reactor
+        self._pending = False
+
+    def write(self, text: str) -> None:
+        self._stream.write(text)
+
+    def flush(self) -> None:
+        if not self._reactor.running:
+            self._stream.flush()
+        elif not self._pending:
+            self._pending = True
+            self._reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        self._pending = False
+        self._stream.flush()
+
+
+def buildObserver(
+    stream: IO[str], logFormat: str, level: LogLevel, reactor: Any = None
+) -> ILogObserver:
     """
     An observer writing C{logFormat} ("text" or "json") lines of events at
-    C{level} and above to C{stream}.
+    C{level} and above to C{stream}; given a reactor, flushed once per turn.
     """
     formatter: Callable[[dict[str, Any]], str] = formatJSON if logFormat == "json" else formatText
     predicate = LogLevelFilterPredicate(defaultLogLevel=level)
     for namespace in _CHATTY:
         predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
+    if reactor is not None:
+        stream = _FlushPerTurn(stream, reactor)  # type: ignore[assignment]
     return FilteringLogObserver(FileLogObserver(stream, formatter), [predicate])

@@ -124,11 +124,19 @@ class ProxyChannel(http.HTTPChannel):
     _awaitingHeaders = True
     _rejecting = False
     _lingered = 0
+    _host: Any = None
     site: "ProxySite"
 
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.channels.add(self)
+
+    def getHost(self) -> Any:
+        # Every Request asks for it (a getsockname syscall each time); it
+        # does not change over the connection's life.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def dataReceived(self, data: bytes) -> None:
         if self._rejecting:

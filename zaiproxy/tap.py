@@ -94,7 +94,9 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def chooseObserver(twistdOptions: Any, settings: Settings, stdout: IO[str]) -> ILogObserver | None:
+def chooseObserver(
+    twistdOptions: Any, settings: Settings, stdout: IO[str], reactor: Any = None
+) -> ILogObserver | None:
     """
     Our log observer, writing where twistd would have written.
 
@@ -102,7 +104,7 @@ def chooseObserver(twistdOptions: Any, settings: Settings, stdout: IO[str]) -> I
     leave it alone.
     """
     if twistdOptions is None:
-        return buildObserver(stdout, settings.logFormat, settings.logLevel)
+        return buildObserver(stdout, settings.logFormat, settings.logLevel, reactor)
     if twistdOptions.get("logger") or twistdOptions.get("syslog"):
         return None
     logfile = twistdOptions.get("logfile") or ""
@@ -110,7 +112,7 @@ def chooseObserver(twistdOptions: Any, settings: Settings, stdout: IO[str]) -> I
         stream: Any = stdout
     else:
         stream = LogFile.fromFullPath(logfile or "twistd.log")
-    return buildObserver(stream, settings.logFormat, settings.logLevel)
+    return buildObserver(stream, settings.logFormat, settings.logLevel, reactor)
 
 
 def makeService(options: Options) -> IService:
@@ -125,7 +127,7 @@ def makeService(options: Options) -> IService:
         settings, warnings = loadSettings(os.environ, options["config"])
     except SettingsError as e:
         _fail(str(e))
-    observer = chooseObserver(getattr(options, "parent", None), settings, sys.stdout)
+    observer = chooseObserver(getattr(options, "parent", None), settings, sys.stdout, reactor)
     build = BuildInfo(
         version=os.environ.get("ZAI_PROXY_VERSION") or __version__,
         commit=os.environ.get("ZAI_PROXY_COMMIT") or "unknown",

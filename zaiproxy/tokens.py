@@ -25,6 +25,7 @@ from twisted.internet.threads import deferToThreadPool
 
 __all__ = [
     "Usage",
+    "OutputText",
     "TokenCounter",
     "TiktokenCounter",
     "FallbackCounter",
@@ -87,6 +88,54 @@ class Usage:
             "cache_read": self.cacheRead,
             "cache_write": self.cacheWrite,
         }
+
+
+class OutputText:
+    """
+    The text of an answer, kept for counting in case Z.AI reports no usage.
+
+    Only the first C{limit} characters are kept: memory per stream stays
+    bounded however long it runs. Past that, only characters are counted,
+    and the estimate extrapolates them at the tokens-per-character ratio of
+    the kept text.
+    """
+
+    def __init__(self, limit: int = 1 << 20) -> None:
+        self._limit = limit
+        self._kept = 0
+        self.extraChars = 0
+        self._parts: dict[str, list[str]] = {}
+
+    def add(self, kind: str, text: str) -> None:
+        if not text:
+            return
+        if self._kept >= self._limit:
+            self.extraChars += len(text)
+            return
+        self._parts.setdefault(kind, []).append(text)
+        self._kept += len(text)
+
+    def texts(self) -> list[str]:
+        """
+        The kept text of each kind (text, thinking, tool input...), to be
+        counted once each rather than delta by delta.
+        """
+        return ["".join(parts) for parts in self._parts.values()]
+
+    @property
+    def keptChars(self) -> int:
+        return self._kept
+
+    def __bool__(self) -> bool:
+        return self._kept > 0
+
+    def extrapolate(self, keptTokens: int) -> int:
+        """
+        Tokens of the whole text, given the count of the kept part.
+        """
+        if not self.extraChars or not self._kept:
+            return keptTokens
+        return keptTokens + round(self.extraChars * keptTokens / self._kept)
 
 
 class TokenCounter(Protocol):

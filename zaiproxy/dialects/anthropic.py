@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from zaiproxy.sse import Event
-from zaiproxy.tokens import Usage
+from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
@@ -166,9 +166,7 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self._text: list[str] = []
-        self._thinking: list[str] = []
-        self._toolInput: list[str] = []
+        self.output = OutputText()
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
@@ -188,11 +186,11 @@ class StreamReader:
             except (ValueError, KeyError, TypeError):
                 return None
             if kind == "text_delta":
-                self._text.append(delta.get("text") or "")
+                self.output.add("text", delta.get("text") or "")
             elif kind == "thinking_delta":
-                self._thinking.append(delta.get("thinking") or "")
+                self.output.add("thinking", delta.get("thinking") or "")
             elif kind == "input_json_delta":
-                self._toolInput.append(delta.get("partial_json") or "")
+                self.output.add("tool", delta.get("partial_json") or "")
             return None
         if name not in (b"message_start", b"message_delta", b"error"):
             return None
@@ -222,9 +220,6 @@ class StreamReader:
             self.final = True
         self.usage = usage if self.usage is None else self.usage.largest(usage)
         return None
-
-    def outputTexts(self) -> list[str]:
-        return ["".join(self._text), "".join(self._thinking), "".join(self._toolInput)]
 
 
 def frameWithUsage(event: Event, where: str, usage: Usage) -> bytes:

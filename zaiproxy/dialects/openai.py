@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from zaiproxy.sse import Event
-from zaiproxy.tokens import Usage
+from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
@@ -154,9 +154,7 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self._content: list[str] = []
-        self._reasoning: list[str] = []
-        self._arguments: list[str] = []
+        self.output = OutputText()
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
@@ -197,17 +195,14 @@ class StreamReader:
             if not isinstance(delta, dict):
                 continue
             if isinstance(delta.get("content"), str):
-                self._content.append(delta["content"])
+                self.output.add("content", delta["content"])
             if isinstance(delta.get("reasoning_content"), str):
-                self._reasoning.append(delta["reasoning_content"])
+                self.output.add("reasoning", delta["reasoning_content"])
             for call in delta.get("tool_calls") or ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    self._arguments.append(function["arguments"])
+                    self.output.add("arguments", function["arguments"])
         return None
-
-    def outputTexts(self) -> list[str]:
-        return ["".join(self._content), "".join(self._reasoning), "".join(self._arguments)]
 
     def usageChunk(self, usage: Usage) -> bytes:
         """
