@@ -107,30 +107,33 @@ def formatJSON(event: dict[str, Any]) -> str:
 
 class _FlushPerTurn:
     """
-    A stream whose flushes happen once per reactor turn, not once per line:
-    at 32 concurrent requests a turn may log dozens of lines, and each flush
-    is a system call. While the reactor is not running (start-up, shutdown)
-    every flush happens at once, so no line is lost.
+    A stream written once per reactor turn, not once per line: at 32
+    concurrent requests a turn may log dozens of lines, and each write to
+    an unbuffered stdout (PYTHONUNBUFFERED, as under systemd) is a system
+    call. While the reactor is not running (start-up, shutdown) every line
+    is written at once, so none is lost.
     """
 
     def __init__(self, stream: IO[str], reactor: Any) -> None:
         self._stream = stream
         self._reactor = reactor
-        self._pending = False
+        self._lines: list[str] = []
 
     def write(self, text: str) -> None:
-        self._stream.write(text)
+        self._lines.append(text)
 
     def flush(self) -> None:
         if not self._reactor.running:
-            self._stream.flush()
-        elif not self._pending:
-            self._pending = True
+            self._flush()
+        elif len(self._lines) == 1:
             self._reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
-        self._pending = False
-        self._stream.flush()
+        if self._lines:
+            text = "".join(self._lines)
+            self._lines = []
+            self._stream.write(text)
+            self._stream.flush()
 
 
 def buildObserver(
