@@ -394,6 +394,67 @@ class Settings:
         "RATE_LIMIT_STATE_FILE", parseOptionalPath, "/var/lib/zai-proxy/ceiling.json",
         "Where the learned rate ceiling is kept across restarts; off disables it.",
     )
+    rateLimitWindow: float = _setting(
+        "RATE_LIMIT_WINDOW", parseDuration, "30s",
+        "How often the limiter judges the last window's outcomes and adjusts.",
+    )
+    rateLimitCeilingAlpha: float = _setting(
+        "RATE_LIMIT_CEILING_ALPHA", _fraction(0.0, 1.0, closedHigh=True), "0.3",
+        "Weight of a new capacity observation in the ceiling estimate (EWMA).",
+    )
+    rateLimitHoldMargin: float = _setting(
+        "RATE_LIMIT_HOLD_MARGIN", _fraction(0.0, 1.0, closedHigh=False), "0.02",
+        "Hold this fraction below the ceiling; probes start this fraction above it.",
+    )
+    rateLimitProbeInterval: int = _setting(
+        "RATE_LIMIT_PROBE_INTERVAL", parsePositiveInt, "10",
+        "Clean windows at the ceiling before probing above it.",
+    )
+    rateLimitStateMaxAge: float = _setting(
+        "RATE_LIMIT_STATE_MAX_AGE", parseDuration, "6h",
+        "A persisted ceiling older than this is ignored at start-up.",
+    )
+    maxQueue: int = _setting(
+        "MAX_QUEUE", parseNonNegativeInt, "256",
+        "Model calls that may wait for admission; beyond it they get 429 at once.",
+    )
+    queueTimeout: float = _setting(
+        "QUEUE_TIMEOUT", parseDuration, "120s",
+        "Longest wait for admission before a 429 with Retry-After.",
+    )
+    quotaHold: bool = _setting(
+        "QUOTA_HOLD", parseBool, "true",
+        "After a quota 429 (1308, 1310) answer 429 locally until the stated reset, without calling Z.AI.",
+    )
+    quotaPollEnabled: bool = _setting(
+        "QUOTA_POLL_ENABLED", parseBool, "false",
+        "Poll Z.AI's quota endpoint (observe only: it never blocks a request).",
+    )
+    quotaPollInterval: float = _setting(
+        "QUOTA_POLL_INTERVAL", parseDuration, "1m",
+        "How often the quota poller asks.",
+    )
+    quotaPollTimeout: float = _setting(
+        "QUOTA_POLL_TIMEOUT", parseDuration, "5s",
+        "Time budget of one quota poll.",
+    )
+    quotaStaleAfter: float = _setting(
+        "QUOTA_STALE_AFTER", parseDuration, "15m",
+        "A quota sample older than this is reported stale.",
+    )
+    zaiQuotaBaseURL: str = _setting(
+        "ZAI_QUOTA_BASE_URL", parseURL, "https://api.z.ai",
+        "Origin of the quota endpoint (/api/monitor/usage/quota/limit).",
+    )
+    quotaMaxResponseBytes: int = _setting(
+        "QUOTA_MAX_RESPONSE_BYTES", parseByteSize, "64KiB",
+        "Largest quota response read.",
+    )
+    adminToken: str = _setting(
+        "ADMIN_TOKEN", parseSecret, "",
+        "Token for /admin/* from other hosts (Authorization: Bearer); without it /admin/* answers loopback only.",
+        secret=True,
+    )
     logLevel: LogLevel = _setting(
         "LOG_LEVEL", parseLogLevel, "info",
         "Lowest level logged: debug, info, warn, error or critical.",

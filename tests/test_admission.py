@@ -1,0 +1,181 @@
+"""
+Tests for L{zaiproxy.admission}, on a L{task.Clock}: no sleeping.
+"""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+
+from zaiproxy.admission import Admission, Permit, QueueFull, QueueTimeout
+
+
+def make(rate: float = 1.0, concurrency: int = 10, maxQueue: int = 100, queueTimeout: float = 60.0) -> tuple[Clock, Admission, list, list]:
+    clock = Clock()
+    admitted: list[tuple[str, float]] = []
+    rejected: list[str] = []
+    admission = Admission(
+        clock, rate, concurrency, maxQueue, queueTimeout,
+        onAdmitted=lambda c, w: admitted.append((c, w)), onRejected=rejected.append,
+    )
+    return clock, admission, admitted, rejected
+
+
+def result(d):  # type: ignore[no-untyped-def]
+    out: list = []
+    d.addBoth(out.append)
+    return out[0] if out else None
+
+
+def test_burstThenPaced() -> None:
+    """
+    The bucket starts with one token (a restart into waiting demand must not
+    burst), fills up to twice the rate while idle, then admits one call per
+    1/rate seconds.
+    """
+    clock, admission, admitted, _ = make(rate=2.0)
+    assert isinstance(result(admission.admit("a")), Permit)
+    assert not admission.admit("a").called
+    clock.advance(0.5)
+    admission.close()
+    clock, admission, admitted, _ = make(rate=2.0)
+    clock.advance(10)
+    first = [admission.admit("a") for _ in range(4)]
+    assert all(isinstance(result(d), Permit) for d in first)
+    waiting = [admission.admit("a") for _ in range(3)]
+    assert [d.called for d in waiting] == [False, False, False]
+    clock.advance(0.5)
+    assert [d.called for d in waiting] == [True, False, False]
+    clock.advance(0.5)
+    assert [d.called for d in waiting] == [True, True, False]
+    clock.advance(0.5)
+    assert all(d.called for d in waiting)
+    assert [w for _, w in admitted] == [0, 0, 0, 0, 0.5, 1.0, 1.5]
+    assert admission.rateWaits == 3 and admission.slotWaits == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_concurrencyLimit() -> None:
+    """
+    No more than the limit in flight; a release admits the next waiter.
+    """
+    clock, admission, _, _ = make(rate=100.0, concurrency=2)
+    clock.advance(1)
+    p1, p2 = result(admission.admit("a")), result(admission.admit("a"))
+    third = admission.admit("a")
+    assert not third.called and admission.inFlight == 2
+    assert admission.slotWaits == 1
+    p1.release()
+    p1.release()  # twice is once
+    assert isinstance(result(third), Permit)
+    assert admission.inFlight == 2
+    admission.setLimit(3)
+    assert isinstance(result(admission.admit("b")), Permit)
+    assert clock.getDelayedCalls() == []
+
+
+def test_fairTurns() -> None:
+    """
+    Waiting clients are served in turn: a burst from one client cannot
+    starve another who arrived later.
+    """
+    clock, admission, admitted, _ = make(rate=1.0)
+    result(admission.admit("warm"))  # the bucket is empty now
+    order: list[str] = []
+    for client in ["a"] * 5 + ["b", "c"]:
+        admission.admit(client).addCallback(lambda p: order.append(p.client))
+    clock.pump([1.0] * 7)
+    assert order == ["a", "b", "c", "a", "a", "a", "a"]
+
+
+def test_queueFull() -> None:
+    """
+    Beyond MAX_QUEUE waiters the call fails at once, with a Retry-After
+    guess, and is counted.
+    """
+    clock, admission, _, rejected = make(rate=1.0, maxQueue=2)
+    result(admission.admit("a"))
+    admission.admit("a")
+    admission.admit("b")
+    failure = result(admission.admit("c"))
+    assert failure.check(QueueFull)
+    assert failure.value.retryAfter == 3
+    assert rejected == ["c"]
+    admission.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_queueTimeout() -> None:
+    """
+    A waiter not admitted within QUEUE_TIMEOUT gets QueueTimeout and leaves
+    the queue.
+    """
+    clock, admission, _, rejected = make(rate=100.0, concurrency=1, queueTimeout=5.0)
+    held = result(admission.admit("a"))
+    waiting = admission.admit("b")
+    clock.advance(5.0)
+    failure = result(waiting)
+    assert failure.check(QueueTimeout)
+    assert admission.queued == 0 and rejected == ["b"]
+    held.release()
+    assert admission.inFlight == 0
+    assert clock.getDelayedCalls() == []
+
+
+def test_cancelLeavesAtOnce() -> None:
+    """
+    A waiter whose client leaves is dropped at once: its turn goes to the
+    next one and no timer is left behind.
+    """
+    clock, admission, _, _ = make(rate=100.0, concurrency=1)
+    clock.advance(1)
+    held = result(admission.admit("a"))
+    gone = admission.admit("b")
+    next_ = admission.admit("c")
+    gone.cancel()
+    assert result(gone).check(CancelledError)
+    assert admission.queued == 1
+    held.release()
+    assert isinstance(result(next_), Permit)
+    assert clock.getDelayedCalls() == []
+
+
+def test_setRate() -> None:
+    """
+    A new rate applies to waiters already queued.
+    """
+    clock, admission, _, _ = make(rate=1.0)
+    result(admission.admit("a"))
+    waiting = admission.admit("a")
+    admission.setRate(10.0)
+    clock.advance(0.1)
+    assert waiting.called
+    assert admission.burst == 20.0
+
+
+def test_closeFailsWaiters() -> None:
+    """
+    Stopping fails every waiter and leaves no timer.
+    """
+    clock, admission, _, _ = make(rate=1.0)
+    result(admission.admit("a"))
+    waiting = admission.admit("a")
+    admission.close()
+    assert result(waiting).check(CancelledError)
+    assert clock.getDelayedCalls() == []
+    assert admission.snapshot() == {"in_flight": 1, "concurrency_limit": 10, "queued": 0, "waiting_clients": 0}
+
+
+@pytest.mark.parametrize("rate", [0.5, 3.0, 25.0])
+def test_longRunRate(rate: float) -> None:
+    """
+    Under sustained demand the admitted rate is the bucket's rate.
+    """
+    clock, admission, admitted, _ = make(rate=rate, maxQueue=100000, queueTimeout=1e9)
+    clock.advance(10)
+    for _ in range(int(rate * 25) + 10):
+        admission.admit("a").addCallback(lambda p: p.release())
+    clock.pump([0.05] * 400)
+    # The burst (2x the rate) at once, then the rate for 20 s.
+    assert abs(len(admitted) - (2 * rate + rate * 20)) <= 2

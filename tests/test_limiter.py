@@ -1,0 +1,412 @@
+"""
+Tests for L{zaiproxy.limiter}: every adaptation rule on a L{task.Clock},
+persistence, the quota hold, and a convergence simulation against a model
+upstream of hidden capacity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.defer import CancelledError
+from twisted.internet.task import Clock
+
+from zaiproxy.admission import NotAdmitted
+from zaiproxy.limiter import LimiterSettings, RateLimiter
+from zaiproxy.zai_errors import ZaiError
+
+WINDOW = 30.0
+
+
+def settings(**changes: Any) -> LimiterSettings:
+    base = dict(
+        initial=10.0, minimum=1.0, maximum=50.0, window=WINDOW, alpha=0.3, margin=0.02,
+        probeInterval=10, maxWorkers=10, maxQueue=1000, queueTimeout=1e9,
+        stateFile=None, stateMaxAge=6 * 3600.0,
+    )
+    base.update(changes)
+    return LimiterSettings(**base)
+
+
+def limiter(clock: Clock | None = None, **changes: Any) -> tuple[Clock, RateLimiter, list[str]]:
+    clock = clock or Clock()
+    adjustments: list[str] = []
+    return clock, RateLimiter(clock, settings(**changes), onAdjust=adjustments.append), adjustments
+
+
+def window(clock: Clock, rl: RateLimiter, successes: int, frequency: int = 0, saturated: bool = True,
+           concurrency: int = 0, inFlight: int | None = None) -> None:
+    for _ in range(successes):
+        rl.record("success")
+    for _ in range(frequency):
+        rl.record("frequency")
+    for _ in range(concurrency):
+        rl.record("concurrency", inFlight)
+    if saturated:
+        rl.admission.rateWaits += 1
+    clock.advance(WINDOW)
+    rl.judge()
+
+
+def test_decreaseToWhatWasAccepted() -> None:
+    """
+    A window with frequency 429s over 5%: the ceiling falls to what Z.AI
+    accepted (never staying above it) and the rate holds just below.
+    """
+    clock, rl, adjustments = limiter()
+    window(clock, rl, successes=90, frequency=200)  # 3 req/s accepted
+    assert rl.ceiling == pytest.approx(3.0)
+    assert rl.rate == pytest.approx(3.0 * 0.98)
+    assert adjustments == ["decrease"]
+    assert rl.admission.rate == rl.rate
+
+
+def test_decreaseNeverAboveTheRefusedRate() -> None:
+    """
+    Refusals prove the capacity is below the rate that was refused, even if
+    more calls seemed to pass (a burst at the window's edge).
+    """
+    clock, rl, _ = limiter(initial=2.0)
+    window(clock, rl, successes=150, frequency=20)
+    assert rl.ceiling == 2.0
+    assert rl.rate == pytest.approx(1.96)
+
+
+def test_cleanEvidenceRaisesTheCeilingByAlpha() -> None:
+    """
+    A clean window with callers waiting moves the ceiling toward the rate
+    Z.AI took, by RATE_LIMIT_CEILING_ALPHA.
+    """
+    clock, rl, _ = limiter(initial=9.0)
+    rl.ceiling = 5.0
+    window(clock, rl, successes=270)  # 9 req/s, all accepted
+    assert rl.ceiling == pytest.approx(5.0 + 0.3 * (9.0 - 5.0))
+
+
+def test_fewRefusalsStepBelow() -> None:
+    """
+    Between 1% and 5% of 429s the seed held still (a steady trickle of
+    429s); here the ceiling drops to the refused rate and the rate holds a
+    margin below it.
+    """
+    clock, rl, adjustments = limiter()
+    window(clock, rl, successes=297, frequency=3)
+    assert rl.ceiling == pytest.approx(9.9)
+    assert rl.rate == pytest.approx(9.9 * 0.98)
+    assert adjustments == ["decrease"]
+    window(clock, rl, successes=298, frequency=1)
+    assert adjustments == ["decrease"]
+
+
+def test_idleWindowLearnsNothing() -> None:
+    """
+    A window without calls changes nothing (the seed only judged when a
+    request came; we judge on time, and an idle window is no evidence).
+    """
+    clock, rl, adjustments = limiter()
+    window(clock, rl, successes=0, saturated=False)
+    assert (rl.rate, rl.ceiling, adjustments) == (10.0, 50.0, [])
+
+
+def test_convergeUpToTheCeiling() -> None:
+    """
+    Clean windows raise the rate halfway to the target (at least 0.25).
+    """
+    clock, rl, adjustments = limiter(initial=10.0)
+    rl.ceiling = 20.0
+    window(clock, rl, successes=300)
+    assert rl.rate == pytest.approx(10 + 0.5 * (19.6 - 10))
+    window(clock, rl, successes=300)
+    assert rl.rate == pytest.approx(14.8 + 0.5 * (19.6 - 14.8))
+    assert adjustments == ["increase", "increase"]
+
+
+def test_probeAfterCleanWindowsAndRaiseTheCeiling() -> None:
+    """
+    At the ceiling, after PROBE_INTERVAL clean windows with demand waiting,
+    the limiter probes above; each clean probe raises the ceiling and the
+    next one is three times bolder (2%, 6%, 18%, 50%).
+    """
+    clock, rl, adjustments = limiter(initial=9.8, probeInterval=3)
+    rl.ceiling = 10.0
+    for _ in range(3):
+        window(clock, rl, successes=int(rl.rate * WINDOW))
+    assert adjustments == ["probe"]
+    assert rl.rate == pytest.approx(10.2)
+    rates = [rl.rate]
+    for _ in range(3):
+        window(clock, rl, successes=int(rl.rate * WINDOW))
+        rates.append(rl.rate)
+    assert rl.ceiling > 10.0
+    steps = [b / a - 1 for a, b in zip(rates, rates[1:])]
+    assert steps == pytest.approx([0.06, 0.18, 0.5], rel=0.05)
+    assert adjustments == ["probe"] * 4
+
+
+def test_noProbeWithoutDemand() -> None:
+    """
+    Clean windows without anyone waiting for the rate teach nothing: no
+    probe.
+    """
+    clock, rl, adjustments = limiter(initial=49.0, probeInterval=2)
+    for _ in range(5):
+        window(clock, rl, successes=30, saturated=False)
+    assert adjustments == [] and rl.rate == 49.0
+
+
+def test_oneFailureAboveAProvenRateKeepsIt() -> None:
+    """
+    A failed probe goes back to the rate the last clean window proved, even
+    if jitter made the failed window accept less; a second failure in a row
+    lets the measurement win (the capacity fell).
+    """
+    clock, rl, _ = limiter(initial=9.8, probeInterval=1)
+    rl.ceiling = 10.0
+    window(clock, rl, successes=294)  # clean at 9.8: proven, and probe
+    window(clock, rl, successes=240, frequency=66)  # 8 req/s accepted
+    assert rl.ceiling == pytest.approx(9.8)
+    window(clock, rl, successes=150, frequency=140)  # 5 req/s accepted
+    assert rl.ceiling == pytest.approx(5.0)
+
+
+def test_failedProbeGoesBack() -> None:
+    """
+    A probe that meets even 1% of 429s ends: back below the capacity.
+    """
+    clock, rl, adjustments = limiter(initial=9.8, probeInterval=1)
+    rl.ceiling = 10.0
+    window(clock, rl, successes=294)
+    assert adjustments == ["probe"]
+    window(clock, rl, successes=300, frequency=5)
+    assert adjustments[-1] == "decrease"
+    assert rl.rate == pytest.approx(10.0 * 0.98)
+
+
+def test_concurrencyLimitFrom1302() -> None:
+    """
+    1302 lowers the concurrency limit below the calls in flight, not the
+    rate; clean, busy windows probe it back up (+1, +2, +4...).
+    """
+    clock, rl, adjustments = limiter(probeInterval=2)
+    window(clock, rl, successes=30, concurrency=10, inFlight=4, saturated=False)
+    assert rl.limit == 3 and rl.admission.limit == 3
+    assert "decrease" not in adjustments
+    assert adjustments[-1] == "concurrency_decrease"
+    limits = []
+    for _ in range(5):
+        rl.admission.slotWaits += 1
+        window(clock, rl, successes=30, saturated=False)
+        limits.append(rl.limit)
+    assert limits == [3, 4, 6, 10, 10]
+
+
+def test_quotaHold() -> None:
+    """
+    A quota error with a reset time holds until then; without one, no hold.
+    """
+    clock, rl, _ = limiter()
+    clock.advance(1000)
+    rl.holdQuota(ZaiError("1310", "quota"))
+    assert rl.quotaHeld() is None
+    rl.holdQuota(ZaiError("1308", "quota", resetAt=1000 + 3600))
+    until, error = rl.quotaHeld()
+    assert (until, error.code) == (4600, "1308")
+    clock.advance(3600)
+    assert rl.quotaHeld() is None
+
+
+def test_loopingCall() -> None:
+    """
+    The judge runs every window by itself, and stopping leaves no call.
+    """
+    clock, rl, adjustments = limiter()
+    rl.start()
+    for _ in range(90):
+        rl.record("success")
+    for _ in range(200):
+        rl.record("frequency")
+    clock.advance(WINDOW)
+    assert adjustments == ["decrease"]
+    rl.stop()
+    assert clock.getDelayedCalls() == []
+
+
+def test_judgeNeverStopsTheLoop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    A bug in one judgement is logged; the loop keeps running.
+    """
+    clock, rl, _ = limiter()
+    rl.start()
+    calls: list[int] = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(rl, "judge", broken)
+    clock.advance(WINDOW)
+    clock.advance(WINDOW)
+    assert len(calls) == 2
+    rl.stop()
+
+
+def test_persistAndRestore(tmp_path: Path) -> None:
+    """
+    The learned ceiling is written atomically after it moves, and a new
+    limiter resumes there (the seed re-learned from RATE_LIMIT_MAX, with a
+    burst of 429s).
+    """
+    path = tmp_path / "ceiling.json"
+    clock = Clock()
+    clock.advance(1_767_225_600)
+    _, rl, _ = limiter(clock, stateFile=str(path))
+    window(clock, rl, successes=90, frequency=200)
+    state = json.loads(path.read_text())
+    assert state["ceiling"] == pytest.approx(3.0) and state["hold"] == pytest.approx(2.94)
+    assert state["ts"].endswith("Z")
+    assert [p.name for p in tmp_path.iterdir()] == ["ceiling.json"]
+    clock2 = Clock()
+    clock2.advance(clock.seconds() + 60)
+    _, again, _ = limiter(clock2, stateFile=str(path))
+    assert again.restoredFromState
+    assert (again.ceiling, again.rate) == pytest.approx((3.0, 2.94))
+    assert again.admission.rate == pytest.approx(2.94)
+    assert again.snapshot()["restored_from_state"] is True
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ("not json", "Expecting value"),
+        ('{"ceiling": -1, "hold": 2, "ts": "2026-01-01T00:00:00Z"}', "must be positive"),
+        ('{"hold": 2}', "ceiling"),
+        ('{"ceiling": 5, "hold": 2, "ts": "2025-01-01T00:00:00Z"}', "older than RATE_LIMIT_STATE_MAX_AGE"),
+    ],
+)
+def test_badStateIgnored(tmp_path: Path, content: str, reason: str, logEvents: list[dict[str, Any]]) -> None:
+    """
+    Corrupt or stale state files are ignored with a log line saying why.
+    """
+    from twisted.logger import formatEvent
+
+    path = tmp_path / "ceiling.json"
+    path.write_text(content)
+    clock = Clock()
+    clock.advance(1_767_225_600)
+    _, rl, _ = limiter(clock, stateFile=str(path))
+    assert not rl.restoredFromState and rl.rate == 10.0
+    messages = [formatEvent(e) for e in logEvents if "ignoring persisted ceiling" in formatEvent(e)]
+    assert len(messages) == 1 and reason in messages[0]
+
+
+def test_unwritableStateIsLogged(tmp_path: Path, logEvents: list[dict[str, Any]]) -> None:
+    """
+    A state file that cannot be written is logged, and nothing else fails.
+    """
+    from twisted.logger import formatEvent
+
+    clock, rl, _ = limiter(stateFile=str(tmp_path / "missing-dir" / "ceiling.json"))
+    window(clock, rl, successes=90, frequency=200)
+    assert any("failed to persist ceiling state" in formatEvent(e) for e in logEvents)
+
+
+def test_reset(tmp_path: Path) -> None:
+    """
+    Reset forgets everything learned, and the state file.
+    """
+    path = tmp_path / "ceiling.json"
+    clock, rl, _ = limiter(stateFile=str(path))
+    window(clock, rl, successes=90, frequency=200, concurrency=50, inFlight=3)
+    assert path.exists()
+    rl.reset()
+    assert (rl.rate, rl.ceiling, rl.limit) == (10.0, 50.0, 10)
+    assert not path.exists()
+
+
+# -- simulation ---------------------------------------------------------------------
+
+
+class ModelUpstream:
+    """
+    Z.AI as the convergence test sees it: answers 1303 above C calls a
+    second, counted strictly (never more than C in any one second).
+    """
+
+    def __init__(self, clock: Clock, capacity: float) -> None:
+        self.clock = clock
+        self.capacity = capacity
+        self.accepted: deque[float] = deque()
+
+    def call(self) -> bool:
+        now = self.clock.seconds()
+        while self.accepted and self.accepted[0] <= now - 1.0:
+            self.accepted.popleft()
+        if len(self.accepted) >= self.capacity:
+            return False
+        self.accepted.append(now)
+        return True
+
+
+def simulate(capacity: float, windows: int, rl: RateLimiter, clock: Clock, upstream: ModelUpstream,
+             load: float) -> list[tuple[float, float, bool]]:
+    """
+    Offer C{load} calls a second for C{windows} windows; return each
+    window's (rate at its end, fraction of 429s, whether it is probing).
+    """
+    history = []
+    step = 0.01
+    due = 0.0
+    for _ in range(windows):
+        ok = refused = 0
+
+        def attempt(permit: Any) -> None:
+            nonlocal ok, refused
+            if upstream.call():
+                ok += 1
+                rl.record("success")
+            else:
+                refused += 1
+                rl.record("frequency")
+            permit.release()
+
+        for _ in range(int(WINDOW / step)):
+            due += load * step
+            while due >= 1.0:
+                due -= 1.0
+                rl.admission.admit("load").addCallbacks(
+                    attempt, lambda failure: failure.trap(NotAdmitted, CancelledError)
+                )
+            clock.advance(step)
+        rl.judge()
+        history.append((rl.rate, refused / max(1, ok + refused), rl._probing))
+    return history
+
+
+@pytest.mark.parametrize("capacity", [3.0, 8.0, 25.0])
+def test_convergence(capacity: float) -> None:
+    """
+    Offered 3C against a hidden capacity C: within 10 windows the rate holds
+    in [0.75C, C] and later windows see under 5% 429s; when C doubles the
+    rate reaches 0.75 of the new C within 15 windows.
+    """
+    clock = Clock()
+    # A short queue keeps demand saturated without thousands of waiters.
+    _, rl, _ = limiter(clock, queueTimeout=WINDOW, maxQueue=int(2 * capacity) + 1)
+    upstream = ModelUpstream(clock, capacity)
+    history = simulate(capacity, 30, rl, clock, upstream, 3 * capacity)
+    # From the 10th window the rate holds in [0.75C, C]; a probe may look
+    # above it for a window (that is how a rise in capacity is found).
+    held = [rate for rate, _, probing in history[9:] if not probing]
+    assert held and all(0.75 * capacity <= rate <= capacity for rate in held), held
+    later = [fraction for _, fraction, _ in history[10:]]
+    assert sum(later) / len(later) < 0.05
+    upstream.capacity = 2 * capacity
+    history = simulate(2 * capacity, 15, rl, clock, upstream, 3 * capacity)
+    reached = [i for i, (rate, _, _) in enumerate(history) if rate >= 0.75 * 2 * capacity]
+    assert reached and reached[0] < 15
+    rl.admission.close()

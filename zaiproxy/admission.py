@@ -1,0 +1,266 @@
+# -*- test-case-name: tests.test_admission -*-
+"""
+Admission: the gate every model call passes before it goes to Z.AI.
+
+A token bucket paces calls at the current rate (burst about 2x), a
+concurrency limit caps calls in flight, and callers that cannot go at once
+wait in a bounded queue instead of getting the seed's immediate 503. The
+queue serves clients in turn (round robin by client), so one client's burst
+cannot starve another; a waiter whose client leaves is dropped at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+__all__ = ["Admission", "Permit", "QueueFull", "QueueTimeout", "NotAdmitted"]
+
+# A token is there when the bucket holds 1 within float error; otherwise a
+# refill computed at the same instant would wake us again, forever.
+_ONE = 1.0 - 1e-9
+
+
+class NotAdmitted(Exception):
+    """
+    The call was not admitted; C{retryAfter} is a fair guess of when to try
+    again, in seconds.
+    """
+
+    def __init__(self, retryAfter: float) -> None:
+        super().__init__(retryAfter)
+        self.retryAfter = retryAfter
+
+
+class QueueFull(NotAdmitted):
+    """
+    C{MAX_QUEUE} callers are already waiting.
+    """
+
+
+class QueueTimeout(NotAdmitted):
+    """
+    The caller waited C{QUEUE_TIMEOUT} without being admitted.
+    """
+
+
+class Permit:
+    """
+    One admitted call; it holds a concurrency slot until released.
+
+    @ivar waited: seconds spent waiting for admission.
+    """
+
+    def __init__(self, admission: "Admission", client: str, waited: float) -> None:
+        self._admission = admission
+        self.client = client
+        self.waited = waited
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._admission._released()
+
+
+@attrs.define(eq=False)
+class _Waiter:
+    client: str
+    deferred: "Deferred[Permit]"
+    since: float
+    timeout: IDelayedCall | None = None
+
+
+class Admission:
+    """
+    The token bucket, the concurrency slots and the fair queue.
+
+    @ivar rateWaits: admissions in this window that had to wait for the
+        bucket (demand at or above the rate); read and reset by the limiter.
+    @ivar slotWaits: admissions that had to wait for a free slot.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        rate: float,
+        concurrency: int,
+        maxQueue: int,
+        queueTimeout: float,
+        onAdmitted: Callable[[str, float], None] = lambda client, waited: None,
+        onRejected: Callable[[str], None] = lambda client: None,
+    ) -> None:
+        self._clock = clock
+        self._maxQueue = maxQueue
+        self._queueTimeout = queueTimeout
+        self._onAdmitted = onAdmitted
+        self._onRejected = onRejected
+        self.rate = rate
+        self.burst = max(1.0, 2.0 * rate)
+        # Start with one token, not a full burst: a proxy that restarts into
+        # waiting demand would otherwise fire 2x the rate at once, and Z.AI
+        # counts per second. Burst credit builds while the proxy is idle.
+        self._tokens = 1.0
+        self._refilled = clock.seconds()
+        self.limit = concurrency
+        self.inFlight = 0
+        self._queues: dict[str, deque[_Waiter]] = {}
+        self._rotation: deque[str] = deque()
+        self.queued = 0
+        self._timer: IDelayedCall | None = None
+        self.rateWaits = 0
+        self.slotWaits = 0
+
+    # -- settings the limiter moves ---------------------------------------------
+
+    def setRate(self, rate: float) -> None:
+        self._refill()
+        self.rate = rate
+        self.burst = max(1.0, 2.0 * rate)
+        self._tokens = min(self._tokens, self.burst)
+        self._reschedule()
+
+    def setLimit(self, limit: int) -> None:
+        self.limit = max(1, limit)
+        self._dispatch()
+
+    # -- admission --------------------------------------------------------------
+
+    def admit(self, client: str) -> "Deferred[Permit]":
+        """
+        A permit for one call, now or once the bucket and a slot allow;
+        fails with L{QueueFull} or L{QueueTimeout}. Cancelling the Deferred
+        (the client left) takes the caller out of the queue.
+        """
+        if not self.queued and self.inFlight < self.limit:
+            self._refill()
+            if self._tokens >= _ONE:
+                self._tokens -= 1.0
+                self.inFlight += 1
+                self._onAdmitted(client, 0.0)
+                return succeed(Permit(self, client, 0.0))
+        if self.queued >= self._maxQueue:
+            self._onRejected(client)
+            failed: Deferred[Permit] = Deferred()
+            failed.errback(QueueFull(self._retryAfter()))
+            return failed
+        waiter = _Waiter(client, Deferred(lambda d: self._cancelled(waiter)), self._clock.seconds())
+        waiter.timeout = self._clock.callLater(self._queueTimeout, self._timedOut, waiter)
+        queue = self._queues.get(client)
+        if queue is None:
+            queue = self._queues[client] = deque()
+            self._rotation.append(client)
+        queue.append(waiter)
+        self.queued += 1
+        if self.inFlight >= self.limit:
+            self.slotWaits += 1
+        else:
+            self.rateWaits += 1
+        self._dispatch()
+        return waiter.deferred
+
+    def _released(self) -> None:
+        self.inFlight -= 1
+        self._dispatch()
+
+    def _refill(self) -> None:
+        now = self._clock.seconds()
+        self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        self._refilled = now
+
+    def _dispatch(self) -> None:
+        """
+        Admit waiters in turn while a token and a slot are free; otherwise
+        wake up when the next token is due (a release wakes us for slots).
+        """
+        while self._rotation and self.inFlight < self.limit:
+            self._refill()
+            if self._tokens < _ONE:
+                self._reschedule()
+                return
+            client = self._rotation[0]
+            queue = self._queues[client]
+            waiter = queue.popleft()
+            if queue:
+                self._rotation.rotate(-1)
+            else:
+                self._rotation.popleft()
+                del self._queues[client]
+            self.queued -= 1
+            self._tokens -= 1.0
+            self.inFlight += 1
+            if waiter.timeout is not None and waiter.timeout.active():
+                waiter.timeout.cancel()
+            waited = self._clock.seconds() - waiter.since
+            self._onAdmitted(client, waited)
+            waiter.deferred.callback(Permit(self, client, waited))
+        self._cancelTimer()
+
+    def _reschedule(self) -> None:
+        self._cancelTimer()
+        if self._rotation and self.inFlight < self.limit:
+            delay = max(1e-6, (1.0 - self._tokens) / self.rate)
+            self._timer = self._clock.callLater(delay, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+
+    def _remove(self, waiter: _Waiter) -> bool:
+        queue = self._queues.get(waiter.client)
+        if queue is None or waiter not in queue:
+            return False
+        queue.remove(waiter)
+        self.queued -= 1
+        if not queue:
+            del self._queues[waiter.client]
+            self._rotation.remove(waiter.client)
+        if waiter.timeout is not None and waiter.timeout.active():
+            waiter.timeout.cancel()
+        return True
+
+    def _cancelled(self, waiter: _Waiter) -> None:
+        # The Deferred's canceller: it errbacks with CancelledError itself.
+        self._remove(waiter)
+        self._dispatch()
+
+    def _timedOut(self, waiter: _Waiter) -> None:
+        waiter.timeout = None
+        if self._remove(waiter):
+            self._onRejected(waiter.client)
+            waiter.deferred.errback(QueueTimeout(self._retryAfter()))
+
+    def _retryAfter(self) -> float:
+        """
+        When the queue as it stands would have drained, at the current rate.
+        """
+        return max(1.0, math.ceil((self.queued + 1) / self.rate))
+
+    def close(self) -> None:
+        """
+        Fail every waiter (the proxy is stopping) and cancel the timer.
+        """
+        self._cancelTimer()
+        for queue in list(self._queues.values()):
+            for waiter in list(queue):
+                self._remove(waiter)
+                waiter.deferred.errback(CancelledError("the proxy is stopping"))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "in_flight": self.inFlight,
+            "concurrency_limit": self.limit,
+            "queued": self.queued,
+            "waiting_clients": len(self._rotation),
+        }

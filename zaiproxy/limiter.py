@@ -1,0 +1,464 @@
+# -*- test-case-name: tests.test_limiter -*-
+"""
+The adaptive rate limiter: learns how fast and how wide Z.AI lets this key
+go, from the 429s it answers, and remembers it across restarts.
+
+Every C{RATE_LIMIT_WINDOW} (a LoopingCall, not lazily on the next request
+as the seed did) the window's outcomes are judged:
+
+  - Frequency 429s (1303, 1305, unknown codes) in 1% or more of the calls
+    mean the rate is above capacity; what Z.AI accepted in that window
+    measures the capacity: the ceiling drops to it (never above the refused
+    rate) and the rate holds a margin below.
+  - A clean window in which callers waited for the rate proves that Z.AI
+    takes at least that rate: the ceiling moves toward it by
+    C{RATE_LIMIT_CEILING_ALPHA} (the seed's ceiling never rose after a
+    clean probe). Below the ceiling the rate converges up to it; at the
+    ceiling, after C{RATE_LIMIT_PROBE_INTERVAL} clean windows, it probes
+    above, and while probes stay clean each next one is three times bolder,
+    so a capacity that doubled is found within a handful of windows.
+  - 1302 (too many at once) lowers the concurrency limit, not the rate, to
+    below the number of calls that were in flight; it recovers the same way.
+  - Quota 429s (1308, 1310) are not rate signals: they put the limiter on
+    hold until the stated reset, so the proxy can answer locally.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from zaiproxy.admission import Admission
+from zaiproxy.zai_errors import ZaiError
+
+__all__ = ["RateLimiter", "LimiterSettings", "REFUSED_RATIO"]
+
+#: A window in which Z.AI refused at least this share of the calls (429s of
+#: the class in question) is over capacity; below it, the window is clean.
+REFUSED_RATIO = 0.01
+#: Consecutive clean probes grow bolder up to this step.
+MAX_PROBE_GAIN = 0.5
+
+
+@attrs.frozen
+class LimiterSettings:
+    """
+    The limiter's settings (the seed's names, in L{zaiproxy.settings}).
+    """
+
+    initial: float
+    minimum: float
+    maximum: float
+    window: float
+    alpha: float
+    margin: float
+    probeInterval: int
+    maxWorkers: int
+    maxQueue: int
+    queueTimeout: float
+    stateFile: str | None
+    stateMaxAge: float
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def _rfc3339(when: float) -> str:
+    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class RateLimiter:
+    """
+    Rate and concurrency, adapted per window; it owns the L{Admission} gate.
+
+    @ivar rate: the current rate (requests/s) the bucket admits.
+    @ivar ceiling: the estimate of Z.AI's capacity for this key.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        settings: LimiterSettings,
+        onAdjust: Callable[[str], None] = lambda direction: None,
+        onAdmitted: Callable[[str, float], None] = lambda client, waited: None,
+        onRejected: Callable[[str], None] = lambda client: None,
+    ) -> None:
+        self._clock = clock
+        self.settings = settings
+        self._onAdjust = onAdjust
+        self.rate = settings.initial
+        self.ceiling = settings.maximum
+        self.ceilingUpdatedAt: float | None = None
+        self.restoredFromState = False
+        self._clean = 0
+        self._probing = False
+        self._gain = settings.margin
+        self._proven: float | None = None
+        self.limit = settings.maxWorkers
+        self.limitCeiling = settings.maxWorkers
+        self._limitClean = 0
+        self._limitProbing = False
+        self._limitStep = 1
+        self._windowStart = clock.seconds()
+        self._successes = 0
+        self._frequency = 0
+        self._concurrency = 0
+        self._concurrencyAt: int | None = None
+        self._dirty = False
+        self.quotaUntil: float | None = None
+        self.quotaError: ZaiError | None = None
+        self._loop: LoopingCall | None = None
+        self._restore()
+        self.admission = Admission(
+            clock,
+            self.rate,
+            self.limit,
+            settings.maxQueue,
+            settings.queueTimeout,
+            onAdmitted=onAdmitted,
+            onRejected=onRejected,
+        )
+
+    # -- outcomes -----------------------------------------------------------
+
+    def record(self, outcome: str, inFlight: int | None = None) -> None:
+        """
+        One call's outcome: C{success}, C{frequency} (a rate 429),
+        C{concurrency} (1302, with the calls in flight when it came).
+        """
+        if outcome == "success":
+            self._successes += 1
+        elif outcome == "frequency":
+            self._frequency += 1
+        elif outcome == "concurrency":
+            self._concurrency += 1
+            if inFlight is not None:
+                self._concurrencyAt = inFlight if self._concurrencyAt is None else min(self._concurrencyAt, inFlight)
+
+    def holdQuota(self, error: ZaiError) -> None:
+        """
+        A quota 429 with a reset time: hold until then.
+        """
+        if error.resetAt is not None and error.resetAt > self._clock.seconds():
+            if self.quotaUntil is None or error.resetAt > self.quotaUntil:
+                self.quotaUntil = error.resetAt
+                self.quotaError = error
+                self.log.warn(
+                    "Quota exhausted (code {code}): answering 429 locally until {until}",
+                    code=error.code,
+                    until=_rfc3339(error.resetAt),
+                )
+
+    def quotaHeld(self) -> tuple[float, ZaiError] | None:
+        """
+        The quota hold in force now, if any.
+        """
+        if self.quotaUntil is None or self.quotaError is None:
+            return None
+        if self._clock.seconds() >= self.quotaUntil:
+            self.quotaUntil = self.quotaError = None
+            return None
+        return self.quotaUntil, self.quotaError
+
+    # -- the window -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._windowStart = self._clock.seconds()
+        self._loop = LoopingCall(self._tick)
+        self._loop.clock = self._clock
+        self._loop.start(self.settings.window, now=False)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        self.admission.close()
+
+    def _tick(self) -> None:
+        # A LoopingCall whose function raises stops for good: never raise.
+        try:
+            self.judge()
+        except Exception:
+            self.log.failure("judging a rate-limit window failed")
+
+    def judge(self) -> None:
+        """
+        Judge the window that just ended and adjust.
+        """
+        now = self._clock.seconds()
+        elapsed = max(now - self._windowStart, 1e-6)
+        self._windowStart = now
+        successes, frequency, concurrency = self._successes, self._frequency, self._concurrency
+        concurrencyAt = self._concurrencyAt
+        self._successes = self._frequency = self._concurrency = 0
+        self._concurrencyAt = None
+        admission = self.admission
+        rateSaturated, slotSaturated = admission.rateWaits > 0, admission.slotWaits > 0
+        admission.rateWaits = admission.slotWaits = 0
+        self._judgeRate(successes, frequency, elapsed, rateSaturated, now)
+        self._judgeConcurrency(successes, concurrency, concurrencyAt, slotSaturated)
+        if self._dirty:
+            self._dirty = False
+            self._persist(now)
+
+    def _judgeRate(self, successes: int, frequency: int, elapsed: float, saturated: bool, now: float) -> None:
+        s = self.settings
+        total = successes + frequency
+        if total == 0:
+            return
+        ratio = frequency / total
+        margin = s.margin
+        if ratio >= REFUSED_RATIO:
+            # Z.AI refused calls at this rate, so its capacity is below it,
+            # and what it accepted in the window measures that capacity.
+            # (The seed pulled the ceiling by an EWMA toward the current
+            # rate and held still between 1% and 5%: slow to learn, and a
+            # steady trickle of 429s.)
+            old = self.ceiling
+            measured = min(self.rate, successes / elapsed)
+            if self._proven is not None and self._proven < self.rate:
+                # The last clean window proved that rate: one failure above
+                # it (a probe meeting timing jitter) does not undo that. A
+                # second failure in a row does: the capacity really fell.
+                measured = max(measured, self._proven)
+            self._proven = None
+            self.ceiling = _clamp(measured, s.minimum, s.maximum)
+            self._setRate(min(self.rate, _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)))
+            self._probing = False
+            self._gain = margin
+            self._clean = 0
+            self._ceilingMoved(now)
+            self._onAdjust("decrease")
+            self.log.info(
+                "Rate limit: Ceiling updated {old:.2f} -> {new:.2f} req/s, holding at {rate:.2f} req/s "
+                "(429 rate: {ratio:.2f}%)",
+                old=old, new=self.ceiling, rate=self.rate, ratio=ratio * 100,
+            )
+            return
+        if saturated:
+            # Callers waited for the rate and Z.AI took it all: the capacity
+            # is at least this rate. The ceiling moves toward it by alpha (a
+            # clean probe raises it; the seed's never rose).
+            proven = min(successes / elapsed, self.rate, s.maximum)
+            self._proven = self.rate
+            if proven > self.ceiling:
+                self.ceiling += s.alpha * (proven - self.ceiling)
+                self._ceilingMoved(now)
+        target = _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)
+        if self._probing:
+            if saturated and self.rate < s.maximum:
+                self._gain = min(self._gain * 3, MAX_PROBE_GAIN)
+                self._probe(min(s.maximum, max(self.rate, self.ceiling) * (1 + self._gain)))
+            else:
+                self._probing = False
+        elif self.rate < target:
+            self._setRate(min(self.rate + max(0.5 * (target - self.rate), 0.25), target))
+            self._onAdjust("increase")
+            self.log.info(
+                "Rate limit: Converging to {rate:.2f} req/s (target: {target:.2f}, ceiling: {ceiling:.2f})",
+                rate=self.rate, target=target, ceiling=self.ceiling,
+            )
+        else:
+            self._clean += 1
+            if self._clean >= s.probeInterval and saturated and self.rate < s.maximum:
+                self._probing = True
+                self._gain = margin
+                self._probe(min(s.maximum, max(self.rate, self.ceiling) * (1 + margin)))
+
+    def _probe(self, rate: float) -> None:
+        clean, self._clean = self._clean, 0
+        self._setRate(rate)
+        self._onAdjust("probe")
+        self.log.info(
+            "Rate limit: Probing ceiling at {rate:.2f} req/s (estimated ceiling: {ceiling:.2f}, "
+            "clean windows: {clean})",
+            rate=self.rate, ceiling=self.ceiling, clean=clean,
+        )
+
+    def _judgeConcurrency(self, successes: int, refused: int, inFlightAt: int | None, saturated: bool) -> None:
+        s = self.settings
+        total = successes + refused
+        if total and refused / total >= REFUSED_RATIO:
+            # Z.AI refused the call that made it inFlightAt at once.
+            observed = max(1, (inFlightAt if inFlightAt is not None else self.limit) - 1)
+            self.limitCeiling = observed
+            self._setLimit(min(self.limit, observed))
+            self._limitProbing = False
+            self._limitClean = 0
+            self._limitStep = 1
+            self._onAdjust("concurrency_decrease")
+            self.log.info(
+                "Rate limit: Concurrency limit {limit} (1302 with {inFlight} in flight)",
+                limit=self.limit, inFlight=inFlightAt,
+            )
+            return
+        if refused or not saturated or self.limit >= s.maxWorkers:
+            self._limitProbing = False
+            return
+        if self._limitProbing:
+            self.limitCeiling = max(self.limitCeiling, self.limit)
+            self._limitStep *= 2
+        else:
+            self._limitClean += 1
+            if self._limitClean < s.probeInterval:
+                return
+            self._limitProbing = True
+            self._limitStep = 1
+        self._limitClean = 0
+        self._setLimit(min(s.maxWorkers, self.limit + self._limitStep))
+        self._onAdjust("concurrency_increase")
+        self.log.info("Rate limit: Probing concurrency at {limit}", limit=self.limit)
+
+    def _setRate(self, rate: float) -> None:
+        self.rate = rate
+        self.admission.setRate(rate)
+
+    def _setLimit(self, limit: int) -> None:
+        self.limit = limit
+        self.admission.setLimit(limit)
+
+    def _ceilingMoved(self, now: float) -> None:
+        self.ceilingUpdatedAt = now
+        self._dirty = True
+
+    # -- admin ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """
+        Forget what was learned: the initial rate, the ceiling at
+        RATE_LIMIT_MAX (the seed set it to the initial rate), full
+        concurrency, no quota hold, no state file.
+        """
+        s = self.settings
+        self.ceiling = s.maximum
+        self.ceilingUpdatedAt = None
+        self.restoredFromState = False
+        self._probing = False
+        self._clean = 0
+        self._gain = s.margin
+        self._proven = None
+        self._setRate(s.initial)
+        self.limitCeiling = s.maxWorkers
+        self._setLimit(s.maxWorkers)
+        self.quotaUntil = self.quotaError = None
+        if s.stateFile:
+            try:
+                os.remove(s.stateFile)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self.log.warn("Rate limiter reset: cannot remove {path}: {error}", path=s.stateFile, error=str(e))
+        self.log.info("Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}", rate=self.rate, ceiling=self.ceiling)
+
+    # -- persistence -------------------------------------------------------------
+
+    def _persist(self, now: float) -> None:
+        path = self.settings.stateFile
+        if not path:
+            return
+        state = {
+            "ceiling": self.ceiling,
+            "hold": self.rate,
+            "concurrency": self.limit,
+            "ts": _rfc3339(self.ceilingUpdatedAt or now),
+        }
+        try:
+            directory = os.path.dirname(os.path.abspath(path))
+            fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(state, f)
+                os.chmod(temporary, 0o644)
+                os.replace(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except OSError as e:
+            self.log.warn(
+                "Rate limit: failed to persist ceiling state to {path}: {error}", path=path, error=str(e)
+            )
+            return
+        self.log.debug(
+            "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
+            ceiling=self.ceiling, hold=self.rate, path=path,
+        )
+
+    def _restore(self) -> None:
+        s = self.settings
+        path = s.stateFile
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            ceiling, hold = float(state["ceiling"]), float(state["hold"])
+            if not (ceiling > 0 and hold > 0):
+                raise ValueError("ceiling and hold must be positive")
+            stamp = state.get("ts")
+            when = (
+                datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+                if isinstance(stamp, str) else os.path.getmtime(path)
+            )
+        except FileNotFoundError:
+            self.log.info(
+                "Rate limit: no persisted ceiling at {path}; starting from RATE_LIMIT_MAX", path=path
+            )
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            self.log.warn("Rate limit: ignoring persisted ceiling at {path}: {error}", path=path, error=str(e) or type(e).__name__)
+            return
+        age = self._clock.seconds() - when
+        if age > s.stateMaxAge:
+            self.log.warn(
+                "Rate limit: ignoring persisted ceiling at {path}: {age:.0f} s old, older than "
+                "RATE_LIMIT_STATE_MAX_AGE",
+                path=path, age=age,
+            )
+            return
+        self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
+        self.rate = _clamp(hold, s.minimum, self.ceiling)
+        concurrency = state.get("concurrency")
+        if isinstance(concurrency, int) and 1 <= concurrency <= s.maxWorkers:
+            self.limit = concurrency
+        self.ceilingUpdatedAt = when
+        self.restoredFromState = True
+        self.log.info(
+            "Rate limit: resumed at persisted ceiling {ceiling:.2f} req/s, holding at {rate:.2f} req/s "
+            "(learned {when})",
+            ceiling=self.ceiling, rate=self.rate, when=_rfc3339(when),
+        )
+
+    # -- reporting ---------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """
+        The seed's /health "rate_limit" section, and the concurrency state.
+        """
+        s = self.settings
+        section: dict[str, Any] = {
+            "current_rate": round(self.rate, 4),
+            "ceiling": round(self.ceiling, 4),
+            "hold": round(_clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum), 4),
+            "restored_from_state": self.restoredFromState,
+            **self.admission.snapshot(),
+        }
+        if self.ceilingUpdatedAt is not None:
+            section["ceiling_updated_at"] = _rfc3339(self.ceilingUpdatedAt)
+        if s.stateFile:
+            section["state_file"] = s.stateFile
+        held = self.quotaHeld()
+        if held is not None:
+            section["quota_hold_until"] = _rfc3339(held[0])
+            section["quota_hold_code"] = held[1].code
+        return section
