@@ -62,7 +62,7 @@ def test_concurrencyLimit() -> None:
     """
     clock, admission, _, _ = make(rate=100.0, concurrency=2)
     clock.advance(1)
-    p1, p2 = result(admission.admit("a")), result(admission.admit("a"))
+    p1, _ = result(admission.admit("a")), result(admission.admit("a"))
     third = admission.admit("a")
     assert not third.called and admission.inFlight == 2
     assert admission.slotWaits == 1
