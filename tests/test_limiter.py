@@ -7,7 +7,6 @@ upstream of hidden capacity.
 from __future__ import annotations
 
 import json
-import os
 from collections import deque
 from pathlib import Path
 from typing import Any
