@@ -129,6 +129,7 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
         scenario: str = "",
         fakeKey: str | None = UPSTREAM_KEY,
         fakeClock: Any = None,
+        limiterClock: Any = None,
         **env: str,
     ) -> Stack:
         fake = FakeZai(fakeClock or reactor, apiKey=fakeKey, defaults=parseScenario(scenario))
@@ -139,10 +140,14 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
             "ZAI_OPENAI_TARGET_URL": upstream.url("/api/coding/paas/v4"),
             "RATE_LIMIT_STATE_FILE": "off",
             "DRAIN_TIMEOUT": "2",
+            # Generous limits: tests about the limiter set their own.
+            "RATE_LIMIT_MAX": "1000",
+            "RATE_LIMIT_INITIAL": "1000",
+            "MAX_WORKERS": "200",
             **env,
         }
         settings, _ = loadSettings(environ)
-        proxy = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
+        proxy = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"], limiterClock=limiterClock)
         proxy.startService()
         stack = Stack(fake, upstream, proxy)
         made.append(stack)

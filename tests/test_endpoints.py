@@ -60,6 +60,16 @@ async def test_health(reactor: Any, stack: Stack) -> None:
     response, body = await get(stack.url("/health"))
     assert response.code == 200
     document = json.loads(body)
+    assert document.pop("rate_limit") == {
+        "current_rate": 1000.0,
+        "ceiling": 1000.0,
+        "hold": 980.0,
+        "restored_from_state": False,
+        "in_flight": 0,
+        "concurrency_limit": 200,
+        "queued": 0,
+        "waiting_clients": 0,
+    }
     assert document == {
         "status": "ok",
         "version": "0.1.0",

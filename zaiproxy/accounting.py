@@ -31,7 +31,7 @@ from zaiproxy.logs import LINE
 from zaiproxy.metrics import Metrics
 from zaiproxy.sse import Event, EventParser
 from zaiproxy.tokens import Counting, OutputText, Usage
-from zaiproxy.zai_errors import ZaiError, codeLabel
+from zaiproxy.zai_errors import ZaiError
 
 __all__ = [
     "Accounting",
@@ -327,7 +327,7 @@ class Accounting:
         """
         exchange.errorType = "inband_error"
         self.metrics.upstreamError("inband_error")
-        self.metrics.zaiErrors.labels(error.cls, codeLabel(error.code), self.metrics.variant).inc()
+        self.metrics.zaiError(error.cls, error.code)
 
 
 class UsageTap:
@@ -369,13 +369,26 @@ class UsageTap:
 
     # -- what kind of answer ---------------------------------------------------
 
+    def answersLocally(self, code: int) -> bool:
+        """
+        Whether an answer of C{code} is to be replaced by a local count
+        (count_tokens that Z.AI does not serve).
+        """
+        return self._countTokens and code in (404, 405)
+
+    def inbandError(self) -> ZaiError | None:
+        """
+        An error Z.AI reported inside the answer's stream, if any.
+        """
+        return self._reader.error
+
     def start(self, code: int, contentType: bytes) -> str:
         """
         C{"stream"}, C{"body"}, C{"local"} or C{"none"}.
         """
         contentType = contentType.lower()
         if self._countTokens:
-            mode = "local" if code in (404, 405) else "none"
+            mode = "local" if self.answersLocally(code) else "none"
         elif not 200 <= code < 300:
             mode = "none"
         elif contentType.startswith(b"text/event-stream"):

@@ -19,11 +19,22 @@ import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["Admission", "Permit", "QueueFull", "QueueTimeout", "NotAdmitted"]
+__all__ = ["Admission", "Permit", "QueueFull", "QueueTimeout", "NotAdmitted", "clientBucket"]
 
 # A token is there when the bucket holds 1 within float error; otherwise a
 # refill computed at the same instant would wake us again, forever.
 _ONE = 1.0 - 1e-9
+
+
+def clientBucket(host: str) -> str:
+    """
+    The seed's bounded client identity: C{source-00} to C{source-63}, from
+    an FNV-1a hash of the peer address (never a header the client sets).
+    """
+    value = 0x811C9DC5
+    for byte in (host or "unknown").encode("utf-8", "replace"):
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f"source-{value % 64:02d}"
 
 
 class NotAdmitted(Exception):

@@ -5,6 +5,8 @@ What the proxy answers itself: C{/metrics}, C{/health} and C{/readyz}.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 from typing import Any, Callable
 
@@ -14,7 +16,7 @@ from twisted.web.server import Request
 from zaiproxy.dialects import Dialect, errorBody
 from zaiproxy.metrics import Metrics
 
-__all__ = ["MetricsResource", "HealthResource", "ReadyResource"]
+__all__ = ["MetricsResource", "HealthResource", "ReadyResource", "AdminResetResource"]
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:
@@ -97,3 +99,47 @@ class ReadyResource(_ReadOnly):
         if self._isDraining():
             return _json(request, 503, {"status": "draining"})
         return _json(request, 200, {"status": "ready"})
+
+
+def _fromLoopback(request: Request) -> bool:
+    host = getattr(request.getClientAddress(), "host", "")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminResetResource(Resource):
+    """
+    C{POST /admin/reset-rate-limit}: forget what the limiter learned.
+
+    The seed left it open to anyone; here it answers loopback, or a caller
+    presenting C{ADMIN_TOKEN} as a bearer token.
+    """
+
+    isLeaf = True
+
+    def __init__(self, limiter: Any, adminToken: str) -> None:
+        super().__init__()
+        self._limiter = limiter
+        self._token = adminToken.encode("utf-8")
+
+    def _allowed(self, request: Request) -> bool:
+        if self._token:
+            presented = request.getHeader(b"authorization") or b""
+            if hmac.compare_digest(presented, b"Bearer " + self._token):
+                return True
+        return _fromLoopback(request)
+
+    def render(self, request: Request) -> bytes:
+        if not self._allowed(request):
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"application/json")
+            return errorBody(Dialect.anthropic, 403, "admin endpoints answer loopback or ADMIN_TOKEN only")
+        if request.method != b"POST":
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"POST")
+            request.setHeader(b"content-type", b"application/json")
+            return errorBody(Dialect.anthropic, 405, "method not allowed")
+        self._limiter.reset()
+        return _json(request, 200, {"status": "reset", "current_rate": self._limiter.rate})

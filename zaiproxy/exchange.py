@@ -80,6 +80,7 @@ class Exchange:
     model: str | None = None
     errorType: str | None = None
     client: str = "-"
+    queueWait: float = 0.0
 
 
 # Module level: as a class attribute Logger would rename itself after the class.
@@ -97,6 +98,18 @@ class Reporter:
 
     def upstreamError(self, errorType: str) -> None:
         self.metrics.upstreamError(errorType)
+
+    def zaiError(self, error: Any) -> None:
+        """
+        A Z.AI business error, by class and (bounded) code.
+        """
+        self.metrics.zaiError(error.cls, error.code)
+
+    def retry(self, reason: str) -> None:
+        """
+        One retry, counted as the seed did: under C{retry} and its reason.
+        """
+        self.metrics.retried(reason)
 
     def firstByte(self, exchange: Exchange) -> None:
         now = self._clock.seconds()
@@ -132,6 +145,7 @@ class Reporter:
             model=model,
             errorType=exchange.errorType,
             client=exchange.client,
+            queueWait=round(exchange.queueWait, 6),
             ttfb=(
                 None if exchange.firstByteAt is None
                 else round(exchange.firstByteAt - exchange.startedAt, 6)

@@ -31,6 +31,7 @@ prometheus_client.disable_created_metrics()
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SIZE_BUCKETS = tuple(100.0 * 10**i for i in range(8))
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10)
 TOKEN_COUNT_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1)
 TOKEN_RATE_BUCKETS = (10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, 100000)
 TTFB_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -143,6 +144,48 @@ class Metrics:
             ["class", "code", "variant"], registry=r,
         )
 
+        # Admission, adaptation and retries (seed section 8.1).
+        self.rateLimitRate = Gauge(
+            "zai_proxy_rate_limit_requests_per_second", "The limiter's current rate.",
+            ["variant"], registry=r,
+        )
+        self.rateLimitCeiling = Gauge(
+            "zai_proxy_rate_limit_ceiling_requests_per_second",
+            "The limiter's estimate of Z.AI's capacity for this key.",
+            ["variant"], registry=r,
+        )
+        self.rateLimitWait = Histogram(
+            "zai_proxy_rate_limit_wait_seconds", "Time a model call waited for admission.",
+            ["variant", "client"], buckets=WAIT_BUCKETS, registry=r,
+        )
+        self.rateLimitAdjustments = Counter(
+            "zai_proxy_rate_limit_adjustments", "Limiter adjustments, by direction.",
+            ["direction", "variant"], registry=r,
+        )
+        self.rateLimitRejections = Counter(
+            "zai_proxy_rate_limit_rejections", "Calls refused by the proxy's queue (full or timed out).",
+            ["variant", "client"], registry=r,
+        )
+        self.retryAttempts = Counter(
+            "zai_proxy_retry_attempts", "Retries, by reason (and all of them under retry).",
+            ["reason", "variant"], registry=r,
+        )
+        self.maxWorkers = Gauge(
+            "zai_proxy_max_workers", "MAX_WORKERS.", ["variant"], registry=r,
+        )
+        self.concurrencyLimit = Gauge(
+            "zai_proxy_concurrency_limit", "The current limit of model calls in flight (adaptive).",
+            ["variant"], registry=r,
+        )
+        self.workerUtilization = Gauge(
+            "zai_proxy_worker_utilization_ratio", "Model calls in flight over the current limit.",
+            ["variant"], registry=r,
+        )
+        self.queueLength = Gauge(
+            "zai_proxy_rate_limit_queue_length", "Model calls waiting for admission.",
+            ["variant"], registry=r,
+        )
+
     def requestFinished(
         self,
         method: str,
@@ -180,6 +223,15 @@ class Metrics:
         if child is None:
             child = self._firstByteChildren[key] = self.timeToFirstByte.labels(method, path, self.variant)
         child.observe(seconds)
+
+    def zaiError(self, cls: str, code: str | None) -> None:
+        from zaiproxy.zai_errors import codeLabel
+
+        self.zaiErrors.labels(cls, codeLabel(code), self.variant).inc()
+
+    def retried(self, reason: str) -> None:
+        self.retryAttempts.labels("retry", self.variant).inc()
+        self.retryAttempts.labels(reason, self.variant).inc()
 
     def tokensUsed(self, direction: str, model: str, tier: str, tokens: int, cost: float) -> None:
         """

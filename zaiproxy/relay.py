@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_relay -*-
 """
-One request's journey: forward it upstream, relay the answer chunk by chunk
-with backpressure, and stop the upstream as soon as the client leaves.
+One request's journey: get an answer from Z.AI (L{Forwarder}: admission,
+attempts, retries), relay it chunk by chunk with backpressure, and stop the
+upstream as soon as the client leaves.
 
 A L{Relay} is the body protocol of the upstream response and the push
 producer registered with the client's request, so a client that reads
@@ -16,34 +17,30 @@ until it is ready.
 
 from __future__ import annotations
 
+import random
 from typing import Any, Callable
 
 import attrs
-from twisted.internet import error as netError
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    PotentialDataLoss,
-    RequestNotSent,
-    RequestTransmissionFailed,
-    ResponseDone,
-    ResponseFailed,
-    ResponseNeverReceived,
-)
+from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting, Piece, UsageTap
+from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
-from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
+from zaiproxy.forward import Forwarder
+from zaiproxy.headers import clientResponseHeaders
+from zaiproxy.limiter import RateLimiter
 from zaiproxy.routes import Forward
 from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
-from zaiproxy.upstream import Upstream, bodyProducerFor
+from zaiproxy.upstream import Upstream
 
 __all__ = ["Relay", "RelayContext", "InFlight"]
 
@@ -62,6 +59,10 @@ class RelayContext:
     firstByteTimeout: float
     idleTimeout: float
     accounting: Accounting | None = None
+    limiter: RateLimiter | None = None
+    maxRetries: int = 0
+    quotaHold: bool = True
+    jitter: Callable[[float, float], float] = random.uniform
 
 
 class InFlight:
@@ -97,32 +98,6 @@ class InFlight:
         return waiter
 
 
-# Errors that mean the upstream connection went away, as the client wraps them.
-_CLIENT_ERRORS = (ResponseNeverReceived, RequestTransmissionFailed, RequestNotSent, ResponseFailed)
-
-# Upstream failures before response headers: (test, status, error_type, message).
-_NO_RESPONSE: list[tuple[Callable[[Failure], Any], int, str, str]] = [
-    (
-        lambda f: f.check(netError.TimeoutError),
-        504,
-        "connect_timeout",
-        "the upstream did not accept a connection in time",
-    ),
-    (
-        lambda f: f.check(netError.DNSLookupError),
-        502,
-        "upstream_connection",
-        "the upstream host name could not be resolved",
-    ),
-    (
-        lambda f: f.check(netError.ConnectionRefusedError),
-        502,
-        "upstream_connection",
-        "the upstream refused the connection",
-    ),
-]
-
-
 @implementer(IPushProducer)
 class Relay(Protocol):
     """
@@ -152,8 +127,8 @@ class Relay(Protocol):
         self._inFlight = inFlight
         self._tap = tap
         self._mode = "none"
-        self._pending: Deferred[IResponse] | None = None
-        self._firstByteTimer: IDelayedCall | None = None
+        self._forwarder: Forwarder | None = None
+        self._answered = False
         self._idleTimer: IDelayedCall | None = None
         self._sse = False
         self._partial = b""
@@ -163,7 +138,6 @@ class Relay(Protocol):
         self._endPieces = False
         self._clientPaused = False
         self._clientGone = False
-        self._timedOut = False
         self._idleTimedOut = False
         self._shutdown = False
         self._registered = False
@@ -175,60 +149,23 @@ class Relay(Protocol):
 
     def start(self) -> None:
         """
-        Send the request upstream.
+        Get an answer upstream, then relay it.
         """
-        context = self._context
-        request = self._request
         self._inFlight.add(self)
-        headers = upstreamRequestHeaders(request.requestHeaders, self._route.dialect, context.apiKey)
-        body = bodyProducerFor(request.content, context.upstream.cooperator)
-        self._firstByteTimer = context.clock.callLater(
-            context.firstByteTimeout, self._firstByteTimeout
+        exchange = self._exchange
+        self._forwarder = Forwarder(
+            self._context,
+            self._request,
+            self._route,
+            exchange,
+            clientBucket(exchange.client),
+            wantsResponse=self._wantsResponse,
         )
-        try:
-            pending = context.upstream.request(request.method, self._route.url, headers, body)
-        except Exception:
-            pending = Deferred()
-            pending.errback(Failure())
-        self._pending = pending
-        pending.addCallbacks(self._gotResponse, self._noResponse)
-        pending.addErrback(self._bug)
+        self._forwarder.start().addCallbacks(self._gotResponse, self._bug).addErrback(self._bug)
 
-    def _firstByteTimeout(self) -> None:
-        self._firstByteTimer = None
-        self._timedOut = True
-        if self._pending is not None:
-            self._pending.cancel()
-
-    def _cancelFirstByteTimer(self) -> None:
-        if self._firstByteTimer is not None:
-            if self._firstByteTimer.active():
-                self._firstByteTimer.cancel()
-            self._firstByteTimer = None
-
-    def _noResponse(self, failure: Failure) -> None:
-        self._pending = None
-        self._cancelFirstByteTimer()
-        if self._clientGone:
-            self._finished(CLIENT_CLOSED)
-            return
-        if self._shutdown:
-            self._fail(503, None, "the proxy is shutting down; retry")
-            return
-        if self._timedOut:
-            self._fail(
-                504,
-                "first_byte_timeout",
-                f"the upstream sent no response within {self._context.firstByteTimeout:g} s",
-            )
-            return
-        for test, status, errorType, message in _NO_RESPONSE:
-            if test(failure):
-                self._fail(status, errorType, message)
-                return
-        if not failure.check(netError.ConnectionClosed, netError.ConnectError, CancelledError, *_CLIENT_ERRORS):
-            self.log.failure("upstream request to {route} failed", failure=failure, route=self._route.label)
-        self._fail(502, "upstream_connection", "the upstream closed the connection before responding")
+    def _wantsResponse(self, code: int) -> bool:
+        # count_tokens' 404 is answered locally from the relayed response.
+        return self._tap is not None and self._tap.answersLocally(code)
 
     def _fail(self, status: int, errorType: str | None, message: str) -> None:
         if errorType is not None:
@@ -241,11 +178,13 @@ class Relay(Protocol):
 
     # -- the response -------------------------------------------------------
 
-    def _gotResponse(self, response: IResponse) -> None:
-        self._pending = None
-        self._cancelFirstByteTimer()
+    def _gotResponse(self, response: IResponse | None) -> None:
+        self._answered = True
+        if response is None:
+            # The forwarder answered the client itself (or the client left).
+            self._finished(self._exchange.status)
+            return
         if self._clientGone:
-            # Too late to cancel the request: close its connection instead.
             response.deliverBody(_Discard())
             self._finished(CLIENT_CLOSED)
             return
@@ -542,9 +481,8 @@ class Relay(Protocol):
         """
         self._clientGone = True
         self._registered = False
-        if self._pending is not None:
-            self._cancelFirstByteTimer()
-            self._pending.cancel()
+        if not self._answered and self._forwarder is not None:
+            self._forwarder.cancel("client")
         elif self.transport is not None and self._ended is None:
             self.transport.stopProducing()
 
@@ -555,9 +493,8 @@ class Relay(Protocol):
         if self._done:
             return
         self._shutdown = True
-        if self._pending is not None:
-            self._cancelFirstByteTimer()
-            self._pending.cancel()
+        if not self._answered and self._forwarder is not None:
+            self._forwarder.cancel("shutdown")
         elif self.transport is not None and self._ended is None:
             self.transport.stopProducing()
 
@@ -565,13 +502,33 @@ class Relay(Protocol):
         if self._done:
             return
         self._done = True
-        self._cancelFirstByteTimer()
         self._cancelIdleTimer()
         self._exchange.status = status
+        if self._forwarder is not None:
+            self._forwarder.done(*self._outcome(status))
         self._inFlight.discard(self)
         self._context.reporter.finished(self._exchange)
         if self._tap is not None:
             self._tap.settle(complete)
+
+    def _outcome(self, status: int) -> tuple[str, int | None]:
+        """
+        How the relayed answer went, for the limiter: Z.AI's in-band errors
+        at 200 count like its 429s.
+        """
+        if not self._answered or not 200 <= status < 300:
+            return "none", None
+        error = self._tap.inbandError() if self._tap is not None else None
+        if error is None:
+            return "success", None
+        limiter = self._context.limiter
+        if error.cls == "quota" and limiter is not None and self._context.quotaHold:
+            limiter.holdQuota(error)
+        if error.cls in ("frequency", "unknown"):
+            return "frequency", None
+        if error.cls == "concurrency":
+            return "concurrency", limiter.admission.inFlight if limiter is not None else None
+        return "none", None
 
     def _bug(self, failure: Failure) -> None:
         """

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 #: Paths the proxy answers itself.
-LOCAL_ENDPOINTS = (b"/metrics", b"/health", b"/readyz")
+LOCAL_ENDPOINTS = (b"/metrics", b"/health", b"/readyz", b"/admin/reset-rate-limit")
 
 # Labels for the metrics' bounded "path" label.
 _CHAT = "/v1/chat/completions"

@@ -23,8 +23,9 @@ from twisted.python.failure import Failure
 
 from zaiproxy import __version__
 from zaiproxy.accounting import Accounting, ModelLabels, Price, Pricing
-from zaiproxy.endpoints import HealthResource, MetricsResource, ReadyResource
+from zaiproxy.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.exchange import Reporter
+from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import InFlight, RelayContext
 from zaiproxy.resource import ProxyResource
@@ -69,6 +70,7 @@ class ProxyService(MultiService):
         warnings: list[str] | None = None,
         build: BuildInfo | None = None,
         metrics: Metrics | None = None,
+        limiterClock: Any = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -88,6 +90,7 @@ class ProxyService(MultiService):
         )
         self.reporter = Reporter(self.metrics, reactor)
         self.accounting = self._buildAccounting(reactor, settings)
+        self.limiter = self._buildLimiter(limiterClock or reactor, settings)
         self.inFlight = InFlight()
         self.metrics.inFlight.set_function(lambda: len(self.inFlight))
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
@@ -99,6 +102,9 @@ class ProxyService(MultiService):
             firstByteTimeout=settings.upstreamFirstByteTimeout,
             idleTimeout=settings.upstreamIdleTimeout,
             accounting=self.accounting,
+            limiter=self.limiter,
+            maxRetries=settings.maxRetries,
+            quotaHold=settings.quotaHold,
         )
         isDraining = lambda: self.draining  # noqa: E731
         self.health = HealthResource(
@@ -112,6 +118,7 @@ class ProxyService(MultiService):
             },
             isDraining,
         )
+        self.health.sections["rate_limit"] = self.limiter.snapshot
         self.health.sections["token_counting"] = self.accounting.health
         self.resource = ProxyResource(
             self.targets,
@@ -121,6 +128,7 @@ class ProxyService(MultiService):
                 b"/metrics": MetricsResource(self.metrics),
                 b"/health": self.health,
                 b"/readyz": ReadyResource(isDraining),
+                b"/admin/reset-rate-limit": AdminResetResource(self.limiter, settings.adminToken),
             },
             isDraining,
         )
@@ -164,6 +172,39 @@ class ProxyService(MultiService):
         labels = ModelLabels(settings.modelLabels, settings.tokenizerModel)
         return Accounting(reactor, self.metrics, counting, labels, pricing)
 
+    def _buildLimiter(self, clock: Any, settings: Settings) -> RateLimiter:
+        metrics = self.metrics
+        variant = settings.deploymentVariant
+        limiter = RateLimiter(
+            clock,
+            LimiterSettings(
+                initial=settings.rateLimitInitial,
+                minimum=settings.rateLimitMin,
+                maximum=settings.rateLimitMax,
+                window=settings.rateLimitWindow,
+                alpha=settings.rateLimitCeilingAlpha,
+                margin=settings.rateLimitHoldMargin,
+                probeInterval=settings.rateLimitProbeInterval,
+                maxWorkers=settings.maxWorkers,
+                maxQueue=settings.maxQueue,
+                queueTimeout=settings.queueTimeout,
+                stateFile=settings.rateLimitStateFile,
+                stateMaxAge=settings.rateLimitStateMaxAge,
+            ),
+            onAdjust=lambda direction: metrics.rateLimitAdjustments.labels(direction, variant).inc(),
+            onAdmitted=lambda client, waited: metrics.rateLimitWait.labels(variant, client).observe(waited),
+            onRejected=lambda client: metrics.rateLimitRejections.labels(variant, client).inc(),
+        )
+        metrics.rateLimitRate.labels(variant).set_function(lambda: limiter.rate)
+        metrics.rateLimitCeiling.labels(variant).set_function(lambda: limiter.ceiling)
+        metrics.maxWorkers.labels(variant).set(settings.maxWorkers)
+        metrics.concurrencyLimit.labels(variant).set_function(lambda: limiter.limit)
+        metrics.workerUtilization.labels(variant).set_function(
+            lambda: limiter.admission.inFlight / max(1, limiter.admission.limit)
+        )
+        metrics.queueLength.labels(variant).set_function(lambda: limiter.admission.queued)
+        return limiter
+
     def setServiceParent(self, parent: Any) -> None:
         """
         Under twistd, give the application our log observer, so LOG_FORMAT
@@ -183,6 +224,7 @@ class ProxyService(MultiService):
     def startService(self) -> None:
         self._announce()
         self._listen()
+        self.limiter.start()
         super().startService()
 
     def _announce(self) -> None:
@@ -222,6 +264,22 @@ class ProxyService(MultiService):
                     model=settings.tokenizerModel,
                 )
         self.log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
+        limiter = self.limiter
+        self.log.info(
+            "Adaptive rate limiting: initial={initial:.1f}, min={minimum:.1f}, max={maximum:.1f} req/s "
+            "(ceiling alpha={alpha:.2f}, margin={margin:.1f}%, probe every {probe} windows of {window:g} s, "
+            "state file={stateFile}, max age={maxAge:g} s, restored={restored})",
+            initial=settings.rateLimitInitial,
+            minimum=settings.rateLimitMin,
+            maximum=settings.rateLimitMax,
+            alpha=settings.rateLimitCeilingAlpha,
+            margin=settings.rateLimitHoldMargin * 100,
+            probe=settings.rateLimitProbeInterval,
+            window=settings.rateLimitWindow,
+            stateFile=settings.rateLimitStateFile or "off",
+            maxAge=settings.rateLimitStateMaxAge,
+            restored=limiter.restoredFromState,
+        )
         self.log.info(
             "Forwarding Anthropic-compatible calls to {anthropic} and OpenAI-compatible calls to {openai}",
             anthropic=settings.zaiTargetURL,
@@ -286,6 +344,7 @@ class ProxyService(MultiService):
         if not closed:
             for channel in list(self.site.channels):
                 channel.transport.abortConnection()
+        self.limiter.stop()
         yield self.upstream.close()
         Service.stopService(self)
         self.log.info("Drained; stopped")

@@ -70,18 +70,18 @@ def respondWithError(
     """
     Answer C{request} with a JSON error in C{dialect} and finish it.
 
+    Headers already set that still hold (C{Retry-After}, C{X-Zai-*},
+    C{Connection}) stay; whatever described another body goes.
+
     @return: the number of body bytes written.
     """
-    from twisted.web.http_headers import Headers
-
     body = errorBody(dialect, status, message, code)
     request.setResponseCode(status, _PHRASES.get(status))
-    request.responseHeaders = Headers(
-        {
-            b"content-type": [b"application/json"],
-            b"content-length": [b"%d" % (len(body),)],
-        }
-    )
+    headers = request.responseHeaders
+    for name in (b"content-encoding", b"transfer-encoding", b"content-type", b"content-length", b"set-cookie"):
+        headers.removeHeader(name)
+    headers.setRawHeaders(b"content-type", [b"application/json"])
+    headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])
     if request.method == b"HEAD":
         body = b""
     request.write(body)
