@@ -70,6 +70,7 @@ async def test_health(reactor: Any, stack: Stack) -> None:
         "queued": 0,
         "waiting_clients": 0,
     }
+    assert document.pop("quota") == {"enabled": False, "fresh": False}
     assert document == {
         "status": "ok",
         "version": "0.1.0",

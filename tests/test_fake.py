@@ -825,3 +825,51 @@ async def test_backpressure(reactor: Any, serve: Serve) -> None:
     assert body.endswith(b"data: [DONE]\n\n")
     assert record.bytesSent == len(body)
     assert await record.done == "completed"
+
+
+# -- hidden capacity and the quota endpoint -----------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_hiddenCapacity(serve: Serve, http: HTTPClient) -> None:
+    """
+    With a capacity C, model requests beyond C in any one second get 1303;
+    other routes are not counted.
+    """
+    from twisted.internet import reactor
+
+    from zaiproxy.fake.testing import FrozenClock
+
+    clock = FrozenClock(reactor)  # a frozen second: every request falls in it
+    fake = FakeZai(clock)
+    fake.capacity = 2
+    running = await serve(fake)
+    body = {"model": "glm-4.7", "messages": [{"role": "user", "content": "hi"}]}
+    codes = [(await call(http, running, MESSAGES, body))[0] for _ in range(3)]
+    assert codes == [200, 200, 429]
+    status, _, content = await call(http, running, CHAT, body)
+    assert status == 429 and json.loads(content)["error"]["code"] == "1303"
+    assert (await call(http, running, A_MODELS, method="GET"))[0] == 200
+    assert fake.refused == 2
+    clock.now += 1.0
+    assert (await call(http, running, MESSAGES, body))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_quotaEndpoint(serve: Serve, http: HTTPClient) -> None:
+    """
+    The quota endpoint takes the raw key (or Bearer, or x-api-key) and
+    answers the configured document; a wrong key gets Z.AI's 401 envelope.
+    """
+    running = await serve(apiKey="k.secret")
+    path = "/api/monitor/usage/quota/limit"
+    for headers in ({"authorization": "k.secret"}, {"authorization": "Bearer k.secret"}, {"x-api-key": "k.secret"}):
+        status, _, content = await call(http, running, path, method="GET", headers=headers)
+        assert status == 200
+        assert json.loads(content)["data"]["limits"][0]["type"] == "CREDIT_LIMIT"
+    status, _, content = await call(http, running, path, method="GET", headers={"authorization": "nope"})
+    assert status == 401 and json.loads(content)["success"] is False
+    running.fake.quota = b"not json"
+    running.fake.quotaStatus = 503
+    status, _, content = await call(http, running, path, method="GET", headers={"authorization": "k.secret"})
+    assert (status, content) == (503, b"not json")

@@ -181,6 +181,25 @@ class Metrics:
             "zai_proxy_worker_utilization_ratio", "Model calls in flight over the current limit.",
             ["variant"], registry=r,
         )
+        # The quota poller (seed section 8.2), observe only.
+        quotaLabels = ["window", "limit_type", "variant"]
+        self.quotaUsage = Gauge(
+            "zai_proxy_quota_usage_ratio", "Share of a quota window used.", quotaLabels, registry=r,
+        )
+        self.quotaRemaining = Gauge(
+            "zai_proxy_quota_remaining_ratio", "Share of a quota window left.", quotaLabels, registry=r,
+        )
+        self.quotaReset = Gauge(
+            "zai_proxy_quota_reset_time_seconds", "When a quota window resets (Unix time).",
+            quotaLabels, registry=r,
+        )
+        self.quotaSampleAge = Gauge(
+            "zai_proxy_quota_sample_age_seconds", "Age of the last good quota sample.",
+            ["variant"], registry=r,
+        )
+        self.quotaPolls = Counter(
+            "zai_proxy_quota_poll", "Quota polls, by result.", ["result", "variant"], registry=r,
+        )
         self.queueLength = Gauge(
             "zai_proxy_rate_limit_queue_length", "Model calls waiting for admission.",
             ["variant"], registry=r,

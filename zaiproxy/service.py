@@ -27,6 +27,7 @@ from zaiproxy.endpoints import AdminResetResource, HealthResource, MetricsResour
 from zaiproxy.exchange import Reporter
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
+from zaiproxy.quota import QuotaPoller
 from zaiproxy.relay import InFlight, RelayContext
 from zaiproxy.resource import ProxyResource
 from zaiproxy.routes import Targets
@@ -119,6 +120,22 @@ class ProxyService(MultiService):
             isDraining,
         )
         self.health.sections["rate_limit"] = self.limiter.snapshot
+        self.quota: QuotaPoller | None = None
+        if settings.quotaPollEnabled:
+            self.quota = QuotaPoller(
+                reactor,
+                self.upstream.client,
+                settings.zaiQuotaBaseURL,
+                settings.zaiApiKey,
+                interval=settings.quotaPollInterval,
+                timeout=settings.quotaPollTimeout,
+                staleAfter=settings.quotaStaleAfter,
+                maxBytes=settings.quotaMaxResponseBytes,
+                metrics=self.metrics,
+            )
+            self.health.sections["quota"] = self.quota.snapshot
+        else:
+            self.health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
         self.health.sections["token_counting"] = self.accounting.health
         self.resource = ProxyResource(
             self.targets,
@@ -225,6 +242,10 @@ class ProxyService(MultiService):
         self._announce()
         self._listen()
         self.limiter.start()
+        if self.quota is not None:
+            self.quota.start()
+        else:
+            self.log.info("Quota polling disabled (QUOTA_POLL_ENABLED is not true)")
         super().startService()
 
     def _announce(self) -> None:
@@ -345,6 +366,8 @@ class ProxyService(MultiService):
             for channel in list(self.site.channels):
                 channel.transport.abortConnection()
         self.limiter.stop()
+        if self.quota is not None:
+            self.quota.stop()
         yield self.upstream.close()
         Service.stopService(self)
         self.log.info("Drained; stopped")

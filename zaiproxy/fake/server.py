@@ -12,6 +12,7 @@ L{FakeZai.queue}, else from the defaults.
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, Iterator
 
 import attrs
@@ -65,6 +66,27 @@ _ROUTES: dict[bytes, _Route] = {
     b"/api/coding/paas/v4/chat/completions": _Route(b"POST", "openai", "chat"),
     b"/api/paas/v4/models": _Route(b"GET", "openai", "models"),
     b"/api/coding/paas/v4/models": _Route(b"GET", "openai", "models"),
+    b"/api/monitor/usage/quota/limit": _Route(b"GET", "monitor", "quota"),
+}
+
+#: What the quota endpoint answers unless a test sets L{FakeZai.quota}: the
+#: current CREDIT_LIMIT shape (seed inventory section 7), five-hour and
+#: weekly windows, plus a TIME_LIMIT entry the proxy must ignore.
+DEFAULT_QUOTA = {
+    "code": 200,
+    "msg": "success",
+    "success": True,
+    "data": {
+        "level": "pro",
+        "limits": [
+            {"type": "CREDIT_LIMIT", "unit": 3, "number": 5, "usage": 1000, "currentValue": 370,
+             "remaining": 630, "percentage": 37, "nextResetTime": 1767229200000},
+            {"type": "CREDIT_LIMIT", "unit": 6, "number": 1, "usage": 10000, "currentValue": 1200,
+             "remaining": 8800, "percentage": 12, "nextResetTime": 1767744000000},
+            {"type": "TIME_LIMIT", "unit": 5, "number": 1, "usage": 100, "currentValue": 1,
+             "percentage": 1},
+        ],
+    },
 }
 
 
@@ -143,6 +165,11 @@ class FakeZai(Resource):
         C{x-fake-scenario} header.
     @ivar defaults: the scenario used otherwise; a header spec overrides
         only the fields it names.
+    @ivar capacity: if set, Z.AI's hidden rate limit: model requests beyond
+        this many in any one second are answered 429 with code 1303 (the
+        limiter's convergence test); C{refused} counts them.
+    @ivar quota: the document the quota endpoint answers (C{quotaStatus}
+        its status).
     """
 
     isLeaf = True
@@ -165,6 +192,11 @@ class FakeZai(Resource):
         self.defaults = defaults
         self.received: list[ReceivedRequest] = []
         self.queue: list[Scenario] = []
+        self.capacity: float | None = None
+        self.refused = 0
+        self._accepted: deque[float] = deque()
+        self.quota: Any = DEFAULT_QUOTA
+        self.quotaStatus = 200
         self._cookies = 0
         self._waiters: list[tuple[int, Deferred[ReceivedRequest]]] = []
         self._active: set[Responder] = set()
@@ -228,7 +260,11 @@ class FakeZai(Resource):
             ],
             body=request.content.read(),
             receivedAt=self.clock.seconds(),
-            dialect="anthropic" if path.startswith(b"/api/anthropic/") else "openai",
+            dialect=(
+                "anthropic" if path.startswith(b"/api/anthropic/")
+                else "monitor" if path.startswith(b"/api/monitor/")
+                else "openai"
+            ),
         )
         self.received.append(record)
         return record
@@ -253,6 +289,8 @@ class FakeZai(Resource):
         if route is None or route.method != record.method:
             return self._plainError(record.dialect, 404, "404", "Not Found"), False
         record.route = route.name
+        if route.name == "quota":
+            return self._quota(record), False
         if not self._authorized(route.dialect, record):
             return self._unauthorized(route.dialect, record), False
 
@@ -279,8 +317,26 @@ class FakeZai(Resource):
 
         if scenario is None:
             scenario = self.queue.pop(0) if route.generates and self.queue else self.defaults
+        if route.generates and self.capacity is not None and not self._withinCapacity():
+            self.refused += 1
+            scenario = attrs.evolve(scenario, mode="error", code="1303", status=429)
         record.scenario = scenario
         return self._script(route, record, scenario)
+
+    def _withinCapacity(self) -> bool:
+        """
+        Whether one more model request fits in the hidden capacity (never
+        more than C{capacity} in any one second).
+        """
+        assert self.capacity is not None
+        now = self.clock.seconds()
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        if len(accepted) >= self.capacity:
+            return False
+        accepted.append(now)
+        return True
 
     def _script(
         self, route: _Route, record: ReceivedRequest, scenario: Scenario
@@ -332,6 +388,22 @@ class FakeZai(Resource):
             errorFrame = chat.chunk(inbandErrorBody("openai", scenario, now, ids.requestId))
         streamHeaders = [*headers, *_SSE_HEADERS]
         return streamScript(scenario, streamHeaders, frames, errorFrame), True
+
+    def _quota(self, record: ReceivedRequest) -> Iterator[Action]:
+        """
+        Z.AI's (undocumented) quota endpoint: it takes the raw key as
+        C{Authorization} (clients also send it with Bearer, or as x-api-key).
+        """
+        if self.apiKey is not None:
+            key = self.apiKey.encode("utf-8")
+            presented = [v.strip() for v in record.header(b"authorization")]
+            presented += [v.partition(b" ")[2].strip() for v in record.header(b"authorization")]
+            presented += record.header(b"x-api-key")
+            if key not in presented:
+                body = dumps({"code": 401, "msg": "token expired or incorrect", "success": False})
+                return bodyScript(Scenario(), 401, [_JSON], body)
+        body = self.quota if isinstance(self.quota, bytes) else dumps(self.quota)
+        return bodyScript(Scenario(), self.quotaStatus, [_JSON], body)
 
     def _scenarioHeaders(self, scenario: Scenario) -> list[tuple[bytes, bytes]]:
         if not scenario.cookie:

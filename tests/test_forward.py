@@ -1,0 +1,387 @@
+"""
+Tests for L{zaiproxy.forward}: the seed's retry and error-class contract,
+row by row, deterministically: the real fake Z.AI behind treq's in-memory
+agent, every wait on a L{task.Clock}, nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from treq.testing import RequestTraversalAgent
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
+
+from zaiproxy.dialects import Dialect
+from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
+from zaiproxy.fake import FakeZai, parseScenario
+from zaiproxy.forward import Forwarder
+from zaiproxy.limiter import LimiterSettings, RateLimiter
+from zaiproxy.metrics import Metrics
+from zaiproxy.relay import RelayContext
+from zaiproxy.routes import Forward
+
+KEY = "upstream-key"
+MESSAGES = Forward("/v1/messages", Dialect.anthropic, b"http://zai.test/api/anthropic/v1/messages")
+CHAT = Forward("/v1/chat/completions", Dialect.openai, b"http://zai.test/api/coding/paas/v4/chat/completions")
+BODY = b'{"model":"glm-4.7","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
+NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+
+
+class MemoryUpstream:
+    """
+    The relay's view of Z.AI (L{zaiproxy.upstream.Upstream}) over an
+    in-memory agent; it can also refuse connections.
+    """
+
+    def __init__(self, agent: RequestTraversalAgent) -> None:
+        self.agent = agent
+        self.cooperator = task.Cooperator(started=False)
+        self.refuse = 0
+        self.calls = 0
+
+    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> "Deferred[Any]":
+        self.calls += 1
+        if self.refuse:
+            self.refuse -= 1
+            from twisted.internet.error import ConnectionRefusedError
+
+            failed: Deferred[Any] = Deferred()
+            failed.errback(ConnectionRefusedError())
+            return failed
+        return self.agent.request(method, url, headers, body)
+
+
+class Rig:
+    """
+    A forwarder's world: clock, fake, limiter, metrics.
+    """
+
+    def __init__(self, maxRetries: int = 3, quotaHold: bool = True, **limits: Any) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(NOW)
+        self.fake = FakeZai(self.clock, apiKey=KEY)
+        self.agent = RequestTraversalAgent(self.fake)
+        self.upstream = MemoryUpstream(self.agent)
+        self.metrics = Metrics("test", "0")
+        settings = dict(
+            initial=100.0, minimum=1.0, maximum=1000.0, window=30.0, alpha=0.3, margin=0.02,
+            probeInterval=10, maxWorkers=10, maxQueue=10, queueTimeout=60.0, stateFile=None,
+            stateMaxAge=3600.0,
+        )
+        settings.update(limits)
+        self.limiter = RateLimiter(self.clock, LimiterSettings(**settings))
+        self.waits: list[float] = []
+        self.context = RelayContext(
+            clock=self.clock,
+            upstream=self.upstream,  # type: ignore[arg-type]
+            reporter=Reporter(self.metrics, self.clock),
+            apiKey=KEY.encode(),
+            firstByteTimeout=300.0,
+            idleTimeout=120.0,
+            limiter=self.limiter,
+            maxRetries=maxRetries,
+            quotaHold=quotaHold,
+            jitter=lambda a, b: a,  # jitter at its lower bound, as the seed's tests forced it
+        )
+
+    def queue(self, *specs: str) -> None:
+        self.fake.queue.extend(parseScenario(spec) for spec in specs)
+
+    def pump(self) -> None:
+        for _ in range(20):
+            self.agent.flush()
+            self.clock.advance(0)
+
+    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, DummyRequest, Exchange, list[Any]]:
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        request.content = io.BytesIO(BODY)
+        exchange = Exchange(method="POST", route=route.label, startedAt=self.clock.seconds())
+        forwarder = Forwarder(self.context, request, route, exchange, "source-01")
+        outcome: list[Any] = []
+        forwarder.start().addBoth(outcome.append)
+        self.pump()
+        return forwarder, request, exchange, outcome
+
+    def advance(self, seconds: float) -> None:
+        """
+        Move time on, noting when attempts happen.
+        """
+        before = self.upstream.calls
+        self.clock.advance(seconds)
+        self.pump()
+        if self.upstream.calls != before:
+            self.waits.append(seconds)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, {"variant": "test", **labels})
+
+
+def header(request: DummyRequest, name: bytes) -> list[bytes]:
+    return request.responseHeaders.getRawHeaders(name, [])
+
+
+def written(request: DummyRequest) -> Any:
+    return json.loads(b"".join(request.written))
+
+
+def test_successRelayed() -> None:
+    """
+    A 2xx answer goes to the relay; nothing is retried.
+    """
+    rig = Rig()
+    rig.queue("")
+    _, _, _, outcome = rig.forward()
+    assert outcome[0].code == 200
+    assert rig.upstream.calls == 1
+
+
+@pytest.mark.parametrize(
+    "code, waits, limiterOutcome",
+    [
+        ("1303", [0.5, 1.0], "frequency"),  # frequency: jittered backoff
+        ("1305", [0.5, 1.0], "frequency"),
+        ("1302", [1.0, 2.0], "concurrency"),  # concurrency: plain backoff
+        ("1312", [0.5, 1.0], None),  # congestion: jittered, not a rate signal
+        ("9999", [0.5, 1.0], "frequency"),  # unknown 429: a rate signal
+    ],
+)
+def test_retriedThenSucceeds(code: str, waits: list[float], limiterOutcome: str | None) -> None:
+    """
+    A retryable 429 is retried after the backoff for its class, admitted
+    again each time, until an answer comes; the limiter hears the 429s of
+    the classes that concern it.
+    """
+    rig = Rig()
+    rig.queue(f"mode=error code={code} status=429", f"mode=error code={code} status=429", "")
+    _, _, _, outcome = rig.forward()
+    assert outcome == []
+    for wait in waits:
+        rig.advance(wait)
+    assert outcome[0].code == 200
+    assert rig.waits == waits
+    assert rig.upstream.calls == 3
+    assert rig.sample("zai_proxy_retry_attempts_total", reason="retry") == 2
+    assert rig.sample("zai_proxy_retry_attempts_total", reason="429") == 2
+    counts = (rig.limiter._frequency, rig.limiter._concurrency)
+    assert counts == {"frequency": (2, 0), "concurrency": (0, 2), None: (0, 0)}[limiterOutcome]
+
+
+def test_retriesRunOut() -> None:
+    """
+    After MAX_RETRIES, the last 429 goes to the client unchanged, with the
+    X-Zai-* headers and a Retry-After.
+    """
+    rig = Rig(maxRetries=2)
+    rig.queue(*["mode=error code=1303 retryAfter=2.5"] * 3)
+    _, request, exchange, outcome = rig.forward()
+    rig.advance(2.5)
+    rig.advance(2.5)
+    assert outcome == [None]
+    assert rig.upstream.calls == 3
+    assert request.responseCode == 429
+    assert written(request)["error"]["type"] == "1303"
+    assert header(request, b"x-zai-error-class") == [b"frequency"]
+    assert header(request, b"x-zai-error-code") == [b"1303"]
+    assert header(request, b"retry-after") == [b"3"]
+    assert exchange.status == 429
+
+
+@pytest.mark.parametrize("where", ["retry_after in the body", "Retry-After header"])
+def test_askedWaitWins(where: str) -> None:
+    """
+    Z.AI's Retry-After (header) or retry_after (body), when longer than the
+    backoff, is the one wait; an upstream Retry-After reaches the client.
+    """
+    rig = Rig(maxRetries=1)
+    spec = "mode=error code=1303 " + ("retryAfter=9" if "body" in where else "retryAfterHeader=7")
+    rig.queue(spec, spec)
+    _, request, _, outcome = rig.forward()
+    rig.advance(6.9)
+    assert rig.upstream.calls == 1
+    rig.advance(2.1 if "body" in where else 0.1)
+    assert rig.upstream.calls == 2
+    if "header" in where:
+        assert header(request, b"retry-after") == [b"7"]
+
+
+@pytest.mark.parametrize(
+    "spec, reset",
+    [
+        ("mode=error code=1308 resetIn=3600", NOW + 3600),
+        ("mode=error code=1310 resetIn=7200", NOW + 7200),
+    ],
+)
+def test_quotaNeverRetriedThenHeld(spec: str, reset: float) -> None:
+    """
+    Quota (1308, 1310) is never retried: the client gets Z.AI's 429 with the
+    reset time (read from the message text, Beijing time) and a Retry-After;
+    until then further calls are answered locally, spending nothing
+    upstream.
+    """
+    rig = Rig()
+    rig.queue(spec)
+    _, request, _, outcome = rig.forward()
+    assert rig.upstream.calls == 1
+    assert request.responseCode == 429
+    assert header(request, b"x-zai-error-class") == [b"quota"]
+    assert header(request, b"retry-after") == [b"%d" % (reset - NOW)]
+    rig.clock.advance(100)
+    _, again, exchange, outcome = rig.forward(CHAT)
+    assert rig.upstream.calls == 1
+    assert again.responseCode == 429
+    assert header(again, b"retry-after") == [b"%d" % (reset - NOW - 100)]
+    body = written(again)
+    assert body["error"]["code"] == spec.split()[1].split("=")[1]
+    assert "usage limit is reached" in body["error"]["message"]
+    rig.clock.advance(reset - rig.clock.seconds())
+    rig.queue("")
+    _, _, _, outcome = rig.forward()
+    assert outcome[0].code == 200
+
+
+def test_quotaHoldOff() -> None:
+    """
+    QUOTA_HOLD=false: every call goes upstream.
+    """
+    rig = Rig(quotaHold=False)
+    rig.queue("mode=error code=1308", "mode=error code=1308")
+    rig.forward()
+    rig.clock.advance(1)
+    rig.forward()
+    assert rig.upstream.calls == 2
+
+
+def test_quotaKeepsUpstreamRetryAfter() -> None:
+    """
+    A quota 429 that carries Retry-After keeps it.
+    """
+    rig = Rig()
+    rig.queue("mode=error code=1308 retryAfterHeader=42")
+    _, request, _, _ = rig.forward()
+    assert header(request, b"retry-after") == [b"42"]
+
+
+@pytest.mark.parametrize(
+    "spec, status",
+    [
+        ("mode=error code=1113", 429),  # no balance: configuration
+        ("mode=error code=1211", 400),  # unknown model
+        ("mode=error code=1261", 400),  # prompt too long
+        ("mode=error code=500", 500),
+        ("mode=not-found", 404),
+    ],
+)
+def test_passThroughUnretried(spec: str, status: int) -> None:
+    """
+    Configuration errors and other 4xx/5xx pass through, once, unchanged.
+    """
+    rig = Rig()
+    rig.queue(spec)
+    _, request, _, outcome = rig.forward()
+    assert outcome == [None]
+    assert rig.upstream.calls == 1
+    assert request.responseCode == status
+    assert rig.sample("zai_proxy_retry_attempts_total", reason="retry") is None
+
+
+def test_connectionErrorsRetried() -> None:
+    """
+    A connection that fails before any answer is retried; when retries run
+    out, 502.
+    """
+    rig = Rig(maxRetries=2)
+    rig.upstream.refuse = 1
+    rig.queue("")
+    _, _, _, outcome = rig.forward()
+    rig.advance(0.5)
+    assert outcome[0].code == 200
+    assert rig.sample("zai_proxy_retry_attempts_total", reason="network_error") == 1
+    rig.upstream.refuse = 3
+    _, request, _, outcome = rig.forward()
+    rig.advance(0.5)
+    rig.advance(1.0)
+    assert outcome == [None] and request.responseCode == 502
+
+
+def test_clientLeavesDuringBackoff() -> None:
+    """
+    A client that leaves while a retry waits: no further attempt, no timer.
+    """
+    rig = Rig()
+    rig.queue("mode=error code=1303", "")
+    forwarder, _, exchange, outcome = rig.forward()
+    forwarder.cancel("client")
+    assert outcome == [None] and exchange.status == CLIENT_CLOSED
+    rig.advance(10)
+    assert rig.upstream.calls == 1
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_clientLeavesWhileQueued() -> None:
+    """
+    A client that leaves while waiting for admission leaves the queue.
+    """
+    rig = Rig(maxWorkers=1)
+    rig.queue("mode=hang", "")
+    first, _, _, _ = rig.forward()
+    second, _, exchange, outcome = rig.forward()
+    assert rig.limiter.admission.queued == 1
+    second.cancel("client")
+    assert rig.limiter.admission.queued == 0
+    assert outcome == [None] and exchange.status == CLIENT_CLOSED
+    first.cancel("client")
+    rig.pump()
+    assert rig.limiter.admission.inFlight == 0
+
+
+def test_queueFullAndTimeout() -> None:
+    """
+    A full queue and a wait past QUEUE_TIMEOUT answer 429 with Retry-After
+    in the route's dialect, and are counted.
+    """
+    rig = Rig(maxWorkers=1, maxQueue=1, queueTimeout=5.0)
+    rig.queue("mode=hang")
+    holder, _, _, _ = rig.forward()
+    waiter, waitingRequest, _, waiting = rig.forward(CHAT)
+    _, full, _, outcome = rig.forward(CHAT)
+    assert outcome == [None] and full.responseCode == 429
+    assert header(full, b"retry-after")
+    assert set(written(full)) == {"error"}
+    assert "queue is full" in written(full)["error"]["message"]
+    rig.clock.advance(5.0)
+    assert waiting == [None] and waitingRequest.responseCode == 429
+    assert rig.sample("zai_proxy_rate_limit_rejections_total", client="source-01") is None  # no hooks wired here
+    holder.cancel("client")
+    rig.pump()
+
+
+def test_shutdownDuringBackoff() -> None:
+    """
+    A proxy stopping while a retry waits answers 503 at once.
+    """
+    rig = Rig()
+    rig.queue("mode=error code=1305", "")
+    forwarder, request, _, outcome = rig.forward()
+    forwarder.cancel("shutdown")
+    assert outcome == [None] and request.responseCode == 503
+    assert rig.clock.getDelayedCalls() == []
+
+
+def test_doneReleasesAndReports() -> None:
+    """
+    The relayed answer's outcome reaches the limiter and frees the slot.
+    """
+    rig = Rig()
+    rig.queue("")
+    forwarder, _, _, _ = rig.forward()
+    assert rig.limiter.admission.inFlight == 1
+    forwarder.done("success")
+    assert rig.limiter.admission.inFlight == 0
+    assert rig.limiter._successes == 1
