@@ -114,3 +114,58 @@ async def test_methodNotAllowed(reactor: Any, stack: Stack) -> None:
     assert response.code == 200
     assert await response.content() == b""
     assert stack.fake.received == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_adminResetFromLoopback(reactor: Any, stack: Stack) -> None:
+    """
+    POST /admin/reset-rate-limit from loopback resets the limiter; GET is
+    405.
+    """
+    limiter = stack.proxy.limiter
+    limiter._setRate(3.0)
+    limiter.ceiling = 4.0
+    response = await treq.post(stack.url("/admin/reset-rate-limit"), persistent=False)
+    assert response.code == 200
+    assert json.loads(await response.content()) == {"status": "reset", "current_rate": 1000.0}
+    assert (limiter.rate, limiter.ceiling) == (1000.0, 1000.0)
+    response = await treq.get(stack.url("/admin/reset-rate-limit"), persistent=False)
+    await response.content()
+    assert response.code == 405
+
+
+def test_adminRefusedElsewhere() -> None:
+    """
+    From another host the admin endpoint needs ADMIN_TOKEN as a bearer
+    token (the seed's was open to anyone who could connect).
+    """
+    from twisted.internet.address import IPv4Address, IPv6Address
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from zaiproxy.endpoints import AdminResetResource
+
+    class Limiter:
+        rate = 1.0
+        resets = 0
+
+        def reset(self) -> None:
+            self.resets += 1
+
+    def call(token: str, presented: bytes | None, host: str) -> tuple[int, Limiter]:
+        limiter = Limiter()
+        request = DummyRequest([b""])
+        request.method = b"POST"
+        request.client = (IPv6Address if ":" in host else IPv4Address)("TCP", host, 5555)
+        if presented is not None:
+            request.requestHeaders.setRawHeaders(b"authorization", [presented])
+        AdminResetResource(limiter, token).render(request)
+        return request.responseCode or 200, limiter
+
+    assert call("", None, "10.1.2.3")[0] == 403
+    assert call("tok", b"Bearer wrong", "10.1.2.3")[0] == 403
+    status, limiter = call("tok", b"Bearer tok", "10.1.2.3")
+    assert status == 200 and limiter.resets == 1
+    assert call("", None, "127.0.0.1")[0] == 200
+    assert call("", None, "127.5.5.5")[0] == 200
+    assert call("", None, "::1")[0] == 200
+    assert call("", None, "fe80::1")[0] == 403

@@ -396,3 +396,44 @@ async def test_upstreamErrorsPassThrough(reactor: Any, makeStack: Any) -> None:
     assert stack.sample("zai_proxy_upstream_errors_total", error_type="429", variant="production") == 1
     assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="429", variant="production") == 1
     assertNoSecret(client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_retryThenSuccess(reactor: Any, makeStack: Any) -> None:
+    """
+    Through the real proxy: a 1303 is retried after the backoff and the
+    client sees only the success.
+    """
+    from zaiproxy.fake import parseScenario
+
+    stack = await makeStack(MAX_RETRIES="2")
+    stack.fake.queue.append(parseScenario("mode=error code=1303"))
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody(stream=False))
+    await ended(client)
+    assert client.response().status == 200
+    assert len(stack.fake.received) == 2
+    assert 0.5 <= stack.fake.received[1].receivedAt - stack.fake.received[0].receivedAt < 1.5
+    assert stack.sample("zai_proxy_retry_attempts_total", reason="429", variant="production") == 1
+    assert stack.sample("zai_proxy_zai_errors_total", **{"class": "frequency", "code": "1303", "variant": "production"}) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_quotaHeldLocally(reactor: Any, makeStack: Any) -> None:
+    """
+    Through the real proxy: a quota 429 reaches the client with its reset
+    metadata; the next call (another dialect) is answered by the proxy
+    without reaching Z.AI.
+    """
+    stack = await makeStack("mode=error code=1310 resetIn=7200")
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody(stream=False))
+    await ended(client)
+    response = client.response()
+    assert response.status == 429
+    assert response.header(b"x-zai-error-class") == [b"quota"]
+    assert 7190 <= int(response.header(b"retry-after")[0]) <= 7200
+    again = await proxied(stack, reactor, b"/v1/chat/completions", chatBody(stream=False), OPENAI)
+    await ended(again)
+    assert again.response().status == 429
+    assert json.loads(again.response().body)["error"]["code"] == "1310"
+    assert len(stack.fake.received) == 1
+    assert stack.proxy.health.document()["rate_limit"]["quota_hold_code"] == "1310"

@@ -8,15 +8,18 @@ as the seed did) the window's outcomes are judged:
 
   - Frequency 429s (1303, 1305, unknown codes) in 1% or more of the calls
     mean the rate is above capacity; what Z.AI accepted in that window
-    measures the capacity: the ceiling drops to it (never above the refused
-    rate) and the rate holds a margin below.
-  - A clean window in which callers waited for the rate proves that Z.AI
-    takes at least that rate: the ceiling moves toward it by
-    C{RATE_LIMIT_CEILING_ALPHA} (the seed's ceiling never rose after a
-    clean probe). Below the ceiling the rate converges up to it; at the
-    ceiling, after C{RATE_LIMIT_PROBE_INTERVAL} clean windows, it probes
-    above, and while probes stay clean each next one is three times bolder,
-    so a capacity that doubled is found within a handful of windows.
+    measures the capacity. Near capacity timing jitter makes that noisy, so
+    the ceiling moves toward it by C{RATE_LIMIT_CEILING_ALPHA}; a heavy
+    overload (over 25% refused), or the first evidence, is taken as it is.
+    The ceiling never stays above the refused rate, and the rate holds a
+    margin below the ceiling.
+  - A clean window in which callers waited for the rate is hard evidence
+    that Z.AI takes at least that rate: the ceiling rises to it (the seed's
+    ceiling never rose after a clean probe). Below the ceiling the rate
+    converges up to it; at the ceiling, after C{RATE_LIMIT_PROBE_INTERVAL}
+    clean windows, it probes above, and while probes stay clean each next
+    one is three times bolder, so a capacity that doubled is found within a
+    handful of windows.
   - 1302 (too many at once) lowers the concurrency limit, not the rate, to
     below the number of calls that were in flight; it recovers the same way.
   - Quota 429s (1308, 1310) are not rate signals: they put the limiter on
@@ -39,11 +42,14 @@ from twisted.logger import Logger
 from zaiproxy.admission import Admission
 from zaiproxy.zai_errors import ZaiError
 
-__all__ = ["RateLimiter", "LimiterSettings", "REFUSED_RATIO"]
+__all__ = ["RateLimiter", "LimiterSettings", "REFUSED_RATIO", "HEAVY_RATIO"]
 
 #: A window in which Z.AI refused at least this share of the calls (429s of
 #: the class in question) is over capacity; below it, the window is clean.
 REFUSED_RATIO = 0.01
+#: Refusing more than this share is a clear overload: what Z.AI accepted is
+#: then a sound measure of its capacity.
+HEAVY_RATIO = 0.25
 #: Consecutive clean probes grow bolder up to this step.
 MAX_PROBE_GAIN = 0.5
 
@@ -104,7 +110,7 @@ class RateLimiter:
         self._clean = 0
         self._probing = False
         self._gain = settings.margin
-        self._proven: float | None = None
+        self._learned = False
         self.limit = settings.maxWorkers
         self.limitCeiling = settings.maxWorkers
         self._limitClean = 0
@@ -220,20 +226,22 @@ class RateLimiter:
         ratio = frequency / total
         margin = s.margin
         if ratio >= REFUSED_RATIO:
-            # Z.AI refused calls at this rate, so its capacity is below it,
-            # and what it accepted in the window measures that capacity.
-            # (The seed pulled the ceiling by an EWMA toward the current
-            # rate and held still between 1% and 5%: slow to learn, and a
-            # steady trickle of 429s.)
+            # Z.AI refused calls at this rate, so its capacity is below it;
+            # what it accepted in the window measures that capacity. Near
+            # the capacity, timing jitter makes such windows noisy: their
+            # measurement moves the ceiling by alpha. A heavy overload (or
+            # the first evidence there is) is taken as it is. (The seed
+            # pulled the ceiling toward the current rate and held still
+            # between 1% and 5%: slow to learn, and a steady trickle of
+            # 429s.)
             old = self.ceiling
             measured = min(self.rate, successes / elapsed)
-            if self._proven is not None and self._proven < self.rate:
-                # The last clean window proved that rate: one failure above
-                # it (a probe meeting timing jitter) does not undo that. A
-                # second failure in a row does: the capacity really fell.
-                measured = max(measured, self._proven)
-            self._proven = None
-            self.ceiling = _clamp(measured, s.minimum, s.maximum)
+            if ratio > HEAVY_RATIO or not self._learned:
+                ceiling = measured
+            else:
+                ceiling = min(self.rate, s.alpha * measured + (1 - s.alpha) * self.ceiling)
+            self._learned = True
+            self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
             self._setRate(min(self.rate, _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)))
             self._probing = False
             self._gain = margin
@@ -247,13 +255,12 @@ class RateLimiter:
             )
             return
         if saturated:
-            # Callers waited for the rate and Z.AI took it all: the capacity
-            # is at least this rate. The ceiling moves toward it by alpha (a
-            # clean probe raises it; the seed's never rose).
+            # Callers waited for the rate and Z.AI took it all: hard
+            # evidence that the capacity is at least this rate (so a clean
+            # probe raises the ceiling; the seed's never rose).
             proven = min(successes / elapsed, self.rate, s.maximum)
-            self._proven = self.rate
             if proven > self.ceiling:
-                self.ceiling += s.alpha * (proven - self.ceiling)
+                self.ceiling = proven
                 self._ceilingMoved(now)
         target = _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)
         if self._probing:
@@ -347,7 +354,7 @@ class RateLimiter:
         self._probing = False
         self._clean = 0
         self._gain = s.margin
-        self._proven = None
+        self._learned = False
         self._setRate(s.initial)
         self.limitCeiling = s.maxWorkers
         self._setLimit(s.maxWorkers)
@@ -433,6 +440,7 @@ class RateLimiter:
             self.limit = concurrency
         self.ceilingUpdatedAt = when
         self.restoredFromState = True
+        self._learned = True
         self.log.info(
             "Rate limit: resumed at persisted ceiling {ceiling:.2f} req/s, holding at {rate:.2f} req/s "
             "(learned {when})",
