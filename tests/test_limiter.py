@@ -269,6 +269,8 @@ def test_persistAndRestore(tmp_path: Path) -> None:
     window(clock, rl, successes=90, frequency=200)
     state = json.loads(path.read_text())
     assert state["ceiling"] == pytest.approx(3.0) and state["hold"] == pytest.approx(2.94)
+    rl.judge()  # a later window with no calls changes nothing
+    assert json.loads(path.read_text()) == state
     assert state["ts"].endswith("Z")
     assert [p.name for p in tmp_path.iterdir()] == ["ceiling.json"]
     clock2 = Clock()
@@ -411,3 +413,21 @@ def test_convergence(capacity: float) -> None:
     reached = [i for i, (rate, _, _) in enumerate(history) if rate >= 0.75 * 2 * capacity]
     assert reached and reached[0] < 15
     rl.admission.close()
+
+
+def test_restoreAtTheHoldLevel(tmp_path: Path) -> None:
+    """
+    A ceiling persisted mid-probe (the rate above it) or mid-convergence
+    (below it) restores at the hold level: just below the ceiling.
+    """
+    path = tmp_path / "ceiling.json"
+    clock = Clock()
+    clock.advance(1_767_225_600)
+    _, rl, _ = limiter(clock, stateFile=str(path), initial=9.8, probeInterval=1)
+    rl.ceiling = 10.0
+    window(clock, rl, successes=294)  # probe to 10.2
+    window(clock, rl, successes=306)  # clean probe: ceiling 10.2, rate 10.8
+    assert rl.rate > rl.ceiling
+    _, again, _ = limiter(clock, stateFile=str(path))
+    assert again.ceiling == pytest.approx(10.2)
+    assert again.rate == pytest.approx(10.2 * 0.98)

@@ -374,9 +374,12 @@ class RateLimiter:
         path = self.settings.stateFile
         if not path:
             return
+        s = self.settings
         state = {
             "ceiling": self.ceiling,
-            "hold": self.rate,
+            # The level to resume at: just below the ceiling (the rate of
+            # the moment may be mid-probe or mid-convergence).
+            "hold": _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum),
             "concurrency": self.limit,
             "ts": _rfc3339(self.ceilingUpdatedAt or now),
         }
@@ -398,7 +401,7 @@ class RateLimiter:
             return
         self.log.debug(
             "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
-            ceiling=self.ceiling, hold=self.rate, path=path,
+            ceiling=self.ceiling, hold=state["hold"], path=path,
         )
 
     def _restore(self) -> None:
