@@ -188,6 +188,26 @@ def test_failedProbeGoesBack() -> None:
     assert rl.rate == pytest.approx(10.0 * 0.98)
 
 
+def test_failedProbeKeepsWhatCleanWindowsProved() -> None:
+    """
+    A probe window that meets heavy refusals and accepted little (Z.AI
+    refusing in a burst after the overshoot) goes back to the ceiling it
+    set out from, not below it; the same window outside a probe is taken
+    as measured.
+    """
+    clock, rl, adjustments = limiter(initial=9.8, probeInterval=1)
+    rl.ceiling = 10.0
+    rl._learned = True
+    window(clock, rl, successes=294)
+    assert adjustments == ["probe"] and rl.rate == pytest.approx(10.2)
+    window(clock, rl, successes=150, frequency=150)  # 5 req/s, 50% refused
+    assert rl.ceiling == pytest.approx(10.0)
+    assert rl.rate == pytest.approx(9.8)
+    window(clock, rl, successes=150, frequency=150)  # again, unprobed
+    assert rl.ceiling == pytest.approx(5.0)
+    assert rl.rate == pytest.approx(4.9)
+
+
 def test_concurrencyLimitFrom1302() -> None:
     """
     1302 lowers the concurrency limit below the calls in flight, not the

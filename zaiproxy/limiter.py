@@ -240,6 +240,14 @@ class RateLimiter:
                 ceiling = measured
             else:
                 ceiling = min(self.rate, s.alpha * measured + (1 - s.alpha) * self.ceiling)
+            if self._probing:
+                # A failed probe shows the capacity lies below the probed
+                # rate; the clean windows before it showed where it lies
+                # at least (the ceiling it set out from): go back there.
+                # What a probe window accepted undercounts (Z.AI's own
+                # window refuses in bursts after an overshoot); if the
+                # capacity really fell, the next window's refusals say so.
+                ceiling = max(ceiling, old)
             self._learned = True
             self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
             self._setRate(min(self.rate, _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)))
