@@ -136,3 +136,32 @@ def test_oversizedEventDropped() -> None:
     assert parser.feed(b"data: " + b"z" * 500) == []
     assert parser.feed(b"zzz\n\ndata: after\n\n") == [Event(None, b"after")]
     assert parser.dropped == 2
+
+
+_LINES = st.sampled_from(
+    [b"data: x", b"data: {\"a\": 1}", b"data:", b"data", b"data:nospace", b"event: e", b"event:", b"event",
+     b": comment", b"id: 3", b"retry: 1", b"", b"", b"", b"junk", b"event: message_start"]
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LINES, max_size=30), st.lists(st.integers(min_value=0, max_value=1 << 12), max_size=6))
+def test_framesAgreeWithLines(lines: list[bytes], cuts: list[int]) -> None:
+    """
+    The LF-only shortcut (whole one- and two-line frames) gives the same
+    events as reading line by line (which CRLF forces), for any mix of
+    fields, blank lines and cuts.
+    """
+    stream = b"\n".join(lines) + b"\n"
+    points = sorted({c % (len(stream) + 1) for c in cuts})
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    assert parseAll(chunks) == parseAll([stream.replace(b"\n", b"\r\n")])
+
+
+def test_frameShortcutRespectsTheLimit() -> None:
+    """
+    A one-line frame at the size limit goes the long way and is dropped.
+    """
+    parser = EventParser(maxEventBytes=20)
+    assert parser.feed(b"data: " + b"x" * 30 + b"\n\ndata: ok\n\n") == [Event(None, b"ok")]
+    assert parser.dropped == 1

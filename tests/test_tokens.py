@@ -186,3 +186,39 @@ def test_outputTextIsBounded() -> None:
     assert output.extrapolate(4) == 4 + 400
     assert OutputText().extrapolate(7) == 7
     assert not OutputText() and output
+
+
+def test_outputTextDecodesRawDeltasOnlyWhenNeeded() -> None:
+    """
+    Raw deltas are decoded when the text is first asked for, or in a batch
+    once they pass the limit in bytes (so memory stays bounded); either way
+    the result is what adding the decoded texts would have given.
+    """
+    decoded: list[bytes] = []
+
+    def decode(raw: bytes) -> list[tuple[str, str]]:
+        decoded.append(raw)
+        kind, _, text = raw.decode().partition(":")
+        return [(kind, text)]
+
+    lazy = OutputText(limit=10, decode=decode)
+    lazy.addLater(b"text:hello ")  # 11 bytes: past the limit, decoded now
+    assert decoded == [b"text:hello "]
+    lazy.addLater(b"text:ab")  # 7 bytes held
+    assert len(decoded) == 1
+    lazy.addLater(b"text:c")  # 13 bytes held: decoded as a batch
+    assert decoded[1:] == [b"text:ab", b"text:c"]
+    lazy.addLater(b"text:zz")
+    lazy.addLater(b"thinking:hm")
+    assert len(decoded) == 5
+    lazy.addLater(b"text:q")
+    assert len(decoded) == 5
+    eager = OutputText(limit=10)
+    for kind, text in [("text", "hello "), ("text", "ab"), ("text", "c"), ("text", "zz"),
+                       ("thinking", "hm"), ("text", "q")]:
+        eager.add(kind, text)
+    assert lazy.texts() == eager.texts() == ["hello abczz"]
+    assert decoded[-1] == b"text:q"
+    assert (lazy.keptChars, lazy.extraChars, lazy.extrapolate(11)) == (11, 3, 11 + 3)
+    assert (eager.keptChars, eager.extraChars, eager.extrapolate(11)) == (11, 3, 11 + 3)
+    assert not OutputText(decode=decode) and lazy

@@ -291,18 +291,18 @@ class Accounting:
         Count one answer's tokens and cost, and log the seed's usage line.
         """
         metrics = self.metrics
-        variant = metrics.variant
         model = self.labels.label(exchange.model)
         now = self._reactor.seconds()
         tier = self.pricing.tier(now)
         for direction, tokens in usage.directions().items():
             if tokens > 0:
                 metrics.tokensUsed(direction, model, tier, tokens, self.pricing.cost(model, direction, tokens, tier))
-        metrics.usageSource.labels(source, variant).inc()
+        outputRate = None
         if usage.output > 0 and exchange.firstByteAt is not None:
             generating = now - exchange.firstByteAt
             if generating > 0:
-                metrics.tokenRate.labels("output", model, variant).observe(usage.output / generating)
+                outputRate = usage.output / generating
+        metrics.usageRecorded(source, model, outputRate)
         _log.info(
             LINE,
             line=(
@@ -409,13 +409,14 @@ class UsageTap:
         """
         try:
             events = self._parser.feed(data)
-            injections = [(event, self._reader.event(event)) for event in events]
+            read = self._reader.event
+            wheres = [read(event) for event in events]
         except Exception:
             _log.failure("reading a stream for usage failed", failure=Failure())
             return [data]
-        if not any(where for _, where in injections):
+        if not any(wheres):
             return [data]
-        return self._inject(data, injections)
+        return self._inject(data, list(zip(events, wheres)))
 
     def _inject(self, data: bytes, injections: list[tuple[Event, str | None]]) -> list[Piece]:
         """

@@ -109,6 +109,8 @@ class Metrics:
         # the bounded label sets the hot path uses.
         self._requestChildren: dict[tuple[str, str, int], tuple[Any, Any, Any, Any]] = {}
         self._firstByteChildren: dict[tuple[str, str], Any] = {}
+        self._usageChildren: dict[str, Any] = {}
+        self._rateChildren: dict[str, Any] = {}
         self._tokenChildren: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
         # Tokens and cost (seed section 8.2).
@@ -267,6 +269,21 @@ class Metrics:
         children[0].inc(tokens)
         if cost > 0:
             children[1].inc(cost)
+
+    def usageRecorded(self, source: str, model: str, outputRate: float | None) -> None:
+        """
+        One answer's usage was recorded from C{source}; C{outputRate} is
+        its output tokens per second of generation, if known.
+        """
+        child = self._usageChildren.get(source)
+        if child is None:
+            child = self._usageChildren[source] = self.usageSource.labels(source, self.variant)
+        child.inc()
+        if outputRate is not None:
+            rate = self._rateChildren.get(model)
+            if rate is None:
+                rate = self._rateChildren[model] = self.tokenRate.labels("output", model, self.variant)
+            rate.observe(outputRate)
 
     def exposition(self, accept: bytes | None) -> tuple[bytes, str]:
         """

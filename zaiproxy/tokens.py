@@ -17,7 +17,7 @@ import base64
 import hashlib
 import os
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -98,44 +98,87 @@ class OutputText:
     bounded however long it runs. Past that, only characters are counted,
     and the estimate extrapolates them at the tokens-per-character ratio of
     the kept text.
+
+    Stream deltas can be kept raw (L{addLater}) and decoded only if the text
+    is ever needed: Z.AI almost always reports usage, so decoding every
+    delta's JSON as it passes would be spent for nothing. Raw deltas are
+    decoded in batches once they pass C{limit} bytes, so memory stays
+    bounded either way.
     """
 
-    def __init__(self, limit: int = 1 << 20) -> None:
+    def __init__(
+        self, limit: int = 1 << 20, decode: Callable[[bytes], Iterable[tuple[str, str]]] | None = None
+    ) -> None:
         self._limit = limit
         self._kept = 0
-        self.extraChars = 0
+        self._extraChars = 0
         self._parts: dict[str, list[str]] = {}
+        self._decode = decode
+        self._raw: list[bytes] = []
+        self._rawBytes = 0
 
     def add(self, kind: str, text: str) -> None:
         if not text:
             return
         if self._kept >= self._limit:
-            self.extraChars += len(text)
+            self._extraChars += len(text)
             return
         self._parts.setdefault(kind, []).append(text)
         self._kept += len(text)
+
+    def addLater(self, raw: bytes) -> None:
+        """
+        Keep an undecoded delta (requires C{decode}); decode the batch when
+        it grows past the limit.
+        """
+        self._raw.append(raw)
+        self._rawBytes += len(raw)
+        if self._rawBytes > self._limit:
+            self._decodeRaw()
+
+    def _decodeRaw(self) -> None:
+        raw, self._raw, self._rawBytes = self._raw, [], 0
+        decode = self._decode
+        assert decode is not None
+        for data in raw:
+            for kind, text in decode(data):
+                self.add(kind, text)
 
     def texts(self) -> list[str]:
         """
         The kept text of each kind (text, thinking, tool input...), to be
         counted once each rather than delta by delta.
         """
+        if self._raw:
+            self._decodeRaw()
         return ["".join(parts) for parts in self._parts.values()]
 
     @property
     def keptChars(self) -> int:
+        if self._raw:
+            self._decodeRaw()
         return self._kept
 
+    @property
+    def extraChars(self) -> int:
+        if self._raw:
+            self._decodeRaw()
+        return self._extraChars
+
     def __bool__(self) -> bool:
+        if self._raw:
+            self._decodeRaw()
         return self._kept > 0
 
     def extrapolate(self, keptTokens: int) -> int:
         """
         Tokens of the whole text, given the count of the kept part.
         """
-        if not self.extraChars or not self._kept:
+        if self._raw:
+            self._decodeRaw()
+        if not self._extraChars or not self._kept:
             return keptTokens
-        return keptTokens + round(self.extraChars * keptTokens / self._kept)
+        return keptTokens + round(self._extraChars * keptTokens / self._kept)
 
 
 class TokenCounter(Protocol):

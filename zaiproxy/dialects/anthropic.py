@@ -166,7 +166,7 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self.output = OutputText()
+        self.output = OutputText(decode=deltaTexts)
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
@@ -180,17 +180,8 @@ class StreamReader:
         """
         name = event.name
         if name == b"content_block_delta":
-            try:
-                delta = json.loads(event.data)["delta"]
-                kind = delta["type"]
-            except (ValueError, KeyError, TypeError):
-                return None
-            if kind == "text_delta":
-                self.output.add("text", delta.get("text") or "")
-            elif kind == "thinking_delta":
-                self.output.add("thinking", delta.get("thinking") or "")
-            elif kind == "input_json_delta":
-                self.output.add("tool", delta.get("partial_json") or "")
+            # Decoded only if the text is ever counted (see OutputText).
+            self.output.addLater(event.data)
             return None
         if name not in (b"message_start", b"message_delta", b"error"):
             return None
@@ -220,6 +211,30 @@ class StreamReader:
             self.final = True
         self.usage = usage if self.usage is None else self.usage.largest(usage)
         return None
+
+
+def deltaTexts(data: bytes) -> list[tuple[str, str]]:
+    """
+    The text a C{content_block_delta} event adds, by kind.
+    """
+    try:
+        delta = json.loads(data)["delta"]
+        kind = delta["type"]
+    except (ValueError, KeyError, TypeError):
+        return []
+    field = _DELTA_FIELDS.get(kind) if isinstance(kind, str) else None
+    if field is None:
+        return []
+    text = delta.get(field[1])
+    return [(field[0], text)] if isinstance(text, str) else []
+
+
+#: Delta type -> (kind of output, the field holding its text).
+_DELTA_FIELDS = {
+    "text_delta": ("text", "text"),
+    "thinking_delta": ("thinking", "thinking"),
+    "input_json_delta": ("tool", "partial_json"),
+}
 
 
 def frameWithUsage(event: Event, where: str, usage: Usage) -> bytes:

@@ -147,6 +147,36 @@ def usageJSON(usage: Usage) -> dict[str, Any]:
     }
 
 
+def _chunkTexts(data: bytes) -> list[tuple[str, str]]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return []
+    return _deltaTexts(chunk) if isinstance(chunk, dict) else []
+
+
+def _deltaTexts(chunk: dict[str, Any]) -> list[tuple[str, str]]:
+    """
+    The text a chunk's deltas add, by kind.
+    """
+    texts: list[tuple[str, str]] = []
+    choices = chunk.get("choices")
+    for choice in choices if isinstance(choices, list) else ():
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        if isinstance(delta.get("content"), str):
+            texts.append(("content", delta["content"]))
+        if isinstance(delta.get("reasoning_content"), str):
+            texts.append(("reasoning", delta["reasoning_content"]))
+        calls = delta.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                texts.append(("arguments", function["arguments"]))
+    return texts
+
+
 class StreamReader:
     """
     Reads a chat-completions stream as it passes: output text, usage (from
@@ -154,13 +184,14 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self.output = OutputText()
+        self.output = OutputText(decode=_chunkTexts)
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
         self.error: ZaiError | None = None
         self.chunkId: str = "chatcmpl-zaiproxy"
         self.created: int = 0
+        self._seen = False
 
     def event(self, event: Event) -> str | None:
         """
@@ -170,6 +201,12 @@ class StreamReader:
         data = event.data
         if data[:6] == b"[DONE]":
             return "done" if self.usage is None else None
+        if self._seen and b'"usage"' not in data and b'"error"' not in data:
+            # A plain delta: its text is decoded only if ever counted (see
+            # OutputText); the first chunk gave the model and ids.
+            self.output.addLater(data)
+            return None
+        self._seen = True
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -189,19 +226,8 @@ class StreamReader:
         if usage is not None:
             self.usage = usage
             self.final = True
-        choices = chunk.get("choices")
-        for choice in choices if isinstance(choices, list) else ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if not isinstance(delta, dict):
-                continue
-            if isinstance(delta.get("content"), str):
-                self.output.add("content", delta["content"])
-            if isinstance(delta.get("reasoning_content"), str):
-                self.output.add("reasoning", delta["reasoning_content"])
-            for call in delta.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    self.output.add("arguments", function["arguments"])
+        for kind, text in _deltaTexts(chunk):
+            self.output.add(kind, text)
         return None
 
     def usageChunk(self, usage: Usage) -> bytes:
