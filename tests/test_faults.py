@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable, Mapping
 import attrs
 import pytest
 import pytest_twisted
+from twisted.internet import tcp
 
 from conftest import UPSTREAM_KEY, Stack
 from test_relay import ANTHROPIC, OPENAI, chatBody, ended, events, messagesBody, settled, sleep
@@ -200,23 +201,33 @@ BIG_SCENARIO = "events=10000 deltaSize=1000"
 async def slowReader(stack: Stack, reactor: Any) -> RawClient:
     """
     Read a 10 MB stream slowly: stop reading after the first megabyte (the
-    upstream must stop too, and the proxy must not buffer), then read with
-    a pause after every read.
+    proxy must stop reading from the upstream, which must stop sending, and
+    the proxy must not buffer), then read with a pause after every read.
     """
     client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", ANTHROPIC, messagesBody())
+    # A small receive buffer, so the kernel does not read on the client's
+    # behalf for megabytes.
+    client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
     await client.when(lambda c: c.received > 1_000_000)
+    # The proxy's socket to the fake, under the relay's body transport.
+    (relay,) = stack.proxy.inFlight
+    upstream = relay.transport._producer
+    assert isinstance(upstream, tcp.Client) and upstream.getPeer().port == stack.upstream.port
     client.transport.pauseProducing()
     record = stack.fake.received[0]
     stalled = await settled(reactor, lambda: record.bytesSent)
     await sleep(reactor, 0.3)
     assert record.bytesSent == stalled, "the upstream kept sending to a client that does not read"
     assert not record.done.called
-    # What the proxy itself holds for the client: what the client transport
-    # buffers (paused at its 64 KiB mark) plus at most one held partial event.
+    # The proxy stopped reading from the upstream socket...
+    assert upstream not in reactor.getReaders()
+    # ...and holds little for the client: its transport paused the relay
+    # once the write buffer passed 64 KiB; at most one more upstream read
+    # (64 KiB, plus a held partial event) landed after that.
     (channel,) = stack.proxy.site.channels
     transport = channel.transport
     assert transport.producerPaused
-    assert len(transport.dataBuffer) + transport._tempDataLen < 1 << 20
+    assert len(transport.dataBuffer) + transport._tempDataLen < transport.bufferSize + 2 * 65536
 
     def readSlowly(c: RawClient) -> None:
         c.transport.pauseProducing()
