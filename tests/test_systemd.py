@@ -322,3 +322,55 @@ async def test_listenWithoutActivation(reactor: Any) -> None:
     assert not any(line.startswith("Socket activation") for line in lines)
     assert log.err.decode() == ""
 
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+@pytest_twisted.ensureDeferred
+async def test_systemdSocketActivate(reactor: Any) -> None:
+    """
+    systemd's own socket-passing tool (the protocol of zaiproxy.socket,
+    names included) binds ListenStream-style on every address; the proxy
+    adopts that socket with its real address family and answers on it.
+    """
+    fake = FakeZai(reactor, apiKey=UPSTREAM_KEY)
+    upstream = await startFake(reactor, fake)
+    port = freePort()
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
+    }
+    settings = {
+        "ZAI_API_KEY": UPSTREAM_KEY,
+        "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
+        "RATE_LIMIT_STATE_FILE": "off",
+        "LOG_FORMAT": "json",
+        **env,
+    }
+    tool = shutil.which("systemd-socket-activate")
+    args = [tool, "-l", str(port), "--fdname=zaiproxy"]
+    args += [f"--setenv={name}={value}" for name, value in settings.items()]
+    args += [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", "tcp:0:interface=127.0.0.1"]
+    collect = _Collect()
+    process = reactor.spawnProcess(collect, tool, args, env=env)
+    try:
+        for _ in range(100):
+            try:
+                client = await rawRequest(reactor, port, b"POST", b"/v1/messages", ANTHROPIC, BODY)
+                break
+            except ConnectionRefusedError:
+                await task.deferLater(reactor, 0.1, lambda: None)
+        assert await answered(reactor, client) == (200, "message")
+        assert await stopped(reactor, process, collect) == (0, None)
+    finally:
+        if process.pid is not None:
+            os.kill(process.pid, signal.SIGKILL)
+        await upstream.stop()
+    # The tool says on stderr what it bound: [::] where IPv6 exists.
+    bound = re.search(r"Listening on (\S+) as 3\.", collect.err.decode())
+    assert bound, collect.err.decode()
+    domain, where = ("INET6", f":::{port}") if bound.group(1).startswith("[::]") else ("INET", f"0.0.0.0:{port}")
+    assert bound.group(1) in (f"[::]:{port}", f"0.0.0.0:{port}")
+    assert (
+        f"Z.AI proxy listening on {where} (systemd:domain={domain}:index=0 (fd 3, zaiproxy)); metrics at /metrics"
+        in messages(collect)
+    )
