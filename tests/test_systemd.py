@@ -23,7 +23,7 @@ from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
 
 from conftest import UPSTREAM_KEY
-from test_tap import TWISTD, _Collect, freePort
+from test_tap import TWISTD, _Collect, baseEnvironment, freePort
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RawClient, rawRequest, startFake
 from zaiproxy.service import _CUT_SECONDS, _FLUSH_SECONDS
@@ -186,21 +186,19 @@ def heldSocket() -> socket.socket:
 def spawn(reactor: Any, held: socket.socket, upstream: str, listenPID: str | None, listen: str) -> tuple[Any, _Collect]:
     """
     Start C{twistd zaiproxy} with C{held} as descriptor 3. C{listenPID}
-    C{"$$"} sets LISTEN_PID to the process's own pid, as systemd does.
+    C{"$$"} sets LISTEN_PID to the process's own pid, as systemd does;
+    L{None} sets no LISTEN_* variable at all.
     """
     env = {
-        "PATH": os.environ.get("PATH", ""),
+        **baseEnvironment(),
         "ZAI_API_KEY": UPSTREAM_KEY,
         "ZAI_TARGET_URL": upstream,
         "RATE_LIMIT_STATE_FILE": "off",
         "LOG_FORMAT": "json",
         "DRAIN_TIMEOUT": "5",
-        "LISTEN_FDS": "1",
-        "LISTEN_FDNAMES": "zaiproxy",
     }
-    if "PYTHONPATH" in os.environ:
-        # So a work tree runs its own code, not the installed copy's.
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    if listenPID is not None:
+        env.update(LISTEN_FDS="1", LISTEN_FDNAMES="zaiproxy")
     command = f'LISTEN_PID={listenPID} exec "$0" "$@"' if listenPID else 'exec "$0" "$@"'
     collect = _Collect()
     process = reactor.spawnProcess(
@@ -284,12 +282,13 @@ async def test_restartRefusesNoConnection(reactor: Any) -> None:
         assert log.err.decode() == ""
 
 
+@pytest.mark.parametrize("listenPID", ["1", None], ids=["otherPID", "noListenFDs"])
 @pytest_twisted.ensureDeferred
-async def test_listenWithoutActivation(reactor: Any) -> None:
+async def test_listenWithoutActivation(reactor: Any, listenPID: str | None) -> None:
     """
-    LISTEN_FDS meant for another process (LISTEN_PID is not ours) is
-    ignored: the proxy listens on --listen, and the passed socket stays
-    unserved.
+    Without LISTEN_FDS, or with LISTEN_FDS meant for another process
+    (LISTEN_PID is not ours), the proxy listens on --listen, and the socket
+    at descriptor 3 stays unserved.
     """
     fake = FakeZai(reactor, apiKey=UPSTREAM_KEY)
     upstream = await startFake(reactor, fake)
@@ -297,7 +296,7 @@ async def test_listenWithoutActivation(reactor: Any) -> None:
     other = freePort()
     listen = f"tcp:{other}:interface=127.0.0.1"
     ignored: RawClient | None = None
-    process, log = spawn(reactor, held, upstream.url("/api/anthropic"), "1", listen)
+    process, log = spawn(reactor, held, upstream.url("/api/anthropic"), listenPID, listen)
     try:
         for _ in range(100):
             try:
@@ -335,10 +334,7 @@ async def test_systemdSocketActivate(reactor: Any) -> None:
     fake = FakeZai(reactor, apiKey=UPSTREAM_KEY)
     upstream = await startFake(reactor, fake)
     port = freePort()
-    env = {
-        "PATH": os.environ.get("PATH", ""),
-        **({"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}),
-    }
+    env = baseEnvironment()
     settings = {
         "ZAI_API_KEY": UPSTREAM_KEY,
         "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
