@@ -136,22 +136,27 @@ def test_ipv6(opened: list[Any]) -> None:
 
 def test_unusable(opened: list[Any]) -> None:
     """
-    A datagram socket, a stream socket that does not listen and a pipe are
-    reported and skipped; with nothing usable, --listen is used.
+    A datagram socket, a stream socket that does not listen, a pipe and a
+    closed descriptor are reported and skipped, and probing them leaks no
+    descriptor; with nothing usable, --listen is used.
     """
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     connected, peer = socket.socketpair()
     opened.extend([udp, connected, peer])
     readEnd, writeEnd = os.pipe()
     opened.extend([readEnd, writeEnd])
-    start = placeAt([udp, connected, readEnd])
+    start = placeAt([udp, connected, readEnd, peer])
     opened.extend([start, start + 1, start + 2])
-    environ = {"LISTEN_PID": str(PID), "LISTEN_FDS": "3"}
+    os.close(start + 3)
+    environ = {"LISTEN_PID": str(PID), "LISTEN_FDS": "4"}
+    before = sorted(os.listdir("/proc/self/fd"))
     found = inheritedSockets(environ, PID, start)
+    assert sorted(os.listdir("/proc/self/fd")) == before
     assert [(s.family, s.problem) for s in found] == [
         (socket.AF_INET, "not a stream socket (ListenStream= is needed)"),
         (socket.AF_UNIX, "not listening (Accept=yes is not supported)"),
         (None, "not a socket (Socket operation on non-socket)"),
+        (None, "not open (Bad file descriptor)"),
     ]
     assert chooseListeners(None, ["tcp:8080"], environ, PID, start) == ListenChoice(
         ("tcp:8080",),
@@ -164,6 +169,8 @@ def test_unusable(opened: list[Any]) -> None:
             "not listening (Accept=yes is not supported)",
             f"Ignoring systemd:domain=?:index=2 (fd {start + 2}) passed by systemd: "
             "not a socket (Socket operation on non-socket)",
+            f"Ignoring systemd:domain=?:index=3 (fd {start + 3}) passed by systemd: "
+            "not open (Bad file descriptor)",
             "No usable socket passed by systemd; listening on --listen tcp:8080",
         ),
     )

@@ -90,8 +90,13 @@ def _probe(fd: int) -> tuple[int | None, str | None]:
     try:
         # socket.socket(fileno=...) detects the family and type; it owns the
         # descriptor it is given, so give it a duplicate.
-        sock = socket.socket(fileno=os.dup(fd))
+        copy = os.dup(fd)
     except OSError as e:
+        return None, f"not open ({e.strerror or e})"
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError as e:
+        os.close(copy)
         return None, f"not a socket ({e.strerror or e})"
     with sock:
         family = sock.family
