@@ -70,3 +70,42 @@ def test_metricsNamedExist() -> None:
     for family in Metrics("x", "0").registry.collect():
         exported.add(family.name + ("_total" if family.type == "counter" else ""))
     assert named and named <= exported, named - exported
+
+
+def test_serviceInstallMatchesTheRepository() -> None:
+    """
+    The VM install steps name files that exist and paths, units and a port
+    that the units and the settings agree with.
+    """
+    from test_systemd import value
+
+    from zaiproxy.settings import loadSettings
+
+    section = README.split("Running as a service\n--------------------\n", 1)[1].split(
+        "How the code is laid out\n", 1
+    )[0]
+    commands = [
+        line.strip()
+        for block in re.findall(r"::\n\n((?:    .*\n)+)", section)
+        for line in block.splitlines()
+    ]
+    service, socketUnit = ROOT / "systemd" / "zaiproxy.service", ROOT / "systemd" / "zaiproxy.socket"
+    copied = {path for command in commands if command.startswith("install -m") for path in command.split()[3:-1]}
+    assert copied == {"README.rst", "etc/zaiproxy.env", "systemd/zaiproxy.socket", "systemd/zaiproxy.service"}
+    assert all((ROOT / path).is_file() for path in copied)
+    venv = value(service, "ExecStart").split()[0].removesuffix("/bin/twistd")
+    assert commands[:2] == [f"python3 -m venv {venv}", f"{venv}/bin/pip install ."]
+    assert f"install -m 0644 README.rst {venv}/README.rst" in commands
+    assert value(service, "Documentation") == f"file://{venv}/README.rst"
+    assert f"install -m 0640 etc/zaiproxy.env {value(service, 'EnvironmentFile')}" in commands
+    assert f"editor {value(service, 'EnvironmentFile')}" in commands
+    assert "install -m 0644 systemd/zaiproxy.socket systemd/zaiproxy.service /etc/systemd/system/" in commands
+    assert "systemctl enable --now zaiproxy.socket zaiproxy.service" in commands
+    port = value(socketUnit, "ListenStream")
+    assert value(service, "ExecStart").endswith(f"--listen tcp:{port}")
+    assert f"curl -s http://127.0.0.1:{port}/health" in commands
+    defaults, _ = loadSettings({"ZAI_API_KEY": "k"})
+    assert f"``{defaults.rateLimitStateFile}``" in section
+    assert f"``StateDirectory={value(service, 'StateDirectory')}``" in section
+    assert f"``TimeoutStopSec={value(service, 'TimeoutStopSec')}``" in section
+    assert f"``RestartPreventExitStatus={value(service, 'RestartPreventExitStatus')}``" in section

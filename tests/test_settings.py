@@ -202,9 +202,17 @@ def test_etcTemplateListsEverySetting() -> None:
     text = (Path(__file__).parent.parent / "etc" / "zaiproxy.env").read_text()
     # Regenerate it with: python -m zaiproxy.settings --env > etc/zaiproxy.env
     assert text == environmentTemplate() + "\n"
+    lines = text.splitlines()
     for spec in settingSpecs():
         line = f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}"
-        assert line in text.splitlines(), line
+        assert lines.count(line) == 1, line
+        # Right above it, after a blank line: its help, as a comment.
+        at = lines.index(line)
+        top = at
+        while lines[top - 1].startswith("# "):
+            top -= 1
+        assert lines[top - 1] == ""
+        assert " ".join(comment[2:] for comment in lines[top:at]) == spec.help, spec.env
     uncommented = "\n".join(line.lstrip("#") if "=" in line and not line.startswith("# ") else line for line in text.splitlines())
     values = parseEnvironmentFile(uncommented.replace("ZAI_API_KEY=\n", "ZAI_API_KEY=k\n"))
     settings, warnings = loadSettings(values)

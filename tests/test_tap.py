@@ -26,12 +26,20 @@ from zaiproxy.settings import settingSpecs
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
+def baseEnvironment() -> dict[str, str]:
+    """
+    PATH, and PYTHONPATH if set: a work tree on it must run its own code in
+    twistd, not the installed copy's.
+    """
+    return {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
+
+
 def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess[str]:
     """
     Run twistd to completion (only for commands that exit at once).
     """
     return subprocess.run(
-        [TWISTD, *args], env={"PATH": os.environ.get("PATH", ""), **env},
+        [TWISTD, *args], env={**baseEnvironment(), **env},
         cwd=cwd, capture_output=True, text=True, timeout=60,
     )
 
@@ -67,6 +75,10 @@ def test_help(tmp_path: Any) -> None:
         ({"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"}, [],
          "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off"),
         ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
+        ({"ZAI_API_KEY": "k"}, ["--listen", "systemd:domain=INET:index=0"],
+         "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)"),
+        ({"ZAI_API_KEY": "k"}, ["--listen", "systemd:domain=INET:name=zaiproxy"],
+         "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)"),
         ({"ZAI_API_KEY": "k"}, ["--config", "/nonexistent/zaiproxy.env"],
          "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory"),
     ],
@@ -118,7 +130,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     port = freePort()
     collect = _Collect()
     env = {
-        "PATH": os.environ.get("PATH", ""),
+        **baseEnvironment(),
         "ZAI_API_KEY": UPSTREAM_KEY,
         "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
         "RATE_LIMIT_STATE_FILE": "off",

@@ -11,6 +11,7 @@ stops at that moment loses the tail of the stream.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -23,6 +24,7 @@ from twisted.python.failure import Failure
 
 from zaiproxy import __version__
 from zaiproxy.accounting import Accounting, ModelLabels, Price, Pricing
+from zaiproxy.activation import Listener
 from zaiproxy.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.exchange import Reporter
 from zaiproxy.limiter import LimiterSettings, RateLimiter
@@ -66,7 +68,7 @@ class ProxyService(MultiService):
         self,
         reactor: Any,
         settings: Settings,
-        listen: list[str],
+        listen: Sequence[str | Listener],
         observer: ILogObserver | None = None,
         warnings: list[str] | None = None,
         build: BuildInfo | None = None,
@@ -158,9 +160,12 @@ class ProxyService(MultiService):
             onRejected=self.resource.rejected,
         )
         # Parsed now, so a bad --listen stops start-up with a clear error.
+        # A Listener is a socket passed by systemd (zaiproxy.activation).
         self._endpoints = [
-            (description, endpoints.serverFromString(reactor, description))
-            for description in listen
+            (item.description, item.endpoint)
+            if isinstance(item, Listener)
+            else (item, endpoints.serverFromString(reactor, item))
+            for item in listen
         ]
         self.ports: list[IListeningPort] = []
 

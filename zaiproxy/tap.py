@@ -14,17 +14,20 @@ import textwrap
 from typing import IO, Any
 
 from twisted.application.service import IService
-from twisted.logger import ILogObserver
+from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
 from twisted.python.logfile import LogFile
 
 from zaiproxy import __version__
+from zaiproxy.activation import chooseListeners
 from zaiproxy.logs import buildObserver
 from zaiproxy.settings import Settings, SettingsError, loadSettings, settingSpecs
 
 __all__ = ["Options", "makeService"]
 
 DEFAULT_LISTEN = "tcp:8080"
+
+log = Logger()
 
 
 def _settingsHelp() -> str:
@@ -74,9 +77,9 @@ class Options(usage.Options):
     def opt_listen(self, description: str) -> None:
         """
         Where to accept connections, as a strports description (e.g.
-        tcp:8080:interface=127.0.0.1, unix:/run/zaiproxy.sock,
-        systemd:domain=INET:index=0). Repeat to listen on several.
-        [default: tcp:8080]
+        tcp:8080:interface=127.0.0.1, unix:/run/zaiproxy.sock). Repeat to
+        listen on several. Sockets passed by systemd (zaiproxy.socket) are
+        used instead when there are any. [default: tcp:8080]
         """
         self["listen"].append(description)
 
@@ -119,6 +122,9 @@ def makeService(options: Options) -> IService:
     """
     Load and check the settings, then build the proxy service.
     """
+    # Before anything imports twisted.internet.endpoints, which deletes
+    # LISTEN_PID and LISTEN_FDS from the environment.
+    environ = dict(os.environ)
     from twisted.internet import reactor
 
     from zaiproxy.service import BuildInfo, ProxyService
@@ -133,9 +139,18 @@ def makeService(options: Options) -> IService:
         commit=os.environ.get("ZAI_PROXY_COMMIT") or "unknown",
         buildTime=os.environ.get("ZAI_PROXY_BUILD_TIME") or "unknown",
     )
+    choice = chooseListeners(reactor, options["listen"], environ, os.getpid())
+    for note in choice.notes:
+        log.info("{note}", note=note)
     try:
-        return ProxyService(reactor, settings, options["listen"], observer, warnings, build)
+        return ProxyService(
+            reactor, settings, choice.listen, observer, [*warnings, *choice.warnings], build
+        )
     except ValueError as e:
         # endpoints.serverFromString rejects a malformed --listen.
         _fail(f"invalid --listen: {e}")
+        raise
+    except (IndexError, KeyError):
+        # Its systemd: parser, asked for a descriptor that was not passed.
+        _fail("invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)")
         raise
