@@ -24,6 +24,9 @@ from zaiproxy.fake.testing import rawRequest, startFake
 from zaiproxy.settings import settingSpecs
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: A PYTHONPATH given to the tests (a worktree over an installed package)
+#: must reach twistd too, or it would run the installed code.
+INHERITED = {"PYTHONPATH": os.environ["PYTHONPATH"]} if "PYTHONPATH" in os.environ else {}
 
 
 def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess[str]:
@@ -31,7 +34,7 @@ def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedP
     Run twistd to completion (only for commands that exit at once).
     """
     return subprocess.run(
-        [TWISTD, *args], env={"PATH": os.environ.get("PATH", ""), **env},
+        [TWISTD, *args], env={"PATH": os.environ.get("PATH", ""), **INHERITED, **env},
         cwd=cwd, capture_output=True, text=True, timeout=60,
     )
 
@@ -53,6 +56,7 @@ def test_help(tmp_path: Any) -> None:
     result = run(["zaiproxy", "--help"], {}, str(tmp_path))
     assert result.returncode == 0
     assert "--listen=" in result.stdout and "--config=" in result.stdout
+    assert "--admin-listen=" in result.stdout
     assert "[default: tcp:8080]" in result.stdout
     for spec in settingSpecs():
         assert spec.env in result.stdout
@@ -69,6 +73,11 @@ def test_help(tmp_path: Any) -> None:
         ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
         ({"ZAI_API_KEY": "k"}, ["--config", "/nonexistent/zaiproxy.env"],
          "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory"),
+        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS_FILE": "/nonexistent/keys"}, [],
+         "zaiproxy: cannot read key file /nonexistent/keys: No such file or directory"),
+        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef"}, [],
+         "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1"),
+        ({"ZAI_API_KEY": "k"}, ["--admin-listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
     ],
 )
 def test_badSettingsExit(tmp_path: Any, env: dict[str, str], args: list[str], message: str) -> None:
@@ -119,6 +128,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     collect = _Collect()
     env = {
         "PATH": os.environ.get("PATH", ""),
+        **INHERITED,
         "ZAI_API_KEY": UPSTREAM_KEY,
         "ZAI_TARGET_URL": upstream.url("/api/anthropic"),
         "RATE_LIMIT_STATE_FILE": "off",
