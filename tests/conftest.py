@@ -120,7 +120,9 @@ class Stack:
 @pytest_twisted.async_yield_fixture
 async def makeStack(reactor: Any) -> AsyncIterator[Any]:
     """
-    A factory of stacks: C{await makeStack("events=3", UPSTREAM_IDLE_TIMEOUT="1")}.
+    A factory of stacks: C{await makeStack("events=3", UPSTREAM_IDLE_TIMEOUT="1")};
+    C{configPath} and C{adminListen} are the C{--config} and C{--admin-listen}
+    options.
     Everything it started is stopped at the end of the test.
     """
     made: list[Stack] = []
@@ -130,6 +132,8 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
         fakeKey: str | None = UPSTREAM_KEY,
         fakeClock: Any = None,
         limiterClock: Any = None,
+        configPath: str | None = None,
+        adminListen: list[str] | None = None,
         **env: str,
     ) -> Stack:
         fake = FakeZai(fakeClock or reactor, apiKey=fakeKey, defaults=parseScenario(scenario))
@@ -146,8 +150,11 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
             "MAX_WORKERS": "200",
             **env,
         }
-        settings, _ = loadSettings(environ)
-        proxy = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"], limiterClock=limiterClock)
+        settings, _ = loadSettings(environ, configPath)
+        proxy = ProxyService(
+            reactor, settings, ["tcp:0:interface=127.0.0.1"], limiterClock=limiterClock,
+            adminListen=adminListen, configPath=configPath, environ=environ,
+        )
         proxy.startService()
         stack = Stack(fake, upstream, proxy)
         made.append(stack)

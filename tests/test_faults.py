@@ -461,9 +461,21 @@ FAULTS = [
         Outcome(400, 400, "/v1/messages",
                 body=anthropicError("invalid_request_error", "malformed HTTP request")),
     ),
-    # UNKNOWN CLIENT KEY: placeholder. Client keys are being built on another
-    # branch; its row (401 in the route's dialect, nothing sent upstream, the
-    # key in no log line) belongs here once they land.
+    Fault(
+        "unknown client key (Anthropic)",
+        post(b"/v1/messages", messagesBody()),
+        Outcome(401, 401, "/v1/messages",
+                body=anthropicError("authentication_error", "the client key is not valid for this proxy")),
+        env={"PROXY_API_KEYS": "team:team-key-0123456789abcdef"},
+    ),
+    Fault(
+        "unknown client key (OpenAI)",
+        post(b"/v1/chat/completions", chatBody(), OPENAI),
+        Outcome(401, 401, "/v1/chat/completions",
+                body={"error": {"message": "the client key is not valid for this proxy",
+                                "type": "authentication_error", "param": None, "code": "invalid_api_key"}}),
+        env={"PROXY_API_KEYS": "team:team-key-0123456789abcdef"},
+    ),
 ]
 
 

@@ -102,7 +102,14 @@ def test_serviceInstallMatchesTheRepository() -> None:
     assert "install -m 0644 systemd/zaiproxy.socket systemd/zaiproxy.service /etc/systemd/system/" in commands
     assert "systemctl enable --now zaiproxy.socket zaiproxy.service" in commands
     port = value(socketUnit, "ListenStream")
-    assert value(service, "ExecStart").endswith(f"--listen tcp:{port}")
+    assert f" --listen tcp:{port} " in value(service, "ExecStart")
+    # The unit's user exists and can read (only) the settings file, which
+    # the proxy itself re-reads on SIGHUP.
+    user = value(service, "User")
+    assert value(service, "Group") == user
+    assert any(c.startswith("useradd --system --user-group ") and c.endswith(f" {user}") for c in commands)
+    assert f"chgrp {user} {value(service, 'EnvironmentFile')}" in commands
+    assert value(service, "ExecStart").endswith(f" --config {value(service, 'EnvironmentFile')}")
     assert f"curl -s http://127.0.0.1:{port}/health" in commands
     defaults, _ = loadSettings({"ZAI_API_KEY": "k"})
     assert f"``{defaults.rateLimitStateFile}``" in section

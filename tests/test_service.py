@@ -112,3 +112,44 @@ def test_portInUse(reactor: Any) -> None:
         assert service.ports == []
     finally:
         taken.close()
+
+
+@pytest.mark.parametrize(
+    "listen, env, warned",
+    [
+        ("tcp:0", {}, True),
+        ("tcp6:0:interface=\\:\\:", {}, True),
+        ("tcp:0:interface=127.0.0.1", {}, False),
+        ("unix:{tmp}/zaiproxy.sock", {}, False),
+        ("tcp:0", {"PROXY_API_KEYS": "alice:alice-key-0123456789abcdef"}, False),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_openProxyWarning(
+    reactor: Any, tmp_path: Any, logEvents: list[dict[str, Any]], listen: str, env: dict[str, str], warned: bool
+) -> None:
+    """
+    Without client keys, listening beyond loopback (tcp:8080 with no
+    interface is every interface) logs a loud warning at start-up.
+    """
+    from twisted.logger import formatEvent
+
+    settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", **env})
+    service = ProxyService(reactor, settings, [listen.format(tmp=tmp_path)])
+    service.startService()
+    try:
+        where = service._where(service.ports[0])
+        warnings = [
+            formatEvent(e) for e in logEvents
+            if e.get("log_level") is not None and e["log_level"].name == "warn" and "client keys" in formatEvent(e)
+        ]
+    finally:
+        await service.stopService()
+    if warned:
+        assert where.split(":")[-1] != "0"
+        assert warnings == [
+            "WARNING: no client keys are configured (PROXY_API_KEYS_FILE, PROXY_API_KEYS) and the proxy "
+            f"listens beyond loopback on {where}: the upstream Z.AI quota is open to anyone who can connect"
+        ]
+    else:
+        assert warnings == []

@@ -206,13 +206,9 @@ def test_etcTemplateListsEverySetting() -> None:
     for spec in settingSpecs():
         line = f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}"
         assert lines.count(line) == 1, line
-        # Right above it, after a blank line: its help, as a comment.
+        # Right above it, after a blank line: its help, as a one-line comment.
         at = lines.index(line)
-        top = at
-        while lines[top - 1].startswith("# "):
-            top -= 1
-        assert lines[top - 1] == ""
-        assert " ".join(comment[2:] for comment in lines[top:at]) == spec.help, spec.env
+        assert lines[at - 2 : at] == ["", "# " + spec.help], spec.env
     uncommented = "\n".join(line.lstrip("#") if "=" in line and not line.startswith("# ") else line for line in text.splitlines())
     values = parseEnvironmentFile(uncommented.replace("ZAI_API_KEY=\n", "ZAI_API_KEY=k\n"))
     settings, warnings = loadSettings(values)

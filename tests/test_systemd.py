@@ -59,6 +59,11 @@ def directives(path: Path) -> list[tuple[str, str, str]]:
     return found
 
 
+#: The service's command line after the twistd path: settings from the same
+#: file systemd reads, so SIGHUP can re-read them.
+ARGUMENTS = "--nodaemon --pidfile= zaiproxy --listen tcp:8080 --config /etc/zaiproxy/zaiproxy.env"
+
+
 def value(path: Path, key: str) -> str:
     values = [v for _, k, v in directives(path) if k == key]
     assert len(values) == 1, (key, values)
@@ -80,8 +85,7 @@ def verifiable(tmp: Path) -> list[Path]:
         ]
         if unit == "zaiproxy.service":
             assert changed == [
-                (f"ExecStart={INSTALLED_TWISTD} --nodaemon --pidfile= zaiproxy --listen tcp:8080",
-                 f"ExecStart={TWISTD} --nodaemon --pidfile= zaiproxy --listen tcp:8080")
+                (f"ExecStart={INSTALLED_TWISTD} {ARGUMENTS}", f"ExecStart={TWISTD} {ARGUMENTS}")
             ]
         else:
             assert changed == []
@@ -148,14 +152,16 @@ def test_unitsAgreeWithTheSettings() -> None:
     assert defaults.rateLimitStateFile is not None
     assert os.path.dirname(defaults.rateLimitStateFile) == "/var/lib/" + value(service, "StateDirectory")
     assert float(value(service, "TimeoutStopSec")) > defaults.drainTimeout + _CUT_SECONDS + _FLUSH_SECONDS
-    assert value(service, "ExecStart") == f"{INSTALLED_TWISTD} --nodaemon --pidfile= zaiproxy --listen tcp:8080"
+    assert value(service, "ExecStart") == f"{INSTALLED_TWISTD} {ARGUMENTS}"
+    assert value(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert value(socketUnit, "ListenStream") == "8080"
     assert value(socketUnit, "Service") == "zaiproxy.service"
     assert value(socketUnit, "FileDescriptorName") == "zaiproxy"
     hardening = {
         "Restart": "on-failure",
         "KillSignal": "SIGTERM",
-        "DynamicUser": "yes",
+        "User": "zaiproxy",
+        "Group": "zaiproxy",
         "ProtectSystem": "strict",
         "ProtectHome": "yes",
         "PrivateTmp": "yes",

@@ -61,6 +61,7 @@ def test_help(tmp_path: Any) -> None:
     result = run(["zaiproxy", "--help"], {}, str(tmp_path))
     assert result.returncode == 0
     assert "--listen=" in result.stdout and "--config=" in result.stdout
+    assert "--admin-listen=" in result.stdout
     assert "[default: tcp:8080]" in result.stdout
     for spec in settingSpecs():
         assert spec.env in result.stdout
@@ -81,6 +82,11 @@ def test_help(tmp_path: Any) -> None:
          "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)"),
         ({"ZAI_API_KEY": "k"}, ["--config", "/nonexistent/zaiproxy.env"],
          "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory"),
+        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS_FILE": "/nonexistent/keys"}, [],
+         "zaiproxy: cannot read key file /nonexistent/keys: No such file or directory"),
+        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef"}, [],
+         "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1"),
+        ({"ZAI_API_KEY": "k"}, ["--admin-listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
     ],
 )
 def test_badSettingsExit(tmp_path: Any, env: dict[str, str], args: list[str], message: str) -> None:

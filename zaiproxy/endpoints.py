@@ -1,12 +1,11 @@
 # -*- test-case-name: tests.test_endpoints -*-
 """
-What the proxy answers itself: C{/metrics}, C{/health} and C{/readyz}.
+What the proxy answers itself: C{/metrics}, C{/health}, C{/readyz} and
+C{/admin/reset-rate-limit} (who may reach them: L{zaiproxy.access}).
 """
 
 from __future__ import annotations
 
-import hmac
-import ipaddress
 import json
 from typing import Any, Callable
 
@@ -101,41 +100,21 @@ class ReadyResource(_ReadOnly):
         return _json(request, 200, {"status": "ready"})
 
 
-def _fromLoopback(request: Request) -> bool:
-    host = getattr(request.getClientAddress(), "host", "")
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 class AdminResetResource(Resource):
     """
     C{POST /admin/reset-rate-limit}: forget what the limiter learned.
 
-    The seed left it open to anyone; here it answers loopback, or a caller
-    presenting C{ADMIN_TOKEN} as a bearer token.
+    The seed left it open to anyone; here L{zaiproxy.access.AdminGate}
+    decides who reaches it.
     """
 
     isLeaf = True
 
-    def __init__(self, limiter: Any, adminToken: str) -> None:
+    def __init__(self, limiter: Any) -> None:
         super().__init__()
         self._limiter = limiter
-        self._token = adminToken.encode("utf-8")
-
-    def _allowed(self, request: Request) -> bool:
-        if self._token:
-            presented = request.getHeader(b"authorization") or b""
-            if hmac.compare_digest(presented, b"Bearer " + self._token):
-                return True
-        return _fromLoopback(request)
 
     def render(self, request: Request) -> bytes:
-        if not self._allowed(request):
-            request.setResponseCode(403)
-            request.setHeader(b"content-type", b"application/json")
-            return errorBody(Dialect.anthropic, 403, "admin endpoints answer loopback or ADMIN_TOKEN only")
         if request.method != b"POST":
             request.setResponseCode(405)
             request.setHeader(b"allow", b"POST")

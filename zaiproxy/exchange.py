@@ -66,7 +66,10 @@ class Exchange:
     What is known about one request, filled in as it goes.
 
     @ivar errorType: the kind of upstream failure, if any, with the seed's
-        C{error_type} vocabulary.
+        C{error_type} vocabulary (or C{unauthorized}).
+    @ivar client: the peer address.
+    @ivar keyName: the name of the client key presented (C{unauthorized}
+        when refused for it); L{None} while no client keys are configured.
     """
 
     method: str
@@ -80,7 +83,16 @@ class Exchange:
     model: str | None = None
     errorType: str | None = None
     client: str = "-"
+    keyName: str | None = None
     queueWait: float = 0.0
+
+    @property
+    def clientLabel(self) -> str:
+        """
+        Who the client is, for the access log and the admission queue: its
+        key's name when client keys are configured, else its address.
+        """
+        return self.keyName or self.client
 
 
 # Module level: as a class attribute Logger would rename itself after the class.
@@ -133,6 +145,8 @@ class Reporter:
         )
         if exchange.errorType:
             line += f" error={exchange.errorType}"
+        if exchange.keyName is not None:
+            line += f" client={exchange.keyName}"
         _accessLog.info(
             LINE,
             line=line,
@@ -144,7 +158,8 @@ class Reporter:
             bytesOut=exchange.responseBytes,
             model=model,
             errorType=exchange.errorType,
-            client=exchange.client,
+            client=exchange.clientLabel,
+            peer=exchange.client,
             queueWait=round(exchange.queueWait, 6),
             ttfb=(
                 None if exchange.firstByteAt is None

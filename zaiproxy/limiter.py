@@ -376,6 +376,20 @@ class RateLimiter:
                 self.log.warn("Rate limiter reset: cannot remove {path}: {error}", path=s.stateFile, error=str(e))
         self.log.info("Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}", rate=self.rate, ceiling=self.ceiling)
 
+    def setBounds(self, initial: float, minimum: float, maximum: float) -> None:
+        """
+        New C{RATE_LIMIT_INITIAL}/C{MIN}/C{MAX} while running (a reload):
+        the rate and the ceiling are clamped into the new bounds; a ceiling
+        not learned yet follows C{RATE_LIMIT_MAX}, its first estimate.
+        C{initial} applies at the next reset.
+        """
+        old = self.settings
+        self.settings = attrs.evolve(old, initial=initial, minimum=minimum, maximum=maximum)
+        if not self._learned and self.ceiling == old.maximum:
+            self.ceiling = maximum
+        self.ceiling = _clamp(self.ceiling, minimum, maximum)
+        self._setRate(_clamp(self.rate, minimum, maximum))
+
     # -- persistence -------------------------------------------------------------
 
     def _persist(self, now: float) -> None:

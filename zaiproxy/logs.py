@@ -24,7 +24,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
-__all__ = ["buildObserver", "formatJSON", "formatText", "LINE"]
+__all__ = ["buildObserver", "LevelFilteringObserver", "formatJSON", "formatText", "LINE"]
 
 #: The format of an event whose text is already made (hot-path events such
 #: as the access log): C{log.info(LINE, line=text, **fields)}. Twisted's own
@@ -136,17 +136,39 @@ class _FlushPerTurn:
             self._stream.flush()
 
 
+class LevelFilteringObserver(FilteringLogObserver):
+    """
+    Our observer: events at the chosen level and above, and a level that
+    can change while the proxy runs (C{LOG_LEVEL} on SIGHUP).
+    """
+
+    def __init__(self, observer: ILogObserver, level: LogLevel) -> None:
+        self._predicate = LogLevelFilterPredicate()
+        super().__init__(observer, [self._predicate])
+        self.setLevel(level)
+
+    @property
+    def level(self) -> LogLevel:
+        return self._predicate.defaultLogLevel
+
+    def setLevel(self, level: LogLevel) -> None:
+        predicate = self._predicate
+        # The default level is copied into the table at construction;
+        # both must change.
+        predicate.defaultLogLevel = level
+        predicate.setLogLevelForNamespace("", level)
+        for namespace in _CHATTY:
+            predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
+
+
 def buildObserver(
     stream: IO[str], logFormat: str, level: LogLevel, reactor: Any = None
-) -> ILogObserver:
+) -> LevelFilteringObserver:
     """
     An observer writing C{logFormat} ("text" or "json") lines of events at
     C{level} and above to C{stream}; given a reactor, flushed once per turn.
     """
     formatter: Callable[[dict[str, Any]], str] = formatJSON if logFormat == "json" else formatText
-    predicate = LogLevelFilterPredicate(defaultLogLevel=level)
-    for namespace in _CHATTY:
-        predicate.setLogLevelForNamespace(namespace, max(level, LogLevel.warn))
     if reactor is not None:
         stream = _FlushPerTurn(stream, reactor)  # type: ignore[assignment]
-    return FilteringLogObserver(FileLogObserver(stream, formatter), [predicate])
+    return LevelFilteringObserver(FileLogObserver(stream, formatter), level)

@@ -202,6 +202,25 @@ class Metrics:
         self.quotaPolls = Counter(
             "zai_proxy_quota_poll", "Quota polls, by result.", ["result", "variant"], registry=r,
         )
+        # Client keys and reloads.
+        self.clientAuthFailures = Counter(
+            "zai_proxy_client_auth_failures",
+            "Proxied requests refused with 401: no client key (missing) or not a configured one (unknown).",
+            ["reason", "variant"], registry=r,
+        )
+        self.clientKeys = Gauge(
+            "zai_proxy_client_keys", "Client keys in force (0: the proxy is open).",
+            ["variant"], registry=r,
+        )
+        self.configReloads = Counter(
+            "zai_proxy_config_reloads", "Configuration reloads (SIGHUP), by result.",
+            ["result", "variant"], registry=r,
+        )
+        self.configReloadTime = Gauge(
+            "zai_proxy_config_last_reload_timestamp_seconds",
+            "When the configuration was last reloaded successfully (Unix time; 0: never).",
+            ["variant"], registry=r,
+        )
         self.queueLength = Gauge(
             "zai_proxy_rate_limit_queue_length", "Model calls waiting for admission.",
             ["variant"], registry=r,
@@ -234,6 +253,12 @@ class Metrics:
         durations.observe(duration)
         requestSizes.observe(requestBytes)
         responseSizes.observe(responseBytes)
+
+    def clientAuthFailure(self, reason: str) -> None:
+        """
+        A proxied request refused for its client key (C{missing}, C{unknown}).
+        """
+        self.clientAuthFailures.labels(reason, self.variant).inc()
 
     def upstreamError(self, errorType: str) -> None:
         self.upstreamErrors.labels(errorType, self.variant).inc()

@@ -158,7 +158,8 @@ class Relay(Protocol):
             self._request,
             self._route,
             exchange,
-            clientBucket(exchange.client),
+            # Fairness by client key name, else by the seed's address buckets.
+            exchange.keyName or clientBucket(exchange.client),
             wantsResponse=self._wantsResponse,
         )
         self._forwarder.start().addCallbacks(self._gotResponse, self._bug).addErrback(self._bug)

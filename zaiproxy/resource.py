@@ -11,11 +11,13 @@ from typing import Any, Callable
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from zaiproxy.access import Credentials
+from zaiproxy.clientkeys import UNAUTHORIZED, presentedKeys
+from zaiproxy.dialects import Dialect, respondWithError
 from zaiproxy.exchange import Exchange, sniffModel
 from zaiproxy.metrics import methodLabel
-from zaiproxy.dialects import respondWithError
 from zaiproxy.relay import InFlight, Relay, RelayContext
-from zaiproxy.routes import Forward, Local, Targets, guessDialect, resolve
+from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 
 __all__ = ["ProxyResource"]
 
@@ -44,8 +46,10 @@ class ProxyResource(Resource):
         inFlight: InFlight,
         local: dict[bytes, Resource],
         isDraining: Callable[[], bool],
+        credentials: Credentials | None = None,
     ) -> None:
         super().__init__()
+        self._credentials = credentials or Credentials()
         self._targets = targets
         self._context = context
         self._inFlight = inFlight
@@ -60,7 +64,11 @@ class ProxyResource(Resource):
             request.channel.persistent = False
         route = resolve(request.uri, self._targets)
         if isinstance(route, Local):
-            return self._local[route.path].render(request)
+            resource = self._local.get(route.path)
+            if resource is not None:
+                return resource.render(request)
+            # Served on the admin port (--admin-listen) only.
+            route = Refuse(404, "no route for this path on the proxy", "unknown")
         context = self._context
         exchange = Exchange(
             method=methodLabel(request.method),
@@ -80,12 +88,39 @@ class ProxyResource(Resource):
             context.reporter.finished(exchange)
             return NOT_DONE_YET
         exchange.dialect = route.dialect
+        keys = self._credentials.clientKeys
+        if keys is not None:
+            presented = presentedKeys(request.requestHeaders)
+            exchange.keyName = keys.lookupAny(presented)
+            if exchange.keyName is None:
+                self._unauthorized(request, exchange, route.dialect, "unknown" if presented else "missing")
+                return NOT_DONE_YET
         exchange.model = sniffModel(request.content)
         tap = None
         if context.accounting is not None:
             tap = context.accounting.tapFor(route.label, route.dialect, exchange, request.content)
         Relay(request, route, exchange, context, self._inFlight, tap).start()
         return NOT_DONE_YET
+
+    def _unauthorized(self, request: Request, exchange: Exchange, dialect: Dialect, reason: str) -> None:
+        """
+        401 in the route's dialect, shaped so the SDKs raise their
+        AuthenticationError. The presented key is never logged or echoed.
+        """
+        exchange.keyName = UNAUTHORIZED
+        exchange.errorType = UNAUTHORIZED
+        exchange.status = 401
+        if reason == "missing":
+            message = "this proxy needs a client key: send it as x-api-key or Authorization: Bearer"
+        else:
+            message = "the client key is not valid for this proxy"
+        request.setHeader(b"www-authenticate", b'Bearer realm="zaiproxy"')
+        exchange.responseBytes = respondWithError(
+            request, dialect, 401, message, "invalid_api_key" if dialect is Dialect.openai else None
+        )
+        reporter = self._context.reporter
+        reporter.metrics.clientAuthFailure(reason)
+        reporter.finished(exchange)
 
     def rejected(self, method: bytes, path: bytes, status: int, bodyBytes: int) -> None:
         """

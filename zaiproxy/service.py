@@ -2,6 +2,9 @@
 """
 The proxy as a service: builds the pieces, listens, and drains on stop.
 
+SIGHUP (under twistd) reloads the config file and the key file
+(L{zaiproxy.reload}).
+
 Stopping (SIGTERM) closes the listeners first, lets the streams in flight
 finish for up to C{DRAIN_TIMEOUT}, cuts the rest with an error event, and
 then closes every client connection and waits until it is gone: a response
@@ -12,7 +15,7 @@ stops at that moment loses the tail of the stream.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Mapping
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
@@ -23,8 +26,10 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 
 from zaiproxy import __version__
+from zaiproxy.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
 from zaiproxy.accounting import Accounting, ModelLabels, Price, Pricing
 from zaiproxy.activation import Listener
+from zaiproxy.clientkeys import buildClientKeys
 from zaiproxy.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.exchange import Reporter
 from zaiproxy.limiter import LimiterSettings, RateLimiter
@@ -33,6 +38,7 @@ from zaiproxy.quota import QuotaPoller
 from zaiproxy.relay import InFlight, RelayContext
 from zaiproxy.resource import ProxyResource
 from zaiproxy.routes import Targets
+from zaiproxy.reload import Reloader
 from zaiproxy.settings import Settings
 from zaiproxy.site import ProxySite
 from zaiproxy.tokens import Counting, loadCounter
@@ -44,8 +50,8 @@ __all__ = ["ProxyService", "BuildInfo"]
 _FLUSH_SECONDS = 5.0
 #: After cutting streams at the drain deadline, how long they have to end.
 _CUT_SECONDS = 2.0
-
-
+#: Largest request body on the admin port (its endpoints take none).
+_ADMIN_MAX_REQUEST_BYTES = 64 * 1024
 class BuildInfo:
     """
     The version, commit and build time reported by C{zai_proxy_build_info}.
@@ -74,14 +80,31 @@ class ProxyService(MultiService):
         build: BuildInfo | None = None,
         metrics: Metrics | None = None,
         limiterClock: Any = None,
+        adminListen: list[str] | None = None,
+        configPath: str | None = None,
+        environ: Mapping[str, str] | None = None,
+        handleSignals: bool = False,
     ) -> None:
+        """
+        @param adminListen: strports descriptions of the admin port; when
+            given, C{/metrics} and C{/admin/*} move there from C{listen}.
+        @param configPath: the C{--config} file, and C{environ} the
+            environment, that L{reload} reads again.
+        @param handleSignals: reload on SIGHUP (the real daemon only).
+        @raise ClientKeysError: the key file cannot be used.
+        """
         super().__init__()
         self.reactor = reactor
         self.settings = settings
+        self.reloader = Reloader(self, configPath, environ or {})
+        self._handleSignals = handleSignals
         self.draining = False
         self._announced = False
-        self._observer = observer
+        self.observer = observer
         self._warnings = list(warnings or [])
+        clientKeys, keyWarnings = buildClientKeys(settings.proxyApiKeys, settings.proxyApiKeysFile or None)
+        self._warnings += keyWarnings
+        self.credentials = Credentials(clientKeys, settings.adminToken)
         build = build or BuildInfo()
         self.build = build
 
@@ -96,6 +119,10 @@ class ProxyService(MultiService):
         self.limiter = self._buildLimiter(limiterClock or reactor, settings)
         self.inFlight = InFlight()
         self.metrics.inFlight.set_function(lambda: len(self.inFlight))
+        self.metrics.clientKeys.labels(settings.deploymentVariant).set_function(
+            lambda: len(self.credentials.clientKeys or ())
+        )
+        self.metrics.configReloadTime.labels(settings.deploymentVariant).set(0)
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
         self.context = RelayContext(
             clock=reactor,
@@ -139,17 +166,25 @@ class ProxyService(MultiService):
         else:
             self.health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
         self.health.sections["token_counting"] = self.accounting.health
+        self.health.sections["reload"] = self.reloader.snapshot
+        public = {
+            b"/health": self.health,
+            b"/readyz": ReadyResource(isDraining),
+        }
+        guarded = {
+            b"/metrics": AdminGate(MetricsResource(self.metrics), self.credentials, loopbackOnly=False),
+            b"/admin/reset-rate-limit": AdminGate(
+                AdminResetResource(self.limiter), self.credentials, loopbackOnly=True
+            ),
+        }
+        adminListen = list(adminListen or [])
         self.resource = ProxyResource(
             self.targets,
             self.context,
             self.inFlight,
-            {
-                b"/metrics": MetricsResource(self.metrics),
-                b"/health": self.health,
-                b"/readyz": ReadyResource(isDraining),
-                b"/admin/reset-rate-limit": AdminResetResource(self.limiter, settings.adminToken),
-            },
+            public if adminListen else {**public, **guarded},
             isDraining,
+            self.credentials,
         )
         self.site = ProxySite(
             self.resource,
@@ -159,6 +194,15 @@ class ProxyService(MultiService):
             idleTimeout=settings.clientIdleTimeout,
             onRejected=self.resource.rejected,
         )
+        adminRoot = AdminRoot({**public, **guarded})
+        self.adminSite = ProxySite(
+            adminRoot,
+            reactor,
+            maxRequestBytes=_ADMIN_MAX_REQUEST_BYTES,
+            headerTimeout=settings.clientHeaderTimeout,
+            idleTimeout=settings.clientIdleTimeout,
+            onRejected=adminRoot.rejected,
+        )
         # Parsed now, so a bad --listen stops start-up with a clear error.
         # A Listener is a socket passed by systemd (zaiproxy.activation).
         self._endpoints = [
@@ -167,7 +211,12 @@ class ProxyService(MultiService):
             else (item, endpoints.serverFromString(reactor, item))
             for item in listen
         ]
+        self._adminEndpoints = [
+            (description, endpoints.serverFromString(reactor, description))
+            for description in adminListen
+        ]
         self.ports: list[IListeningPort] = []
+        self.adminPorts: list[IListeningPort] = []
 
     def _buildAccounting(self, reactor: Any, settings: Settings) -> Accounting:
         """
@@ -232,9 +281,9 @@ class ProxyService(MultiService):
         Under twistd, give the application our log observer, so LOG_FORMAT
         and LOG_LEVEL apply without twistd command-line flags.
         """
-        if self._observer is not None and isinstance(parent, Componentized):
+        if self.observer is not None and isinstance(parent, Componentized):
             if parent.getComponent(ILogObserver, None) is None:
-                parent.setComponent(ILogObserver, self._observer)
+                parent.setComponent(ILogObserver, self.observer)
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
@@ -247,6 +296,8 @@ class ProxyService(MultiService):
         self._announce()
         self._listen()
         self.limiter.start()
+        if self._handleSignals:
+            self.reloader.installSignal()
         if self.quota is not None:
             self.quota.start()
         else:
@@ -318,24 +369,71 @@ class ProxyService(MultiService):
         """
         if self.ports:
             return
-        for description, endpoint in self._endpoints:
-            outcome: list[Any] = []
-            endpoint.listen(self.site).addBoth(outcome.append)
-            if not outcome or isinstance(outcome[0], Failure):
-                for port in self.ports:
-                    port.stopListening()
-                self.ports = []
-                if outcome:
-                    outcome[0].raiseException()
-                raise RuntimeError(f"listening on {description} did not complete")
-            port = outcome[0]
-            self.ports.append(port)
-            address = port.getHost()
-            self.log.info(
-                "Z.AI proxy listening on {where} ({description}); metrics at /metrics",
-                where=f"{getattr(address, 'host', '')}:{getattr(address, 'port', '')}",
-                description=description,
+        separate = bool(self._adminEndpoints)
+        try:
+            for description, endpoint in self._endpoints:
+                port = self._bind(description, endpoint, self.site)
+                self.ports.append(port)
+                self.log.info(
+                    "Z.AI proxy listening on {where} ({description}){metrics}",
+                    where=self._where(port),
+                    description=description,
+                    metrics="" if separate else "; metrics at /metrics",
+                )
+            for description, endpoint in self._adminEndpoints:
+                port = self._bind(description, endpoint, self.adminSite)
+                self.adminPorts.append(port)
+                self.log.info(
+                    "Admin port (/metrics, /health, /readyz, /admin/*) listening on {where} ({description})",
+                    where=self._where(port),
+                    description=description,
+                )
+        except BaseException:
+            for port in self.ports + self.adminPorts:
+                port.stopListening()
+            self.ports, self.adminPorts = [], []
+            raise
+        self.warnIfOpen()
+
+    @staticmethod
+    def _where(port: IListeningPort) -> str:
+        address = port.getHost()
+        if not hasattr(address, "host"):
+            return str(getattr(address, "name", address))
+        return f"{address.host}:{getattr(address, 'port', '')}"
+
+    def _bind(self, description: str, endpoint: Any, site: ProxySite) -> IListeningPort:
+        outcome: list[Any] = []
+        endpoint.listen(site).addBoth(outcome.append)
+        if not outcome:
+            raise RuntimeError(f"listening on {description} did not complete")
+        if isinstance(outcome[0], Failure):
+            outcome[0].raiseException()
+        port: IListeningPort = outcome[0]
+        return port
+
+    def warnIfOpen(self) -> None:
+        """
+        The loud warning: no client keys, and a port reachable from other
+        hosts, means anyone who can connect spends the upstream quota.
+        """
+        if self.credentials.clientKeys is not None:
+            return
+        exposed = [self._where(port) for port in self.ports if not isLoopbackAddress(port.getHost())]
+        if exposed:
+            self.log.warn(
+                "WARNING: no client keys are configured (PROXY_API_KEYS_FILE, PROXY_API_KEYS) and the "
+                "proxy listens beyond loopback on {where}: the upstream Z.AI quota is open to anyone "
+                "who can connect",
+                where=", ".join(exposed),
             )
+
+    def reload(self) -> bool:
+        """
+        Read the config file and the key file again (what SIGHUP does); see
+        L{Reloader.reload}.
+        """
+        return self.reloader.reload()
 
     @inlineCallbacks
     def stopService(self) -> Any:
@@ -343,12 +441,14 @@ class ProxyService(MultiService):
         Drain: stop accepting, let streams finish, flush, close the pool.
         """
         self.draining = True
+        self.reloader.restoreSignal()
         self.log.info(
             "Draining: {n} request(s) in flight, up to {timeout:g} s",
             n=len(self.inFlight),
             timeout=self.settings.drainTimeout,
         )
-        ports, self.ports = self.ports, []
+        ports, self.ports = self.ports + self.adminPorts, []
+        self.adminPorts = []
         yield defer.gatherResults(
             [defer.maybeDeferred(port.stopListening) for port in ports], consumeErrors=True
         ).addErrback(lambda f: self.log.failure("closing a listener failed", failure=f))
@@ -364,12 +464,15 @@ class ProxyService(MultiService):
 
         # Hand every connection's last bytes to the kernel before the
         # reactor stops: loseConnection() flushes the write buffer first.
-        for channel in list(self.site.channels):
-            channel.loseConnection()
-        closed = yield self._within(self.site.whenNoChannels(), _FLUSH_SECONDS)
-        if not closed:
-            for channel in list(self.site.channels):
-                channel.transport.abortConnection()
+        sites = (self.site, self.adminSite)
+        for site in sites:
+            for channel in list(site.channels):
+                channel.loseConnection()
+        for site in sites:
+            closed = yield self._within(site.whenNoChannels(), _FLUSH_SECONDS)
+            if not closed:
+                for channel in list(site.channels):
+                    channel.transport.abortConnection()
         self.limiter.stop()
         if self.quota is not None:
             self.quota.stop()

@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import re
 import sys
-import textwrap
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 import attrs
 from twisted.logger import LogLevel
 
+from zaiproxy.clientkeys import ClientKey, parseInlineKeys
 from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
 
 __all__ = [
@@ -450,9 +450,18 @@ class Settings:
         "QUOTA_MAX_RESPONSE_BYTES", parseByteSize, "64KiB",
         "Largest quota response read.",
     )
+    proxyApiKeysFile: str = _setting(
+        "PROXY_API_KEYS_FILE", parseText, "",
+        "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied routes need one. Re-read on SIGHUP.",
+    )
+    proxyApiKeys: tuple[ClientKey, ...] = _setting(
+        "PROXY_API_KEYS", parseInlineKeys, "",
+        "Client keys as a comma-separated name:key list, in addition to the file. Never logged.",
+        secret=True,
+    )
     adminToken: str = _setting(
         "ADMIN_TOKEN", parseSecret, "",
-        "Token for /admin/* from other hosts (Authorization: Bearer); without it /admin/* answers loopback only.",
+        "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, /metrics is open and /admin/* answers loopback only.",
         secret=True,
     )
     logLevel: LogLevel = _setting(
@@ -598,11 +607,11 @@ def environmentTemplate() -> str:
         "# zaiproxy settings, read by systemd (EnvironmentFile=) and by",
         "# `twistd zaiproxy --config`. Every setting is listed with its default;",
         "# uncomment a line to change it. Keep this file readable only by root and",
-        "# the service (it holds the Z.AI key): install -m 0640.",
+        "# the service's group (it holds the Z.AI key): install -m 0640, chgrp zaiproxy.",
         "",
     ]
     for spec in settingSpecs():
-        lines.extend("# " + line for line in textwrap.wrap(spec.help, 76))
+        lines.append("# " + spec.help)
         lines.append(f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}")
         lines.append("")
     return "\n".join(lines)

@@ -44,10 +44,10 @@ def _settingsHelp() -> str:
 
 class Options(usage.Options):
     """
-    C{twistd zaiproxy [--listen DESCRIPTION ...] [--config PATH]}
+    C{twistd zaiproxy [--listen DESCRIPTION ...] [--admin-listen DESCRIPTION ...] [--config PATH]}
     """
 
-    synopsis = "[--listen DESCRIPTION ...] [--config PATH]"
+    synopsis = "[--listen DESCRIPTION ...] [--admin-listen DESCRIPTION ...] [--config PATH]"
     optParameters = [
         [
             "config",
@@ -55,7 +55,7 @@ class Options(usage.Options):
             None,
             "A KEY=VALUE file in systemd EnvironmentFile syntax (e.g. "
             "/etc/zaiproxy/zaiproxy.env); variables in the process environment "
-            "override it.",
+            "override it. Re-read (with the client key file) on SIGHUP.",
         ],
     ]
 
@@ -73,6 +73,7 @@ class Options(usage.Options):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["admin-listen"] = []
 
     def opt_listen(self, description: str) -> None:
         """
@@ -84,6 +85,15 @@ class Options(usage.Options):
         self["listen"].append(description)
 
     opt_l = opt_listen
+
+    def opt_admin_listen(self, description: str) -> None:
+        """
+        Serve /metrics, /health, /readyz and /admin/* on this strports
+        description (e.g. tcp:9090:interface=127.0.0.1) instead of the
+        proxy's port, which then answers 404 for /metrics and /admin/*.
+        Repeat to listen on several.
+        """
+        self["admin-listen"].append(description)
 
     def postOptions(self) -> None:
         if not self["listen"]:
@@ -127,6 +137,7 @@ def makeService(options: Options) -> IService:
     environ = dict(os.environ)
     from twisted.internet import reactor
 
+    from zaiproxy.clientkeys import ClientKeysError
     from zaiproxy.service import BuildInfo, ProxyService
 
     try:
@@ -144,8 +155,20 @@ def makeService(options: Options) -> IService:
         log.info("{note}", note=note)
     try:
         return ProxyService(
-            reactor, settings, choice.listen, observer, [*warnings, *choice.warnings], build
+            reactor,
+            settings,
+            choice.listen,
+            observer,
+            [*warnings, *choice.warnings],
+            build,
+            adminListen=options["admin-listen"],
+            configPath=options["config"],
+            environ=os.environ,
+            handleSignals=True,
         )
+    except ClientKeysError as e:
+        _fail(str(e))
+        raise
     except ValueError as e:
         # endpoints.serverFromString rejects a malformed --listen.
         _fail(f"invalid --listen: {e}")
