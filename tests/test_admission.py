@@ -179,3 +179,55 @@ def test_longRunRate(rate: float) -> None:
     clock.pump([0.05] * 400)
     # The burst (2x the rate) at once, then the rate for 20 s.
     assert abs(len(admitted) - (2 * rate + rate * 20)) <= 2
+
+
+def test_noBurstCreditWhileWaiting() -> None:
+    """
+    Time spent with callers waiting (for a slot, or for a timer the reactor
+    ran late) is not idle: afterwards calls go out at the rate, with at most
+    a tenth of a second of catch-up, not as a burst of the credit that time
+    would have built (Z.AI counts per second).
+    """
+    clock, admission, _, _ = make(rate=10.0, concurrency=3)
+    held = [result(admission.admit("a"))]  # the one starting token
+    clock.advance(0.1)
+    held.append(result(admission.admit("a")))
+    clock.advance(0.1)
+    held.append(result(admission.admit("a")))
+    waiting = [admission.admit("a") for _ in range(5)]
+    assert admission.slotWaits == 5
+    clock.advance(3.0)  # 30 tokens' worth of time, all of it waiting
+    for permit in held:
+        permit.release()
+    # 1 + 0.1 s x 10/s of credit: two calls now, the next a tenth later.
+    assert [d.called for d in waiting] == [True, True, False, False, False]
+    clock.advance(0.1)
+    assert [d.called for d in waiting] == [True, True, True, False, False]
+    for d in waiting[:3]:
+        result(d).release()
+    for d in waiting[3:]:
+        d.cancel()
+        d.addErrback(lambda f: None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_lateTimerReleasesNoBurst() -> None:
+    """
+    When the reactor runs the bucket's timer 1.5 s late (a stall), the
+    waiting calls do not go out as 15 at once: at most a tenth of a second
+    of catch-up, then the rate.
+    """
+    clock, admission, admitted, _ = make(rate=10.0, concurrency=100)
+    first = result(admission.admit("a"))
+    waiting = [admission.admit("a") for _ in range(30)]
+    assert len(admitted) == 1
+    clock.rightNow += 1.5  # the timer was due in 0.1 s
+    clock.advance(0)
+    assert len(admitted) == 1 + 2
+    clock.pump([0.1] * 10)
+    assert len(admitted) == 1 + 2 + 10
+    first.release()
+    for d in waiting:
+        d.cancel()
+        d.addErrback(lambda f: None)
+    assert clock.getDelayedCalls() == []

@@ -192,8 +192,8 @@ def test_failedProbeKeepsWhatCleanWindowsProved() -> None:
     """
     A probe window that meets heavy refusals and accepted little (Z.AI
     refusing in a burst after the overshoot) goes back to the ceiling it
-    set out from, not below it; the same window outside a probe is taken
-    as measured.
+    set out from, not below it; the window after only nudges (the probe's
+    tail), and refusals that persist are taken as measured.
     """
     clock, rl, adjustments = limiter(initial=9.8, probeInterval=1)
     rl.ceiling = 10.0
@@ -203,7 +203,9 @@ def test_failedProbeKeepsWhatCleanWindowsProved() -> None:
     window(clock, rl, successes=150, frequency=150)  # 5 req/s, 50% refused
     assert rl.ceiling == pytest.approx(10.0)
     assert rl.rate == pytest.approx(9.8)
-    window(clock, rl, successes=150, frequency=150)  # again, unprobed
+    window(clock, rl, successes=150, frequency=150)  # again: the probe's tail
+    assert rl.ceiling == pytest.approx(0.3 * 5 + 0.7 * 10)
+    window(clock, rl, successes=150, frequency=150)  # and again: measured
     assert rl.ceiling == pytest.approx(5.0)
     assert rl.rate == pytest.approx(4.9)
 
@@ -451,3 +453,18 @@ def test_restoreAtTheHoldLevel(tmp_path: Path) -> None:
     _, again, _ = limiter(clock, stateFile=str(path))
     assert again.ceiling == pytest.approx(10.2)
     assert again.rate == pytest.approx(10.2 * 0.98)
+
+
+def test_tailOfAnOverloadOnlyNudges() -> None:
+    """
+    The window right after a measured overload still sees its tail (Z.AI's
+    window remembers what it took) and only moves the ceiling by alpha; an
+    overload that persists is measured again the window after.
+    """
+    clock, rl, _ = limiter(initial=40.0)
+    window(clock, rl, successes=720, frequency=480)  # first evidence: 24 req/s
+    assert rl.ceiling == pytest.approx(24.0)
+    window(clock, rl, successes=450, frequency=150)  # the tail: 15 req/s, 25%+
+    assert rl.ceiling == pytest.approx(0.3 * 15 + 0.7 * 24)
+    window(clock, rl, successes=300, frequency=300)  # still: measured
+    assert rl.ceiling == pytest.approx(10.0)

@@ -37,6 +37,11 @@ def clientBucket(host: str) -> str:
     return f"source-{value % 64:02d}"
 
 
+#: Seconds of credit that time spent with callers waiting may still build:
+#: enough for timers that run a tick late, far too little for a burst.
+CATCH_UP = 0.1
+
+
 class NotAdmitted(Exception):
     """
     The call was not admitted; C{retryAfter} is a fair guess of when to try
@@ -181,7 +186,16 @@ class Admission:
 
     def _refill(self) -> None:
         now = self._clock.seconds()
-        self._tokens = min(self.burst, self._tokens + (now - self._refilled) * self.rate)
+        # Burst credit builds only while nobody waits. Time that callers
+        # spent waiting (for a slot, or for a timer the reactor ran late) is
+        # not idle: its credit would go out as one burst, and Z.AI counts
+        # per second. A little catch-up is kept so a timer that fires late
+        # by a few ticks costs no throughput.
+        gained = self._tokens + (now - self._refilled) * self.rate
+        if self._rotation:
+            self._tokens = max(self._tokens, min(1.0 + CATCH_UP * self.rate, gained))
+        else:
+            self._tokens = min(self.burst, gained)
         self._refilled = now
 
     def _dispatch(self) -> None:

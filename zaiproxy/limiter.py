@@ -111,6 +111,7 @@ class RateLimiter:
         self._probing = False
         self._gain = settings.margin
         self._learned = False
+        self._tail = False
         self.limit = settings.maxWorkers
         self.limitCeiling = settings.maxWorkers
         self._limitClean = 0
@@ -236,10 +237,16 @@ class RateLimiter:
             # 429s.)
             old = self.ceiling
             measured = min(self.rate, successes / elapsed)
-            if ratio > HEAVY_RATIO or not self._learned:
+            # The window right after a measured overload still sees its
+            # tail (Z.AI's own window remembers the calls it took), and
+            # undercounts: it only nudges. An overload that persists is
+            # measured again the window after.
+            heavy = ratio > HEAVY_RATIO and not self._tail
+            if heavy or not self._learned:
                 ceiling = measured
             else:
                 ceiling = min(self.rate, s.alpha * measured + (1 - s.alpha) * self.ceiling)
+            self._tail = heavy or not self._learned or self._probing
             if self._probing:
                 # A failed probe shows the capacity lies below the probed
                 # rate; the clean windows before it showed where it lies
@@ -262,6 +269,7 @@ class RateLimiter:
                 old=old, new=self.ceiling, rate=self.rate, ratio=ratio * 100,
             )
             return
+        self._tail = False
         if saturated:
             # Callers waited for the rate and Z.AI took it all: hard
             # evidence that the capacity is at least this rate (so a clean
@@ -360,6 +368,7 @@ class RateLimiter:
         self.ceilingUpdatedAt = None
         self.restoredFromState = False
         self._probing = False
+        self._tail = False
         self._clean = 0
         self._gain = s.margin
         self._learned = False
