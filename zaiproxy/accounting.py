@@ -402,20 +402,27 @@ class UsageTap:
 
     # -- streams ------------------------------------------------------------
 
-    def feed(self, data: bytes) -> list[Piece]:
+    def feed(self, data: bytes) -> list[Piece] | None:
         """
-        Read whole events; return what to write in their place (the same
-        bytes, unless an event needs usage added).
+        Read whole events; return what to write in their place, or L{None}
+        when that is C{data} unchanged (all but always: only a stream
+        without usage changes).
         """
         try:
             events = self._parser.feed(data)
             read = self._reader.event
+            if len(events) == 1:
+                # The relay hands over one event a chunk as Z.AI sends them.
+                where = read(events[0])
+                if where is None:
+                    return None
+                return self._inject(data, [(events[0], where)])
             wheres = [read(event) for event in events]
         except Exception:
             _log.failure("reading a stream for usage failed", failure=Failure())
-            return [data]
+            return None
         if not any(wheres):
-            return [data]
+            return None
         return self._inject(data, list(zip(events, wheres)))
 
     def _inject(self, data: bytes, injections: list[tuple[Event, str | None]]) -> list[Piece]:

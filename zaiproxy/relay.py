@@ -281,7 +281,13 @@ class Relay(Protocol):
                 self._partial = b""
             if self._mode == "stream":
                 assert self._tap is not None
-                self._emit(self._tap.feed(data))
+                pieces = self._tap.feed(data)
+                if pieces is None:
+                    if self._waiting is None:
+                        self._send(data)
+                        return
+                    pieces = [data]
+                self._emit(pieces)
                 return
         self._send(data)
 

@@ -12,9 +12,7 @@ into chunks, and nothing an upstream sends may make it raise.
 
 from __future__ import annotations
 
-from typing import Iterator
-
-import attrs
+from typing import Iterator, NamedTuple
 
 __all__ = ["Event", "EventParser", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
 
@@ -45,11 +43,13 @@ def lastEventEnd(data: bytes) -> int:
     return end
 
 
-@attrs.frozen
-class Event:
+class Event(NamedTuple):
     """
     One dispatched event: its C{event:} name (L{None} if it had none) and
     its C{data:} lines joined with LF, as bytes (JSON parsers take bytes).
+
+    A named tuple rather than a frozen attrs class: one is made for every
+    event of every stream, and a tuple is made several times faster.
     """
 
     name: bytes | None
