@@ -10,17 +10,16 @@ import io
 import json
 import os
 import signal
-import socket
-import sys
 from typing import Any, AsyncIterator
 
 import pytest
 import pytest_twisted
 import treq
-from twisted.internet import defer, protocol, task
+from conftest import UPSTREAM_KEY
+from test_tap import TWISTD, _Collect, baseEnvironment, freePort
+from twisted.internet import task
 from twisted.logger import LogLevel
 
-from conftest import UPSTREAM_KEY
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import RawResponse, RunningFake, rawRequest, startFake
 from zaiproxy.logs import buildObserver
@@ -260,25 +259,6 @@ def test_limiterBoundsKeepLearnedCeiling(reactor: Any) -> None:
 # -- a real SIGHUP ------------------------------------------------------------------
 
 
-class _Collect(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        self.ended: defer.Deferred[Any] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
-
-
 async def until(reactor: Any, condition: Any, seconds: float = 10.0) -> None:
     for _ in range(int(seconds / 0.05)):
         if await condition():
@@ -294,19 +274,14 @@ async def test_sighupReloadsRealProcess(reactor: Any, upstream: RunningFake, tmp
     changed, takes the new keys; sent SIGHUP with a broken key file, it
     logs why and keeps serving with the keys it had; SIGTERM still exits 0.
     """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = freePort()
     files = Files(tmp_path, upstream)
     files.write(f"alice:{ALICE}\n", LOG_FORMAT="json")
     collect = _Collect()
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    env = {"PATH": os.environ.get("PATH", ""), "ZAI_API_KEY": UPSTREAM_KEY}
-    if "PYTHONPATH" in os.environ:
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    env = {**baseEnvironment(), "ZAI_API_KEY": UPSTREAM_KEY}
     process = reactor.spawnProcess(
-        collect, twistd,
-        [twistd, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
+        collect, TWISTD,
+        [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
          "--config", files.config],
         env=env, path=str(tmp_path),
     )

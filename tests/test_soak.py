@@ -23,7 +23,7 @@ import pytest_twisted
 from twisted.internet import defer
 
 from test_relay import chatBody, ended, events, messagesBody, sleep
-from test_tap import TWISTD, freePort
+from test_tap import TWISTD, baseEnvironment, freePort
 from zaiproxy.fake.testing import RawClient, rawRequest
 
 #: A key no other test uses, so a match in the logs can only come from here.
@@ -301,9 +301,7 @@ async def test_soak(reactor: Any, tmp_path: Path) -> None:
     """
     Thousands of mixed requests leave the proxy as they found it.
     """
-    base = {"PATH": os.environ.get("PATH", "")}
-    if "PYTHONPATH" in os.environ:
-        base["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    base = baseEnvironment()
     fakePort = proxyPort = freePort()
     while proxyPort == fakePort:
         proxyPort = freePort()

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
+from conftest import UPSTREAM_KEY
 from twisted.internet import defer, protocol, task
 
-from conftest import UPSTREAM_KEY
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import rawRequest, startFake
 from zaiproxy.settings import settingSpecs
@@ -116,6 +116,12 @@ class _Collect(protocol.ProcessProtocol):
 
     def processEnded(self, reason: Any) -> None:
         self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def records(self) -> list[dict[str, Any]]:
+        """
+        The JSON log lines written to stdout (LOG_FORMAT=json).
+        """
+        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
 
 
 def freePort() -> int:
