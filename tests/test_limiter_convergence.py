@@ -192,7 +192,11 @@ async def test_convergesThroughTheProxy(reactor: Any, makeStack: Any, tmp_path: 
     limiter = restarted.proxy.limiter
     assert limiter.restoredFromState
     assert limiter.ceiling == pytest.approx(learned, rel=0.05)
-    assert limiter.rate >= 0.75 * 2 * capacity
+    # It holds just under what it learned (RATE_LIMIT_HOLD_MARGIN, 2%), not
+    # at RATE_LIMIT_INITIAL. (Whether the first run's last window left the
+    # ceiling at 0.75 of the doubled C is that run's business: reaching it
+    # was asserted above.)
+    assert limiter.rate == pytest.approx(learned * (1 - 0.02), rel=0.05)
     load = Load(reactor, restarted.url("/v1/messages"), 3 * capacity * k)
     load.start()
     try:

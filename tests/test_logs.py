@@ -9,7 +9,7 @@ import json
 
 from twisted.logger import Logger, LogLevel, LogPublisher
 
-from zaiproxy.logs import buildObserver
+from zaiproxy.logs import LINE, LineLogger, buildObserver
 
 
 def emit(fmt: str, level: LogLevel = LogLevel.info, namespace: str = "zaiproxy.test", **kw: object) -> dict:
@@ -116,3 +116,47 @@ def test_flushOncePerTurn() -> None:
     observer(emit("at shutdown"))
     assert stream.flushes == 2
     assert clock.getDelayedCalls() == []
+
+
+def test_levelFilterNamespaces() -> None:
+    """
+    An event without a level or namespace is dropped, as Twisted's filter
+    drops it; a namespace under a chatty one is held to warnings too; a
+    new level applies to namespaces already seen.
+    """
+    out = io.StringIO()
+    observer = buildObserver(out, "text", LogLevel.info)
+    observer({"log_format": "no namespace", "log_level": LogLevel.error, "log_time": 0.0})
+    observer({"log_format": "no level", "log_namespace": "zaiproxy.test", "log_time": 0.0})
+    observer(emit("chatty", namespace="twisted.web.client._HTTP11ClientFactory.sub"))
+    observer(emit("chatty warning", LogLevel.warn, namespace="twisted.web.client._HTTP11ClientFactory"))
+    observer(emit("seen", LogLevel.debug))
+    observer.setLevel(LogLevel.debug)
+    assert observer.level is LogLevel.debug
+    observer(emit("now shown", LogLevel.debug))
+    assert out.getvalue().splitlines() == [
+        "2025-11-23T05:40:00.250Z [twisted.web.client._HTTP11ClientFactory#warn] chatty warning",
+        "2025-11-23T05:40:00.250Z [zaiproxy.test#debug] now shown",
+    ]
+
+
+def test_lineLogger() -> None:
+    """
+    L{LineLogger} emits the event Twisted's L{Logger} would, and an invalid
+    level still goes Twisted's way (reported, not emitted).
+    """
+    events: list[dict] = []
+    fast = LineLogger(namespace="zaiproxy.test", observer=events.append)
+    plain = Logger(namespace="zaiproxy.test", observer=events.append)
+    fast.info(LINE, line="a line", status=200)
+    plain.info(LINE, line="a line", status=200)
+    mine, theirs = events
+    assert 0 <= theirs["log_time"] - mine["log_time"] < 5
+    for event in events:
+        del event["log_time"], event["log_logger"]
+    assert mine == theirs
+    assert mine["log_level"] is LogLevel.info and mine["log_namespace"] == "zaiproxy.test"
+    del events[:]
+    fast.emit("loud", "x")  # type: ignore[arg-type]
+    assert len(events) == 1 and events[0]["log_level"] is LogLevel.critical
+    assert "invalid log level" in events[0]["log_format"]

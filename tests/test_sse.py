@@ -16,7 +16,7 @@ from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, lastEventEnd
+from zaiproxy.sse import Event, EventParser, eventJSON, lastEventEnd
 
 
 @pytest.mark.parametrize(
@@ -165,3 +165,62 @@ def test_frameShortcutRespectsTheLimit() -> None:
     parser = EventParser(maxEventBytes=20)
     assert parser.feed(b"data: " + b"x" * 30 + b"\n\ndata: ok\n\n") == [Event(None, b"ok")]
     assert parser.dropped == 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_LINES, max_size=30))
+def test_wholeFramesAgreeWithLines(lines: list[bytes]) -> None:
+    """
+    Fed a frame a chunk, as the relay hands them over (the one-frame
+    shortcut of an idle parser), the events are those of the stream read
+    line by line.
+    """
+    stream = b"\n".join(lines) + b"\n"
+    frames = [frame + b"\n\n" for frame in stream.split(b"\n\n")]
+    frames[-1] = frames[-1][:-2]
+    assert parseAll(frames) == parseAll([stream.replace(b"\n", b"\r\n")])
+
+
+@pytest.mark.parametrize(
+    "chunks, events",
+    [
+        ([b"event: a\ndata: 1\n\n", b"data: 2\n\n"], [Event(b"a", b"1"), Event(None, b"2")]),
+        # An unfinished event before it: the frame adds to that event.
+        ([b"event: a\n", b"data: 1\n\n"], [Event(b"a", b"1")]),
+        ([b"data: 0\n", b"data: 1\n\n"], [Event(None, b"0\n1")]),
+        # A CR ending the previous chunk: its LF is not a blank line.
+        ([b"data: 0\r", b"\ndata: 1\n\n"], [Event(None, b"0\n1")]),
+        # Looks like one frame, is not.
+        ([b"data: 0\n\n", b"data: 1\r\n\n"], [Event(None, b"0"), Event(None, b"1")]),
+        ([b"data: 0\n\n", b"event: x\ndata: 1\ndata: 2\n\n"], [Event(None, b"0"), Event(b"x", b"1\n2")]),
+        ([b"data: 0\n\n", b"event: x\nid: 1\n\n"], [Event(None, b"0")]),
+        ([b"data: 0\n\n", b"event: \ndata: \n\n"], [Event(None, b"0"), Event(b"", b"")]),
+    ],
+)
+def test_frameAfterState(chunks: list[bytes], events: list[Event]) -> None:
+    """
+    The one-frame shortcut is taken only with nothing pending.
+    """
+    assert parseAll(chunks) == events
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b'{"a": [1, 2.5, "\\u00e9"]}', b' {"a": 1} ', b"[]", b'"x"', "{\"t\": \"中文\"}".encode()],
+)
+def test_eventJSON(data: bytes) -> None:
+    """
+    An event's data reads as C{json.loads} reads it.
+    """
+    assert eventJSON(data) == json.loads(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b"[DONE]", b"nan!"])
+def test_eventJSONRefuses(data: bytes) -> None:
+    """
+    What C{json.loads} refuses is a L{ValueError} here too.
+    """
+    with pytest.raises(ValueError):
+        json.loads(data)
+    with pytest.raises(ValueError):
+        eventJSON(data)

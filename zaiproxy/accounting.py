@@ -22,12 +22,11 @@ from typing import IO, Any, Iterable, Union
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, openai
 from zaiproxy.exchange import Exchange
-from zaiproxy.logs import LINE
+from zaiproxy.logs import LINE, LineLogger
 from zaiproxy.metrics import Metrics
 from zaiproxy.sse import Event, EventParser
 from zaiproxy.tokens import Counting, OutputText, Usage
@@ -67,7 +66,7 @@ INLINE_BODY_BYTES = 16 << 10
 _CLAUDE = re.compile(r"(claude-[a-z0-9.-]{1,60}|opus|sonnet|haiku)\Z")
 _SUFFIX = re.compile(r"\[[^\]]*\]\Z")
 
-_log = Logger(namespace="zaiproxy.tokens")
+_log = LineLogger(namespace="zaiproxy.tokens")
 
 #: What the tap gives the relay to write: bytes now, or bytes once counted.
 Piece = Union[bytes, "Deferred[bytes]"]

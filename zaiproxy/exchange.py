@@ -14,10 +14,9 @@ import re
 from typing import IO, Any
 
 import attrs
-from twisted.logger import Logger
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.logs import LINE
+from zaiproxy.logs import LINE, LineLogger
 from zaiproxy.metrics import Metrics
 
 __all__ = ["Exchange", "Reporter", "sniffModel", "CLIENT_CLOSED"]
@@ -96,7 +95,7 @@ class Exchange:
 
 
 # Module level: as a class attribute Logger would rename itself after the class.
-_accessLog = Logger(namespace="zaiproxy.access")
+_accessLog = LineLogger(namespace="zaiproxy.access")
 
 
 class Reporter:

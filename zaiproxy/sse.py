@@ -12,9 +12,10 @@ into chunks, and nothing an upstream sends may make it raise.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+import json
+from typing import Any, Iterator, NamedTuple
 
-__all__ = ["Event", "EventParser", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
+__all__ = ["Event", "EventParser", "eventJSON", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
 
 #: A partial event longer than this is passed on anyway: holding back more
 #: would make a stream without blank lines wait for its end.
@@ -25,6 +26,26 @@ MAX_PARTIAL_EVENT = 1 << 16
 MAX_EVENT_BYTES = 16 << 20
 
 _BOM = b"\xef\xbb\xbf"
+
+_decoder = json.JSONDecoder()
+_decode = _decoder.raw_decode
+
+
+def eventJSON(data: bytes) -> Any:
+    """
+    An event's data as JSON, as C{json.loads} would read it (and raising
+    L{ValueError} where it would), at half its cost on the short objects
+    of a stream: C{json.loads} spends as long guessing the encoding of
+    bytes and stripping whitespace as it spends parsing.
+    """
+    text = data.decode("utf-8")
+    try:
+        document, end = _decode(text)
+    except ValueError:
+        return json.loads(text)
+    if end != len(text):
+        return json.loads(text)
+    return document
 
 
 def lastEventEnd(data: bytes) -> int:
@@ -77,12 +98,34 @@ class EventParser:
         self._maxEventBytes = maxEventBytes
         self._oversized = False
         self._started = False
+        # Nothing buffered, no event half read: a chunk that is one whole
+        # frame can be taken in one step.
+        self._idle = False
         self.dropped = 0
 
     def feed(self, chunk: bytes) -> list[Event]:
         """
         Parse C{chunk}; return the events it completed.
         """
+        if self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes:
+            # One whole frame, the way Z.AI sends them and the relay hands
+            # them over: "event: NAME\ndata: DATA\n\n" or "data: DATA\n\n".
+            last = len(chunk) - 2
+            if chunk[:6] == b"data: ":
+                if chunk.find(b"\n", 6) == last and b"\r" not in chunk:
+                    return [Event(None, chunk[6:last])]
+            elif chunk[:7] == b"event: ":
+                nl = chunk.find(b"\n", 7)
+                if chunk[nl + 1 : nl + 7] == b"data: " and chunk.find(b"\n", nl + 7) == last and b"\r" not in chunk:
+                    return [Event(chunk[7:nl], chunk[nl + 7 : last])]
+        events = self._feed(chunk)
+        self._idle = (
+            self._started and not self._buffer and not self._skipLF and self._name is None
+            and not self._data and not self._oversized
+        )
+        return events
+
+    def _feed(self, chunk: bytes) -> list[Event]:
         if self._skipLF and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._skipLF = False
@@ -135,10 +178,13 @@ class EventParser:
             event = self._dispatch()
             if event is not None:
                 events.append(event)
-        for line in self._lines(tail):
-            event = self._line(line)
-            if event is not None:
-                events.append(event)
+        if tail:
+            for line in self._lines(tail):
+                event = self._line(line)
+                if event is not None:
+                    events.append(event)
+        else:
+            self._buffer = b""
         return events
 
     def _lines(self, data: bytes) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event
+from zaiproxy.sse import Event, eventJSON
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -149,7 +149,7 @@ def usageJSON(usage: Usage) -> dict[str, Any]:
 
 def _chunkTexts(data: bytes) -> list[tuple[str, str]]:
     try:
-        chunk = json.loads(data)
+        chunk = eventJSON(data)
     except ValueError:
         return []
     return _deltaTexts(chunk) if isinstance(chunk, dict) else []
@@ -208,7 +208,7 @@ class StreamReader:
             return None
         self._seen = True
         try:
-            chunk = json.loads(data)
+            chunk = eventJSON(data)
         except ValueError:
             return None
         if not isinstance(chunk, dict):
