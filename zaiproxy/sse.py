@@ -77,6 +77,22 @@ class Event(NamedTuple):
     data: bytes
 
 
+def _usualFrame(frame: bytes) -> Event | None:
+    """
+    The event of a frame (LF line ends, its blank line cut off) in one of
+    the two usual shapes, C{data: DATA} or C{event: NAME} then C{data: DATA};
+    L{None} for any other frame, which is read line by line.
+    """
+    if frame[:6] == b"data: ":
+        if b"\n" not in frame:
+            return Event(None, frame[6:])
+    elif frame[:7] == b"event: ":
+        nl = frame.find(b"\n")
+        if frame[nl + 1 : nl + 7] == b"data: " and frame.find(b"\n", nl + 1) < 0:
+            return Event(frame[7:nl], frame[nl + 7 :])
+    return None
+
+
 class EventParser:
     """
     Turns chunks of an event stream into L{Event}s, as the WHATWG
@@ -107,17 +123,15 @@ class EventParser:
         """
         Parse C{chunk}; return the events it completed.
         """
-        if self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes:
+        if (
+            self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes
+            and b"\r" not in chunk
+        ):
             # One whole frame, the way Z.AI sends them and the relay hands
-            # them over: "event: NAME\ndata: DATA\n\n" or "data: DATA\n\n".
-            last = len(chunk) - 2
-            if chunk[:6] == b"data: ":
-                if chunk.find(b"\n", 6) == last and b"\r" not in chunk:
-                    return [Event(None, chunk[6:last])]
-            elif chunk[:7] == b"event: ":
-                nl = chunk.find(b"\n", 7)
-                if chunk[nl + 1 : nl + 7] == b"data: " and chunk.find(b"\n", nl + 7) == last and b"\r" not in chunk:
-                    return [Event(chunk[7:nl], chunk[nl + 7 : last])]
+            # them over.
+            event = _usualFrame(chunk[:-2])
+            if event is not None:
+                return [event]
         events = self._feed(chunk)
         self._idle = (
             self._started and not self._buffer and not self._skipLF and self._name is None
@@ -162,15 +176,10 @@ class EventParser:
         limit = self._maxEventBytes
         for frame in frames:
             if len(frame) < limit and self._name is None and not self._data and not self._oversized:
-                if frame.startswith(b"data: "):
-                    if b"\n" not in frame:
-                        events.append(Event(None, frame[6:]))
-                        continue
-                elif frame.startswith(b"event: "):
-                    nl = frame.find(b"\n")
-                    if nl > 0 and frame.startswith(b"data: ", nl + 1) and frame.find(b"\n", nl + 1) < 0:
-                        events.append(Event(frame[7:nl], frame[nl + 7 :]))
-                        continue
+                event = _usualFrame(frame)
+                if event is not None:
+                    events.append(event)
+                    continue
             for line in frame.split(b"\n"):
                 event = self._line(line)
                 if event is not None:
