@@ -109,24 +109,28 @@ SIDES = ("on", "off")
 def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
     args = run.args
     fake, fakePort = startFake(children, run)
-    # Both proxies start at once and load their code from the same tree.
-    spawned = {
-        side: spawnProxy(
-            children, run, fakePort, f"proxy-counting-{side}",
-            {"TOKEN_COUNTING_ENABLED": "true" if side == "on" else "false"},
-        )
-        for side in SIDES
-    }
-    for child, port in spawned.values():
-        waitReady(child, port, "/readyz", {})
-    proxies: dict[str, Child] = {side: spawned[side][0] for side in SIDES}
-    urls = {side: f"http://127.0.0.1:{spawned[side][1]}{PROXY_PATH}" for side in SIDES}
-    ports = {side: spawned[side][1] for side in SIDES}
-    # A few streams through each, so both have imported and warmed every path.
-    for _ in range(10):
-        for side in SIDES:
-            streamRequest(ports[side], PROXY_PATH, "events=5", False)
-    time.sleep(0.5)
+
+    def startProxies() -> tuple[dict[str, Child], dict[str, int]]:
+        # Both proxies start at once and load their code from the same tree.
+        spawned = {
+            side: spawnProxy(
+                children, run, fakePort, f"proxy-counting-{side}",
+                {"TOKEN_COUNTING_ENABLED": "true" if side == "on" else "false"},
+            )
+            for side in SIDES
+        }
+        for child, port in spawned.values():
+            waitReady(child, port, "/readyz", {})
+        ports = {side: spawned[side][1] for side in SIDES}
+        # A few streams through each, so both have imported and warmed every path.
+        for _ in range(10):
+            for side in SIDES:
+                streamRequest(ports[side], PROXY_PATH, "events=5", False)
+        time.sleep(0.5)
+        return {side: spawned[side][0] for side in SIDES}, ports
+
+    proxies, ports = startProxies()
+    urls = {side: f"http://127.0.0.1:{ports[side]}{PROXY_PATH}" for side in SIDES}
     results["rssStart"] = {side: memory(proxies[side].pid)["VmRSS"] for side in SIDES}
 
     scripts: dict[str, Path] = {}
@@ -146,6 +150,16 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
     results["ttfbFailed"] = ttfbFailed
     results["proxyLogs"] = {side: str(proxies[side].logPath) for side in SIDES}
     for round in range(args.rounds):
+        if round and not args.same_processes:
+            # Two processes of the same code differ by up to ~0.05 ms of
+            # TTFB and a few % of throughput (memory layout, hash seeds):
+            # new ones every round sample that instead of keeping one draw.
+            for side in SIDES:
+                if not proxies[side].alive():
+                    run.problem(f"the counting-{side} proxy died during the run:\n{proxies[side].tail()}")
+                children.stop(proxies[side])
+            proxies, ports = startProxies()
+            urls = {side: f"http://127.0.0.1:{ports[side]}{PROXY_PATH}" for side in SIDES}
         # Swap the order every round: whatever drifts within a round
         # favours each side equally often.
         order = SIDES if round % 2 == 0 else SIDES[::-1]
@@ -188,14 +202,21 @@ def ttfbRound(run: Run, ports: dict[str, int], order: tuple[str, ...]) -> tuple[
         for side in SIDES:
             streamRequest(ports[side], PROXY_PATH, TTFB_SCENARIO, False)
     times: dict[str, list[float]] = {side: [] for side in SIDES}
+    # on - off of the two streams of each pair, sent back to back: what
+    # drifts over a round (the machine, the fake) cancels out.
+    times["pairs"] = []
     failed = {side: 0 for side in SIDES}
     for i in range(run.args.ttfb_requests):
+        pair: dict[str, float] = {}
         for side in order if i % 2 == 0 else order[::-1]:
             seconds, ok = streamRequest(ports[side], PROXY_PATH, TTFB_SCENARIO, False)
             if ok:
                 times[side].append(seconds)
+                pair[side] = seconds
             else:
                 failed[side] += 1
+        if len(pair) == 2:
+            times["pairs"].append(pair["on"] - pair["off"])
     return times, failed
 
 
@@ -587,6 +608,24 @@ def bootstrapMedianDiff(on: list[float], off: list[float], n: int = 2000) -> tup
     return diffs[int(n * 0.025)], diffs[int(n * 0.975) - 1]
 
 
+#: Student's t, two-sided 95%, by degrees of freedom (1-20).
+_T95 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+)
+
+
+def tInterval(values: list[float]) -> tuple[float, float]:
+    """
+    The 95% t interval of the mean of C{values} (at least two).
+    """
+    n = len(values)
+    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
+    half = t * statistics.stdev(values) / n**0.5
+    mean = statistics.fmean(values)
+    return mean - half, mean + half
+
+
 def fmtRange(values: list[float], fmt: str) -> str:
     return f"{format(min(values), fmt)} to {format(max(values), fmt)}"
 
@@ -633,75 +672,78 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         ratios = {mode: ratioRows(P["load"][mode]) for mode in modes}
         P["ratios"] = ratios
         if not modes:
-            lines += ["(No complete on/off pair was measured.)", ""]
-        lines += [
-            f"## Throughput and proxy CPU at {args.connections} connections",
-            "",
-            "Medians over the rounds; the on/off ratios are taken round by round (the two runs of a round "
-            "were back to back) and their median and range are shown.",
-            "",
-            "| answer | req/s on | req/s off | on/off req/s (range) | CPU us/req on | CPU us/req off | "
-            "on/off CPU (range) | added us/req (range) | p50 ms on / off | p99 ms on / off |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for mode in modes:
-            x = ratios[mode]
-            lines.append(
-                f"| {MODE_TEXT[mode]} | {x['rps']['on']:.0f} | {x['rps']['off']:.0f} | "
-                f"{x['rpsRatio']:.3f} ({fmtRange(x['rpsRatios'], '.3f')}) | {x['cpu']['on']:.0f} | "
-                f"{x['cpu']['off']:.0f} | {x['cpuRatio']:.3f} ({fmtRange(x['cpuRatios'], '.3f')}) | "
-                f"{x['addedUs']:+.0f} ({fmtRange(x['addedUsAll'], '+.0f')}) | "
-                f"{x['p50']['on'] / 1e3:.2f} / {x['p50']['off'] / 1e3:.2f} | "
-                f"{x['p99']['on'] / 1e3:.2f} / {x['p99']['off'] / 1e3:.2f} |"
-            )
-        lines += [
-            "",
-            "Proxy share of its core (median): "
-            + "; ".join(
-                f"{mode} {ratios[mode]['core']['on'] * 100:.0f}% on / {ratios[mode]['core']['off'] * 100:.0f}% off"
-                for mode in modes
-            )
-            + ". Below 100%, the proxy and the fake take turns and req/s understates a CPU difference; "
-            "CPU per request is the direct measure of what accounting costs.",
-            "",
-        ]
-        for mode in TARGET_MODES:
-            if mode in ratios:
-                ok = ratios[mode]["rpsRatio"] >= TARGET_THROUGHPUT_RATIO
-                summary.append(
-                    f"| throughput on/off, {MODE_TEXT[mode]} | >= {TARGET_THROUGHPUT_RATIO} | "
-                    f"{ratios[mode]['rpsRatio']:.3f} (rounds {fmtRange(ratios[mode]['rpsRatios'], '.3f')}); "
-                    f"CPU/request on/off {ratios[mode]['cpuRatio']:.3f} | {verdict(ok)} |"
-                )
-        interference = max(ratios[m]["maxOthers"] for m in modes)
-        steal = max(ratios[m]["maxSteal"] for m in modes)
-        loadInterference = max(ratios[m]["maxLoadOthers"] for m in modes)
-        loadSteal = max(ratios[m]["maxLoadSteal"] for m in modes)
-        attempts = sum(ratios[m]["attempts"] for m in modes)
-        runs = sum(ratios[m]["runs"] for m in modes)
-        lines += [
-            "Round by round (interference: the largest share of CPU 0 or CPU 1 taken by other processes or the "
-            "host during the run kept, on / off):",
-            "",
-            "| answer | round | req/s on | req/s off | on/off | CPU us/req on | CPU us/req off | on/off | interference |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for mode in modes:
-            for i, (on, off) in enumerate(zip(P["load"][mode]["on"], P["load"][mode]["off"])):
+            lines += ["(No throughput runs: time to first byte only.)" if not args.modes else "(No complete on/off pair was measured.)", ""]
+        else:
+            lines += [
+                f"## Throughput and proxy CPU at {args.connections} connections",
+                "",
+                "Medians over the rounds; the on/off ratios are taken round by round (the two runs of a round "
+                "were back to back) and their median and range are shown.",
+                "",
+                "| answer | req/s on | req/s off | on/off req/s (range) | CPU us/req on | CPU us/req off | "
+                "on/off CPU (range) | added us/req (range) | p50 ms on / off | p99 ms on / off |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for mode in modes:
+                x = ratios[mode]
                 lines.append(
-                    f"| {mode} | {i + 1} | {on['rps']:.0f} | {off['rps']:.0f} | {on['rps'] / off['rps']:.3f} | "
-                    f"{on['proxyCpuPerRequestUs']:.0f} | {off['proxyCpuPerRequestUs']:.0f} | "
-                    f"{on['proxyCpuPerRequestUs'] / off['proxyCpuPerRequestUs']:.3f} | "
-                    f"{disturbance(on) * 100:.0f}% / {disturbance(off) * 100:.0f}% |"
+                    f"| {MODE_TEXT[mode]} | {x['rps']['on']:.0f} | {x['rps']['off']:.0f} | "
+                    f"{x['rpsRatio']:.3f} ({fmtRange(x['rpsRatios'], '.3f')}) | {x['cpu']['on']:.0f} | "
+                    f"{x['cpu']['off']:.0f} | {x['cpuRatio']:.3f} ({fmtRange(x['cpuRatios'], '.3f')}) | "
+                    f"{x['addedUs']:+.0f} ({fmtRange(x['addedUsAll'], '+.0f')}) | "
+                    f"{x['p50']['on'] / 1e3:.2f} / {x['p50']['off'] / 1e3:.2f} | "
+                    f"{x['p99']['on'] / 1e3:.2f} / {x['p99']['off'] / 1e3:.2f} |"
                 )
+            lines += [
+                "",
+                "Proxy share of its core (median): "
+                + "; ".join(
+                    f"{mode} {ratios[mode]['core']['on'] * 100:.0f}% on / {ratios[mode]['core']['off'] * 100:.0f}% off"
+                    for mode in modes
+                )
+                + ". Below 100%, the proxy and the fake take turns and req/s understates a CPU difference; "
+                "CPU per request is the direct measure of what accounting costs.",
+                "",
+            ]
+            for mode in TARGET_MODES:
+                if mode in ratios:
+                    ok = ratios[mode]["rpsRatio"] >= TARGET_THROUGHPUT_RATIO
+                    summary.append(
+                        f"| throughput on/off, {MODE_TEXT[mode]} | >= {TARGET_THROUGHPUT_RATIO} | "
+                        f"{ratios[mode]['rpsRatio']:.3f} (rounds {fmtRange(ratios[mode]['rpsRatios'], '.3f')}); "
+                        f"CPU/request on/off {ratios[mode]['cpuRatio']:.3f} | {verdict(ok)} |"
+                    )
+            interference = max(ratios[m]["maxOthers"] for m in modes)
+            steal = max(ratios[m]["maxSteal"] for m in modes)
+            loadInterference = max(ratios[m]["maxLoadOthers"] for m in modes)
+            loadSteal = max(ratios[m]["maxLoadSteal"] for m in modes)
+            attempts = sum(ratios[m]["attempts"] for m in modes)
+            runs = sum(ratios[m]["runs"] for m in modes)
+            lines += [
+                "Round by round (interference: the largest share of CPU 0 or CPU 1 taken by other processes or the "
+                "host during the run kept, on / off):",
+                "",
+                "| answer | round | req/s on | req/s off | on/off | CPU us/req on | CPU us/req off | on/off | interference |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            ]
+            for mode in modes:
+                for i, (on, off) in enumerate(zip(P["load"][mode]["on"], P["load"][mode]["off"])):
+                    lines.append(
+                        f"| {mode} | {i + 1} | {on['rps']:.0f} | {off['rps']:.0f} | {on['rps'] / off['rps']:.3f} | "
+                        f"{on['proxyCpuPerRequestUs']:.0f} | {off['proxyCpuPerRequestUs']:.0f} | "
+                        f"{on['proxyCpuPerRequestUs'] / off['proxyCpuPerRequestUs']:.3f} | "
+                        f"{disturbance(on) * 100:.0f}% / {disturbance(off) * 100:.0f}% |"
+                    )
+            lines += [
+                "",
+                f"Interference in the runs kept: on CPU {SUT_CPU} (the proxies) other processes up to "
+                f"{interference * 100:.0f}%, host steal up to {steal * 100:.0f}%; on CPU {LOAD_CPU} (wrk, the fake) other "
+                f"processes up to {loadInterference * 100:.0f}%, host steal up to {loadSteal * 100:.0f}%. {attempts} wrk "
+                f"runs for {runs} kept (a run above 5% is measured again, up to --retries times); the run waited for a "
+                f"quiet machine {run.quietWaits} times.",
+                "",
+            ]
         lines += [
-            "",
-            f"Interference in the runs kept: on CPU {SUT_CPU} (the proxies) other processes up to "
-            f"{interference * 100:.0f}%, host steal up to {steal * 100:.0f}%; on CPU {LOAD_CPU} (wrk, the fake) other "
-            f"processes up to {loadInterference * 100:.0f}%, host steal up to {loadSteal * 100:.0f}%. {attempts} wrk "
-            f"runs for {runs} kept (a run above 5% is measured again, up to --retries times); the run waited for a "
-            f"quiet machine {run.quietWaits} times.",
-            "",
             f"Proxy RSS at start: on {P['rssStart']['on'] / 2**20:.1f} MiB, off {P['rssStart']['off'] / 2**20:.1f} MiB "
             f"(the difference is mostly the cl100k_base encoding)"
             + (
@@ -710,7 +752,7 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             ),
             "",
         ]
-        if P["ttfb"] and modes:
+        if P["ttfb"]:
             T = P["ttfb"]
             pooled = {side: [t for r in T for t in r[side]] for side in SIDES}
             perRound = [
@@ -722,9 +764,19 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             p99 = {side: percentile(pooled[side], 99) for side in SIDES}
             added = p50["on"] - p50["off"]
             spreadOff = max(x["off"][0] for x in perRound) - min(x["off"][0] for x in perRound)
+            pairs = [d for r in T for d in r.get("pairs", [])]
+            paired = statistics.median(pairs) if pairs else float("nan")
+            roundPaired = [statistics.median(r["pairs"]) for r in T if r.get("pairs")]
+            if len(roundPaired) >= 2:
+                # Rounds, not streams, are the independent samples: each has
+                # its own two processes (unless --same-processes).
+                plo, phi = tInterval(roundPaired)
+            else:
+                plo, phi = float("nan"), float("nan")
             P["ttfbSummary"] = {
                 "p50": p50, "p99": p99, "added": added, "ci": (lo, hi), "roundDiffs": diffs,
                 "n": {s: len(pooled[s]) for s in SIDES}, "offP50Spread": spreadOff,
+                "paired": paired, "pairedCI": (plo, phi), "pairs": len(pairs), "roundPaired": roundPaired,
             }
             lines += [
                 "## Time to the first SSE event",
@@ -749,12 +801,29 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 f"{lo * 1e3:+.3f} to {hi * 1e3:+.3f} ms); round by round {fmtRange([d * 1e3 for d in diffs], '+.3f')} ms. "
                 f"For scale: the p50 of the counting-off proxy alone moved by {spreadOff * 1e3:.3f} ms between rounds.",
                 "",
+                f"Paired: on - off of the two streams of each pair, sent back to back, cancels what drifts "
+                f"within a round (the machine, the fake). Its median per round: "
+                f"{', '.join(f'{d * 1e3:+.3f}' for d in roundPaired)} ms; over all {len(pairs)} pairs "
+                f"{paired * 1e3:+.3f} ms. "
+                + (
+                    "Each round had its own two proxy processes, and two processes of the same code differ "
+                    "by themselves, so the rounds are the samples: their mean is "
+                    f"{statistics.fmean(roundPaired) * 1e3:+.3f} ms (95% t interval {plo * 1e3:+.3f} to "
+                    f"{phi * 1e3:+.3f} ms). The verdict uses it."
+                    if not args.same_processes else
+                    f"One pair of processes served every round (--same-processes): the interval "
+                    f"{plo * 1e3:+.3f} to {phi * 1e3:+.3f} ms over rounds does not cover how two processes "
+                    f"differ by themselves."
+                ),
+                "",
             ]
-            measurable = lo > 0 or hi < 0
+            measurable = not (plo <= 0 <= phi)
             summary.append(
-                f"| added TTFB p50 with counting on | no measurable difference | {added * 1e3:+.3f} ms "
-                f"(95% interval {lo * 1e3:+.3f} to {hi * 1e3:+.3f}; rounds {fmtRange([d * 1e3 for d in diffs], '+.3f')}) | "
-                f"{verdict(not measurable)}{'' if not measurable else ' (the interval excludes 0)'} |"
+                f"| added TTFB with counting on | no measurable difference | paired, mean over rounds "
+                f"{statistics.fmean(roundPaired) * 1e3 if roundPaired else float('nan'):+.3f} ms "
+                f"(95% interval {plo * 1e3:+.3f} to {phi * 1e3:+.3f}); p50 on - p50 off {added * 1e3:+.3f} ms "
+                f"(interval {lo * 1e3:+.3f} to {hi * 1e3:+.3f}; rounds {fmtRange([d * 1e3 for d in diffs], '+.3f')}) | "
+                f"{verdict(not measurable)}{'' if not measurable else ' (the paired interval excludes 0)'} |"
             )
     if "tokens" in R:
         K = R["tokens"]
@@ -885,6 +954,10 @@ def main() -> int:
         "--modes", default="json,stream,json-nousage,stream-nousage",
         help=f"answer kinds under wrk, among {', '.join(MODES)} (all)",
     )
+    parser.add_argument(
+        "--same-processes", action="store_true",
+        help="keep the two proxies for the whole run (default: new ones every round)",
+    )
     parser.add_argument("--ttfb-requests", type=int, default=200, help="sequential streams per proxy per round (200)")
     parser.add_argument("--corpus-mb", type=float, default=1.0, help="size of the token corpus, million characters (1)")
     parser.add_argument("--token-reps", type=int, default=3, help="runs of each tiktoken measurement; medians (3)")
@@ -900,8 +973,8 @@ def main() -> int:
     parser.add_argument("--fake", choices=("quiet", "twistd"), default="quiet", help="as in bench/run.py (quiet)")
     args = parser.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not args.modes or not set(args.modes) <= set(MODES):
-        parser.error(f"--modes must be among {', '.join(MODES)}")
+    if not set(args.modes) <= set(MODES) or not (args.modes or args.ttfb_requests):
+        parser.error(f"--modes must be among {', '.join(MODES)} (empty: time to first byte only)")
     sections = {s.strip() for s in args.only.split(",") if s.strip()}
     if not sections or not sections <= {"proxies", "tokens"}:
         parser.error("--only takes proxies, tokens")

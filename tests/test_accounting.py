@@ -7,9 +7,7 @@ dialect's shape.
 
 from __future__ import annotations
 
-import io
 import json
-import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,7 +17,7 @@ import tiktoken
 from twisted.internet import task
 
 from conftest import Stack
-from zaiproxy.accounting import MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing, RequestBody
+from zaiproxy.accounting import MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.testing import RawClient, rawRequest
 from zaiproxy.sse import EventParser
@@ -112,26 +110,6 @@ def test_pricingCost() -> None:
     assert pricing.cost("glm-4.7", "output", 1000, "peak") == pytest.approx(0.0044)
     assert pricing.cost("glm-4.5-air", "cache_read", 1_000_000, "off_peak") == pytest.approx(0.03)
     assert Pricing({}).cost("glm-4.7", "input", 10, "off_peak") == 0.0
-
-
-def test_requestBody() -> None:
-    """
-    The body stays readable after twisted.web closes its own copy (a
-    temporary file is kept by a duplicate descriptor), until closed.
-    """
-    small = io.BytesIO(b'{"a":1}')
-    body = RequestBody(small)
-    small.close()
-    assert body.read() == b'{"a":1}' and body.size == 7
-    body.close()
-    assert body.read() == b""
-    with tempfile.TemporaryFile() as f:
-        f.write(b"x" * 200_000)
-        body = RequestBody(f)
-    assert body.read() == b"x" * 200_000
-    body.close()
-    assert body.read() == b""
-    body.close()
 
 
 # -- end to end: reported usage ------------------------------------------------------

@@ -224,3 +224,27 @@ def test_eventJSONRefuses(data: bytes) -> None:
         json.loads(data)
     with pytest.raises(ValueError):
         eventJSON(data)
+
+
+def test_firstChunk() -> None:
+    """
+    A fresh parser takes a whole first frame in one step, yet still drops
+    a leading BOM and survives an empty first chunk.
+    """
+    assert EventParser().feed(b"event: a\ndata: x\n\n") == [Event(b"a", b"x")]
+    assert EventParser().feed(b"\xef\xbb\xbfevent: a\ndata: x\n\n") == [Event(b"a", b"x")]
+    parser = EventParser()
+    assert parser.feed(b"") == []
+    assert parser.feed(b"data: x\n\n") == [Event(None, b"x")]
+
+
+def test_atBoundary() -> None:
+    """
+    At a boundary only between events: not inside a line, nor between
+    the lines of one event.
+    """
+    parser = EventParser()
+    assert parser.atBoundary
+    for part, boundary in [(b"data: x", False), (b"\n", False), (b"\n", True), (b"event: a\r", False), (b"\n\n", True)]:
+        parser.feed(part)
+        assert parser.atBoundary is boundary, part

@@ -31,7 +31,8 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from zaiproxy.accounting import Accounting, Piece, UsageTap
+from zaiproxy.accounting import Accounting
+from zaiproxy.usagetap import Piece, UsageTap
 from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter

@@ -123,6 +123,9 @@ class EventParser:
         """
         Parse C{chunk}; return the events it completed.
         """
+        if not self._started and not self._buffer and chunk and chunk[:1] != _BOM[:1]:
+            # A fresh parser and a stream without a BOM: as idle as it gets.
+            self._started = self._idle = True
         if (
             self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes
             and b"\r" not in chunk
@@ -138,6 +141,16 @@ class EventParser:
             and not self._data and not self._oversized
         )
         return events
+
+    @property
+    def atBoundary(self) -> bool:
+        """
+        Whether no event is half read, so the next chunk starts a frame.
+        """
+        return (
+            not self._buffer and not self._skipLF and self._name is None
+            and not self._data and not self._oversized
+        )
 
     def _feed(self, chunk: bytes) -> list[Event]:
         if self._skipLF and chunk[:1] == b"\n":

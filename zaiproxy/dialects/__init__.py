@@ -14,7 +14,7 @@ from typing import Any
 
 from zaiproxy.dialects import anthropic, openai
 
-__all__ = ["Dialect", "errorBody", "streamErrorEvent", "addUsage", "respondWithError"]
+__all__ = ["Dialect", "dialectModule", "errorBody", "streamErrorEvent", "addUsage", "respondWithError"]
 
 
 class Dialect(enum.Enum):
@@ -24,6 +24,13 @@ class Dialect(enum.Enum):
 
     anthropic = "anthropic"
     openai = "openai"
+
+
+def dialectModule(dialect: Dialect) -> Any:
+    """
+    The module that reads and writes C{dialect}'s bodies and streams.
+    """
+    return openai if dialect is Dialect.openai else anthropic
 
 
 def errorBody(dialect: Dialect, status: int, message: str, code: str | None = None) -> bytes:

@@ -1,0 +1,448 @@
+# -*- test-case-name: tests.test_usagetap -*-
+"""
+The usage tap: one exchange's answer read for usage as it passes, and
+usage added where Z.AI left it out.
+
+Nothing read here may delay a byte the client is waiting for: a stream's
+opening burst is sent before it is read, a JSON body is held only to add
+missing usage, and every error is logged while the answer goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+from typing import IO, TYPE_CHECKING, Any, Union
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.python.failure import Failure
+
+from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
+from zaiproxy.exchange import Exchange
+from zaiproxy.logs import LineLogger
+from zaiproxy.sse import Event, EventParser
+from zaiproxy.tokens import OutputText, Usage
+from zaiproxy.zai_errors import ZaiError
+
+if TYPE_CHECKING:
+    from zaiproxy.accounting import Accounting
+
+__all__ = ["UsageTap", "RequestBody", "Piece", "MAX_BODY_BYTES"]
+
+#: A JSON answer larger than this is relayed without accounting.
+MAX_BODY_BYTES = 8 << 20
+
+_log = LineLogger(namespace="zaiproxy.tokens")
+
+#: What the tap gives the relay to write: bytes now, or bytes once counted.
+Piece = Union[bytes, "Deferred[bytes]"]
+
+
+class RequestBody:
+    """
+    The request body, still readable after twisted.web closes the request's
+    own copy (a client that leaves is still billed for its prompt).
+
+    A temporary-file body is kept as a duplicate file descriptor and read
+    only if its tokens are needed; it is closed when the last reader (a
+    counting thread, perhaps) is done, never under it.
+    """
+
+    def __init__(self, content: IO[bytes]) -> None:
+        self._bytes: bytes | None = None
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._readers = 0
+        self._closing = False
+        if isinstance(content, io.BytesIO):
+            self._bytes = content.getvalue()
+            self.size = len(self._bytes)
+        else:
+            content.seek(0, 2)
+            self.size = content.tell()
+            content.seek(0)
+            self._fd = os.dup(content.fileno())
+
+    def read(self) -> bytes:
+        if self._bytes is not None:
+            return self._bytes
+        with self._lock:
+            if self._fd is None or self._closing:
+                return b""
+            self._readers += 1
+            fd = self._fd
+        try:
+            return os.pread(fd, self.size, 0)
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._closeIfIdle()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._bytes = None if self._bytes is None else b""
+            self._closeIfIdle()
+
+    def _closeIfIdle(self) -> None:
+        if self._closing and self._readers == 0 and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class UsageTap:
+    """
+    Watches one exchange's answer for usage, and adds usage where it is
+    missing.
+
+    The relay asks L{start} what the answer is (a stream to read as it
+    passes, a JSON body to hold until its end, a count_tokens call to answer
+    locally, or nothing to read), hands it the bytes, and calls L{settle}
+    once the exchange is over.
+    """
+
+    def __init__(
+        self,
+        accounting: Accounting,
+        dialect: Dialect,
+        exchange: Exchange,
+        body: RequestBody,
+        countTokens: bool,
+    ) -> None:
+        self._accounting = accounting
+        self._dialect = dialect
+        self._exchange = exchange
+        self._body = body
+        self._countTokens = countTokens
+        self._module = dialectModule(dialect)
+        self._reader = self._module.StreamReader()
+        self._parser = EventParser()
+        self._mode = "none"
+        self._output = self._reader.output
+        self._estimate: Deferred[Usage] | None = None
+        self._held: list[bytes] = []
+        self._heldSize = 0
+        # The stream's opening burst, relayed before it is read.
+        self._opening = True
+        self._unread: list[bytes] = []
+        self._readCall: IDelayedCall | None = None
+        self._injected = False
+        self._reported: Usage | None = None
+        self._responseModel: str | None = None
+        self._settled = False
+
+    # -- what kind of answer ---------------------------------------------------
+
+    def answersLocally(self, code: int) -> bool:
+        """
+        Whether an answer of C{code} is to be replaced by a local count
+        (count_tokens that Z.AI does not serve).
+        """
+        return self._countTokens and code in (404, 405)
+
+    def inbandError(self) -> ZaiError | None:
+        """
+        An error Z.AI reported inside the answer's stream, if any.
+        """
+        self._readUnread()
+        return self._reader.error
+
+    def start(self, code: int, contentType: bytes) -> str:
+        """
+        C{"stream"}, C{"body"}, C{"local"} or C{"none"}.
+        """
+        contentType = contentType.lower()
+        if self._countTokens:
+            mode = "local" if self.answersLocally(code) else "none"
+        elif not 200 <= code < 300:
+            mode = "none"
+        elif contentType.startswith(b"text/event-stream"):
+            mode = "stream"
+        elif b"json" in contentType:
+            mode = "body"
+        else:
+            mode = "none"
+        self._mode = mode
+        return mode
+
+    # -- streams ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Piece] | None:
+        """
+        Read whole events; return what to write in their place, or L{None}
+        when that is C{data} unchanged (all but always: only a stream
+        without usage changes).
+
+        The opening burst of a stream (the frames Z.AI sends at once, before
+        the first content delta is paced) is read only after it is sent,
+        unless reading it could change it: Twisted sends what the relay
+        writes when the reactor next polls, so whatever is read in this turn
+        would delay the client's first byte.
+        """
+        if self._opening:
+            if (
+                data[-2:] == b"\n\n"
+                and (self._unread or self._parser.atBoundary)
+                and not self._reader.mayAskForUsage(data)
+            ):
+                self._unread.append(data)
+                if self._readCall is None:
+                    self._readCall = self._accounting.reactor.callLater(0, self._afterSend)
+                return None
+        if self._unread:
+            self._readUnread()
+        return self._read(data)
+
+    def _afterSend(self) -> None:
+        # A call made now runs before the reactor's next poll, which sends
+        # the burst; one scheduled from it runs after that poll.
+        self._readCall = self._accounting.reactor.callLater(0, self._readOpening)
+
+    def _readOpening(self) -> None:
+        self._readCall = None
+        self._opening = False
+        self._readUnread()
+
+    def _readUnread(self) -> None:
+        """
+        Read the chunks relayed before they were read, in order.
+        """
+        if self._readCall is not None:
+            self._readCall.cancel()
+            self._readCall = None
+        unread, self._unread = self._unread, []
+        for data in unread:
+            if self._read(data) is not None:
+                # Cannot happen (mayAskForUsage said so): say so if it does.
+                _log.warn("a relayed event lacked usage that could no longer be added")
+
+    def _read(self, data: bytes) -> list[Piece] | None:
+        try:
+            events = self._parser.feed(data)
+            read = self._reader.event
+            if len(events) == 1:
+                # The relay hands over one event a chunk as Z.AI sends them.
+                where = read(events[0])
+                if where is None:
+                    return None
+                return self._inject(data, [(events[0], where)])
+            wheres = [read(event) for event in events]
+        except Exception:
+            _log.failure("reading a stream for usage failed", failure=Failure())
+            return None
+        if not any(wheres):
+            return None
+        return self._inject(data, list(zip(events, wheres)))
+
+    def _inject(self, data: bytes, injections: list[tuple[Event, str | None]]) -> list[Piece]:
+        """
+        Rewrite the frames that lack usage (rare: only when Z.AI sends none).
+        """
+        frames = _splitFrames(data)
+        counts = [len(_frameEvents(frame)) for frame in frames]
+        if max(counts, default=0) > 1 or sum(counts) != len(injections):
+            # The chunk was not cut on event boundaries (a giant event forced
+            # a partial write): pass it on untouched rather than guess.
+            return [data]
+        pending = iter(injections)
+        pieces: list[Piece] = []
+        for frame in frames:
+            replacement: Piece = frame
+            for _ in _frameEvents(frame):
+                event, where = next(pending, (None, None))
+                if event is None or where is None:
+                    continue
+                if where == "start":
+                    # Z.AI's own shape: zeros now, the numbers in message_delta.
+                    replacement = anthropic.frameWithUsage(event, "start", Usage())
+                elif where == "delta":
+                    replacement = self._estimated().addCallback(
+                        lambda usage, event=event: anthropic.frameWithUsage(event, "delta", usage)
+                    )
+                else:
+                    replacement = self._estimated().addCallback(
+                        lambda usage, frame=frame: self._reader.usageChunk(usage) + frame
+                    )
+                self._injected = True
+            pieces.append(replacement)
+        return pieces
+
+    def endStream(self) -> list[Piece]:
+        """
+        At a clean end: an OpenAI stream that ended without C{[DONE]} and
+        without usage still gets its usage chunk.
+        """
+        self._readUnread()
+        if self._dialect is Dialect.openai and self._reader.usage is None and not self._injected:
+            self._injected = True
+            return [self._estimated().addCallback(self._reader.usageChunk)]
+        return []
+
+    # -- JSON bodies --------------------------------------------------------
+
+    def hold(self, data: bytes) -> bool:
+        """
+        Keep a chunk of a JSON answer; C{False} once it is too large to
+        account for (the relay then passes it on as it is).
+        """
+        self._held.append(data)
+        self._heldSize += len(data)
+        if self._heldSize > MAX_BODY_BYTES:
+            self._mode = "none"
+            return False
+        return True
+
+    def takeHeld(self) -> bytes:
+        held = b"".join(self._held)
+        self._held = []
+        return held
+
+    def endBody(self) -> Piece:
+        """
+        The whole JSON answer to write: as received, or with estimated usage
+        added when it has none (never to an error body).
+        """
+        body = self.takeHeld()
+        try:
+            document = json.loads(body)
+        except ValueError:
+            self._mode = "none"
+            return body
+        if not isinstance(document, dict) or "error" in document:
+            self._mode = "none"
+            return body
+        if isinstance(document.get("model"), str):
+            self._responseModel = document["model"]
+        self._reported = self._module.usageFrom(document.get("usage"))
+        if self._reported is not None:
+            return body
+        self._output = OutputText()
+        for text in self._module.responseTexts(document):
+            self._output.add("body", text)
+        usageJSON = self._module.usageJSON
+        return self._estimated().addCallback(lambda usage: addUsage(body, usageJSON(usage)) or body)
+
+    # -- count_tokens -------------------------------------------------------
+
+    def localCount(self) -> "Deferred[bytes]":
+        """
+        C{{"input_tokens": N}} for a count_tokens call Z.AI does not serve.
+        """
+        return self._accounting.countInput(self._dialect, self._body).addCallback(
+            lambda n: json.dumps({"input_tokens": n}).encode()
+        )
+
+    # -- estimates ----------------------------------------------------------
+
+    def _estimated(self) -> "Deferred[Usage]":
+        """
+        The estimated usage of this answer, counted once (the prompt, and the
+        output accumulated so far); each caller gets its own Deferred.
+        """
+        if self._estimate is None:
+            accounting = self._accounting
+            output = self._output
+            self._estimate = (
+                accounting.countInput(self._dialect, self._body)
+                .addCallback(
+                    lambda inputTokens: accounting.countTexts(output.texts()).addCallback(
+                        lambda kept: Usage(input=inputTokens, output=output.extrapolate(kept))
+                    )
+                )
+                .addErrback(self._countFailed)
+            )
+        mine: Deferred[Usage] = Deferred()
+        self._estimate.addCallback(_fanOut(mine))
+        return mine
+
+    def _countFailed(self, failure: Failure) -> Usage:
+        _log.failure("counting tokens failed; reporting zero", failure=failure)
+        return Usage()
+
+    # -- the end ------------------------------------------------------------
+
+    def settle(self, complete: bool) -> None:
+        """
+        Record this answer's usage: as reported, else estimated (C{partial}
+        when it was cut short after it began), then let go of the body.
+
+        Nothing is recorded for errors, count_tokens calls, or answers that
+        never began (whether Z.AI bills a cancelled call is not known).
+        """
+        if self._settled:
+            return
+        self._settled = True
+        self._readUnread()
+        accounting = self._accounting
+        exchange = self._exchange
+        reader = self._reader
+        if reader.error is not None:
+            accounting.inbandError(exchange, reader.error)
+        reported = self._reported or (reader.usage if reader.final else None)
+        model = self._responseModel or reader.model
+        began = exchange.firstByteAt is not None and self._mode in ("stream", "body")
+        if reported is not None:
+            accounting.record(exchange, reported, "reported", model)
+        elif began and not (reader.error is not None and not self._output):
+            source = "estimated" if complete else "partial"
+            # A real prompt count from an unfinished message_start still holds.
+            start = reader.usage or Usage()
+            self._estimated().addCallback(
+                lambda usage: accounting.record(
+                    exchange,
+                    Usage(start.input or usage.input, usage.output, start.cacheRead, start.cacheWrite),
+                    source,
+                    model,
+                )
+            ).addErrback(lambda f: _log.failure("recording usage failed", failure=f))
+        if self._estimate is None:
+            self._body.close()
+        else:
+            self._estimate.addBoth(_closeAfter(self._body))
+
+
+def _fanOut(target: "Deferred[Any]") -> Any:
+    """
+    Pass a shared Deferred's result on to C{target}, keeping it for others.
+    """
+
+    def passOn(result: Any) -> Any:
+        target.callback(result)
+        return result
+
+    return passOn
+
+
+def _closeAfter(body: RequestBody) -> Any:
+    def close(result: Any) -> Any:
+        body.close()
+        return result
+
+    return close
+
+
+_TERMINATOR = re.compile(rb"\r\n\r\n|\n\n")
+
+
+def _splitFrames(data: bytes) -> list[bytes]:
+    """
+    Whole frames (each with its terminator) of a chunk the relay aligned.
+    """
+    frames, start = [], 0
+    for match in _TERMINATOR.finditer(data):
+        frames.append(data[start : match.end()])
+        start = match.end()
+    if start < len(data):
+        frames.append(data[start:])
+    return frames
+
+
+def _frameEvents(frame: bytes) -> list[Event]:
+    """
+    The events one frame dispatches (none for a comment or an empty frame).
+    """
+    return EventParser().feed(frame + b"\n\n")
