@@ -689,6 +689,12 @@ class Run:
         self.expected499 = 0
         self.quietWaits = 0
         # The code the first proxy runs; report() checks it against the end.
+        stale = installedDiffers()
+        if stale:
+            raise SystemExit(
+                f"bench: the venv's zaiproxy is not this tree's ({', '.join(stale[:5])} differ): "
+                f"run {VENV_BIN / 'pip'} install . (the proxies would run the installed copy)"
+            )
         self.treeAtStart = treeState()
 
     def log(self, name: str) -> Path:
@@ -969,10 +975,37 @@ def machineFacts() -> dict[str, str]:
 KEYS = ("direct1", "proxy1", "direct32", "proxy32")
 
 
+def installedDiffers() -> list[str]:
+    """
+    The files of zaiproxy/ that the venv's python would not run as they
+    are in this tree (twistd imports the installed package, not the tree).
+    """
+    try:
+        done = subprocess.run(
+            [str(VENV_BIN / "python"), "-c", "import zaiproxy; print(zaiproxy.__file__)"],
+            capture_output=True, text=True, timeout=30, cwd="/",
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ["(zaiproxy cannot be imported)"]
+    if done.returncode != 0:
+        return ["(zaiproxy cannot be imported)"]
+    installed = Path(done.stdout.strip()).parent
+    tree = ROOT / "zaiproxy"
+    if installed.resolve() == tree.resolve():
+        return []
+    differ = []
+    for file in sorted(tree.rglob("*.py")):
+        relative = file.relative_to(tree)
+        other = installed / relative
+        if not other.exists() or other.read_bytes() != file.read_bytes():
+            differ.append(str(Path("zaiproxy") / relative))
+    return differ
+
+
 def treeState() -> dict[str, str]:
     """
     Which proxy code ran: the commit, and a digest of uncommitted changes
-    under zaiproxy/ (the venv's install is editable, so they count).
+    under zaiproxy/ (Run refuses to start if the venv's copy differs).
     """
 
     def git(*argv: str) -> bytes:
