@@ -154,9 +154,8 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
             # Two processes of the same code differ by up to ~0.05 ms of
             # TTFB and a few % of throughput (memory layout, hash seeds):
             # new ones every round sample that instead of keeping one draw.
+            reportDead(run, proxies)
             for side in SIDES:
-                if not proxies[side].alive():
-                    run.problem(f"the counting-{side} proxy died during the run:\n{proxies[side].tail()}")
                 children.stop(proxies[side])
             proxies, ports = startProxies()
             urls = {side: f"http://127.0.0.1:{ports[side]}{PROXY_PATH}" for side in SIDES}
@@ -186,10 +185,14 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
         if ttfbFailed[side]:
             run.problem(f"TTFB: {ttfbFailed[side]} streams via the counting-{side} proxy failed or ended early")
     results["rssEnd"] = {side: memory(proxies[side].pid)["VmRSS"] for side in SIDES}
+    reportDead(run, proxies)
+    children.stopAll()
+
+
+def reportDead(run: Run, proxies: dict[str, Child]) -> None:
     for side in SIDES:
         if not proxies[side].alive():
             run.problem(f"the counting-{side} proxy died during the run:\n{proxies[side].tail()}")
-    children.stopAll()
 
 
 def ttfbRound(run: Run, ports: dict[str, int], order: tuple[str, ...]) -> tuple[dict[str, list[float]], dict[str, int]]:
@@ -656,7 +659,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
     if "proxies" in R:
         P = R["proxies"]
         lines += [
-            f"Setup: two proxies started together, identical (LOG_LEVEL=info, "
+            f"Setup: two proxies started together "
+            f"({'once for the whole run' if args.same_processes else 'anew every round'}), identical (LOG_LEVEL=info, "
             f"{', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}: the rate limiter out of the way, admission "
             f"still runs; other settings default{''.join(', ' + e for e in args.env)}) except TOKEN_COUNTING_ENABLED=true "
             f"(\"on\") / false (\"off\"), both pinned to CPU {SUT_CPU}; the fake (bench/fakeserver.py), wrk and "

@@ -4,8 +4,9 @@ The usage tap: one exchange's answer read for usage as it passes, and
 usage added where Z.AI left it out.
 
 Nothing read here may delay a byte the client is waiting for: a stream's
-opening burst is sent before it is read, a JSON body is held only to add
-missing usage, and every error is logged while the answer goes on.
+opening burst is sent before it is read, a JSON body is held (it is
+short, and usage may have to be added to it), and every error is logged
+while the answer goes on.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class UsageTap:
         unread, self._unread = self._unread, []
         for data in unread:
             if self._read(data) is not None:
-                # Cannot happen (mayAskForUsage said so): say so if it does.
+                # Only if mayAskForUsage was fooled (a usage object nested
+                # elsewhere in message_start): too late to add it now.
                 _log.warn("a relayed event lacked usage that could no longer be added")
 
     def _read(self, data: bytes) -> list[Piece] | None:
