@@ -1,5 +1,6 @@
 """
-Shared fixtures: the global reactor, and a guard that fails any test leaving
+Shared fixtures: the global reactor, an in-memory Z.AI for tests on a
+clock, and a guard that fails any test leaving
 delayed calls or open sockets behind (pytest-twisted does not police this;
 trial would).
 """
@@ -7,6 +8,11 @@ trial would).
 from __future__ import annotations
 
 from typing import Any, AsyncIterator, Iterator
+
+from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.web.http_headers import Headers
 
 import pytest
 import pytest_twisted
@@ -202,3 +208,25 @@ def logEvents() -> Iterator[list[dict[str, Any]]]:
         if failure is not None:
             text += failure.getTraceback()
         assert UPSTREAM_KEY not in text, f"the upstream key was logged: {formatEvent(event)}"
+
+
+class MemoryUpstream:
+    """
+    The relay's view of Z.AI (L{zaiproxy.upstream.Upstream}) over an
+    in-memory agent; it can also refuse connections.
+    """
+
+    def __init__(self, agent: RequestTraversalAgent) -> None:
+        self.agent = agent
+        self.cooperator = task.Cooperator(started=False)
+        self.refuse = 0
+        self.calls = 0
+
+    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> "Deferred[Any]":
+        self.calls += 1
+        if self.refuse:
+            self.refuse -= 1
+            failed: Deferred[Any] = Deferred()
+            failed.errback(ConnectionRefusedError())
+            return failed
+        return self.agent.request(method, url, headers, body)

@@ -229,33 +229,6 @@ def test_openaiStreamReader() -> None:
     assert reader.output.texts() == ["hello hello "]
 
 
-@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
-@pytest.mark.parametrize("scenario", ["events=3", "events=3 usage=none", "events=2 thinking=true tool=true usage=none"])
-def test_mayAskForUsage(dialect: str, scenario: str) -> None:
-    """
-    Whatever frame the reader asks usage to be added to, mayAskForUsage
-    said it might (the tap relays the others before reading them); of a
-    stream with usage, only message_delta or [DONE] frames may ask.
-    """
-    parsed = parseScenario(scenario)
-    body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
-    frames = (messageStream if dialect == "anthropic" else chatStream)(
-        parsed, contentFor(parsed), usageFor(parsed, body), idsFor(1, 1767225600.0)
-    )
-    module = anthropic if dialect == "anthropic" else openai
-    reader = module.StreamReader()
-    asked, mayAsk = 0, 0
-    for f in frames:
-        may = reader.mayAskForUsage(f.data)
-        mayAsk += may
-        for event in EventParser().feed(f.data):
-            if reader.event(event) is not None:
-                asked += 1
-                assert may, f.data
-    assert asked == (0 if "usage=none" not in scenario else 2 if dialect == "anthropic" else 1)
-    assert mayAsk == (1 if "usage=none" not in scenario else asked)
-
-
 def test_inbandErrors() -> None:
     """
     Errors inside a 200 stream are read with their Z.AI code.

@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.internet.defer import Deferred
-from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from zaiproxy.dialects import Dialect
@@ -24,6 +22,8 @@ from zaiproxy.forward import Forwarder
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import RelayContext
+
+from conftest import MemoryUpstream
 from zaiproxy.routes import Forward
 
 KEY = "upstream-key"
@@ -31,30 +31,6 @@ MESSAGES = Forward("/v1/messages", Dialect.anthropic, b"http://zai.test/api/anth
 CHAT = Forward("/v1/chat/completions", Dialect.openai, b"http://zai.test/api/coding/paas/v4/chat/completions")
 BODY = b'{"model":"glm-4.7","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}'
 NOW = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-
-
-class MemoryUpstream:
-    """
-    The relay's view of Z.AI (L{zaiproxy.upstream.Upstream}) over an
-    in-memory agent; it can also refuse connections.
-    """
-
-    def __init__(self, agent: RequestTraversalAgent) -> None:
-        self.agent = agent
-        self.cooperator = task.Cooperator(started=False)
-        self.refuse = 0
-        self.calls = 0
-
-    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> "Deferred[Any]":
-        self.calls += 1
-        if self.refuse:
-            self.refuse -= 1
-            from twisted.internet.error import ConnectionRefusedError
-
-            failed: Deferred[Any] = Deferred()
-            failed.errback(ConnectionRefusedError())
-            return failed
-        return self.agent.request(method, url, headers, body)
 
 
 class Rig:

@@ -5,16 +5,31 @@ loopback port, the proxy on another, and raw or treq clients.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.testing import RequestTraversalAgent
 from twisted.internet import task
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from twisted.web.test.requesthelper import DummyRequest
 
-from conftest import UPSTREAM_KEY, Stack
+from conftest import UPSTREAM_KEY, MemoryUpstream, Stack
+from zaiproxy.accounting import Accounting, ModelLabels, Pricing
+from zaiproxy.dialects import Dialect
+from zaiproxy.exchange import Exchange, Reporter
+from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
+from zaiproxy.metrics import Metrics
+from zaiproxy.relay import READ_OPENING_AFTER, Relay, RelayContext
+from zaiproxy.resource import InFlight
+from zaiproxy.routes import Forward
+from zaiproxy.tokens import Counting, FallbackCounter
+from zaiproxy.usagetap import RequestBody
 
 ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01"), (b"x-api-key", b"client-key")]
 OPENAI = [(b"content-type", b"application/json"), (b"authorization", b"Bearer client-key")]
@@ -437,3 +452,147 @@ async def test_quotaHeldLocally(reactor: Any, makeStack: Any) -> None:
     assert json.loads(again.response().body)["error"]["code"] == "1310"
     assert len(stack.fake.received) == 1
     assert stack.proxy.health.document()["rate_limit"]["quota_hold_code"] == "1310"
+
+
+# -- a stream's opening, sent before the usage tap is made ----------------------
+
+
+class PushRequest(DummyRequest):
+    """
+    A L{DummyRequest} that takes a push producer (the relay) as
+    twisted.web does, rather than pulling from it in a loop.
+    """
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class OpeningRig:
+    """
+    One counted relay on a clock: the real fake behind treq's in-memory
+    agent, a L{DummyRequest} for the client.
+    """
+
+    def __init__(self, scenario: str, dialect: Dialect = Dialect.anthropic) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1_767_225_600.0)
+        self.fake = FakeZai(self.clock, apiKey=UPSTREAM_KEY, defaults=parseScenario(scenario))
+        self.agent = RequestTraversalAgent(self.fake)
+        self.metrics = Metrics("test", "0")
+        accounting = Accounting(
+            self.clock, self.metrics, Counting(self.clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({})
+        )
+        self.context = RelayContext(
+            clock=self.clock,
+            upstream=MemoryUpstream(self.agent),  # type: ignore[arg-type]
+            reporter=Reporter(self.metrics, self.clock),
+            apiKey=UPSTREAM_KEY.encode(),
+            firstByteTimeout=300.0,
+            idleTimeout=120.0,
+            accounting=accounting,
+        )
+        if dialect is Dialect.openai:
+            self.route = Forward("/v1/chat/completions", dialect, b"http://zai.test/api/coding/paas/v4/chat/completions")
+            self.body = chatBody()
+        else:
+            self.route = Forward("/v1/messages", dialect, b"http://zai.test/api/anthropic/v1/messages")
+            self.body = messagesBody()
+        self.request = PushRequest([b""])
+        self.request.method = b"POST"
+        self.request.content = io.BytesIO(self.body)
+        exchange = Exchange(method="POST", route=self.route.label, startedAt=self.clock.seconds(), model="glm-4.7")
+        self.relay = Relay(self.request, self.route, exchange, self.context, InFlight(), RequestBody(self.request.content))
+        self.relay.start()
+        self.pump()
+
+    def pump(self) -> None:
+        """
+        Deliver what is due now, without moving time.
+        """
+        for _ in range(20):
+            self.agent.flush()
+            self.clock.advance(0)
+
+    def runOut(self) -> None:
+        while not self.request.finished:
+            self.clock.advance(0.01)
+            self.pump()
+
+    def written(self) -> bytes:
+        return b"".join(self.request.written)
+
+    def sample(self, name: str, **labels: str) -> float | None:
+        return self.metrics.registry.get_sample_value(name, {"variant": "test", **labels})
+
+    def tokens(self, direction: str) -> float:
+        return sum(
+            self.sample("zai_proxy_tokens_total", direction=direction, model="glm-4.7", pricing_tier=tier) or 0.0
+            for tier in ("peak", "off_peak")
+        )
+
+
+def test_openingSentBeforeTheTapIsMade() -> None:
+    """
+    Z.AI's opening burst reaches the client before the usage tap exists
+    (nothing of it is read before Twisted's next poll sends it); the tap
+    is made a moment later, and the usage recorded is Z.AI's.
+    """
+    rig = OpeningRig("events=3 interval=0.05")
+    # Sent at once by Z.AI (and the fake): up to the first delta.
+    assert [name for name, _ in events(rig.written())] == [
+        "message_start", "ping", "content_block_start", "content_block_delta"
+    ]
+    assert rig.relay._tap is None
+    rig.clock.advance(READ_OPENING_AFTER)
+    assert rig.relay._tap is not None
+    rig.runOut()
+    usage = usageFor(parseScenario("events=3"), rig.body)
+    assert (rig.tokens("input"), rig.tokens("output")) == (usage.inputTokens, usage.outputTokens)
+    assert rig.sample("zai_proxy_token_usage_source_total", source="reported") == 1
+
+
+def test_usagelessMessageStartReadAtOnce() -> None:
+    """
+    A message_start without usage is read before it passes, so Z.AI's
+    zeros are added to it (the anthropic SDK fails without them).
+    """
+    rig = OpeningRig("events=2 interval=0.05 usage=none")
+    assert rig.relay._tap is not None
+    [start] = [data for name, data in events(rig.written()) if name == "message_start"]
+    usage = json.loads(start)["message"]["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"]) == (0, 0)
+    rig.runOut()
+    assert rig.sample("zai_proxy_token_usage_source_total", source="estimated") == 1
+
+
+@pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
+def test_streamEndsBeforeTheRead(dialect: Dialect) -> None:
+    """
+    A stream that ends before its opening is read: the end reads it first,
+    and the read scheduled for later is cancelled.
+    """
+    rig = OpeningRig("events=2 interval=0", dialect)
+    assert rig.request.finished
+    assert not [call for call in rig.clock.getDelayedCalls() if call.func == rig.relay._readOpening]
+    assert rig.sample("zai_proxy_token_usage_source_total", source="reported") == 1
+    assert rig.tokens("output") == usageFor(parseScenario("events=2"), rig.body).outputTokens
+
+
+def test_clientLeavesDuringTheOpening() -> None:
+    """
+    A client that leaves before the opening is read: the tap is made from
+    the body kept at the start, and the cut answer is billed as partial.
+    """
+    rig = OpeningRig("events=3 interval=0.05")
+    assert rig.relay._tap is None
+    rig.request.processingFailed(Failure(ConnectionDone()))
+    rig.pump()
+    assert rig.relay._tap is not None
+    assert rig.sample("zai_proxy_token_usage_source_total", source="partial") == 1
+    # FallbackCounter: a quarter of the characters, at least 1: the prompt
+    # "hi", and the first delta "hello " that was sent.
+    assert (rig.tokens("input"), rig.tokens("output")) == (1, 1)
+    assert not [call for call in rig.clock.getDelayedCalls() if call.func == rig.relay._readOpening]

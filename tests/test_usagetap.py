@@ -1,9 +1,10 @@
 """
-Tests for L{zaiproxy.usagetap}: the request body kept for counting, and a
-stream's opening burst relayed before it is read (so reading it cannot
-delay the first byte), read in order before anything else is decided.
+Tests for L{zaiproxy.usagetap}: which answers are read, which opening
+chunks may be sent before they are read, the request body kept for
+counting, and what the tap makes of a stream read late or at once.
 
-The clock is a L{task.Clock}: C{advance(0)} runs what a reactor turn runs.
+(That the relay really sends the opening before it makes the tap is in
+test_relay.)
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import json
 import tempfile
 from typing import Any
 
-import pytest_twisted
+import pytest
 from twisted.internet import task
 from twisted.logger import formatEvent
 
 from zaiproxy.accounting import Accounting, ModelLabels, Pricing
-from zaiproxy.dialects import Dialect
+from zaiproxy.dialects import Dialect, anthropic, openai
 from zaiproxy.exchange import Exchange
+from zaiproxy.fake import parseScenario, usageFor
+from zaiproxy.fake.chat import chatStream
+from zaiproxy.fake.content import contentFor, idsFor
+from zaiproxy.fake.messages import messageStream
 from zaiproxy.metrics import Metrics
+from zaiproxy.sse import EventParser
 from zaiproxy.tokens import Counting, FallbackCounter
-from zaiproxy.usagetap import RequestBody, UsageTap
+from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody, UsageTap, answerKind, readsLater
 
 PROMPT = json.dumps({"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
 
@@ -57,25 +63,20 @@ END = [
 
 class Tapped:
     """
-    One exchange's tap on a clock, with the accounting it records to.
+    One exchange's tap on a stream, with the accounting it records to.
     """
 
-    def __init__(self, dialect: Dialect = Dialect.anthropic, clock: Any = None) -> None:
-        self.clock = task.Clock() if clock is None else clock
+    def __init__(self, dialect: Dialect = Dialect.anthropic) -> None:
+        self.clock = task.Clock()
         self.metrics = Metrics("test", "0")
         self.accounting = Accounting(
             self.clock, self.metrics, Counting(self.clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({})
         )
         route = "/v1/chat/completions" if dialect is Dialect.openai else "/v1/messages"
+        assert route in self.accounting.countedRoutes
         self.exchange = Exchange(method="POST", route=route, startedAt=0.0, dialect=dialect, model="glm-4.7")
-        tap = self.accounting.tapFor(route, dialect, self.exchange, io.BytesIO(PROMPT))
-        assert isinstance(tap, UsageTap)
-        self.tap = tap
-        assert tap.start(200, b"text/event-stream; charset=utf-8") == "stream"
+        self.tap = UsageTap(self.accounting, dialect, self.exchange, RequestBody(io.BytesIO(PROMPT)), "stream")
         self.exchange.firstByteAt = 0.0
-
-    def pending(self) -> int:
-        return len(self.clock.getDelayedCalls())
 
     def tokens(self, direction: str) -> float:
         total = 0.0
@@ -85,6 +86,79 @@ class Tapped:
                 {"direction": direction, "model": "glm-4.7", "variant": "test", "pricing_tier": tier},
             ) or 0.0
         return total
+
+
+def test_countedRoutes() -> None:
+    """
+    The model routes are read when counting is on, none when it is off.
+    """
+    metrics = Metrics("test", "0")
+    clock = task.Clock()
+    on = Accounting(clock, metrics, Counting(clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({}))
+    off = Accounting(clock, Metrics("test", "0"), None, ModelLabels([], "glm-4"), Pricing({}))
+    assert on.countedRoutes == COUNTED_ROUTES == {"/v1/messages", "/v1/chat/completions", "/v1/messages/count_tokens"}
+    assert off.countedRoutes == frozenset()
+
+
+@pytest.mark.parametrize(
+    "route, code, contentType, kind",
+    [
+        ("/v1/messages", 200, b"text/event-stream; charset=utf-8", "stream"),
+        ("/v1/messages", 200, b"Text/Event-Stream", "stream"),
+        ("/v1/chat/completions", 200, b"application/json", "body"),
+        ("/v1/messages", 201, b"application/json; charset=utf-8", "body"),
+        ("/v1/messages", 200, b"text/plain", "none"),
+        ("/v1/messages", 429, b"application/json", "none"),
+        ("/v1/messages", 500, b"text/event-stream", "none"),
+        ("/v1/messages/count_tokens", 404, b"application/json", "local"),
+        ("/v1/messages/count_tokens", 405, b"text/html", "local"),
+        ("/v1/messages/count_tokens", 200, b"application/json", "none"),
+    ],
+)
+def test_answerKind(route: str, code: int, contentType: bytes, kind: str) -> None:
+    """
+    Streams and JSON answers of success are read; errors never; a
+    count_tokens that Z.AI does not serve is answered locally.
+    """
+    assert answerKind(route, code, contentType) == kind
+
+
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+@pytest.mark.parametrize("scenario", ["events=3", "events=3 usage=none", "events=2 thinking=true tool=true usage=none"])
+def test_readsLater(dialect: str, scenario: str) -> None:
+    """
+    Whatever frame the reader asks usage to be added to, readsLater said
+    it must be read first; of a stream with usage, only message_delta or
+    [DONE] frames must be.
+    """
+    parsed = parseScenario(scenario)
+    body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
+    frames = (messageStream if dialect == "anthropic" else chatStream)(
+        parsed, contentFor(parsed), usageFor(parsed, body), idsFor(1, 1767225600.0)
+    )
+    module = anthropic if dialect == "anthropic" else openai
+    reader = module.StreamReader()
+    asked, readFirst = 0, 0
+    for f in frames:
+        first = not readsLater(Dialect(dialect), f.data)
+        readFirst += first
+        for event in EventParser().feed(f.data):
+            if reader.event(event) is not None:
+                asked += 1
+                assert first, f.data
+    assert asked == (0 if "usage=none" not in scenario else 2 if dialect == "anthropic" else 1)
+    assert readFirst == (1 if "usage=none" not in scenario else asked)
+
+
+def test_readsLaterNeedsWholeFrames() -> None:
+    """
+    A chunk that does not end a frame is read at once (the relay cuts on
+    frames; anything else is not guessed at).
+    """
+    assert readsLater(Dialect.anthropic, BURST[1])
+    assert not readsLater(Dialect.anthropic, BURST[1][:-1])
+    assert not readsLater(Dialect.openai, b"data: {}\n")
+    assert readsLater(Dialect.openai, b"data: {}\r\n\r\n")
 
 
 def test_requestBody() -> None:
@@ -107,132 +181,85 @@ def test_requestBody() -> None:
     body.close()
 
 
-def test_openingBurstIsReadAfterTheNextPoll() -> None:
+def test_burstReadLate() -> None:
     """
-    Z.AI's opening frames pass unchanged and unread, and are read later;
-    the usage recorded is message_delta's, as without the deferral.
-    """
-    t = Tapped()
-    for data in BURST:
-        assert t.tap.feed(data) is None
-    assert t.pending() == 1
-    t.clock.advance(0)
-    assert t.pending() == 0
-    for data in END:
-        assert t.tap.feed(data) is None
-    # Read once opened: nothing more is deferred.
-    assert t.pending() == 0
-    assert t.tap.endStream() == []
-    t.tap.settle(True)
-    assert (t.tokens("input"), t.tokens("output")) == (17, 3)
-
-
-@pytest_twisted.ensureDeferred
-async def test_openingBurstIsReadAfterAPoll(reactor: Any) -> None:
-    """
-    On the real reactor the read runs a turn later than anything scheduled
-    with it: after the reactor has polled, which is when Twisted writes
-    what the relay wrote.
-    """
-    t = Tapped(clock=reactor)
-    for data in BURST:
-        assert t.tap.feed(data) is None
-    unread = t.tap._unread
-    assert len(unread) == len(BURST)
-    # Scheduled after the tap's own call: runs in the same turn.
-    await task.deferLater(reactor, 0, lambda: None)
-    assert t.tap._unread == BURST
-    await task.deferLater(reactor, 0, lambda: None)
-    assert t.tap._unread == []
-    t.tap.settle(False)
-
-
-def test_laterChunkReadsTheBurstFirst() -> None:
-    """
-    A chunk that must be read at once (message_delta) reads the unread
-    burst before it, in order, and the deferred read is cancelled.
+    Z.AI's opening frames, read after they were sent: nothing is lost, and
+    the usage recorded is message_delta's.
     """
     t = Tapped()
-    for data in BURST:
-        t.tap.feed(data)
-    assert t.pending() == 1
+    assert all(readsLater(Dialect.anthropic, data) for data in BURST)
+    t.tap.readRelayed(BURST)
     for data in END:
         assert t.tap.feed(data) is None
-    # message_stop came while the stream was still opening.
-    assert t.pending() == 1
     assert t.tap.endStream() == []
-    assert t.pending() == 0
     t.tap.settle(True)
     assert (t.tokens("input"), t.tokens("output")) == (17, 3)
 
 
 def test_messageStartWithoutUsageIsReadAtOnce() -> None:
     """
-    A message_start without usage is read before it passes, so Z.AI's
-    zeros can be added (the anthropic SDK fails without them).
+    A message_start without usage must be read before it passes, and gets
+    Z.AI's zeros (the anthropic SDK fails without them).
     """
     t = Tapped()
+    assert not readsLater(Dialect.anthropic, messageStart(usage=None))
     pieces = t.tap.feed(messageStart(usage=None))
     assert pieces is not None and len(pieces) == 1
     assert isinstance(pieces[0], bytes)
     assert b'"usage":{"input_tokens":0,"output_tokens":0' in pieces[0].replace(b" ", b"")
-    assert t.pending() == 0
 
 
-def test_settleReadsWhatIsUnread() -> None:
+def test_inbandErrorReadLate() -> None:
     """
-    A client that leaves before the read: settle reads the burst, cancels
-    the call, and the in-band error in it is still seen.
+    An in-band error among the frames read late is still seen, and counted
+    as an upstream error when the exchange settles.
     """
     t = Tapped()
-    t.tap.feed(BURST[0])
-    t.tap.feed(frame("error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}}))
-    assert t.pending() == 1
-    error = t.tap.inbandError()
-    assert error is not None and error.code == "1302"
-    assert t.pending() == 0
+    error = frame("error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}})
+    assert readsLater(Dialect.anthropic, error)
+    t.tap.readRelayed([BURST[0], error])
+    found = t.tap.inbandError()
+    assert found is not None and found.code == "1302"
     t.tap.settle(False)
-    assert t.pending() == 0
     assert t.metrics.registry.get_sample_value("zai_proxy_upstream_errors_total", {"error_type": "inband_error", "variant": "test"}) == 1
 
 
-def test_endStreamReadsWhatIsUnread() -> None:
+def test_endStreamAfterALateRead() -> None:
     """
-    An OpenAI stream cut after its opening chunks, without usage: the end
-    reads them first, and the usage chunk counts their text.
+    An OpenAI stream cut after its opening chunks, without usage: its usage
+    chunk counts the text read late.
     """
     t = Tapped(Dialect.openai)
     chunk = {
         "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "glm-4.7",
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Four words are here"}}],
     }
-    assert t.tap.feed(b"data: " + json.dumps(chunk).encode() + b"\n\n") is None
-    assert t.pending() == 1
+    data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    assert readsLater(Dialect.openai, data)
+    t.tap.readRelayed([data])
     pieces = t.tap.endStream()
-    assert t.pending() == 0
     assert len(pieces) == 1
     usageChunk = pieces[0]
     assert not isinstance(usageChunk, bytes)
     written: list[bytes] = []
     usageChunk.addCallback(written.append)
-    data = json.loads(written[0].split(b"data: ", 1)[1])
+    document = json.loads(written[0].split(b"data: ", 1)[1])
     # FallbackCounter: len("Four words are here") // 4.
-    assert data["usage"]["completion_tokens"] == 4
+    assert document["usage"]["completion_tokens"] == 4
 
 
 def test_nestedUsageKeyIsNotTheMessagesUsage(logEvents: list[dict[str, Any]]) -> None:
     """
-    The rule's known limit: a '"usage":{' anywhere in message_start lets it
-    pass unread; if the message itself had none, that is logged (the
-    numbers still come from message_delta).
+    The byte rule's known limit: a '"usage":{' anywhere in message_start
+    lets it be sent unread; if the message itself had none, that is logged
+    (the numbers still come from message_delta).
     """
     t = Tapped()
     odd = frame(
         "message_start",
         {"type": "message_start", "message": {"id": "m", "model": "glm-4.7", "content": [], "metadata": {"usage": {}}}},
     )
-    assert t.tap.feed(odd) is None
-    t.clock.advance(0)
-    t.clock.advance(0)
+    assert readsLater(Dialect.anthropic, odd)
+    t.tap.readRelayed([odd])
     warnings = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
     assert warnings == ["a relayed event lacked usage that could no longer be added"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime, timedelta, timezone
-from typing import IO, Any, Iterable
+from typing import Any, Iterable
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -25,7 +25,7 @@ from zaiproxy.exchange import Exchange
 from zaiproxy.logs import LINE, LineLogger
 from zaiproxy.metrics import Metrics
 from zaiproxy.tokens import Counting, Usage
-from zaiproxy.usagetap import RequestBody, UsageTap
+from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody
 from zaiproxy.zai_errors import ZaiError
 
 __all__ = [
@@ -157,6 +157,8 @@ class Accounting:
 
     @ivar counting: L{None} when C{TOKEN_COUNTING_ENABLED=false}: then the
         proxy relays bodies without reading them, as the seed did.
+    @ivar countedRoutes: the route labels whose answers are read (none
+        when counting is off).
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class Accounting:
         self.counting = counting
         self.labels = labels
         self.pricing = pricing
+        self.countedRoutes = frozenset() if counting is None else COUNTED_ROUTES
         variant = metrics.variant
         if counting is None:
             metrics.tokenCounter.labels("disabled", "none", variant).set(1)
@@ -183,15 +186,6 @@ class Accounting:
             return {"enabled": False}
         counter = self.counting.counter
         return {"enabled": True, "counter": counter.name, "encoding": counter.encoding}
-
-    def tapFor(self, label: str, dialect: Dialect, exchange: Exchange, content: IO[bytes]) -> "UsageTap | None":
-        """
-        A tap for an exchange on a model route, or L{None} (no counting, or
-        a route that answers no model call).
-        """
-        if self.counting is None or label not in ("/v1/messages", "/v1/chat/completions", "/v1/messages/count_tokens"):
-            return None
-        return UsageTap(self, dialect, exchange, RequestBody(content), label == "/v1/messages/count_tokens")
 
     # -- counting -----------------------------------------------------------
 

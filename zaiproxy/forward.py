@@ -38,7 +38,7 @@ from zaiproxy.exchange import CLIENT_CLOSED, Exchange
 from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
 from zaiproxy.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
 from zaiproxy.routes import Forward
-from zaiproxy.upstream import bodyProducerFor
+from zaiproxy.upstream import DiscardBody, bodyProducerFor
 from zaiproxy.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
 
 if TYPE_CHECKING:
@@ -96,15 +96,6 @@ class _ErrorBody(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._done(b"".join(self._chunks), self._size > MAX_ERROR_BODY)
-
-
-class _Discard(Protocol):
-    """
-    A body nobody will read: close the connection rather than download it.
-    """
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
 
 
 class Forwarder:
@@ -305,7 +296,7 @@ class Forwarder:
     def _gotResponse(self, response: IResponse) -> None:
         self._waiting = None
         if self._cancelled is not None:
-            response.deliverBody(_Discard())
+            response.deliverBody(DiscardBody())
             self._cancelTimer()
             self._stopped()
             return

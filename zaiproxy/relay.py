@@ -12,16 +12,18 @@ every chunk goes from one socket to the other in a single method call.
 When token counting is on, a L{UsageTap} reads the answer as it passes. It
 may hand back a piece that is still being counted (usage added to a stream
 that lacks it): everything after that piece waits, with the upstream paused,
-until it is ready.
+until it is ready. A stream's opening burst is sent before the tap is even
+made: Twisted sends what is written when the reactor next polls, so any
+work done before that poll would delay the client's first byte.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -32,7 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting
-from zaiproxy.usagetap import Piece, UsageTap
+from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
 from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -41,9 +43,17 @@ from zaiproxy.headers import clientResponseHeaders
 from zaiproxy.limiter import RateLimiter
 from zaiproxy.routes import Forward
 from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
-from zaiproxy.upstream import Upstream
+from zaiproxy.upstream import DiscardBody, DrainBody, Upstream
 
-__all__ = ["Relay", "RelayContext", "InFlight"]
+if TYPE_CHECKING:
+    from zaiproxy.resource import InFlight
+
+__all__ = ["Relay", "RelayContext"]
+
+#: Seconds after a stream's first chunk to read its opening burst, unless
+#: something reads it sooner. Twisted sends that chunk at its next poll; a
+#: call due at once would run before that poll, delaying the first byte.
+READ_OPENING_AFTER = 0.001
 
 
 @attrs.frozen
@@ -66,39 +76,6 @@ class RelayContext:
     jitter: Callable[[float, float], float] = random.uniform
 
 
-class InFlight:
-    """
-    The relays in progress, so shutdown can wait for them (or cut them).
-    """
-
-    def __init__(self) -> None:
-        self._relays: set[Relay] = set()
-        self._waiters: list[Deferred[None]] = []
-
-    def __len__(self) -> int:
-        return len(self._relays)
-
-    def __iter__(self) -> Any:
-        return iter(list(self._relays))
-
-    def add(self, relay: "Relay") -> None:
-        self._relays.add(relay)
-
-    def discard(self, relay: "Relay") -> None:
-        self._relays.discard(relay)
-        if not self._relays:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def whenEmpty(self) -> "Deferred[None]":
-        if not self._relays:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
-        self._waiters.append(waiter)
-        return waiter
-
-
 @implementer(IPushProducer)
 class Relay(Protocol):
     """
@@ -119,14 +96,22 @@ class Relay(Protocol):
         exchange: Exchange,
         context: RelayContext,
         inFlight: InFlight,
-        tap: UsageTap | None = None,
+        body: RequestBody | None = None,
     ) -> None:
+        """
+        @param body: the request body, kept for counting when this exchange
+            is accounted for (L{None}: its answer is not read).
+        """
         self._request = request
         self._route = route
         self._exchange = exchange
         self._context = context
         self._inFlight = inFlight
-        self._tap = tap
+        self._body = body
+        self._tap: UsageTap | None = None
+        # A stream's opening chunks, sent before the tap is made.
+        self._unread: list[bytes] = []
+        self._readCall: IDelayedCall | None = None
         self._mode = "none"
         self._forwarder: Forwarder | None = None
         self._answered = False
@@ -167,7 +152,7 @@ class Relay(Protocol):
 
     def _wantsResponse(self, code: int) -> bool:
         # count_tokens' 404 is answered locally from the relayed response.
-        return self._tap is not None and self._tap.answersLocally(code)
+        return self._body is not None and answerKind(self._route.label, code, b"") == "local"
 
     def _fail(self, status: int, errorType: str | None, message: str) -> None:
         if errorType is not None:
@@ -187,13 +172,15 @@ class Relay(Protocol):
             self._finished(self._exchange.status)
             return
         if self._clientGone:
-            response.deliverBody(_Discard())
+            response.deliverBody(DiscardBody())
             self._finished(CLIENT_CLOSED)
             return
         request = self._request
         contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        if self._tap is not None:
-            self._mode = self._tap.start(response.code, contentType)
+        if self._body is not None:
+            self._mode = answerKind(self._route.label, response.code, contentType)
+            if self._mode in ("body", "local"):
+                self._tapNow()
         if self._mode == "local":
             self._answerLocally(response)
             return
@@ -224,7 +211,7 @@ class Relay(Protocol):
         the connection for reuse) and count the prompt here.
         """
         assert self._tap is not None
-        response.deliverBody(_Drain())
+        response.deliverBody(DrainBody())
         self._exchange.status = 200
         self._tap.localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(self._bug)
 
@@ -281,8 +268,16 @@ class Relay(Protocol):
             else:
                 self._partial = b""
             if self._mode == "stream":
-                assert self._tap is not None
-                pieces = self._tap.feed(data)
+                tap = self._tap
+                if tap is None:
+                    if readsLater(self._route.dialect, data):
+                        self._send(data)
+                        self._unread.append(data)
+                        if self._readCall is None:
+                            self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
+                        return
+                    tap = self._tapNow()
+                pieces = tap.feed(data)
                 if pieces is None:
                     if self._waiting is None:
                         self._send(data)
@@ -295,6 +290,40 @@ class Relay(Protocol):
     def _send(self, data: bytes) -> None:
         self._exchange.responseBytes += len(data)
         self._request.write(data)
+
+    # -- the usage tap --------------------------------------------------------
+
+    def _readOpening(self) -> None:
+        self._readCall = None
+        self._tapNow()
+
+    def _tapNow(self) -> UsageTap:
+        """
+        The usage tap, made now if it is not yet, having read what was
+        sent before it was made.
+        """
+        tap = self._tap
+        if tap is not None:
+            return tap
+        if self._readCall is not None:
+            self._readCall.cancel()
+            self._readCall = None
+        accounting = self._context.accounting
+        assert accounting is not None and self._body is not None
+        tap = self._tap = UsageTap(accounting, self._route.dialect, self._exchange, self._body, self._mode)
+        if self._unread:
+            unread, self._unread = self._unread, []
+            tap.readRelayed(unread)
+        return tap
+
+    def _readTap(self) -> UsageTap | None:
+        """
+        The tap, once everything relayed is read; L{None} if this answer is
+        not read.
+        """
+        if self._tap is None and self._mode != "stream":
+            return None
+        return self._tapNow()
 
     # -- pieces that wait for a count ---------------------------------------
 
@@ -371,8 +400,7 @@ class Relay(Protocol):
                 pieces.append(self._partial)
                 self._partial = b""
             if self._mode == "stream":
-                assert self._tap is not None
-                pieces.extend(self._tap.endStream())
+                pieces.extend(self._tapNow().endStream())
             elif self._mode == "body":
                 assert self._tap is not None
                 self._endBody(self._tap.endBody())
@@ -516,8 +544,12 @@ class Relay(Protocol):
             self._forwarder.done(*self._outcome(status))
         self._inFlight.discard(self)
         self._context.reporter.finished(self._exchange)
-        if self._tap is not None:
-            self._tap.settle(complete)
+        if self._body is not None:
+            tap = self._readTap()
+            if tap is None:
+                self._body.close()
+            else:
+                tap.settle(complete)
 
     def _outcome(self, status: int) -> tuple[str, int | None]:
         """
@@ -526,7 +558,8 @@ class Relay(Protocol):
         """
         if not self._answered or not 200 <= status < 300:
             return "none", None
-        error = self._tap.inbandError() if self._tap is not None else None
+        tap = self._readTap()
+        error = tap.inbandError() if tap is not None else None
         if error is None:
             return "success", None
         limiter = self._context.limiter
@@ -555,21 +588,3 @@ class Relay(Protocol):
             elif not request.finished:
                 request.channel.forceAbortClient()
         self._finished(500)
-
-
-class _Discard(Protocol):
-    """
-    A body nobody will read: close the connection rather than download it.
-    """
-
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()
-
-
-class _Drain(Protocol):
-    """
-    A short body to read and drop, so its connection returns to the pool.
-    """
-
-    def dataReceived(self, data: bytes) -> None:
-        pass

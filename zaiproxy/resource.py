@@ -1,13 +1,14 @@
 # -*- test-case-name: tests.test_resource -*-
 """
 The root of the resource tree: route each request to a relay, a local
-endpoint, or a refusal.
+endpoint, or a refusal; and the relays in flight, for shutdown.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -16,10 +17,11 @@ from zaiproxy.clientkeys import UNAUTHORIZED, presentedKeys
 from zaiproxy.dialects import Dialect, respondWithError
 from zaiproxy.exchange import Exchange, sniffModel
 from zaiproxy.metrics import methodLabel
-from zaiproxy.relay import InFlight, Relay, RelayContext
+from zaiproxy.relay import Relay, RelayContext
 from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.usagetap import RequestBody
 
-__all__ = ["ProxyResource"]
+__all__ = ["ProxyResource", "InFlight"]
 
 
 def _bodySize(request: Request) -> int:
@@ -30,6 +32,39 @@ def _bodySize(request: Request) -> int:
     size: int = content.tell()
     content.seek(0)
     return size
+
+
+class InFlight:
+    """
+    The relays in progress, so shutdown can wait for them (or cut them).
+    """
+
+    def __init__(self) -> None:
+        self._relays: set[Relay] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._relays)
+
+    def __iter__(self) -> Any:
+        return iter(list(self._relays))
+
+    def add(self, relay: Relay) -> None:
+        self._relays.add(relay)
+
+    def discard(self, relay: Relay) -> None:
+        self._relays.discard(relay)
+        if not self._relays:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenEmpty(self) -> "Deferred[None]":
+        if not self._relays:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
+        self._waiters.append(waiter)
+        return waiter
 
 
 class ProxyResource(Resource):
@@ -96,10 +131,12 @@ class ProxyResource(Resource):
                 self._unauthorized(request, exchange, route.dialect, "unknown" if presented else "missing")
                 return NOT_DONE_YET
         exchange.model = sniffModel(request.content)
-        tap = None
-        if context.accounting is not None:
-            tap = context.accounting.tapFor(route.label, route.dialect, exchange, request.content)
-        Relay(request, route, exchange, context, self._inFlight, tap).start()
+        body = None
+        accounting = context.accounting
+        if accounting is not None and route.label in accounting.countedRoutes:
+            # Kept now: twisted.web drops its copy when the client leaves.
+            body = RequestBody(request.content)
+        Relay(request, route, exchange, context, self._inFlight, body).start()
         return NOT_DONE_YET
 
     def _unauthorized(self, request: Request, exchange: Exchange, dialect: Dialect, reason: str) -> None:

@@ -35,8 +35,8 @@ from zaiproxy.exchange import Reporter
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.quota import QuotaPoller
-from zaiproxy.relay import InFlight, RelayContext
-from zaiproxy.resource import ProxyResource
+from zaiproxy.relay import RelayContext
+from zaiproxy.resource import InFlight, ProxyResource
 from zaiproxy.routes import Targets
 from zaiproxy.reload import Reloader
 from zaiproxy.settings import Settings

@@ -21,12 +21,13 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Protocol
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-__all__ = ["Upstream", "BytesProducer", "bodyProducerFor"]
+__all__ = ["Upstream", "BytesProducer", "bodyProducerFor", "DiscardBody", "DrainBody"]
 
 # Below Z.AI's (and most load balancers') keep-alive timeout, so the proxy
 # closes an idle connection before the far end does and never sends a
@@ -78,6 +79,24 @@ def bodyProducerFor(content: IO[bytes], cooperator: task.Cooperator) -> IBodyPro
     if size == 0:
         return None
     return FileBodyProducer(content, cooperator=cooperator)
+
+
+class DiscardBody(Protocol):
+    """
+    A body nobody will read: close the connection rather than download it.
+    """
+
+    def connectionMade(self) -> None:
+        self.transport.stopProducing()
+
+
+class DrainBody(Protocol):
+    """
+    A short body to read and drop, so its connection returns to the pool.
+    """
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
 
 
 @implementer(IAgentEndpointFactory)

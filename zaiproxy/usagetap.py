@@ -4,8 +4,9 @@ The usage tap: one exchange's answer read for usage as it passes, and
 usage added where Z.AI left it out.
 
 Nothing read here may delay a byte the client is waiting for: a stream's
-opening burst is sent before it is read, a JSON body is held (it is
-short, and usage may have to be added to it), and every error is logged
+opening burst is sent before the tap even exists (the relay keeps it, see
+L{readsLater}, and makes the tap once it is sent), a JSON body is held (it
+is short, and usage may have to be added to it), and every error is logged
 while the answer goes on.
 """
 
@@ -19,7 +20,6 @@ import threading
 from typing import IO, TYPE_CHECKING, Any, Union
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
@@ -32,7 +32,7 @@ from zaiproxy.zai_errors import ZaiError
 if TYPE_CHECKING:
     from zaiproxy.accounting import Accounting
 
-__all__ = ["UsageTap", "RequestBody", "Piece", "MAX_BODY_BYTES"]
+__all__ = ["UsageTap", "RequestBody", "Piece", "MAX_BODY_BYTES", "COUNTED_ROUTES", "answerKind", "readsLater"]
 
 #: A JSON answer larger than this is relayed without accounting.
 MAX_BODY_BYTES = 8 << 20
@@ -42,6 +42,48 @@ _log = LineLogger(namespace="zaiproxy.tokens")
 #: What the tap gives the relay to write: bytes now, or bytes once counted.
 Piece = Union[bytes, "Deferred[bytes]"]
 
+_OPENAI = Dialect.openai
+_FRAME_ENDS = (b"\n\n", b"\r\n\r\n")
+
+#: The routes whose answers are model calls, to account for.
+COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
+COUNTED_ROUTES = frozenset(["/v1/messages", "/v1/chat/completions", COUNT_TOKENS_ROUTE])
+
+
+def answerKind(route: str, code: int, contentType: bytes) -> str:
+    """
+    What an answer is to the tap: C{"stream"} (read as it passes),
+    C{"body"} (JSON, held to its end), C{"local"} (count_tokens that Z.AI
+    does not serve, answered here) or C{"none"} (not read: errors, other
+    types).
+    """
+    if route == COUNT_TOKENS_ROUTE:
+        return "local" if code in (404, 405) else "none"
+    if not 200 <= code < 300:
+        return "none"
+    contentType = contentType.lower()
+    if contentType.startswith(b"text/event-stream"):
+        return "stream"
+    return "body" if b"json" in contentType else "none"
+
+
+def readsLater(dialect: Dialect, chunk: bytes) -> bool:
+    """
+    Whether a chunk of a stream's opening (whole events, as the relay cuts
+    them) may be sent before it is read: no event in it could need usage
+    added (see L{UsageTap.feed}). It runs before the first byte, so it is
+    a few byte searches and no call.
+    """
+    if not chunk.endswith(_FRAME_ENDS):
+        return False
+    if dialect is _OPENAI:
+        return b"[DONE]" not in chunk
+    if b"message_delta" in chunk:
+        return False
+    # A message_start whose bytes hold a usage object needs none added: an
+    # unescaped '"usage":{' can only be a key (Z.AI's is 0/0 there).
+    return b"message_start" not in chunk or b'"usage":{' in chunk or b'"usage": {' in chunk
+
 
 class RequestBody:
     """
@@ -50,27 +92,31 @@ class RequestBody:
 
     A temporary-file body is kept as a duplicate file descriptor and read
     only if its tokens are needed; it is closed when the last reader (a
-    counting thread, perhaps) is done, never under it.
+    counting thread, perhaps) is done, never under it. A small body (made
+    on every counted request, before its first byte) is just its bytes.
     """
 
+    _bytes: bytes | None = None
+    _fd: int | None = None
+
     def __init__(self, content: IO[bytes]) -> None:
-        self._bytes: bytes | None = None
-        self._fd: int | None = None
+        if type(content) is io.BytesIO:
+            self._bytes = content.getvalue()
+            self.size = len(self._bytes)
+            return
         self._lock = threading.Lock()
         self._readers = 0
         self._closing = False
-        if isinstance(content, io.BytesIO):
-            self._bytes = content.getvalue()
-            self.size = len(self._bytes)
-        else:
-            content.seek(0, 2)
-            self.size = content.tell()
-            content.seek(0)
-            self._fd = os.dup(content.fileno())
+        content.seek(0, 2)
+        self.size = content.tell()
+        content.seek(0)
+        self._fd = os.dup(content.fileno())
 
     def read(self) -> bytes:
         if self._bytes is not None:
             return self._bytes
+        if self._fd is None:
+            return b""
         with self._lock:
             if self._fd is None or self._closing:
                 return b""
@@ -84,9 +130,11 @@ class RequestBody:
                 self._closeIfIdle()
 
     def close(self) -> None:
+        if self._fd is None:
+            self._bytes = b""
+            return
         with self._lock:
             self._closing = True
-            self._bytes = None if self._bytes is None else b""
             self._closeIfIdle()
 
     def _closeIfIdle(self) -> None:
@@ -100,10 +148,9 @@ class UsageTap:
     Watches one exchange's answer for usage, and adds usage where it is
     missing.
 
-    The relay asks L{start} what the answer is (a stream to read as it
-    passes, a JSON body to hold until its end, a count_tokens call to answer
-    locally, or nothing to read), hands it the bytes, and calls L{settle}
-    once the exchange is over.
+    The relay makes one for an answer of a kind from L{answerKind} (a
+    stream once its opening burst is sent), hands it the bytes, and calls
+    L{settle} once the exchange is over.
     """
 
     def __init__(
@@ -112,117 +159,50 @@ class UsageTap:
         dialect: Dialect,
         exchange: Exchange,
         body: RequestBody,
-        countTokens: bool,
+        mode: str,
     ) -> None:
         self._accounting = accounting
         self._dialect = dialect
         self._exchange = exchange
         self._body = body
-        self._countTokens = countTokens
         self._module = dialectModule(dialect)
         self._reader = self._module.StreamReader()
         self._parser = EventParser()
-        self._mode = "none"
+        self._mode = mode
         self._output = self._reader.output
         self._estimate: Deferred[Usage] | None = None
         self._held: list[bytes] = []
         self._heldSize = 0
-        # The stream's opening burst, relayed before it is read.
-        self._opening = True
-        self._unread: list[bytes] = []
-        self._readCall: IDelayedCall | None = None
         self._injected = False
         self._reported: Usage | None = None
         self._responseModel: str | None = None
         self._settled = False
 
-    # -- what kind of answer ---------------------------------------------------
-
-    def answersLocally(self, code: int) -> bool:
-        """
-        Whether an answer of C{code} is to be replaced by a local count
-        (count_tokens that Z.AI does not serve).
-        """
-        return self._countTokens and code in (404, 405)
-
     def inbandError(self) -> ZaiError | None:
         """
         An error Z.AI reported inside the answer's stream, if any.
         """
-        self._readUnread()
         return self._reader.error
 
-    def start(self, code: int, contentType: bytes) -> str:
-        """
-        C{"stream"}, C{"body"}, C{"local"} or C{"none"}.
-        """
-        contentType = contentType.lower()
-        if self._countTokens:
-            mode = "local" if self.answersLocally(code) else "none"
-        elif not 200 <= code < 300:
-            mode = "none"
-        elif contentType.startswith(b"text/event-stream"):
-            mode = "stream"
-        elif b"json" in contentType:
-            mode = "body"
-        else:
-            mode = "none"
-        self._mode = mode
-        return mode
-
     # -- streams ------------------------------------------------------------
+
+    def readRelayed(self, chunks: list[bytes]) -> None:
+        """
+        Read the opening chunks the relay sent before this tap was made, in
+        order (each passed L{readsLater}).
+        """
+        for data in chunks:
+            if self.feed(data) is not None:
+                # Only if the byte test was fooled (a usage object nested
+                # elsewhere in message_start): too late to add it now.
+                _log.warn("a relayed event lacked usage that could no longer be added")
 
     def feed(self, data: bytes) -> list[Piece] | None:
         """
         Read whole events; return what to write in their place, or L{None}
         when that is C{data} unchanged (all but always: only a stream
         without usage changes).
-
-        The opening burst of a stream (the frames Z.AI sends at once, before
-        the first content delta is paced) is read only after it is sent,
-        unless reading it could change it: Twisted sends what the relay
-        writes when the reactor next polls, so whatever is read in this turn
-        would delay the client's first byte.
         """
-        if self._opening:
-            if (
-                data[-2:] == b"\n\n"
-                and (self._unread or self._parser.atBoundary)
-                and not self._reader.mayAskForUsage(data)
-            ):
-                self._unread.append(data)
-                if self._readCall is None:
-                    self._readCall = self._accounting.reactor.callLater(0, self._afterSend)
-                return None
-        if self._unread:
-            self._readUnread()
-        return self._read(data)
-
-    def _afterSend(self) -> None:
-        # A call made now runs before the reactor's next poll, which sends
-        # the burst; one scheduled from it runs after that poll.
-        self._readCall = self._accounting.reactor.callLater(0, self._readOpening)
-
-    def _readOpening(self) -> None:
-        self._readCall = None
-        self._opening = False
-        self._readUnread()
-
-    def _readUnread(self) -> None:
-        """
-        Read the chunks relayed before they were read, in order.
-        """
-        if self._readCall is not None:
-            self._readCall.cancel()
-            self._readCall = None
-        unread, self._unread = self._unread, []
-        for data in unread:
-            if self._read(data) is not None:
-                # Only if mayAskForUsage was fooled (a usage object nested
-                # elsewhere in message_start): too late to add it now.
-                _log.warn("a relayed event lacked usage that could no longer be added")
-
-    def _read(self, data: bytes) -> list[Piece] | None:
         try:
             events = self._parser.feed(data)
             read = self._reader.event
@@ -278,7 +258,6 @@ class UsageTap:
         At a clean end: an OpenAI stream that ended without C{[DONE]} and
         without usage still gets its usage chunk.
         """
-        self._readUnread()
         if self._dialect is Dialect.openai and self._reader.usage is None and not self._injected:
             self._injected = True
             return [self._estimated().addCallback(self._reader.usageChunk)]
@@ -378,7 +357,6 @@ class UsageTap:
         if self._settled:
             return
         self._settled = True
-        self._readUnread()
         accounting = self._accounting
         exchange = self._exchange
         reader = self._reader

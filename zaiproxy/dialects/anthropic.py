@@ -172,18 +172,6 @@ class StreamReader:
         self.model: str | None = None
         self.error: ZaiError | None = None
 
-    def mayAskForUsage(self, chunk: bytes) -> bool:
-        """
-        Whether L{event} could ask for usage to be added to an event of
-        C{chunk} (whole frames): if not, the chunk can be relayed before it
-        is read.
-        """
-        if b"message_delta" in chunk:
-            return True
-        # A message_start whose bytes hold a usage object needs none added:
-        # an unescaped '"usage":{' can only be a key (Z.AI's is 0/0 there).
-        return b"message_start" in chunk and not (b'"usage":{' in chunk or b'"usage": {' in chunk)
-
     def event(self, event: Event) -> str | None:
         """
         Take one event; return C{"start"} or C{"delta"} when a

@@ -193,14 +193,6 @@ class StreamReader:
         self.created: int = 0
         self._seen = False
 
-    def mayAskForUsage(self, chunk: bytes) -> bool:
-        """
-        Whether L{event} could ask for usage to be added to an event of
-        C{chunk} (whole frames): if not, the chunk can be relayed before it
-        is read.
-        """
-        return b"[DONE]" in chunk
-
     def event(self, event: Event) -> str | None:
         """
         Take one event; return C{"done"} at C{[DONE]} when no chunk carried
