@@ -270,7 +270,7 @@ class Relay(Protocol):
             if self._mode == "stream":
                 tap = self._tap
                 if tap is None:
-                    if readsLater(self._route.dialect, data):
+                    if readsLater(data):
                         self._send(data)
                         self._unread.append(data)
                         if self._readCall is None:

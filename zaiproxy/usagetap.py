@@ -42,7 +42,6 @@ _log = LineLogger(namespace="zaiproxy.tokens")
 #: What the tap gives the relay to write: bytes now, or bytes once counted.
 Piece = Union[bytes, "Deferred[bytes]"]
 
-_OPENAI = Dialect.openai
 _FRAME_ENDS = (b"\n\n", b"\r\n\r\n")
 
 #: The routes whose answers are model calls, to account for.
@@ -67,18 +66,15 @@ def answerKind(route: str, code: int, contentType: bytes) -> str:
     return "body" if b"json" in contentType else "none"
 
 
-def readsLater(dialect: Dialect, chunk: bytes) -> bool:
+def readsLater(chunk: bytes) -> bool:
     """
     Whether a chunk of a stream's opening (whole events, as the relay cuts
     them) may be sent before it is read: no event in it could need usage
     added (see L{UsageTap.feed}). It runs before the first byte, so it is
-    a few byte searches and no call.
+    a few byte searches, for either dialect: a chunk that merely mentions
+    a frame the tap may change is read first (slower, never wrong).
     """
-    if not chunk.endswith(_FRAME_ENDS):
-        return False
-    if dialect is _OPENAI:
-        return b"[DONE]" not in chunk
-    if b"message_delta" in chunk:
+    if not chunk.endswith(_FRAME_ENDS) or b"message_delta" in chunk or b"[DONE]" in chunk:
         return False
     # A message_start whose bytes hold a usage object needs none added: an
     # unescaped '"usage":{' can only be a key (Z.AI's is 0/0 there).
