@@ -267,3 +267,30 @@ def test_nestedUsageKeyIsNotTheMessagesUsage(logEvents: list[dict[str, Any]]) ->
     t.tap.readRelayed([odd])
     warnings = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
     assert warnings == ["a relayed event lacked usage that could no longer be added"]
+
+
+@pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
+def test_framesKeptRawCountLikeParsedOnes(dialect: Dialect) -> None:
+    """
+    Whole frames that cannot carry usage are kept unparsed; an estimate
+    counts their text exactly as if every frame had been parsed (a stream
+    cut at odd bytes is always parsed).
+    """
+    parsed = parseScenario("events=4 thinking=true tool=true usage=none")
+    frames = [
+        f.data
+        for f in (messageStream if dialect is Dialect.anthropic else chatStream)(
+            parsed, contentFor(parsed), usageFor(parsed, PROMPT), idsFor(1, 1767225600.0)
+        )
+    ]
+    whole, cut = Tapped(dialect), Tapped(dialect)
+    for data in frames:
+        whole.tap.feed(data)
+    stream = b"".join(frames)
+    for at in range(0, len(stream), 7):
+        cut.tap.feed(stream[at : at + 7])
+    for t in (whole, cut):
+        t.tap.endStream()
+        t.tap.settle(True)
+    assert whole.tokens("output") == cut.tokens("output") > 0
+    assert whole.tokens("input") == cut.tokens("input") > 0

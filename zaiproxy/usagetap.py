@@ -198,7 +198,12 @@ class UsageTap:
         Read whole events; return what to write in their place, or L{None}
         when that is C{data} unchanged (all but always: only a stream
         without usage changes).
+
+        Whole frames that cannot matter but for their text (deltas, pings:
+        most of a stream) are kept unparsed (see C{keepRaw}).
         """
+        if self._parser.atBoundary and data.endswith(_FRAME_ENDS) and self._reader.keepRaw(data):
+            return None
         try:
             events = self._parser.feed(data)
             read = self._reader.event

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON
+from zaiproxy.sse import Event, EventParser, eventJSON
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -166,11 +166,23 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self.output = OutputText(decode=deltaTexts)
+        self.output = OutputText(decode=_keptTexts)
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
         self.error: ZaiError | None = None
+
+    def keepRaw(self, frames: bytes) -> bool:
+        """
+        Keep whole frames unparsed if none can carry usage, the model or an
+        error: only their text could ever be needed (see L{OutputText}), so
+        they are parsed only then. Any mention of C{message_} or C{error}
+        is parsed now.
+        """
+        if b"message_" in frames or b"error" in frames:
+            return False
+        self.output.addLater(frames)
+        return True
 
     def event(self, event: Event) -> str | None:
         """
@@ -227,6 +239,20 @@ def deltaTexts(data: bytes) -> list[tuple[str, str]]:
         return []
     text = delta.get(field[1])
     return [(field[0], text)] if isinstance(text, str) else []
+
+
+def _keptTexts(kept: bytes) -> list[tuple[str, str]]:
+    """
+    The text of what L{StreamReader} kept undecoded: one delta's data, or
+    whole frames (L{StreamReader.keepRaw}).
+    """
+    if kept[:1] == b"{":
+        return deltaTexts(kept)
+    texts: list[tuple[str, str]] = []
+    for event in EventParser().feed(kept):
+        if event.name == b"content_block_delta":
+            texts.extend(deltaTexts(event.data))
+    return texts
 
 
 #: Delta type -> (kind of output, the field holding its text).

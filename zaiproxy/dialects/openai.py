@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON
+from zaiproxy.sse import Event, EventParser, eventJSON
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -155,6 +155,19 @@ def _chunkTexts(data: bytes) -> list[tuple[str, str]]:
     return _deltaTexts(chunk) if isinstance(chunk, dict) else []
 
 
+def _keptTexts(kept: bytes) -> list[tuple[str, str]]:
+    """
+    The text of what L{StreamReader} kept undecoded: one chunk's data, or
+    whole frames (L{StreamReader.keepRaw}).
+    """
+    if kept[:1] == b"{":
+        return _chunkTexts(kept)
+    texts: list[tuple[str, str]] = []
+    for event in EventParser().feed(kept):
+        texts.extend(_chunkTexts(event.data))
+    return texts
+
+
 def _deltaTexts(chunk: dict[str, Any]) -> list[tuple[str, str]]:
     """
     The text a chunk's deltas add, by kind.
@@ -184,7 +197,7 @@ class StreamReader:
     """
 
     def __init__(self) -> None:
-        self.output = OutputText(decode=_chunkTexts)
+        self.output = OutputText(decode=_keptTexts)
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
@@ -192,6 +205,17 @@ class StreamReader:
         self.chunkId: str = "chatcmpl-zaiproxy"
         self.created: int = 0
         self._seen = False
+
+    def keepRaw(self, frames: bytes) -> bool:
+        """
+        Keep whole frames unparsed if none can carry usage or an error and
+        the first chunk (the model and ids) was read: only their text could
+        ever be needed (see L{OutputText}), so they are parsed only then.
+        """
+        if not self._seen or b'"usage"' in frames or b'"error"' in frames or b"[DONE]" in frames:
+            return False
+        self.output.addLater(frames)
+        return True
 
     def event(self, event: Event) -> str | None:
         """
