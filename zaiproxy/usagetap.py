@@ -189,8 +189,9 @@ class UsageTap:
         """
         for data in chunks:
             if self.feed(data) is not None:
-                # Only if the byte test was fooled (a usage object nested
-                # elsewhere in message_start): too late to add it now.
+                # Only if the byte test was fooled (a '"usage":{' elsewhere
+                # than the message's own, nested in message_start or in
+                # another frame of the chunk): too late to add it now.
                 _log.warn("a relayed event lacked usage that could no longer be added")
 
     def feed(self, data: bytes) -> list[Piece] | None:
@@ -202,9 +203,9 @@ class UsageTap:
         Whole frames that cannot matter but for their text (deltas, pings:
         most of a stream) are kept unparsed (see C{keepRaw}).
         """
-        if self._parser.atBoundary and data.endswith(_FRAME_ENDS) and self._reader.keepRaw(data):
-            return None
         try:
+            if self._parser.atBoundary and data.endswith(_FRAME_ENDS) and self._reader.keepRaw(data):
+                return None
             events = self._parser.feed(data)
             read = self._reader.event
             if len(events) == 1:
