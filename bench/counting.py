@@ -26,6 +26,7 @@ other processes on CPU 0 is measured again (run.py's C{measure}). Sections:
     .venv/bin/python bench/counting.py                  # everything, ~8 minutes
     .venv/bin/python bench/counting.py --only tokens    # tiktoken alone, ~1 minute
     .venv/bin/python bench/counting.py --modes json,stream --rounds 1 --duration 5
+    .venv/bin/python bench/counting.py --modes "" --rounds 16 --control  # A/A: the bench's noise
 
 The report goes to stdout and to bench/out/counting-<stamp>.md, with the raw
 figures as JSON and both proxies' logs next to it.
@@ -115,7 +116,7 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
         spawned = {
             side: spawnProxy(
                 children, run, fakePort, f"proxy-counting-{side}",
-                {"TOKEN_COUNTING_ENABLED": "true" if side == "on" else "false"},
+                {"TOKEN_COUNTING_ENABLED": "true" if side == "on" and not run.args.control else "false"},
             )
             for side in SIDES
         }
@@ -662,8 +663,13 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             f"Setup: two proxies started together "
             f"({'once for the whole run' if args.same_processes else 'anew every round'}), identical (LOG_LEVEL=info, "
             f"{', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}: the rate limiter out of the way, admission "
-            f"still runs; other settings default{''.join(', ' + e for e in args.env)}) except TOKEN_COUNTING_ENABLED=true "
-            f"(\"on\") / false (\"off\"), both pinned to CPU {SUT_CPU}; the fake (bench/fakeserver.py), wrk and "
+            f"still runs; other settings default{''.join(', ' + e for e in args.env)}) "
+            + (
+                "and both with TOKEN_COUNTING_ENABLED=false (--control: an A/A run, \"on\" is a second \"off\"; "
+                "what it finds is the bench's own noise)"
+                if args.control else "except TOKEN_COUNTING_ENABLED=true (\"on\") / false (\"off\")"
+            )
+            + f", both pinned to CPU {SUT_CPU}; the fake (bench/fakeserver.py), wrk and "
             f"the TTFB client on CPU {LOAD_CPU}; loopback. {args.rounds} rounds; in each, every answer kind is "
             f"measured on one proxy then the other (the order swaps every round), never both at once. wrk: one "
             f"thread, {args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
@@ -937,6 +943,11 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         head = [
             "## Targets",
             "",
+            *(
+                ["**Control run (--control): counting is off in both proxies, so any verdict below is the bench's "
+                 "own noise, not a cost.**", ""]
+                if args.control else []
+            ),
             "| target | wanted | result | verdict |",
             "|---|---|---|---|",
             *summary,
@@ -961,6 +972,10 @@ def main() -> int:
     parser.add_argument(
         "--same-processes", action="store_true",
         help="keep the two proxies for the whole run (default: new ones every round)",
+    )
+    parser.add_argument(
+        "--control", action="store_true",
+        help="both proxies with counting off (an A/A run: the bench's own noise)",
     )
     parser.add_argument("--ttfb-requests", type=int, default=200, help="sequential streams per proxy per round (200)")
     parser.add_argument("--corpus-mb", type=float, default=1.0, help="size of the token corpus, million characters (1)")
