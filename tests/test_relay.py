@@ -1,6 +1,8 @@
 """
 Tests for L{zaiproxy.relay}, over real sockets: the fake Z.AI on one
-loopback port, the proxy on another, and raw or treq clients.
+loopback port, the proxy on another, and raw or treq clients. A stream's
+opening, which is about reactor turns, runs on a clock instead: the fake
+behind treq's in-memory agent.
 """
 
 from __future__ import annotations
