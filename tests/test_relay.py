@@ -27,7 +27,7 @@ from zaiproxy.exchange import Exchange, Reporter
 from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
 from zaiproxy.metrics import Metrics
-from zaiproxy.relay import READ_OPENING_AFTER, Relay, RelayContext
+from zaiproxy.relay import MAX_UNREAD, READ_OPENING_AFTER, Relay, RelayContext
 from zaiproxy.resource import InFlight
 from zaiproxy.routes import Forward
 from zaiproxy.tokens import Counting, FallbackCounter
@@ -554,6 +554,18 @@ def test_openingSentBeforeTheTapIsMade() -> None:
     usage = usageFor(parseScenario("events=3"), rig.body)
     assert (rig.tokens("input"), rig.tokens("output")) == (usage.inputTokens, usage.outputTokens)
     assert rig.sample("zai_proxy_token_usage_source_total", source="reported") == 1
+
+
+def test_longBurstIsNotHeldForTheRead() -> None:
+    """
+    A burst far longer than an opening (here 30 deltas at once, then
+    nothing) is read as it comes once MAX_UNREAD chunks wait: the chunks
+    sent unread are not held until the timer.
+    """
+    rig = OpeningRig("mode=stall-mid after=30 events=40 interval=0")
+    assert rig.written().count(b"event: content_block_delta") == 30 > MAX_UNREAD
+    assert rig.relay._tap is not None
+    assert rig.relay._unread == []
 
 
 def test_usagelessMessageStartReadAtOnce() -> None:

@@ -54,6 +54,9 @@ __all__ = ["Relay", "RelayContext"]
 #: something reads it sooner. Twisted sends that chunk at its next poll; a
 #: call due at once would run before that poll, delaying the first byte.
 READ_OPENING_AFTER = 0.001
+#: At most this many chunks wait for that read (each is held until then): a
+#: burst larger than an opening is read as it comes.
+MAX_UNREAD = 16
 
 
 @attrs.frozen
@@ -270,7 +273,7 @@ class Relay(Protocol):
             if self._mode == "stream":
                 tap = self._tap
                 if tap is None:
-                    if readsLater(data):
+                    if len(self._unread) < MAX_UNREAD and readsLater(data):
                         self._send(data)
                         self._unread.append(data)
                         if self._readCall is None:
