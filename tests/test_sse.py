@@ -16,7 +16,7 @@ from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, eventJSON, lastEventEnd
+from zaiproxy.sse import Event, EventParser, eventJSON, keptData, lastEventEnd
 
 
 @pytest.mark.parametrize(
@@ -248,3 +248,14 @@ def test_atBoundary() -> None:
     for part, boundary in [(b"data: x", False), (b"\n", False), (b"\n", True), (b"event: a\r", False), (b"\n\n", True)]:
         parser.feed(part)
         assert parser.atBoundary is boundary, part
+
+
+def test_keptData() -> None:
+    """
+    One event's JSON data is itself; whole frames kept raw give each
+    event's data, in order, comments and empty frames skipped.
+    """
+    assert keptData(b'{"a":1}') == [b'{"a":1}']
+    frames = b'event: ping\ndata: {"type":"ping"}\n\n: comment\n\ndata: {"b":2}\r\n\r\n'
+    assert keptData(frames) == [b'{"type":"ping"}', b'{"b":2}']
+    assert keptData(b"") == []

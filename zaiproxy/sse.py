@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, NamedTuple
 
-__all__ = ["Event", "EventParser", "eventJSON", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
+__all__ = ["Event", "EventParser", "eventJSON", "keptData", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
 
 #: A partial event longer than this is passed on anyway: holding back more
 #: would make a stream without blank lines wait for its end.
@@ -46,6 +46,16 @@ def eventJSON(data: bytes) -> Any:
     if end != len(text):
         return json.loads(text)
     return document
+
+
+def keptData(kept: bytes) -> list[bytes]:
+    """
+    The event data in what a stream reader kept undecoded: one event's JSON
+    data, or every event of whole frames kept raw.
+    """
+    if kept[:1] == b"{":
+        return [kept]
+    return [event.data for event in EventParser().feed(kept)]
 
 
 def lastEventEnd(data: bytes) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, EventParser, eventJSON
+from zaiproxy.sse import Event, eventJSON, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -243,16 +243,9 @@ def deltaTexts(data: bytes) -> list[tuple[str, str]]:
 
 def _keptTexts(kept: bytes) -> list[tuple[str, str]]:
     """
-    The text of what L{StreamReader} kept undecoded: one delta's data, or
-    whole frames (L{StreamReader.keepRaw}).
+    The text of what L{StreamReader} kept undecoded (only deltas have any).
     """
-    if kept[:1] == b"{":
-        return deltaTexts(kept)
-    texts: list[tuple[str, str]] = []
-    for event in EventParser().feed(kept):
-        if event.name == b"content_block_delta":
-            texts.extend(deltaTexts(event.data))
-    return texts
+    return [text for data in keptData(kept) for text in deltaTexts(data)]
 
 
 #: Delta type -> (kind of output, the field holding its text).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, EventParser, eventJSON
+from zaiproxy.sse import Event, eventJSON, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -157,15 +157,9 @@ def _chunkTexts(data: bytes) -> list[tuple[str, str]]:
 
 def _keptTexts(kept: bytes) -> list[tuple[str, str]]:
     """
-    The text of what L{StreamReader} kept undecoded: one chunk's data, or
-    whole frames (L{StreamReader.keepRaw}).
+    The text of what L{StreamReader} kept undecoded.
     """
-    if kept[:1] == b"{":
-        return _chunkTexts(kept)
-    texts: list[tuple[str, str]] = []
-    for event in EventParser().feed(kept):
-        texts.extend(_chunkTexts(event.data))
-    return texts
+    return [text for data in keptData(kept) for text in _chunkTexts(data)]
 
 
 def _deltaTexts(chunk: dict[str, Any]) -> list[tuple[str, str]]:
