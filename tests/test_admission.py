@@ -231,3 +231,52 @@ def test_lateTimerReleasesNoBurst() -> None:
         d.cancel()
         d.addErrback(lambda f: None)
     assert clock.getDelayedCalls() == []
+
+
+def test_activeSpan() -> None:
+    """
+    The active span runs from the first admission to the end of the last
+    call (or to the reading, if calls are under way, and then on from
+    it); gaps between calls count, quiet stretches at either end do not.
+    A waiter that is cancelled or times out ends it too.
+    """
+    clock, admission, _, _ = make(rate=100.0, concurrency=1)
+    clock.advance(10)
+    assert admission.takeActiveSpan() == 0.0
+    for _ in range(2):
+        held = result(admission.admit("a"))
+        clock.advance(1)
+        held.release()
+        clock.advance(2)  # a gap, then (after the second) a quiet stretch
+    assert admission.takeActiveSpan() == 4.0
+    assert admission.takeActiveSpan() == 0.0
+
+    held = result(admission.admit("a"))
+    waiting = admission.admit("b")  # waits for the slot
+    clock.advance(1)
+    held.release()  # "b" now holds the slot: still under way
+    clock.advance(1)
+    assert admission.takeActiveSpan() == 2.0
+    clock.advance(1)
+    result(waiting).release()
+    clock.advance(5)
+    assert admission.takeActiveSpan() == 1.0
+
+    held = result(admission.admit("a"))
+    gone = admission.admit("c")
+    clock.advance(0.5)
+    gone.cancel()  # "a" still in flight
+    clock.advance(0.5)
+    held.release()
+    clock.advance(5)
+    assert admission.takeActiveSpan() == 1.0
+
+    clock, admission, _, _ = make(rate=0.01, queueTimeout=5.0)
+    result(admission.admit("a")).release()  # the one token
+    timedOut = admission.admit("d")  # waits for the rate
+    clock.advance(5)
+    assert result(timedOut).check(QueueTimeout)
+    clock.advance(5)
+    assert admission.takeActiveSpan() == 5.0
+    admission.close()
+    assert clock.getDelayedCalls() == []

@@ -112,6 +112,62 @@ def test_idleWindowLearnsNothing() -> None:
     assert (rl.rate, rl.ceiling, adjustments) == (10.0, 50.0, [])
 
 
+def test_quietStretchesAreNotMeasured() -> None:
+    """
+    What Z.AI accepted is measured from a window's first call to the end of
+    its last. A window that began quiet (the proxy just started) and saw a
+    burst refused in its last fifth shows what Z.AI took in that fifth, not
+    a fifth of it (which held the rate at a fraction of the capacity until
+    the probes began); so does a burst followed by quiet.
+    """
+    for start in (0.8, 0.1):
+        clock, rl, _ = limiter(initial=40.0)
+        clock.advance(start * WINDOW)
+        permit = rl.admission.admit("client").result
+        for outcome in ["success"] * 150 + ["frequency"] * 50:
+            rl.record(outcome)
+        clock.advance(0.2 * WINDOW)
+        permit.release()
+        clock.advance(WINDOW - clock.seconds())
+        rl.judge()
+        assert rl.ceiling == pytest.approx(150 / (0.2 * WINDOW))
+
+
+def test_callsUnderWayKeepTheNextWindowBusy() -> None:
+    """
+    A call in flight when a window ends keeps the next one busy from its
+    start.
+    """
+    clock, rl, _ = limiter(initial=40.0)
+    held = rl.admission.admit("client").result
+    clock.advance(WINDOW)
+    rl.judge()
+    clock.advance(0.5 * WINDOW)
+    held.release()
+    for outcome in ["success"] * 150 + ["frequency"] * 50:
+        rl.record(outcome)
+    clock.advance(0.5 * WINDOW)
+    rl.judge()
+    assert rl.ceiling == pytest.approx(150 / (0.5 * WINDOW))
+
+
+def test_lateWindowIsNotEvidence(logEvents: list[dict[str, Any]]) -> None:
+    """
+    A window judged over half a window late measured a stalled process
+    (its calls sat in buffers while the clock ran): it changes nothing, and
+    the next window is judged as usual.
+    """
+    clock, rl, adjustments = limiter(initial=40.0)
+    for outcome in ["success"] * 30 + ["frequency"] * 30:
+        rl.record(outcome)
+    clock.advance(1.6 * WINDOW)
+    rl.judge()
+    assert (rl.rate, rl.ceiling, adjustments) == (40.0, 50.0, [])
+    assert [e for e in logEvents if "late" in e["log_format"]][0]["late"] == pytest.approx(0.6 * WINDOW)
+    window(clock, rl, successes=600, frequency=600)
+    assert rl.ceiling == pytest.approx(20.0)
+
+
 def test_convergeUpToTheCeiling() -> None:
     """
     Clean windows raise the rate halfway to the target (at least 0.25).

@@ -131,6 +131,10 @@ class Admission:
         self._timer: IDelayedCall | None = None
         self.rateWaits = 0
         self.slotWaits = 0
+        # The active span: from the first admission (or the last reading,
+        # if calls were under way then) to when the last call ended.
+        self._activeSince: float | None = None
+        self._idleSince = 0.0
 
     # -- settings the limiter moves ---------------------------------------------
 
@@ -153,6 +157,8 @@ class Admission:
         fails with L{QueueFull} or L{QueueTimeout}. Cancelling the Deferred
         (the client left) takes the caller out of the queue.
         """
+        if self._activeSince is None:
+            self._activeSince = self._clock.seconds()
         if not self.queued and self.inFlight < self.limit:
             self._refill()
             if self._tokens >= _ONE:
@@ -183,6 +189,30 @@ class Admission:
     def _released(self) -> None:
         self.inFlight -= 1
         self._dispatch()
+        self._maybeIdle()
+
+    def _maybeIdle(self) -> None:
+        if not self.inFlight and not self.queued:
+            self._idleSince = self._clock.seconds()
+
+    def takeActiveSpan(self) -> float:
+        """
+        The seconds, since the last reading, from the first call admitted to
+        the end of the last one (to now if calls are still under way): the
+        time over which what Z.AI accepted measures it. Quiet stretches
+        before and after are not measured (a proxy that just started, a
+        burst after a quiet spell); gaps between calls are part of the rate
+        they were offered at.
+        """
+        since = self._activeSince
+        if since is None:
+            return 0.0
+        now = self._clock.seconds()
+        if self.inFlight or self.queued:
+            self._activeSince = now
+            return now - since
+        self._activeSince = None
+        return max(0.0, self._idleSince - since)
 
     def _refill(self) -> None:
         now = self._clock.seconds()
@@ -253,6 +283,7 @@ class Admission:
             self._rotation.remove(waiter.client)
         if waiter.timeout is not None and waiter.timeout.active():
             waiter.timeout.cancel()
+        self._maybeIdle()
         return True
 
     def _cancelled(self, waiter: _Waiter) -> None:

@@ -11,6 +11,9 @@ as the seed did) the window's outcomes are judged:
     measures the capacity. Near capacity timing jitter makes that noisy, so
     the ceiling moves toward it by C{RATE_LIMIT_CEILING_ALPHA}; a heavy
     overload (over 25% refused), or the first evidence, is taken as it is.
+    What was accepted is counted over the window's active span (first call
+    to end of last), not across a quiet start or end; a window judged late
+    (a stalled process) is not judged.
     The ceiling never stays above the refused rate, and the rate holds a
     margin below the ceiling.
   - A clean window in which callers waited for the rate is hard evidence
@@ -52,6 +55,9 @@ REFUSED_RATIO = 0.01
 HEAVY_RATIO = 0.25
 #: Consecutive clean probes grow bolder up to this step.
 MAX_PROBE_GAIN = 0.5
+#: A window judged later than this share of a window after its end is not
+#: evidence: the process was stalled through part of it.
+LATE_WINDOW = 0.5
 
 
 @attrs.frozen
@@ -204,15 +210,31 @@ class RateLimiter:
         Judge the window that just ended and adjust.
         """
         now = self._clock.seconds()
-        elapsed = max(now - self._windowStart, 1e-6)
+        admission = self.admission
+        # What Z.AI accepted is measured over the time calls were going: a
+        # window that began idle (a fresh start, a quiet spell, then a
+        # burst) would otherwise read as a fraction of the capacity, and
+        # the rate would hold there until the probes. (Outcomes with no
+        # active span came through no admission, as in tests: the window.)
+        span = admission.takeActiveSpan()
+        late = now - self._windowStart - self.settings.window
+        elapsed = max(span if span > 0 else now - self._windowStart, 1e-6)
         self._windowStart = now
         successes, frequency, concurrency = self._successes, self._frequency, self._concurrency
         concurrencyAt = self._concurrencyAt
         self._successes = self._frequency = self._concurrency = 0
         self._concurrencyAt = None
-        admission = self.admission
         rateSaturated, slotSaturated = admission.rateWaits > 0, admission.slotWaits > 0
         admission.rateWaits = admission.slotWaits = 0
+        if late > LATE_WINDOW * self.settings.window:
+            # The process did not run for part of this window (a blocked
+            # reactor, a paused VM): its calls waited in buffers while the
+            # clock ran, so its counts measure the stall, not Z.AI.
+            self.log.warn(
+                "Rate limit: window judged {late:.1f} s late (the process was stalled); not judging it",
+                late=late,
+            )
+            return
         self._judgeRate(successes, frequency, elapsed, rateSaturated, now)
         self._judgeConcurrency(successes, concurrency, concurrencyAt, slotSaturated)
         if self._dirty:
