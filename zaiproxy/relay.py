@@ -34,7 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting
-from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.usagetap import COUNT_TOKENS_ROUTE, Piece, RequestBody, UsageTap, answerKind, readsLater
 from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -180,10 +180,16 @@ class Relay(Protocol):
             return
         request = self._request
         contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        sse = self._sse = contentType.lower().startswith(b"text/event-stream")
         if self._body is not None:
-            self._mode = answerKind(self._route.label, response.code, contentType)
-            if self._mode in ("body", "local"):
-                self._tapNow()
+            # answerKind's stream case, spelled out: it runs before the
+            # first byte of every counted stream.
+            if sse and 200 <= response.code < 300 and self._route.label != COUNT_TOKENS_ROUTE:
+                self._mode = "stream"
+            else:
+                self._mode = answerKind(self._route.label, response.code, contentType)
+                if self._mode in ("body", "local"):
+                    self._tapNow()
         if self._mode == "local":
             self._answerLocally(response)
             return
@@ -193,10 +199,9 @@ class Relay(Protocol):
             headers.setRawHeaders(name, values)
         if not response.headers.hasHeader(b"server"):
             headers.removeHeader(b"server")
-        self._sse = contentType.lower().startswith(b"text/event-stream")
         if (
             self._mode != "body"
-            and not self._sse
+            and not sse
             and response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
         ):

@@ -8,6 +8,7 @@ L{makeService}, after twistd has installed the reactor it was asked for.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import textwrap
@@ -154,7 +155,7 @@ def makeService(options: Options) -> IService:
     for note in choice.notes:
         log.info("{note}", note=note)
     try:
-        return ProxyService(
+        service = ProxyService(
             reactor,
             settings,
             choice.listen,
@@ -177,3 +178,16 @@ def makeService(options: Options) -> IService:
         # Its systemd: parser, asked for a descriptor that was not passed.
         _fail("invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)")
         raise
+    freezeStartupHeap()
+    return service
+
+
+def freezeStartupHeap() -> None:
+    """
+    Take what start-up loaded (modules, settings, the tokenizer) out of the
+    cyclic garbage collector: it lives as long as the process, and every
+    full collection would walk all of it (about 50,000 objects, 20-35 ms
+    on this machine, a pause every connection feels).
+    """
+    gc.collect()
+    gc.freeze()
