@@ -228,6 +228,62 @@ def test_inbandErrorReadLate() -> None:
     assert t.metrics.registry.get_sample_value("zai_proxy_upstream_errors_total", {"error_type": "inband_error", "variant": "test"}) == 1
 
 
+def test_inbandErrorInALongBurstReadLate() -> None:
+    """
+    Chunks after the first are read as one; an error among them is still
+    seen.
+    """
+    t = Tapped()
+    error = frame("error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}})
+    t.tap.readRelayed([*BURST, error, BURST[3]])
+    found = t.tap.inbandError()
+    assert found is not None and found.code == "1302"
+
+
+@pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
+def test_aBurstReadLateCountsLikeOneFedAsItCame(dialect: Dialect) -> None:
+    """
+    A usage-less stream whose opening chunks were sent before the tap was
+    made (all but the first read as one): the model, the estimate and the
+    usage added at the end are what feeding each chunk as it came gives.
+    """
+    parsed = parseScenario("events=12 thinking=true usage=none")
+    frames = [
+        f.data
+        for f in (messageStream if dialect is Dialect.anthropic else chatStream)(
+            parsed, contentFor(parsed), usageFor(parsed, PROMPT), idsFor(1, 1767225600.0)
+        )
+    ]
+    # The first (a message_start without usage) is read before it is sent.
+    opening = frames[1:10]
+    assert all(readsLater(data) for data in opening)
+    late, fed = Tapped(dialect), Tapped(dialect)
+    for t in (late, fed):
+        t.tap.feed(frames[0])
+    late.tap.readRelayed(opening)
+    for data in opening:
+        fed.tap.feed(data)
+    added = []
+    for t in (late, fed):
+        added.append([t.tap.feed(data) for data in frames[10:]] + [t.tap.endStream()])
+        t.tap.settle(True)
+    assert late.tokens("output") == fed.tokens("output") > 0
+    assert late.tokens("input") == fed.tokens("input") > 0
+    assert late.tap._reader.model == fed.tap._reader.model == "glm-4.7"
+
+    def written(pieces: list[Any]) -> list[bytes]:
+        out: list[bytes] = []
+        for group in pieces:
+            for piece in group or []:
+                if isinstance(piece, bytes):
+                    out.append(piece)
+                else:
+                    piece.addCallback(out.append)
+        return out
+
+    assert written(added[0]) == written(added[1]) != []
+
+
 def test_endStreamAfterALateRead() -> None:
     """
     An OpenAI stream cut after its opening chunks, without usage: its usage

@@ -186,7 +186,14 @@ class UsageTap:
         """
         Read the opening chunks the relay sent before this tap was made, in
         order (each passed L{readsLater}).
+
+        All but the first are read as one: a burst's deltas and pings are
+        then kept raw in one step (the parser gives the same events however
+        the bytes are cut), and the first, which names the model or holds
+        message_start, is still read alone.
         """
+        if len(chunks) > 2:
+            chunks = [chunks[0], b"".join(chunks[1:])]
         for data in chunks:
             if self.feed(data) is not None:
                 # Only if the byte test was fooled (a '"usage":{' elsewhere

@@ -176,10 +176,10 @@ class StreamReader:
         """
         Keep whole frames unparsed if none can carry usage, the model or an
         error: only their text could ever be needed (see L{OutputText}), so
-        they are parsed only then. Any mention of C{message_} or C{error}
-        is parsed now.
+        they are parsed only then. Any mention of C{message_start},
+        C{message_delta} or C{error} is parsed now (message_stop is not).
         """
-        if b"message_" in frames or b"error" in frames:
+        if b"message_start" in frames or b"message_delta" in frames or b"error" in frames:
             return False
         self.output.addLater(frames)
         return True
