@@ -28,7 +28,7 @@ from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import MAX_UNREAD, READ_OPENING_AFTER, Relay, RelayContext
-from zaiproxy.resource import InFlight
+from zaiproxy.site import InFlight
 from zaiproxy.routes import Forward
 from zaiproxy.tokens import Counting, FallbackCounter
 from zaiproxy.usagetap import RequestBody

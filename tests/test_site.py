@@ -221,3 +221,27 @@ async def test_connectionCloseAmongTokens(reactor: Any, stack: Stack) -> None:
     await ended(client)
     assert reactor.seconds() - started < 1
     assert client.response().header(b"connection") == [b"close"]
+
+
+def test_inFlight() -> None:
+    """
+    InFlight fires every waiter once the last item leaves (a cancelled
+    waiter is forgotten), at once when empty, and iterates over a copy so
+    the drain can cut items while it walks them.
+    """
+    from twisted.internet.defer import CancelledError
+
+    from zaiproxy.site import InFlight
+
+    tracked: InFlight[str] = InFlight()
+    assert tracked.whenEmpty().called
+    tracked.add("a")
+    tracked.add("b")
+    first, gone, second = tracked.whenEmpty(), tracked.whenEmpty(), tracked.whenEmpty()
+    gone.cancel()
+    gone.addErrback(lambda f: f.trap(CancelledError))
+    for item in tracked:
+        tracked.discard(item)
+        assert not first.called or not tracked
+    assert len(tracked) == 0 and first.called and second.called
+    assert tracked.whenEmpty().called

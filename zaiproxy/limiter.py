@@ -214,8 +214,8 @@ class RateLimiter:
         # What Z.AI accepted is measured over the time calls were going: a
         # window that began idle (a fresh start, a quiet spell, then a
         # burst) would otherwise read as a fraction of the capacity, and
-        # the rate would hold there until the probes. (Outcomes with no
-        # active span came through no admission, as in tests: the window.)
+        # the rate would hold there until the probes. (Without a span, as
+        # for outcomes recorded with no admission, the window is the time.)
         span = admission.takeActiveSpan()
         late = now - self._windowStart - self.settings.window
         elapsed = max(span if span > 0 else now - self._windowStart, 1e-6)

@@ -34,7 +34,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting
-from zaiproxy.usagetap import COUNT_TOKENS_ROUTE, Piece, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
 from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -46,7 +46,7 @@ from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
 from zaiproxy.upstream import DiscardBody, DrainBody, Upstream
 
 if TYPE_CHECKING:
-    from zaiproxy.resource import InFlight
+    from zaiproxy.site import InFlight
 
 __all__ = ["Relay", "RelayContext"]
 
@@ -98,7 +98,7 @@ class Relay(Protocol):
         route: Forward,
         exchange: Exchange,
         context: RelayContext,
-        inFlight: InFlight,
+        inFlight: InFlight[Relay],
         body: RequestBody | None = None,
     ) -> None:
         """
@@ -182,14 +182,9 @@ class Relay(Protocol):
         contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
         sse = self._sse = contentType.lower().startswith(b"text/event-stream")
         if self._body is not None:
-            # answerKind's stream case, spelled out: it runs before the
-            # first byte of every counted stream.
-            if sse and 200 <= response.code < 300 and self._route.label != COUNT_TOKENS_ROUTE:
-                self._mode = "stream"
-            else:
-                self._mode = answerKind(self._route.label, response.code, contentType)
-                if self._mode in ("body", "local"):
-                    self._tapNow()
+            self._mode = answerKind(self._route.label, response.code, contentType)
+            if self._mode in ("body", "local"):
+                self._tapNow()
         if self._mode == "local":
             self._answerLocally(response)
             return

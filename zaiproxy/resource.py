@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -19,9 +18,10 @@ from zaiproxy.exchange import Exchange, sniffModel
 from zaiproxy.metrics import methodLabel
 from zaiproxy.relay import Relay, RelayContext
 from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.site import InFlight
 from zaiproxy.usagetap import RequestBody
 
-__all__ = ["ProxyResource", "InFlight"]
+__all__ = ["ProxyResource"]
 
 
 def _bodySize(request: Request) -> int:
@@ -32,39 +32,6 @@ def _bodySize(request: Request) -> int:
     size: int = content.tell()
     content.seek(0)
     return size
-
-
-class InFlight:
-    """
-    The relays in progress, so shutdown can wait for them (or cut them).
-    """
-
-    def __init__(self) -> None:
-        self._relays: set[Relay] = set()
-        self._waiters: list[Deferred[None]] = []
-
-    def __len__(self) -> int:
-        return len(self._relays)
-
-    def __iter__(self) -> Any:
-        return iter(list(self._relays))
-
-    def add(self, relay: Relay) -> None:
-        self._relays.add(relay)
-
-    def discard(self, relay: Relay) -> None:
-        self._relays.discard(relay)
-        if not self._relays:
-            waiters, self._waiters = self._waiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def whenEmpty(self) -> "Deferred[None]":
-        if not self._relays:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
-        self._waiters.append(waiter)
-        return waiter
 
 
 class ProxyResource(Resource):
@@ -78,7 +45,7 @@ class ProxyResource(Resource):
         self,
         targets: Targets,
         context: RelayContext,
-        inFlight: InFlight,
+        inFlight: InFlight[Relay],
         local: dict[bytes, Resource],
         isDraining: Callable[[], bool],
         credentials: Credentials | None = None,

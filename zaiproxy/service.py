@@ -35,12 +35,12 @@ from zaiproxy.exchange import Reporter
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.quota import QuotaPoller
-from zaiproxy.relay import RelayContext
-from zaiproxy.resource import InFlight, ProxyResource
+from zaiproxy.relay import Relay, RelayContext
+from zaiproxy.resource import ProxyResource
 from zaiproxy.routes import Targets
 from zaiproxy.reload import Reloader
 from zaiproxy.settings import Settings
-from zaiproxy.site import ProxySite
+from zaiproxy.site import InFlight, ProxySite
 from zaiproxy.tokens import Counting, loadCounter
 from zaiproxy.upstream import Upstream
 
@@ -117,7 +117,7 @@ class ProxyService(MultiService):
         self.reporter = Reporter(self.metrics, reactor)
         self.accounting = self._buildAccounting(reactor, settings)
         self.limiter = self._buildLimiter(limiterClock or reactor, settings)
-        self.inFlight = InFlight()
+        self.inFlight: InFlight[Relay] = InFlight()
         self.metrics.inFlight.set_function(lambda: len(self.inFlight))
         self.metrics.clientKeys.labels(settings.deploymentVariant).set_function(
             lambda: len(self.credentials.clientKeys or ())
@@ -466,12 +466,12 @@ class ProxyService(MultiService):
         # reactor stops: loseConnection() flushes the write buffer first.
         sites = (self.site, self.adminSite)
         for site in sites:
-            for channel in list(site.channels):
+            for channel in site.channels:
                 channel.loseConnection()
         for site in sites:
-            closed = yield self._within(site.whenNoChannels(), _FLUSH_SECONDS)
+            closed = yield self._within(site.channels.whenEmpty(), _FLUSH_SECONDS)
             if not closed:
-                for channel in list(site.channels):
+                for channel in site.channels:
                     channel.transport.abortConnection()
         self.limiter.stop()
         if self.quota is not None:

@@ -11,7 +11,7 @@ length is first known and each chunk arrives.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -242,6 +242,47 @@ class ProxyChannel(http.HTTPChannel):
         self._lingerTimer = self.callLater(_LINGER_SECONDS, self.transport.abortConnection)
 
 
+_T = TypeVar("_T")
+
+
+class InFlight(Generic[_T]):
+    """
+    What is still in progress (client connections, relays), so shutdown
+    can wait for it to empty, or cut what is left.
+    """
+
+    def __init__(self) -> None:
+        self._items: set[_T] = set()
+        self._waiters: list[Deferred[None]] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[_T]:
+        # A copy: cutting an item removes it while the caller iterates.
+        return iter(list(self._items))
+
+    def add(self, item: _T) -> None:
+        self._items.add(item)
+
+    def discard(self, item: _T) -> None:
+        self._items.discard(item)
+        if not self._items:
+            waiters, self._waiters = self._waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def whenEmpty(self) -> "Deferred[None]":
+        """
+        Fires once nothing is left in progress.
+        """
+        if not self._items:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(lambda d: self._waiters.remove(d))
+        self._waiters.append(waiter)
+        return waiter
+
+
 class ProxySite(server.Site):
     """
     The site: its channels, its limits, and where refusals are reported.
@@ -263,8 +304,7 @@ class ProxySite(server.Site):
         )
         self.maxRequestBytes = maxRequestBytes
         self.headerTimeout = headerTimeout
-        self.channels: set[ProxyChannel] = set()
-        self._channelWaiters: list[Deferred[None]] = []
+        self.channels: InFlight[ProxyChannel] = InFlight()
         self._onRejected = onRejected
         self.noisy = False
 
@@ -292,20 +332,6 @@ class ProxySite(server.Site):
 
     def channelClosed(self, channel: ProxyChannel) -> None:
         self.channels.discard(channel)
-        if not self.channels:
-            waiters, self._channelWaiters = self._channelWaiters, []
-            for waiter in waiters:
-                waiter.callback(None)
-
-    def whenNoChannels(self) -> "Deferred[None]":
-        """
-        Fires once every client connection has closed.
-        """
-        if not self.channels:
-            return succeed(None)
-        waiter: Deferred[None] = Deferred(lambda d: self._channelWaiters.remove(d))
-        self._channelWaiters.append(waiter)
-        return waiter
 
     def rejected(self, method: bytes, path: bytes, status: int, bodyBytes: int) -> None:
         self._onRejected(method, path, status, bodyBytes)
