@@ -27,7 +27,7 @@ from zaiproxy.exchange import Exchange, Reporter
 from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
 from zaiproxy.metrics import Metrics
-from zaiproxy.relay import MAX_UNREAD, READ_OPENING_AFTER, Relay, RelayContext
+from zaiproxy.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay, RelayContext
 from zaiproxy.site import InFlight
 from zaiproxy.routes import Forward
 from zaiproxy.tokens import Counting, FallbackCounter
@@ -478,7 +478,7 @@ class OpeningRig:
     agent, a L{DummyRequest} for the client.
     """
 
-    def __init__(self, scenario: str, dialect: Dialect = Dialect.anthropic) -> None:
+    def __init__(self, scenario: str, dialect: Dialect = Dialect.anthropic, counted: bool = True, pump: bool = True) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_767_225_600.0)
         self.fake = FakeZai(self.clock, apiKey=UPSTREAM_KEY, defaults=parseScenario(scenario))
@@ -506,9 +506,11 @@ class OpeningRig:
         self.request.method = b"POST"
         self.request.content = io.BytesIO(self.body)
         exchange = Exchange(method="POST", route=self.route.label, startedAt=self.clock.seconds(), model="glm-4.7")
-        self.relay = Relay(self.request, self.route, exchange, self.context, InFlight(), RequestBody(self.request.content))
+        body = RequestBody(self.request.content) if counted else None
+        self.relay = Relay(self.request, self.route, exchange, self.context, InFlight(), body)
         self.relay.start()
-        self.pump()
+        if pump:
+            self.pump()
 
     def pump(self) -> None:
         """
@@ -558,14 +560,56 @@ def test_openingSentBeforeTheTapIsMade() -> None:
 
 def test_longBurstIsNotHeldForTheRead() -> None:
     """
-    A burst far longer than an opening (here 30 deltas at once, then
-    nothing) is read as it comes once MAX_UNREAD chunks wait: the chunks
-    sent unread are not held until the timer.
+    A burst far longer than an opening (here 60 deltas in one read, then
+    nothing) is read as it comes: more than MAX_UNREAD_BYTES is not held
+    until the timer.
     """
-    rig = OpeningRig("mode=stall-mid after=30 events=40 interval=0")
-    assert rig.written().count(b"event: content_block_delta") == 30 > MAX_UNREAD
+    rig = OpeningRig("mode=stall-mid after=60 events=80 interval=0")
+    assert rig.written().count(b"event: content_block_delta") == 60
+    assert len(rig.written()) > MAX_UNREAD_BYTES
     assert rig.relay._tap is not None
     assert rig.relay._unread == []
+
+
+def test_manyOpeningsAreNotHeldForTheRead() -> None:
+    """
+    Chunks arriving in separate reads before the timer fires are each held
+    unread only up to MAX_UNREAD of them; after that they are read as
+    they come.
+    """
+    step = READ_OPENING_AFTER / 100
+    rig = OpeningRig(f"mode=stall-mid after={MAX_UNREAD + 4} events=40 interval={step}")
+    for _ in range(MAX_UNREAD + 8):
+        rig.clock.advance(step)
+        rig.pump()
+    assert rig.clock.seconds() - 1_767_225_600.0 < READ_OPENING_AFTER
+    assert rig.written().count(b"event: content_block_delta") == MAX_UNREAD + 4
+    assert rig.relay._tap is not None
+    assert rig.relay._unread == []
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_openingLeavesAsOneWriteBeforeThePoll(counted: bool) -> None:
+    """
+    The chunks of a stream's first upstream read are written as one piece,
+    by a call due at once (which the reactor runs before its next poll,
+    the one that sends them), counted or not.
+    """
+    rig = OpeningRig("events=3 interval=0.05", counted=counted, pump=False)
+    for _ in range(20):
+        rig.agent.flush()
+    assert rig.request.written == []
+    assert [call.func for call in rig.clock.getDelayedCalls() if call.getTime() == rig.clock.seconds()] == [
+        rig.relay._sendOpening
+    ]
+    rig.clock.advance(0)
+    [opening] = rig.request.written
+    assert [name for name, _ in events(opening)] == [
+        "message_start", "ping", "content_block_start", "content_block_delta"
+    ]
+    rig.runOut()
+    # Later chunks, each in a read of its own, go out as they come.
+    assert [len(events(piece)) for piece in rig.request.written[1:]] == [1, 1, 1, 1, 1]
 
 
 def test_usagelessMessageStartReadAtOnce() -> None:

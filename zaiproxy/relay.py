@@ -54,9 +54,11 @@ __all__ = ["Relay", "RelayContext"]
 #: something reads it sooner. Twisted sends that chunk at its next poll; a
 #: call due at once would run before that poll, delaying the first byte.
 READ_OPENING_AFTER = 0.001
-#: At most this many chunks wait for that read (each is held until then): a
-#: burst larger than an opening is read as it comes.
+#: At most this many chunks wait for that read (each is held until then),
+#: none larger than MAX_UNREAD_BYTES: a burst larger than an opening (Z.AI's
+#: is under 1 KiB) is read as it comes.
 MAX_UNREAD = 16
+MAX_UNREAD_BYTES = 4096
 
 
 @attrs.frozen
@@ -115,6 +117,10 @@ class Relay(Protocol):
         # A stream's opening chunks, sent before the tap is made.
         self._unread: list[bytes] = []
         self._readCall: IDelayedCall | None = None
+        # A stream's first chunks, until the call below relays them as one.
+        self._opened = False
+        self._opening: list[bytes] | None = None
+        self._openingCall: IDelayedCall | None = None
         self._mode = "none"
         self._forwarder: Forwarder | None = None
         self._answered = False
@@ -270,25 +276,65 @@ class Relay(Protocol):
                     self._partial = b""
             else:
                 self._partial = b""
-            if self._mode == "stream":
-                tap = self._tap
-                if tap is None:
-                    if len(self._unread) < MAX_UNREAD and readsLater(data):
-                        self._send(data)
-                        self._unread.append(data)
-                        if self._readCall is None:
-                            self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
-                        return
-                    tap = self._tapNow()
-                pieces = tap.feed(data)
-                if pieces is None:
-                    if self._waiting is None:
-                        self._send(data)
-                        return
-                    pieces = [data]
-                self._emit(pieces)
+            if self._opening is not None:
+                self._opening.append(data)
                 return
+            if not self._opened:
+                # The opening burst (every chunk of this reactor turn) goes
+                # out as one piece, just before the poll that sends it.
+                self._opened = True
+                self._opening = [data]
+                self._openingCall = self._context.clock.callLater(0, self._sendOpening)
+                return
+            self._relayEvents(data)
+            return
         self._send(data)
+
+    def _relayEvents(self, data: bytes) -> None:
+        """
+        Relay whole events, read by the tap first when they must be.
+        """
+        if self._mode == "stream":
+            tap = self._tap
+            if tap is None:
+                if len(data) <= MAX_UNREAD_BYTES and len(self._unread) < MAX_UNREAD and readsLater(data):
+                    self._send(data)
+                    self._unread.append(data)
+                    if self._readCall is None:
+                        self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
+                    return
+                tap = self._tapNow()
+            pieces = tap.feed(data)
+            if pieces is None:
+                if self._waiting is None:
+                    self._send(data)
+                    return
+                pieces = [data]
+            self._emit(pieces)
+            return
+        self._send(data)
+
+    def _sendOpening(self) -> None:
+        """
+        Relay a stream's opening burst: the chunks one upstream read
+        delivered, joined, so they take one write and one byte test instead
+        of one each. Twisted sends what is written at its next poll, and
+        this runs before that poll (a call due now), so no byte waits; it
+        also runs at once if the stream ends or the relay finishes first.
+        """
+        call, self._openingCall = self._openingCall, None
+        if call is not None and call.active():
+            call.cancel()
+        opening, self._opening = self._opening, None
+        if not opening or self._done:
+            return
+        data = opening[0] if len(opening) == 1 else b"".join(opening)
+        if self._request.finished:
+            # Answered already (an error of ours): read for usage only.
+            if self._mode == "stream":
+                self._tapNow().feed(data)
+            return
+        self._relayEvents(data)
 
     def _send(self, data: bytes) -> None:
         self._exchange.responseBytes += len(data)
@@ -375,6 +421,8 @@ class Relay(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelIdleTimer()
+        if self._opening is not None:
+            self._sendOpening()
         self._ended = reason
         self._maybeEnd()
 
@@ -540,6 +588,9 @@ class Relay(Protocol):
     def _finished(self, status: int, complete: bool = False) -> None:
         if self._done:
             return
+        if self._opening is not None:
+            # Still billed: read (and sent, if it still can be) first.
+            self._sendOpening()
         self._done = True
         self._cancelIdleTimer()
         self._exchange.status = status
