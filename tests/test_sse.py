@@ -16,7 +16,7 @@ from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, eventJSON, keptData, lastEventEnd
+from zaiproxy.sse import Event, EventParser, eventJSON, framesMentioning, keptData, lastEventEnd
 
 
 @pytest.mark.parametrize(
@@ -259,3 +259,38 @@ def test_keptData() -> None:
     frames = b'event: ping\ndata: {"type":"ping"}\n\n: comment\n\ndata: {"b":2}\r\n\r\n'
     assert keptData(frames) == [b'{"type":"ping"}', b'{"b":2}']
     assert keptData(b"") == []
+
+
+_WORDS = (b"message_start", b"error")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(_LINES, st.sampled_from([b"data: an error", b"data: {\"error\":1} error"])), max_size=30))
+def test_framesMentioning(lines: list[bytes]) -> None:
+    """
+    Whole frames cut by what they mention: the pieces are the data, in
+    order; each piece that mentions a word is one frame, no other piece
+    mentions one; and the pieces, each read on its own, give the events
+    of the whole (a reader may parse some and keep the rest for later).
+    """
+    data = b"\n".join(lines) + b"\n\n"
+    pieces = framesMentioning(data, _WORDS)
+    assert pieces is not None
+    assert b"".join(piece for _, piece in pieces) == data
+    for mentions, piece in pieces:
+        said = any(word in piece for word in _WORDS)
+        assert said is mentions
+        if mentions:
+            assert piece.endswith(b"\n\n") and b"\n\n" not in piece[:-2].lstrip(b"\n")
+    assert [event for _, piece in pieces for event in EventParser().feed(piece)] == parseAll([data])
+
+
+def test_framesMentioningCR() -> None:
+    """
+    CRLF frames are not cut (a blank LF LF does not end them): read whole.
+    """
+    assert framesMentioning(b"data: error\r\n\r\n", _WORDS) is None
+    assert framesMentioning(b"data: x\n\ndata: y\n\n", _WORDS) == [(False, b"data: x\n\ndata: y\n\n")]
+    assert framesMentioning(b"data: x\n\ndata: error\n\ndata: y\n\n", _WORDS) == [
+        (False, b"data: x\n\n"), (True, b"data: error\n\n"), (False, b"data: y\n\n")
+    ]

@@ -350,3 +350,60 @@ def test_framesKeptRawCountLikeParsedOnes(dialect: Dialect) -> None:
         t.tap.settle(True)
     assert whole.tokens("output") == cut.tokens("output") > 0
     assert whole.tokens("input") == cut.tokens("input") > 0
+
+
+@pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
+@pytest.mark.parametrize(
+    "scenario", ["events=6", "events=6 usage=none", "events=5 thinking=true tool=true usage=none", "events=4 mode=inband-error"]
+)
+def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: str) -> None:
+    """
+    A whole stream in one chunk (one upstream read, relayed as one write):
+    the usage, the model, the in-band error, the estimate and every byte
+    written (usage added included) are what feeding it a frame at a time
+    gives; and the frames between those that must be read are kept raw,
+    as runs, not parsed one by one.
+    """
+    parsed = parseScenario(scenario)
+    frames = [
+        f.data
+        for f in (messageStream if dialect is Dialect.anthropic else chatStream)(
+            parsed, contentFor(parsed), usageFor(parsed, PROMPT), idsFor(1, 1767225600.0)
+        )
+    ]
+    whole, each = Tapped(dialect), Tapped(dialect)
+    added = [[whole.tap.feed(b"".join(frames))], [each.tap.feed(data) for data in frames]]
+    for group, t in zip(added, (whole, each)):
+        group.append(t.tap.endStream())
+        t.tap.settle(True)
+
+    def written(group: list[Any], frames: list[bytes]) -> bytes:
+        out: list[bytes] = []
+        for data, pieces in zip(frames, group):
+            if pieces is None:
+                out.append(data)
+                continue
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    out.append(piece)
+                else:
+                    piece.addCallback(out.append)
+        for piece in group[-1]:
+            piece.addCallback(out.append)
+        return b"".join(out)
+
+    once = written(added[0], [b"".join(frames)])
+    assert once == written(added[1], frames)
+    assert whole.tokens("output") == each.tokens("output")
+    assert whole.tokens("input") == each.tokens("input")
+    assert whole.tap._reader.model == each.tap._reader.model == "glm-4.7"
+    assert whole.tap.inbandError() == each.tap.inbandError()
+    if "usage=none" in scenario:
+        assert once != b"".join(frames)
+    if "inband" in scenario:
+        assert whole.tap.inbandError() is not None
+    if "error" not in scenario:
+        assert whole.tokens("output") > 0
+    if scenario == "events=6":
+        # Never counted (Z.AI's usage holds), so still as kept.
+        assert any(run.count(b"\n\n") > 1 for run in whole.tap._reader.output._raw)

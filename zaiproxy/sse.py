@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 from typing import Any, Iterator, NamedTuple
 
-__all__ = ["Event", "EventParser", "eventJSON", "keptData", "lastEventEnd", "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES"]
+__all__ = [
+    "Event", "EventParser", "eventJSON", "keptData", "lastEventEnd", "framesMentioning",
+    "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES",
+]
 
 #: A partial event longer than this is passed on anyway: holding back more
 #: would make a stream without blank lines wait for its end.
@@ -56,6 +59,44 @@ def keptData(kept: bytes) -> list[bytes]:
     if kept[:1] == b"{":
         return [kept]
     return [event.data for event in EventParser().feed(kept)]
+
+
+def framesMentioning(data: bytes, words: tuple[bytes, ...]) -> list[tuple[bool, bytes]] | None:
+    """
+    Whole frames (LF line ends) cut into the frames that mention one of
+    C{words}, each alone (C{True}), and the runs of frames between them
+    (C{False}), in order; L{None} for data with a CR (whose frames a blank
+    LF LF does not end).
+
+    A stream reader parses only the frames that may carry what it looks
+    for: a burst of many frames is then a few byte searches and one parse
+    a frame found, not a parse a frame.
+    """
+    if b"\r" in data:
+        return None
+    spans = []
+    for word in words:
+        found = data.find(word)
+        while found >= 0:
+            start = data.rfind(b"\n\n", 0, found) + 2
+            end = data.find(b"\n\n", found)
+            end = len(data) if end < 0 else end + 2
+            spans.append((start if start >= 2 else 0, end))
+            found = data.find(word, end)
+    spans.sort()
+    pieces: list[tuple[bool, bytes]] = []
+    at = 0
+    for start, end in spans:
+        if start < at:
+            # A frame that mentions two of the words.
+            continue
+        if start > at:
+            pieces.append((False, data[at:start]))
+        pieces.append((True, data[start:end]))
+        at = end
+    if at < len(data):
+        pieces.append((False, data[at:]))
+    return pieces
 
 
 def lastEventEnd(data: bytes) -> int:

@@ -185,21 +185,15 @@ class UsageTap:
     def readRelayed(self, chunks: list[bytes]) -> None:
         """
         Read the opening chunks the relay sent before this tap was made, in
-        order (each passed L{readsLater}).
-
-        All but the first are read as one: a burst's deltas and pings are
-        then kept raw in one step (the parser gives the same events however
-        the bytes are cut), and the first, which names the model or holds
-        message_start, is still read alone.
+        order (each passed L{readsLater}), as one: the parser gives the same
+        events however the bytes are cut, and L{feed} parses only the frames
+        that may carry usage, the model or an error.
         """
-        if len(chunks) > 2:
-            chunks = [chunks[0], b"".join(chunks[1:])]
-        for data in chunks:
-            if self.feed(data) is not None:
-                # Only if the byte test was fooled (a '"usage":{' elsewhere
-                # than the message's own, nested in message_start or in
-                # another frame of the chunk): too late to add it now.
-                _log.warn("a relayed event lacked usage that could no longer be added")
+        if self.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks)) is not None:
+            # Only if the byte test was fooled (a '"usage":{' elsewhere
+            # than the message's own, nested in message_start or in
+            # another frame of the chunk): too late to add it now.
+            _log.warn("a relayed event lacked usage that could no longer be added")
 
     def feed(self, data: bytes) -> list[Piece] | None:
         """
@@ -208,23 +202,48 @@ class UsageTap:
         without usage changes).
 
         Whole frames that cannot matter but for their text (deltas, pings:
-        most of a stream) are kept unparsed (see C{keepRaw}).
+        most of a stream) are kept unparsed (see C{keepRaw}); of a burst of
+        frames, only those that may matter are parsed (see C{cut}).
         """
         try:
-            if self._parser.atBoundary and data.endswith(_FRAME_ENDS) and self._reader.keepRaw(data):
-                return None
-            events = self._parser.feed(data)
-            read = self._reader.event
-            if len(events) == 1:
-                # The relay hands over one event a chunk as Z.AI sends them.
-                where = read(events[0])
-                if where is None:
+            if self._parser.atBoundary and data.endswith(_FRAME_ENDS):
+                reader = self._reader
+                if reader.keepRaw(data):
                     return None
-                return self._inject(data, [(events[0], where)])
-            wheres = [read(event) for event in events]
+                cut = reader.cut(data)
+                if cut is not None and len(cut) > 1:
+                    return self._feedCut(cut)
+            return self._feedWhole(data)
         except Exception:
             _log.failure("reading a stream for usage failed", failure=Failure())
             return None
+
+    def _feedCut(self, cut: list[tuple[bool, bytes]]) -> list[Piece] | None:
+        pieces: list[Piece] = []
+        changed = False
+        for mentions, frames in cut:
+            if not mentions:
+                self._reader.keep(frames)
+                pieces.append(frames)
+                continue
+            replaced = self._feedWhole(frames)
+            if replaced is None:
+                pieces.append(frames)
+            else:
+                pieces.extend(replaced)
+                changed = True
+        return pieces if changed else None
+
+    def _feedWhole(self, data: bytes) -> list[Piece] | None:
+        events = self._parser.feed(data)
+        read = self._reader.event
+        if len(events) == 1:
+            # The relay hands over one event a chunk as Z.AI sends them.
+            where = read(events[0])
+            if where is None:
+                return None
+            return self._inject(data, [(events[0], where)])
+        wheres = [read(event) for event in events]
         if not any(wheres):
             return None
         return self._inject(data, list(zip(events, wheres)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON, keptData
+from zaiproxy.sse import Event, eventJSON, framesMentioning, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -159,6 +159,10 @@ def usageJSON(usage: Usage) -> dict[str, int]:
     }
 
 
+#: What a frame must mention to be parsed (see L{StreamReader.keepRaw}).
+_MUST_READ = (b"message_start", b"message_delta", b"error")
+
+
 class StreamReader:
     """
     Reads an Anthropic stream as it passes: the output text (kept, never
@@ -183,6 +187,19 @@ class StreamReader:
             return False
         self.output.addLater(frames)
         return True
+
+    def cut(self, frames: bytes) -> list[tuple[bool, bytes]] | None:
+        """
+        Whole frames that L{keepRaw} refused, cut into those to parse
+        (C{True}) and runs to keep raw (see L{framesMentioning}).
+        """
+        return framesMentioning(frames, _MUST_READ)
+
+    def keep(self, frames: bytes) -> None:
+        """
+        Keep whole frames that L{cut} found nothing in, unparsed.
+        """
+        self.output.addLater(frames)
 
     def event(self, event: Event) -> str | None:
         """

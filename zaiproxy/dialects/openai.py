@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON, keptData
+from zaiproxy.sse import Event, eventJSON, framesMentioning, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -184,6 +184,11 @@ def _deltaTexts(chunk: dict[str, Any]) -> list[tuple[str, str]]:
     return texts
 
 
+#: What a frame must mention to be parsed once the first chunk was read
+#: (see L{StreamReader.keepRaw}).
+_MUST_READ = (b'"usage"', b'"error"', b"[DONE]")
+
+
 class StreamReader:
     """
     Reads a chat-completions stream as it passes: output text, usage (from
@@ -210,6 +215,28 @@ class StreamReader:
             return False
         self.output.addLater(frames)
         return True
+
+    def cut(self, frames: bytes) -> list[tuple[bool, bytes]] | None:
+        """
+        Whole frames that L{keepRaw} refused, cut into those to parse
+        (C{True}: the first chunk until one is read, and any mention of
+        usage, an error or C{[DONE]}) and runs to keep raw (see
+        L{framesMentioning}).
+        """
+        if self._seen:
+            return framesMentioning(frames, _MUST_READ)
+        end = frames.find(b"\n\n") + 2
+        first = frames[:end]
+        if end < 2 or b"data:" not in first:
+            return None
+        rest = framesMentioning(frames[end:], _MUST_READ) if end < len(frames) else []
+        return None if rest is None else [(True, first), *rest]
+
+    def keep(self, frames: bytes) -> None:
+        """
+        Keep whole frames that L{cut} found nothing in, unparsed.
+        """
+        self.output.addLater(frames)
 
     def event(self, event: Event) -> str | None:
         """
