@@ -354,7 +354,7 @@ def test_framesKeptRawCountLikeParsedOnes(dialect: Dialect) -> None:
 
 @pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
 @pytest.mark.parametrize(
-    "scenario", ["events=6", "events=6 usage=none", "events=5 thinking=true tool=true usage=none", "events=4 mode=inband-error"]
+    "scenario", ["events=6", "events=6 usage=none", "events=5 thinking=true tool=true usage=none", "events=4 inband"]
 )
 def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: str) -> None:
     """
@@ -364,13 +364,17 @@ def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: st
     gives; and the frames between those that must be read are kept raw,
     as runs, not parsed one by one.
     """
-    parsed = parseScenario(scenario)
+    parsed = parseScenario(scenario.replace(" inband", ""))
     frames = [
         f.data
         for f in (messageStream if dialect is Dialect.anthropic else chatStream)(
             parsed, contentFor(parsed), usageFor(parsed, PROMPT), idsFor(1, 1767225600.0)
         )
     ]
+    if "inband" in scenario:
+        # Z.AI's in-band error, mid-stream (zai-api.md section 4.2).
+        error = {"error": {"code": "1302", "message": "High concurrency usage of this API"}}
+        frames.insert(5, frame("error", {"type": "error", **error}) if dialect is Dialect.anthropic else b"data: " + json.dumps(error).encode() + b"\n\n")
     whole, each = Tapped(dialect), Tapped(dialect)
     added = [[whole.tap.feed(b"".join(frames))], [each.tap.feed(data) for data in frames]]
     for group, t in zip(added, (whole, each)):
@@ -401,8 +405,9 @@ def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: st
     if "usage=none" in scenario:
         assert once != b"".join(frames)
     if "inband" in scenario:
-        assert whole.tap.inbandError() is not None
-    if "error" not in scenario:
+        found = whole.tap.inbandError()
+        assert found is not None and found.code == "1302"
+    if "inband" not in scenario:
         assert whole.tokens("output") > 0
     if scenario == "events=6":
         # Never counted (Z.AI's usage holds), so still as kept.
