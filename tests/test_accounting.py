@@ -17,7 +17,7 @@ import tiktoken
 from twisted.internet import task
 
 from conftest import Stack
-from zaiproxy.accounting import MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
+from zaiproxy.accounting import _MAX_MEMO, MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.testing import RawClient, rawRequest
 from zaiproxy.sse import EventParser
@@ -81,6 +81,25 @@ def test_modelLabels() -> None:
         labels.label(f"claude-fake-{n}")
     assert labels.label("claude-fake-0") == "claude-fake-0"
     assert labels.label(f"claude-fake-{MAX_CLAUDE_LABELS * 2 - 1}") == "other"
+
+
+def test_modelLabelsRemembered() -> None:
+    """
+    Labels are remembered by the name requested, in a bounded memo: any
+    number of odd names costs no more memory, and a name keeps its label
+    when the memo starts again (the Claude cap still holds).
+    """
+    labels = ModelLabels([], "glm-4")
+    assert labels.label("claude-opus-4-1") == "claude-opus-4-1"
+    for n in range(_MAX_MEMO * 3):
+        assert labels.label(f"odd-{n}") == "other"
+        assert len(labels._memo) <= _MAX_MEMO
+    assert labels.label("claude-opus-4-1") == "claude-opus-4-1"
+    assert labels.label(" GLM-4.7 ") == "glm-4.7"
+    for n in range(MAX_CLAUDE_LABELS):
+        labels.label(f"claude-late-{n}")
+    assert labels.label(f"claude-late-{MAX_CLAUDE_LABELS - 1}") == "other"
+    assert labels.label("claude-opus-4-1") == "claude-opus-4-1"
 
 
 def at(text: str) -> float:

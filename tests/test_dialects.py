@@ -225,13 +225,13 @@ def test_anthropicFramesKeptRaw() -> None:
     body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
     frames = messageStream(scenario, contentFor(scenario), usageFor(scenario, body), idsFor(1, 1767225600.0))
     reader = anthropic.StreamReader()
-    kept = {f.data.split(b"\n", 1)[0][len(b"event: "):].decode(): reader.keepRaw(f.data) for f in frames}
+    kept = {f.data.split(b"\n", 1)[0][len(b"event: "):].decode(): reader.cut(f.data) == [(False, f.data)] for f in frames}
     assert kept == {
         "message_start": False, "content_block_start": True, "ping": True, "content_block_delta": True,
         "content_block_stop": True, "message_delta": False, "message_stop": True,
     }
     error = b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"x"}}\n\n'
-    assert not reader.keepRaw(error)
+    assert reader.cut(error) == [(True, error)]
 
 
 def test_openaiStreamReader() -> None:

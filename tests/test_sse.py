@@ -288,8 +288,11 @@ def test_framesMentioning(lines: list[bytes]) -> None:
 def test_framesMentioningCR() -> None:
     """
     CRLF frames are not cut (a blank LF LF does not end them): read whole.
+    Frames that mention nothing are one run.
     """
     assert framesMentioning(b"data: error\r\n\r\n", _WORDS) is None
+    # Nothing to cut: kept whole, CR or not.
+    assert framesMentioning(b"data: x\r\n\r\n", _WORDS) == [(False, b"data: x\r\n\r\n")]
     assert framesMentioning(b"data: x\n\ndata: y\n\n", _WORDS) == [(False, b"data: x\n\ndata: y\n\n")]
     assert framesMentioning(b"data: x\n\ndata: error\n\ndata: y\n\n", _WORDS) == [
         (False, b"data: x\n\n"), (True, b"data: error\n\n"), (False, b"data: y\n\n")

@@ -148,6 +148,9 @@ def test_usage() -> None:
     """
     merged = Usage(0, 0).largest(Usage(532, 20, 7, 0))
     assert merged == Usage(532, 20, 7, 0)
+    # Anthropic's own split: the prompt in message_start, the output later.
+    assert Usage(532, 1, 0, 100).largest(Usage(0, 20, 7, 0)) == Usage(532, 20, 7, 100)
+    assert Usage(0, 20, 7, 0).largest(Usage(532, 1, 0, 100)) == Usage(532, 20, 7, 100)
     assert merged.directions() == {"input": 532, "output": 20, "cache_read": 7, "cache_write": 0}
 
 

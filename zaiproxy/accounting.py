@@ -51,6 +51,9 @@ KNOWN_MODELS = frozenset(
 #: How many distinct Claude model names may become labels before the rest
 #: share "other".
 MAX_CLAUDE_LABELS = 24
+#: Distinct requested model names whose label is remembered (clients may
+#: send any string; past this the memo starts again).
+_MAX_MEMO = 1024
 #: Request bodies up to this size are parsed and counted inline.
 INLINE_BODY_BYTES = 16 << 10
 
@@ -74,6 +77,8 @@ class ModelLabels:
         self._allowed = KNOWN_MODELS | {self._normalise(name) for name in extra}
         self._default = self._normalise(default) or "glm-4"
         self._claude: set[str] = set()
+        # Requested name -> label: a name's label never changes once given.
+        self._memo: dict[str, str] = {}
 
     @staticmethod
     def _normalise(name: str) -> str:
@@ -83,6 +88,14 @@ class ModelLabels:
     def label(self, requested: str | None) -> str:
         if not requested:
             return self._default
+        label = self._memo.get(requested)
+        if label is None:
+            if len(self._memo) >= _MAX_MEMO:
+                self._memo = {}
+            label = self._memo[requested] = self._label(requested)
+        return label
+
+    def _label(self, requested: str) -> str:
         name = self._normalise(requested)
         if name in self._allowed:
             return name
@@ -105,12 +118,11 @@ class Price:
     cacheWrite: float
 
     def of(self, direction: str) -> float:
-        return {
-            "input": self.input,
-            "output": self.output,
-            "cache_read": self.cacheRead,
-            "cache_write": self.cacheWrite,
-        }[direction]
+        return getattr(self, _PRICE_FIELDS[direction])  # type: ignore[no-any-return]
+
+
+#: A direction's field in L{Price}.
+_PRICE_FIELDS = {"input": "input", "output": "output", "cache_read": "cacheRead", "cache_write": "cacheWrite"}
 
 
 @attrs.frozen

@@ -63,26 +63,28 @@ def keptData(kept: bytes) -> list[bytes]:
 
 def framesMentioning(data: bytes, words: tuple[bytes, ...]) -> list[tuple[bool, bytes]] | None:
     """
-    Whole frames (LF line ends) cut into the frames that mention one of
-    C{words}, each alone (C{True}), and the runs of frames between them
-    (C{False}), in order; L{None} for data with a CR (whose frames a blank
-    LF LF does not end).
+    Whole frames cut into the frames that mention one of C{words}, each
+    alone (C{True}), and the runs of frames between them (C{False}), in
+    order: C{[(False, data)]} when none is mentioned; L{None} when some
+    is and C{data} has a CR (whose frames a blank LF LF does not end).
 
     A stream reader parses only the frames that may carry what it looks
     for: a burst of many frames is then a few byte searches and one parse
     a frame found, not a parse a frame.
     """
+    found = [(at, word) for word in words if (at := data.find(word)) >= 0]
+    if not found:
+        return [(False, data)]
     if b"\r" in data:
         return None
     spans = []
-    for word in words:
-        found = data.find(word)
-        while found >= 0:
-            start = data.rfind(b"\n\n", 0, found) + 2
-            end = data.find(b"\n\n", found)
+    for at, word in found:
+        while at >= 0:
+            start = data.rfind(b"\n\n", 0, at) + 2
+            end = data.find(b"\n\n", at)
             end = len(data) if end < 0 else end + 2
             spans.append((start if start >= 2 else 0, end))
-            found = data.find(word, end)
+            at = data.find(word, end)
     spans.sort()
     pieces: list[tuple[bool, bytes]] = []
     at = 0

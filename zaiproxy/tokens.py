@@ -74,6 +74,12 @@ class Usage:
         Field by field, the larger of two reports of the same answer (Z.AI
         sends 0/0 in message_start and the real numbers in message_delta).
         """
+        if (
+            other.input >= self.input and other.output >= self.output
+            and other.cacheRead >= self.cacheRead and other.cacheWrite >= self.cacheWrite
+        ):
+            # The usual case (message_delta's numbers over message_start's).
+            return other
         return Usage(
             max(self.input, other.input),
             max(self.output, other.output),

@@ -202,17 +202,18 @@ class UsageTap:
         without usage changes).
 
         Whole frames that cannot matter but for their text (deltas, pings:
-        most of a stream) are kept unparsed (see C{keepRaw}); of a burst of
-        frames, only those that may matter are parsed (see C{cut}).
+        most of a stream) are kept unparsed; of a burst of frames, only
+        those that may matter are parsed (see the readers' C{cut}).
         """
         try:
             if self._parser.atBoundary and data.endswith(_FRAME_ENDS):
-                reader = self._reader
-                if reader.keepRaw(data):
-                    return None
-                cut = reader.cut(data)
-                if cut is not None and len(cut) > 1:
-                    return self._feedCut(cut)
+                cut = self._reader.cut(data)
+                if cut is not None:
+                    if len(cut) > 1:
+                        return self._feedCut(cut)
+                    if not cut[0][0]:
+                        self._reader.keep(data)
+                        return None
             return self._feedWhole(data)
         except Exception:
             _log.failure("reading a stream for usage failed", failure=Failure())

@@ -159,7 +159,7 @@ def usageJSON(usage: Usage) -> dict[str, int]:
     }
 
 
-#: What a frame must mention to be parsed (see L{StreamReader.keepRaw}).
+#: What a frame must mention to be parsed (see L{StreamReader.cut}).
 _MUST_READ = (b"message_start", b"message_delta", b"error")
 
 
@@ -176,28 +176,20 @@ class StreamReader:
         self.model: str | None = None
         self.error: ZaiError | None = None
 
-    def keepRaw(self, frames: bytes) -> bool:
-        """
-        Keep whole frames unparsed if none can carry usage, the model or an
-        error: only their text could ever be needed (see L{OutputText}), so
-        they are parsed only then. Any mention of C{message_start},
-        C{message_delta} or C{error} is parsed now (message_stop is not).
-        """
-        if b"message_start" in frames or b"message_delta" in frames or b"error" in frames:
-            return False
-        self.output.addLater(frames)
-        return True
-
     def cut(self, frames: bytes) -> list[tuple[bool, bytes]] | None:
         """
-        Whole frames that L{keepRaw} refused, cut into those to parse
-        (C{True}) and runs to keep raw (see L{framesMentioning}).
+        Whole frames cut into those to parse now (C{True}: any that mentions
+        C{message_start}, C{message_delta} or C{error}, which may carry
+        usage, the model or an error) and runs to keep unparsed (deltas,
+        pings, message_stop: only their text could ever be needed, see
+        L{OutputText}); see L{framesMentioning}.
         """
         return framesMentioning(frames, _MUST_READ)
 
     def keep(self, frames: bytes) -> None:
         """
-        Keep whole frames that L{cut} found nothing in, unparsed.
+        Keep whole frames that L{cut} found nothing in, unparsed: decoded
+        only if their text is ever counted.
         """
         self.output.addLater(frames)
 

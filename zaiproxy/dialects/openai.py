@@ -185,7 +185,7 @@ def _deltaTexts(chunk: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 #: What a frame must mention to be parsed once the first chunk was read
-#: (see L{StreamReader.keepRaw}).
+#: (see L{StreamReader.cut}).
 _MUST_READ = (b'"usage"', b'"error"', b"[DONE]")
 
 
@@ -205,23 +205,13 @@ class StreamReader:
         self.created: int = 0
         self._seen = False
 
-    def keepRaw(self, frames: bytes) -> bool:
-        """
-        Keep whole frames unparsed if none can carry usage or an error and
-        the first chunk (the model and ids) was read: only their text could
-        ever be needed (see L{OutputText}), so they are parsed only then.
-        """
-        if not self._seen or b'"usage"' in frames or b'"error"' in frames or b"[DONE]" in frames:
-            return False
-        self.output.addLater(frames)
-        return True
-
     def cut(self, frames: bytes) -> list[tuple[bool, bytes]] | None:
         """
-        Whole frames that L{keepRaw} refused, cut into those to parse
-        (C{True}: the first chunk until one is read, and any mention of
-        usage, an error or C{[DONE]}) and runs to keep raw (see
-        L{framesMentioning}).
+        Whole frames cut into those to parse now (C{True}: the first chunk,
+        until one is read, for the model and ids; then any that mentions
+        usage, an error or C{[DONE]}) and runs to keep unparsed (deltas:
+        only their text could ever be needed, see L{OutputText}); see
+        L{framesMentioning}.
         """
         if self._seen:
             return framesMentioning(frames, _MUST_READ)
@@ -234,7 +224,8 @@ class StreamReader:
 
     def keep(self, frames: bytes) -> None:
         """
-        Keep whole frames that L{cut} found nothing in, unparsed.
+        Keep whole frames that L{cut} found nothing in, unparsed: decoded
+        only if their text is ever counted.
         """
         self.output.addLater(frames)
 
