@@ -7,7 +7,9 @@ upstream as soon as the client leaves.
 A L{Relay} is the body protocol of the upstream response and the push
 producer registered with the client's request, so a client that reads
 slowly pauses the upstream socket itself (no buffering in the proxy), and
-every chunk goes from one socket to the other in a single method call.
+every chunk goes from one socket to the other in a single method call, but
+for a stream's opening: the chunks of its first upstream read go out as one
+write, just before the poll that sends them.
 
 When token counting is on, a L{UsageTap} reads the answer as it passes. It
 may hand back a piece that is still being counted (usage added to a stream
