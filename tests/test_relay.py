@@ -471,6 +471,11 @@ class PushRequest(DummyRequest):
     def unregisterProducer(self) -> None:
         self.producer = None
 
+    @property
+    def startedWriting(self) -> bool:
+        # twisted.web's flag, which DummyRequest lacks.
+        return bool(self.written)
+
 
 class OpeningRig:
     """
@@ -600,7 +605,7 @@ def test_openingLeavesAsOneWriteBeforeThePoll(counted: bool) -> None:
         rig.agent.flush()
     assert rig.request.written == []
     assert [call.func for call in rig.clock.getDelayedCalls() if call.getTime() == rig.clock.seconds()] == [
-        rig.relay._sendOpening
+        rig.relay._openingDue
     ]
     rig.clock.advance(0)
     [opening] = rig.request.written
@@ -654,3 +659,27 @@ def test_clientLeavesDuringTheOpening() -> None:
     # "hi", and the first delta "hello " that was sent.
     assert (rig.tokens("input"), rig.tokens("output")) == (1, 1)
     assert not [call for call in rig.clock.getDelayedCalls() if call.func == rig.relay._readOpening]
+
+
+def test_aBugRelayingTheOpeningEndsBothSides(logEvents: list[dict[str, Any]]) -> None:
+    """
+    The opening is relayed by a call the reactor runs, not by the
+    upstream's parser: a bug there is logged, the client gets a 500 in
+    its dialect rather than a hang, and the upstream is stopped.
+    """
+    rig = OpeningRig("events=3 interval=0.05", pump=False)
+
+    def broken(data: bytes) -> None:
+        raise ZeroDivisionError("a bug")
+
+    rig.relay._relayEvents = broken  # type: ignore[method-assign]
+    for _ in range(20):
+        rig.agent.flush()
+    rig.clock.advance(0)
+    assert rig.request.finished
+    assert rig.request.responseCode == 500
+    assert json.loads(b"".join(rig.request.written))["error"]["message"] == "internal proxy error"
+    assert [e for e in logEvents if e.get("log_failure") is not None and e["log_failure"].check(ZeroDivisionError)]
+    rig.pump()
+    assert rig.relay._ended is not None
+    assert not rig.clock.getDelayedCalls()

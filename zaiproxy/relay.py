@@ -286,7 +286,7 @@ class Relay(Protocol):
                 # out as one piece, just before the poll that sends it.
                 self._opened = True
                 self._opening = [data]
-                self._openingCall = self._context.clock.callLater(0, self._sendOpening)
+                self._openingCall = self._context.clock.callLater(0, self._openingDue)
                 return
             self._relayEvents(data)
             return
@@ -315,6 +315,17 @@ class Relay(Protocol):
             self._emit(pieces)
             return
         self._send(data)
+
+    def _openingDue(self) -> None:
+        self._openingCall = None
+        try:
+            self._sendOpening()
+        except Exception:
+            # Run by the reactor, not by the upstream's parser: a bug here
+            # must still end both sides.
+            self._bug(Failure())
+            if self.transport is not None and self._ended is None:
+                self.transport.stopProducing()
 
     def _sendOpening(self) -> None:
         """
