@@ -7,6 +7,7 @@ bytes make it raise).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +17,7 @@ from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, eventJSON, framesMentioning, keptData, lastEventEnd
+from zaiproxy.sse import Event, EventParser, readJSON, framesMentioning, keptData, lastEventEnd
 
 
 @pytest.mark.parametrize(
@@ -206,24 +207,50 @@ def test_frameAfterState(chunks: list[bytes], events: list[Event]) -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b'{"a": [1, 2.5, "\\u00e9"]}', b' {"a": 1} ', b"[]", b'"x"', "{\"t\": \"中文\"}".encode()],
+    [
+        b'{"a": [1, 2.5, "\\u00e9"]}', b' {"a": 1} ', b"[]", b'"x"', "{\"t\": \"中文\"}".encode(),
+        # JSON answers: a trailing newline, a BOM, UTF-16, a huge integer.
+        b'{"a": 1}\r\n', b'\xef\xbb\xbf{"a": 1}', '{"a": "é"}'.encode("utf-16"), b"[123456789012345678901234567890]",
+    ],
 )
-def test_eventJSON(data: bytes) -> None:
+def test_readJSON(data: bytes) -> None:
     """
-    An event's data reads as C{json.loads} reads it.
+    JSON bytes read as C{json.loads} reads them.
     """
-    assert eventJSON(data) == json.loads(data)
+    assert readJSON(data) == json.loads(data)
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b"[DONE]", b"nan!"])
-def test_eventJSONRefuses(data: bytes) -> None:
+@settings(max_examples=300, deadline=None)
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner),
+        max_leaves=20,
+    ),
+    st.sampled_from(["", " ", "\n", "\r\n", "\t "]),
+    st.sampled_from(["", " ", "\n"]),
+    st.booleans(),
+)
+def test_readJSONAgrees(value: Any, after: str, before: str, ascii: bool) -> None:
+    """
+    Any JSON value, with any JSON whitespace around it, reads as
+    C{json.loads} reads it.
+    """
+    data = (before + json.dumps(value, ensure_ascii=ascii) + after).encode()
+    assert readJSON(data) == json.loads(data)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"{", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b"[DONE]", b"nan!", b'{"a": 1}\x0b', b'{"a": 1}\xc2\xa0']
+)
+def test_readJSONRefuses(data: bytes) -> None:
     """
     What C{json.loads} refuses is a L{ValueError} here too.
     """
     with pytest.raises(ValueError):
         json.loads(data)
     with pytest.raises(ValueError):
-        eventJSON(data)
+        readJSON(data)
 
 
 def test_firstChunk() -> None:

@@ -13,10 +13,11 @@ into chunks, and nothing an upstream sends may make it raise.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Iterator, NamedTuple
 
 __all__ = [
-    "Event", "EventParser", "eventJSON", "keptData", "lastEventEnd", "framesMentioning",
+    "Event", "EventParser", "readJSON", "keptData", "lastEventEnd", "framesMentioning",
     "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES",
 ]
 
@@ -32,22 +33,26 @@ _BOM = b"\xef\xbb\xbf"
 
 _decoder = json.JSONDecoder()
 _decode = _decoder.raw_decode
+#: JSON's own whitespace (not str.isspace's), as json.loads skips it.
+_WHITESPACE = re.compile(r"[ \t\n\r]*").match
 
 
-def eventJSON(data: bytes) -> Any:
+def readJSON(data: bytes) -> Any:
     """
-    An event's data as JSON, as C{json.loads} would read it (and raising
-    L{ValueError} where it would), at half its cost on the short objects
-    of a stream: C{json.loads} spends as long guessing the encoding of
-    bytes and stripping whitespace as it spends parsing.
+    JSON bytes (an event's data, a JSON answer) read as C{json.loads} would
+    read them, raising L{ValueError} where it would, at half its cost on
+    the short objects of a stream: C{json.loads} spends as long guessing
+    the encoding of bytes and stripping whitespace as it spends parsing.
+    Anything but UTF-8 JSON with nothing before it (a BOM, UTF-16, leading
+    space) goes to C{json.loads} itself.
     """
-    text = data.decode("utf-8")
     try:
+        text = data.decode("utf-8")
         document, end = _decode(text)
     except ValueError:
-        return json.loads(text)
-    if end != len(text):
-        return json.loads(text)
+        return json.loads(data)
+    if end != len(text) and _WHITESPACE(text, end).end() != len(text):
+        return json.loads(data)
     return document
 
 

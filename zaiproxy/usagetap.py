@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
 from zaiproxy.exchange import Exchange
 from zaiproxy.logs import LineLogger
-from zaiproxy.sse import Event, EventParser
+from zaiproxy.sse import Event, EventParser, readJSON
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError
 
@@ -318,7 +318,7 @@ class UsageTap:
         """
         body = self.takeHeld()
         try:
-            document = json.loads(body)
+            document = readJSON(body)
         except ValueError:
             self._mode = "none"
             return body

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON, framesMentioning, keptData
+from zaiproxy.sse import Event, readJSON, framesMentioning, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -207,7 +207,7 @@ class StreamReader:
         if name not in (b"message_start", b"message_delta", b"error"):
             return None
         try:
-            document = eventJSON(event.data)
+            document = readJSON(event.data)
         except ValueError:
             return None
         if not isinstance(document, dict):
@@ -239,7 +239,7 @@ def deltaTexts(data: bytes) -> list[tuple[str, str]]:
     The text a C{content_block_delta} event adds, by kind.
     """
     try:
-        delta = eventJSON(data)["delta"]
+        delta = readJSON(data)["delta"]
         kind = delta["type"]
     except (ValueError, KeyError, TypeError):
         return []
@@ -270,7 +270,7 @@ def frameWithUsage(event: Event, where: str, usage: Usage) -> bytes:
     The event re-written with C{usage} added (to the message in
     C{message_start}, at the top of C{message_delta}).
     """
-    document = eventJSON(event.data)
+    document = readJSON(event.data)
     if where == "start":
         document["message"]["usage"] = usageJSON(usage)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, eventJSON, framesMentioning, keptData
+from zaiproxy.sse import Event, readJSON, framesMentioning, keptData
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
@@ -149,7 +149,7 @@ def usageJSON(usage: Usage) -> dict[str, Any]:
 
 def _chunkTexts(data: bytes) -> list[tuple[str, str]]:
     try:
-        chunk = eventJSON(data)
+        chunk = readJSON(data)
     except ValueError:
         return []
     return _deltaTexts(chunk) if isinstance(chunk, dict) else []
@@ -244,7 +244,7 @@ class StreamReader:
             return None
         self._seen = True
         try:
-            chunk = eventJSON(data)
+            chunk = readJSON(data)
         except ValueError:
             return None
         if not isinstance(chunk, dict):
