@@ -341,7 +341,7 @@ class Relay(Protocol):
         opening, self._opening = self._opening, None
         if not opening or self._done:
             return
-        data = opening[0] if len(opening) == 1 else b"".join(opening)
+        data = b"".join(opening)
         if self._request.finished:
             # Answered already (an error of ours): read for usage only.
             if self._mode == "stream":

@@ -85,10 +85,11 @@ def framesMentioning(data: bytes, words: tuple[bytes, ...]) -> list[tuple[bool, 
     spans = []
     for at, word in found:
         while at >= 0:
-            start = data.rfind(b"\n\n", 0, at) + 2
+            start = data.rfind(b"\n\n", 0, at)
+            start = 0 if start < 0 else start + 2
             end = data.find(b"\n\n", at)
             end = len(data) if end < 0 else end + 2
-            spans.append((start if start >= 2 else 0, end))
+            spans.append((start, end))
             at = data.find(word, end)
     spans.sort()
     pieces: list[tuple[bool, bytes]] = []

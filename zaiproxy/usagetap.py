@@ -189,7 +189,7 @@ class UsageTap:
         events however the bytes are cut, and L{feed} parses only the frames
         that may carry usage, the model or an error.
         """
-        if self.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks)) is not None:
+        if self.feed(b"".join(chunks)) is not None:
             # Only if the byte test was fooled (a '"usage":{' elsewhere
             # than the message's own, nested in message_start or in
             # another frame of the chunk): too late to add it now.
@@ -209,11 +209,11 @@ class UsageTap:
             if self._parser.atBoundary and data.endswith(_FRAME_ENDS):
                 cut = self._reader.cut(data)
                 if cut is not None:
-                    if len(cut) > 1:
-                        return self._feedCut(cut)
-                    if not cut[0][0]:
-                        self._reader.keep(data)
+                    if len(cut) == 1 and not cut[0][0]:
+                        # Most of a stream: nothing to parse.
+                        self._reader.output.addLater(data)
                         return None
+                    return self._feedCut(cut)
             return self._feedWhole(data)
         except Exception:
             _log.failure("reading a stream for usage failed", failure=Failure())
@@ -224,7 +224,8 @@ class UsageTap:
         changed = False
         for mentions, frames in cut:
             if not mentions:
-                self._reader.keep(frames)
+                # Decoded (by the reader's output) only if ever counted.
+                self._reader.output.addLater(frames)
                 pieces.append(frames)
                 continue
             replaced = self._feedWhole(frames)

@@ -159,7 +159,8 @@ def usageJSON(usage: Usage) -> dict[str, int]:
     }
 
 
-#: What a frame must mention to be parsed (see L{StreamReader.cut}).
+#: The events that may carry usage, the model or an error: a frame that
+#: mentions one is parsed (see L{StreamReader.cut}), and only these are read.
 _MUST_READ = (b"message_start", b"message_delta", b"error")
 
 
@@ -186,13 +187,6 @@ class StreamReader:
         """
         return framesMentioning(frames, _MUST_READ)
 
-    def keep(self, frames: bytes) -> None:
-        """
-        Keep whole frames that L{cut} found nothing in, unparsed: decoded
-        only if their text is ever counted.
-        """
-        self.output.addLater(frames)
-
     def event(self, event: Event) -> str | None:
         """
         Take one event; return C{"start"} or C{"delta"} when a
@@ -204,7 +198,7 @@ class StreamReader:
             # Decoded only if the text is ever counted (see OutputText).
             self.output.addLater(event.data)
             return None
-        if name not in (b"message_start", b"message_delta", b"error"):
+        if name not in _MUST_READ:
             return None
         try:
             document = readJSON(event.data)

@@ -222,13 +222,6 @@ class StreamReader:
         rest = framesMentioning(frames[end:], _MUST_READ) if end < len(frames) else []
         return None if rest is None else [(True, first), *rest]
 
-    def keep(self, frames: bytes) -> None:
-        """
-        Keep whole frames that L{cut} found nothing in, unparsed: decoded
-        only if their text is ever counted.
-        """
-        self.output.addLater(frames)
-
     def event(self, event: Event) -> str | None:
         """
         Take one event; return C{"done"} at C{[DONE]} when no chunk carried
