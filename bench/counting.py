@@ -115,7 +115,10 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
         # Both proxies start at once and load their code from the same tree.
         spawned = {
             side: spawnProxy(
-                children, run, fakePort, f"proxy-counting-{side}",
+                children,
+                run,
+                fakePort,
+                f"proxy-counting-{side}",
                 {"TOKEN_COUNTING_ENABLED": "true" if side == "on" and not run.args.control else "false"},
             )
             for side in SIDES
@@ -168,8 +171,12 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
             for side in order:
                 load[mode][side].append(
                     measure(
-                        run, f"{mode} {side}", urls[side], args.connections,
-                        {"proxy": proxies[side], "fake": fake}, scripts[mode],
+                        run,
+                        f"{mode} {side}",
+                        urls[side],
+                        args.connections,
+                        {"proxy": proxies[side], "fake": fake},
+                        scripts[mode],
                     )
                 )
         if args.ttfb_requests:
@@ -184,7 +191,9 @@ def proxyPhase(run: Run, children: Children, results: dict[str, Any]) -> None:
             )
     for side in SIDES:
         if ttfbFailed[side]:
-            run.problem(f"TTFB: {ttfbFailed[side]} streams via the counting-{side} proxy failed or ended early")
+            run.problem(
+                f"TTFB: {ttfbFailed[side]} streams via the counting-{side} proxy failed or ended early"
+            )
     results["rssEnd"] = {side: memory(proxies[side].pid)["VmRSS"] for side in SIDES}
     reportDead(run, proxies)
     children.stopAll()
@@ -196,7 +205,9 @@ def reportDead(run: Run, proxies: dict[str, Child]) -> None:
             run.problem(f"the counting-{side} proxy died during the run:\n{proxies[side].tail()}")
 
 
-def ttfbRound(run: Run, ports: dict[str, int], order: tuple[str, ...]) -> tuple[dict[str, list[float]], dict[str, int]]:
+def ttfbRound(
+    run: Run, ports: dict[str, int], order: tuple[str, ...]
+) -> tuple[dict[str, list[float]], dict[str, int]]:
     """
     Sequential streams, alternating between the proxies request by request
     (and which goes first, pair by pair).
@@ -334,7 +345,12 @@ def _chinese(rng: random.Random, size: int) -> str:
 
 
 #: Shares of the corpus by characters.
-CORPUS_MIX = (("English prose", _english, 0.4), ("Python code", _code, 0.3), ("JSON", _json, 0.2), ("Chinese", _chinese, 0.1))
+CORPUS_MIX = (
+    ("English prose", _english, 0.4),
+    ("Python code", _code, 0.3),
+    ("JSON", _json, 0.2),
+    ("Chinese", _chinese, 0.1),
+)
 
 
 def buildCorpus(chars: int, seed: int = 20261123) -> tuple[str, dict[str, int]]:
@@ -413,11 +429,15 @@ def _measureWorks(
                         chars += n
                 attempts.append(
                     {
-                        "tokens": tokens, "chars": chars, "cpu": c.cpu, "wall": c.wall,
+                        "tokens": tokens,
+                        "chars": chars,
+                        "cpu": c.cpu,
+                        "wall": c.wall,
                         "tokensPerCpuSecond": tokens / c.cpu if c.cpu else float("nan"),
                         "tokensPerWallSecond": tokens / c.wall,
                         "charsPerCpuSecond": chars / c.cpu if c.cpu else float("nan"),
-                        "others": c.others, "steal": c.steal,
+                        "others": c.others,
+                        "steal": c.steal,
                     }
                 )
                 if c.others <= 0.05 and c.steal <= 0.05:
@@ -459,21 +479,28 @@ def tokensPhase(run: Run, results: dict[str, Any]) -> None:
     with Cpu({SUT_CPU}) as load:
         counter, problems = loadCounter({})
     results["load"] = {
-        "counter": f"{counter.name} ({counter.encoding})", "problems": problems,
-        "cpu": load.cpu, "wall": load.wall, "rss": _rss() - rss,
+        "counter": f"{counter.name} ({counter.encoding})",
+        "problems": problems,
+        "cpu": load.cpu,
+        "wall": load.wall,
+        "rss": _rss() - rss,
     }
     if counter.name != "tiktoken":
         run.problem(f"loadCounter gave the {counter.name} counter: {problems}")
-    run.say(f"  loadCounter: {counter.name} in {load.wall * 1e3:.0f} ms, +{(_rss() - rss) / 2**20:.1f} MiB RSS")
+    run.say(
+        f"  loadCounter: {counter.name} in {load.wall * 1e3:.0f} ms, +{(_rss() - rss) / 2**20:.1f} MiB RSS"
+    )
 
     corpus, shares = buildCorpus(int(args.corpus_mb * 1_000_000))
     results["corpus"] = {
-        "chars": len(corpus), "bytes": len(corpus.encode()), "shares": shares,
+        "chars": len(corpus),
+        "bytes": len(corpus.encode()),
+        "shares": shares,
         "sha256": hashlib.sha256(corpus.encode()).hexdigest()[:12],
     }
-    short = [corpus[i:i + 20] for i in range(0, len(corpus), 20)]
-    inline = [corpus[i:i + INLINE_CHARS] for i in range(0, len(corpus), INLINE_CHARS)]
-    chunks = [corpus[i:i + 65536] for i in range(0, len(corpus), 65536)]
+    short = [corpus[i : i + 20] for i in range(0, len(corpus), 20)]
+    inline = [corpus[i : i + INLINE_CHARS] for i in range(0, len(corpus), INLINE_CHARS)]
+    chunks = [corpus[i : i + 65536] for i in range(0, len(corpus), 65536)]
     counting = Counting(None, counter)
 
     def big() -> tuple[int, int]:
@@ -492,9 +519,7 @@ def tokensPhase(run: Run, results: dict[str, Any]) -> None:
     # Warm this thread's tokenizer state up on every kind of text first.
     big()
     shorts()
-    single = _measureWorks(
-        run, {"big": big, "short": shorts, "inline": inlines}, args.token_reps, {SUT_CPU}
-    )
+    single = _measureWorks(run, {"big": big, "short": shorts, "inline": inlines}, args.token_reps, {SUT_CPU})
     results.update(single)
     results["short"]["texts"] = len(short)
     results["short"]["perCallUs"] = results["short"]["cpu"] / len(short) * 1e6
@@ -512,15 +537,25 @@ def tokensPhase(run: Run, results: dict[str, Any]) -> None:
         for name, pieces in (("threadsBig", chunks), ("threadsShort", short)):
             both = _measureWorks(
                 run,
-                {f"{name} 1 thread": lambda p=pieces: workers.run(p, 1),
-                 f"{name} 2 threads": lambda p=pieces: workers.run(p, 2)},
-                max(args.token_reps, 5), {SUT_CPU, LOAD_CPU}, times=2,
+                {
+                    f"{name} 1 thread": lambda p=pieces: workers.run(p, 1),
+                    f"{name} 2 threads": lambda p=pieces: workers.run(p, 2),
+                },
+                max(args.token_reps, 5),
+                {SUT_CPU, LOAD_CPU},
+                times=2,
             )
             one, two = both[f"{name} 1 thread"], both[f"{name} 2 threads"]
-            speedups = [t["tokensPerWallSecond"] / o["tokensPerWallSecond"] for o, t in zip(one["rows"], two["rows"])]
+            speedups = [
+                t["tokensPerWallSecond"] / o["tokensPerWallSecond"] for o, t in zip(one["rows"], two["rows"])
+            ]
             results[name] = {
-                "one": one, "two": two, "texts": len(pieces), "pieceChars": len(pieces[0]),
-                "speedup": statistics.median(speedups), "speedups": speedups,
+                "one": one,
+                "two": two,
+                "texts": len(pieces),
+                "pieceChars": len(pieces[0]),
+                "speedup": statistics.median(speedups),
+                "speedups": speedups,
             }
     finally:
         workers.close()
@@ -538,7 +573,9 @@ class Workers:
         self._count = counter.count
         self._inboxes: list[queue.Queue[list[str] | None]] = [queue.Queue() for _ in range(n)]
         self._results: queue.Queue[int] = queue.Queue()
-        self._threads = [threading.Thread(target=self._loop, args=(box,), daemon=True) for box in self._inboxes]
+        self._threads = [
+            threading.Thread(target=self._loop, args=(box,), daemon=True) for box in self._inboxes
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -586,9 +623,12 @@ def ratioRows(load: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         "fakeCpu": {s: med(s, "fakeCpuPerRequestUs") for s in SIDES},
         "p50": {s: med(s, "p50") for s in SIDES},
         "p99": {s: med(s, "p99") for s in SIDES},
-        "rpsRatio": statistics.median(rps), "rpsRatios": rps,
-        "cpuRatio": statistics.median(cpu), "cpuRatios": cpu,
-        "addedUs": statistics.median(added), "addedUsAll": added,
+        "rpsRatio": statistics.median(rps),
+        "rpsRatios": rps,
+        "cpuRatio": statistics.median(cpu),
+        "cpuRatios": cpu,
+        "addedUs": statistics.median(added),
+        "addedUsAll": added,
         "errors": sum(r["errors"] for s in SIDES for r in load[s]),
         "requests": {s: sum(r["requests"] for r in load[s]) for s in SIDES},
         "maxOthers": max(r["sutCpuOthers"] for s in SIDES for r in load[s]),
@@ -614,8 +654,26 @@ def bootstrapMedianDiff(on: list[float], off: list[float], n: int = 2000) -> tup
 
 #: Student's t, two-sided 95%, by degrees of freedom (1-20).
 _T95 = (
-    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
 )
 
 
@@ -641,9 +699,7 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
     if treeEnd == tree:
         endText = ", the same at the end"
     else:
-        endText = (
-            f"; at the end: commit {treeEnd['commit']}, changes {treeEnd['changed']} (digest {treeEnd['digest']})"
-        )
+        endText = f"; at the end: commit {treeEnd['commit']}, changes {treeEnd['changed']} (digest {treeEnd['digest']})"
     lines = [
         f"# zaiproxy: the cost of token accounting, {facts['date']}",
         "",
@@ -665,9 +721,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             f"{', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}: the rate limiter out of the way, admission "
             f"still runs; other settings default{''.join(', ' + e for e in args.env)}) "
             + (
-                "and both with TOKEN_COUNTING_ENABLED=false (--control: an A/A run, \"on\" is a second \"off\"; "
+                'and both with TOKEN_COUNTING_ENABLED=false (--control: an A/A run, "on" is a second "off"; '
                 "what it finds is the bench's own noise)"
-                if args.control else "except TOKEN_COUNTING_ENABLED=true (\"on\") / false (\"off\")"
+                if args.control
+                else 'except TOKEN_COUNTING_ENABLED=true ("on") / false ("off")'
             )
             + f", both pinned to CPU {SUT_CPU}; the fake (bench/fakeserver.py), wrk and "
             f"the TTFB client on CPU {LOAD_CPU}; loopback. {args.rounds} rounds; in each, every answer kind is "
@@ -682,7 +739,12 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         ratios = {mode: ratioRows(P["load"][mode]) for mode in modes}
         P["ratios"] = ratios
         if not modes:
-            lines += ["(No throughput runs: time to first byte only.)" if not args.modes else "(No complete on/off pair was measured.)", ""]
+            lines += [
+                "(No throughput runs: time to first byte only.)"
+                if not args.modes
+                else "(No complete on/off pair was measured.)",
+                "",
+            ]
         else:
             lines += [
                 f"## Throughput and proxy CPU at {args.connections} connections",
@@ -758,7 +820,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             f"(the difference is mostly the cl100k_base encoding)"
             + (
                 f"; at the end: on {P['rssEnd']['on'] / 2**20:.1f} MiB, off {P['rssEnd']['off'] / 2**20:.1f} MiB."
-                if "rssEnd" in P else "."
+                if "rssEnd" in P
+                else "."
             ),
             "",
         ]
@@ -784,9 +847,17 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             else:
                 plo, phi = float("nan"), float("nan")
             P["ttfbSummary"] = {
-                "p50": p50, "p99": p99, "added": added, "ci": (lo, hi), "roundDiffs": diffs,
-                "n": {s: len(pooled[s]) for s in SIDES}, "offP50Spread": spreadOff,
-                "paired": paired, "pairedCI": (plo, phi), "pairs": len(pairs), "roundPaired": roundPaired,
+                "p50": p50,
+                "p99": p99,
+                "added": added,
+                "ci": (lo, hi),
+                "roundDiffs": diffs,
+                "n": {s: len(pooled[s]) for s in SIDES},
+                "offP50Spread": spreadOff,
+                "paired": paired,
+                "pairedCI": (plo, phi),
+                "pairs": len(pairs),
+                "roundPaired": roundPaired,
             }
             lines += [
                 "## Time to the first SSE event",
@@ -820,8 +891,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                     "by themselves, so the rounds are the samples: their mean is "
                     f"{statistics.fmean(roundPaired) * 1e3:+.3f} ms (95% t interval {plo * 1e3:+.3f} to "
                     f"{phi * 1e3:+.3f} ms). The verdict uses it."
-                    if not args.same_processes else
-                    f"One pair of processes served every round (--same-processes): the interval "
+                    if not args.same_processes
+                    else f"One pair of processes served every round (--same-processes): the interval "
                     f"{plo * 1e3:+.3f} to {phi * 1e3:+.3f} ms over rounds does not cover how two processes "
                     f"differ by themselves."
                 ),
@@ -869,7 +940,11 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         lines += [
             row("one big text, `counter.count`", K["big"], 1),
             row("~20-char texts (an SSE delta), `counter.count` each", K["short"], K["short"]["texts"]),
-            row(f"{K['inlineChars']}-char texts (INLINE_CHARS), `Counting.count` each", K["inline"], K["inline"]["texts"]),
+            row(
+                f"{K['inlineChars']}-char texts (INLINE_CHARS), `Counting.count` each",
+                K["inline"],
+                K["inline"]["texts"],
+            ),
             "",
             f"A 20-character count costs {K['short']['perCallUs']:.1f} us of CPU per call; cut into 20-character pieces "
             f"the corpus gives {K['short']['tokens'] / K['big']['tokens']:.2f}x the tokens of the whole text "
@@ -881,7 +956,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             "| texts | threads | M tokens / wall-s | M tokens / CPU-s | 2 threads / 1, wall (range over runs) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for name, label in (("threadsBig", "64 K-char texts (the thread-pool path)"), ("threadsShort", "20-char texts")):
+        for name, label in (
+            ("threadsBig", "64 K-char texts (the thread-pool path)"),
+            ("threadsShort", "20-char texts"),
+        ):
             x = K[name]
             for n, key in ((1, "one"), (2, "two")):
                 y = x[key]
@@ -920,7 +998,9 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             if others:
                 run.problems.append(f"{name}: non-200 statuses in the access log: {statuses}")
             if statuses.get("499", 0) > expected:
-                run.problems.append(f"{name}: {statuses['499']} requests logged as 499 (client gone), over {expected}")
+                run.problems.append(
+                    f"{name}: {statuses['499']} requests logged as 499 (client gone), over {expected}"
+                )
             elif statuses.get("499"):
                 lines.append(
                     f"  - the {statuses['499']} 499s are wrk closing its connections with requests in flight as "
@@ -930,7 +1010,11 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 run.problems.append(f"{name} ({side}): {len(scanned['bad'])} warn/error lines in its log")
         else:
             text = path.read_text(errors="replace") if path.exists() else ""
-            bad = [line for line in text.splitlines() if "Traceback" in line or "#error" in line or "#critical" in line]
+            bad = [
+                line
+                for line in text.splitlines()
+                if "Traceback" in line or "#error" in line or "#critical" in line
+            ]
             lines.append(f"- `{path.relative_to(ROOT)}`: {len(bad)} error lines")
             if bad:
                 run.problems.append(f"{name}: {len(bad)} error lines in its log")
@@ -944,9 +1028,13 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             "## Targets",
             "",
             *(
-                ["**Control run (--control): counting is off in both proxies, so any verdict below is the bench's "
-                 "own noise, not a cost.**", ""]
-                if args.control else []
+                [
+                    "**Control run (--control): counting is off in both proxies, so any verdict below is the bench's "
+                    "own noise, not a cost.**",
+                    "",
+                ]
+                if args.control
+                else []
             ),
             "| target | wanted | result | verdict |",
             "|---|---|---|---|",
@@ -959,37 +1047,57 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description="The cost of token accounting: counting on vs off, in one run.")
+    parser = argparse.ArgumentParser(
+        description="The cost of token accounting: counting on vs off, in one run."
+    )
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk warm-up before each (2)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, on and off alternating; medians (3)")
-    parser.add_argument("--retries", type=int, default=1, help="measure a wrk run again if CPU 0 was disturbed (1)")
+    parser.add_argument(
+        "--retries", type=int, default=1, help="measure a wrk run again if CPU 0 was disturbed (1)"
+    )
     parser.add_argument("--connections", type=int, default=32, help="wrk connections (32)")
     parser.add_argument(
-        "--modes", default="json,stream,json-nousage,stream-nousage",
+        "--modes",
+        default="json,stream,json-nousage,stream-nousage",
         help=f"answer kinds under wrk, among {', '.join(MODES)} (all)",
     )
     parser.add_argument(
-        "--same-processes", action="store_true",
+        "--same-processes",
+        action="store_true",
         help="keep the two proxies for the whole run (default: new ones every round)",
     )
     parser.add_argument(
-        "--control", action="store_true",
+        "--control",
+        action="store_true",
         help="both proxies with counting off (an A/A run: the bench's own noise)",
     )
-    parser.add_argument("--ttfb-requests", type=int, default=200, help="sequential streams per proxy per round (200)")
-    parser.add_argument("--corpus-mb", type=float, default=1.0, help="size of the token corpus, million characters (1)")
-    parser.add_argument("--token-reps", type=int, default=3, help="runs of each tiktoken measurement; medians (3)")
+    parser.add_argument(
+        "--ttfb-requests", type=int, default=200, help="sequential streams per proxy per round (200)"
+    )
+    parser.add_argument(
+        "--corpus-mb", type=float, default=1.0, help="size of the token corpus, million characters (1)"
+    )
+    parser.add_argument(
+        "--token-reps", type=int, default=3, help="runs of each tiktoken measurement; medians (3)"
+    )
     parser.add_argument("--only", default="proxies,tokens", help="comma-separated sections: proxies, tokens")
     parser.add_argument(
-        "--quiet-wait", type=float, default=60.0,
+        "--quiet-wait",
+        type=float,
+        default=60.0,
         help="before each measurement, wait up to this long for other processes to leave the CPUs (60)",
     )
     parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="extra environment for both proxies (repeatable); TOKEN_COUNTING_ENABLED is set per proxy",
     )
-    parser.add_argument("--fake", choices=("quiet", "twistd"), default="quiet", help="as in bench/run.py (quiet)")
+    parser.add_argument(
+        "--fake", choices=("quiet", "twistd"), default="quiet", help="as in bench/run.py (quiet)"
+    )
     args = parser.parse_args()
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not set(args.modes) <= set(MODES) or not (args.modes or args.ttfb_requests):
@@ -1005,7 +1113,9 @@ def main() -> int:
                 print(f"counting: {tool} is not installed", file=sys.stderr)
                 return 2
         if not Path(TWISTD).exists():
-            print(f"counting: {TWISTD} not found; create the venv and pip install -e . first", file=sys.stderr)
+            print(
+                f"counting: {TWISTD} not found; create the venv and pip install -e . first", file=sys.stderr
+            )
             return 2
     if not {SUT_CPU, LOAD_CPU} <= os.sched_getaffinity(0):
         print("counting: needs CPUs 0 and 1", file=sys.stderr)
@@ -1015,7 +1125,9 @@ def main() -> int:
 
     run = Run(args)
     facts = machineFacts()
-    command = ".venv/bin/python bench/counting.py" + ("" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:]))
+    command = ".venv/bin/python bench/counting.py" + (
+        "" if len(sys.argv) == 1 else " " + " ".join(sys.argv[1:])
+    )
     started = time.monotonic()
     children = Children()
     resultsPath = OUT / f"counting-results-{run.stamp}.json"
@@ -1049,8 +1161,14 @@ def main() -> int:
         if not any(p.startswith("aborted") for p in run.problems):
             raise
         text = "\n".join(
-            ["# counting.py aborted", "", *[f"- {p}" for p in run.problems], "",
-             f"(no full report from partial results: {e!r}; raw figures in {resultsPath.relative_to(ROOT)})", ""]
+            [
+                "# counting.py aborted",
+                "",
+                *[f"- {p}" for p in run.problems],
+                "",
+                f"(no full report from partial results: {e!r}; raw figures in {resultsPath.relative_to(ROOT)})",
+                "",
+            ]
         )
     path = OUT / f"counting-{run.stamp}.md"
     path.write_text(text)

@@ -55,11 +55,20 @@ from streamclient import raiseNoFile
 #: match wins.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("zaiproxy (own code)", ("zaiproxy/",)),
-    ("logging (twisted.logger, legacy log)", ("twisted/logger/", "twisted/python/log.py", "string.py", "datetime")),
+    (
+        "logging (twisted.logger, legacy log)",
+        ("twisted/logger/", "twisted/python/log.py", "string.py", "datetime"),
+    ),
     ("prometheus_client", ("prometheus_client/",)),
     ("http headers", ("twisted/web/http_headers.py",)),
-    ("twisted.web server (http.py, server.py)", ("twisted/web/http.py", "twisted/web/server.py", "twisted/web/resource.py")),
-    ("twisted.web client (_newclient, client)", ("twisted/web/_newclient.py", "twisted/web/client.py", "twisted/web/iweb.py")),
+    (
+        "twisted.web server (http.py, server.py)",
+        ("twisted/web/http.py", "twisted/web/server.py", "twisted/web/resource.py"),
+    ),
+    (
+        "twisted.web client (_newclient, client)",
+        ("twisted/web/_newclient.py", "twisted/web/client.py", "twisted/web/iweb.py"),
+    ),
     ("deferreds", ("twisted/internet/defer.py",)),
     ("reactor, tcp, line parsing", ("twisted/internet/", "twisted/protocols/", "twisted/python/")),
     ("attrs, zope.interface", ("attr/", "attrs/", "zope/")),
@@ -145,7 +154,13 @@ def summarise(path: Path, top: int) -> tuple[str, int]:
     lines += ["", "### Top functions by self time", "", "| % self | function |", "|---:|---|"]
     lines += [f"| {n / samples * 100:.1f} | `{name}` |" for name, n in selfTime.most_common(top)]
     # Cumulative: skip the frames every sample has (twistd, the reactor loop).
-    lines += ["", "### Top functions by cumulative time (below the reactor loop)", "", "| % total | function |", "|---:|---|"]
+    lines += [
+        "",
+        "### Top functions by cumulative time (below the reactor loop)",
+        "",
+        "| % total | function |",
+        "|---:|---|",
+    ]
     shown = 0
     for name, n in total.most_common():
         if n / samples > 0.80:
@@ -156,9 +171,18 @@ def summarise(path: Path, top: int) -> tuple[str, int]:
             break
     # The proxy's own functions, inclusive of what they call: where a change
     # in zaiproxy/ can save time.
-    lines += ["", "### zaiproxy functions by cumulative time", "", "| % total | % self | function |", "|---:|---:|---|"]
+    lines += [
+        "",
+        "### zaiproxy functions by cumulative time",
+        "",
+        "| % total | % self | function |",
+        "|---:|---:|---|",
+    ]
     own = [(name, n) for name, n in total.most_common() if "(zaiproxy/" in name]
-    lines += [f"| {n / samples * 100:.1f} | {selfTime[name] / samples * 100:.1f} | `{name}` |" for name, n in own[:top]]
+    lines += [
+        f"| {n / samples * 100:.1f} | {selfTime[name] / samples * 100:.1f} | `{name}` |"
+        for name, n in own[:top]
+    ]
     return "\n".join(lines), samples
 
 
@@ -170,27 +194,38 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=100, help="samples per second (100)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument(
-        "--focus", action="append", default=[], metavar="TEXT",
+        "--focus",
+        action="append",
+        default=[],
+        metavar="TEXT",
         help="also break down the time inside functions matching TEXT, e.g. Reporter.finished (repeatable)",
     )
     parser.add_argument(
-        "--relay", choices=("agent", "treq", "treq-bytes", "cookie", "decoder"),
+        "--relay",
+        choices=("agent", "treq", "treq-bytes", "cookie", "decoder"),
         help="profile one of bench/layers.py's minimal relays instead of the proxy",
     )
     parser.add_argument(
-        "--summarise", type=Path, metavar="RAW",
+        "--summarise",
+        type=Path,
+        metavar="RAW",
         help="only summarise an existing raw profile (no benchmark)",
     )
     parser.add_argument(
-        "--stream", action="store_true",
+        "--stream",
+        action="store_true",
         help='POST "stream": true bodies (the fake\'s default short SSE stream) instead of JSON answers',
     )
     parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="extra environment for the proxy, e.g. TOKEN_COUNTING_ENABLED=false (repeatable)",
     )
     parser.add_argument(
-        "--nonblocking", action="store_true",
+        "--nonblocking",
+        action="store_true",
         help="sample without pausing the proxy (less overhead, some samples lost)",
     )
     args = parser.parse_args()
@@ -212,7 +247,9 @@ def main() -> int:
     if any("=" not in item for item in args.env):
         parser.error("--env takes NAME=VALUE")
     run = Run(
-        argparse.Namespace(fake="quiet", warmup=args.warmup, duration=args.duration, quiet_wait=60.0, env=args.env)
+        argparse.Namespace(
+            fake="quiet", warmup=args.warmup, duration=args.duration, quiet_wait=60.0, env=args.env
+        )
     )
     if args.stream:
         run.script = writeWrkScript(OUT / f"post-stream-{run.stamp}.lua", requestBody(stream=True))
@@ -234,12 +271,27 @@ def main() -> int:
         def record() -> None:
             recorder["done"] = subprocess.run(
                 [
-                    "taskset", "-c", str(LOAD_CPU), pyspy, "record", "--pid", str(proxy.pid),
-                    "--duration", str(round(args.duration)), "--rate", str(args.rate),
-                    "--nolineno", "--format", "raw", "-o", str(output),
+                    "taskset",
+                    "-c",
+                    str(LOAD_CPU),
+                    pyspy,
+                    "record",
+                    "--pid",
+                    str(proxy.pid),
+                    "--duration",
+                    str(round(args.duration)),
+                    "--rate",
+                    str(args.rate),
+                    "--nolineno",
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(output),
                     *(["--nonblocking"] if args.nonblocking else []),
                 ],
-                capture_output=True, text=True, timeout=args.duration + 60,
+                capture_output=True,
+                text=True,
+                timeout=args.duration + 60,
             )
 
         cpu = cpuSeconds(proxy.pid)

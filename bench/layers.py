@@ -71,8 +71,14 @@ REFERENCE_US = {"agent": 513, "treq": 726}
 def startRelay(children: Children, run: Run, kind: str, fakePort: int) -> tuple[Child, int]:
     port = freePort()
     argv = [
-        "taskset", "-c", str(SUT_CPU), PYTHON, str(Path(__file__).with_name("minirelay.py")),
-        kind, str(port), f"http://127.0.0.1:{fakePort}{DIRECT_PATH}",
+        "taskset",
+        "-c",
+        str(SUT_CPU),
+        PYTHON,
+        str(Path(__file__).with_name("minirelay.py")),
+        kind,
+        str(port),
+        f"http://127.0.0.1:{fakePort}{DIRECT_PATH}",
     ]
     child = children.add(Child(f"relay-{kind}", argv, run.log(f"relay-{kind}")))
     deadline = time.monotonic() + 20
@@ -125,9 +131,15 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each (1)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of solo runs; medians reported (2)")
     parser.add_argument("--pairs", type=int, default=4, help="paired runs per variant against the agent (4)")
-    parser.add_argument("--pair-connections", type=int, default=16, help="connections per relay in a paired run (16)")
-    parser.add_argument("--retries", type=int, default=1, help="re-measure a run disturbed by other processes (1)")
-    parser.add_argument("--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet machine (60)")
+    parser.add_argument(
+        "--pair-connections", type=int, default=16, help="connections per relay in a paired run (16)"
+    )
+    parser.add_argument(
+        "--retries", type=int, default=1, help="re-measure a run disturbed by other processes (1)"
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet machine (60)"
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS))
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -141,8 +153,11 @@ def main() -> int:
 
     run = Run(
         argparse.Namespace(
-            fake="quiet", warmup=args.warmup, duration=args.duration,
-            retries=args.retries, quiet_wait=args.quiet_wait,
+            fake="quiet",
+            warmup=args.warmup,
+            duration=args.duration,
+            retries=args.retries,
+            quiet_wait=args.quiet_wait,
         )
     )
     facts = machineFacts()
@@ -229,9 +244,7 @@ def main() -> int:
         cpu32 = paired(kind, 32, "relayCpuPerRequestUs")
         cpu1 = paired(kind, 1, "relayCpuPerRequestUs")
         p50 = paired(kind, 1, "p50")
-        slower = median(
-            [a[32]["rps"] / r[32]["rps"] for r, a in zip(results[kind], results["agent"])]
-        )
+        slower = median([a[32]["rps"] / r[32]["rps"] for r, a in zip(results[kind], results["agent"])])
         lines.append(
             f"- {kind}: CPU {spread(cpu32)} a request at 32 connections, {spread(cpu1)} at 1 connection; "
             f"p50 at 1 connection {spread(p50)}; throughput at 32 connections {slower:.2f}x lower."

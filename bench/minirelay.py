@@ -98,8 +98,12 @@ def sender(kind: str, url: str) -> Send:
     client = HTTPClient(agent)
     if kind == "treq":
         return lambda body, headers: client.request(
-            "POST", url, headers=headers, data=BytesProducer(body),  # type: ignore[arg-type]
-            unbuffered=True, allow_redirects=False,
+            "POST",
+            url,
+            headers=headers,
+            data=BytesProducer(body),  # type: ignore[arg-type]
+            unbuffered=True,
+            allow_redirects=False,
         )
     if kind == "treq-bytes":
         return lambda body, headers: client.request(

@@ -289,7 +289,8 @@ def spawnProxy(
     """
     port = freePort()
     env = {
-        k: v for k, v in os.environ.items()
+        k: v
+        for k, v in os.environ.items()
         if not k.startswith(("ZAI_", "LOG_", "MAX_", "UPSTREAM_", "RATE_LIMIT_", "QUOTA_", "QUEUE_"))
     }
     env.update(
@@ -303,8 +304,15 @@ def spawnProxy(
     env.update(run.proxyEnv)
     env.update(extraEnv or {})
     argv = [
-        "taskset", "-c", str(SUT_CPU), TWISTD, "-n", "--pidfile=", "zaiproxy",
-        "--listen", f"tcp:{port}:interface=127.0.0.1:backlog=1024",
+        "taskset",
+        "-c",
+        str(SUT_CPU),
+        TWISTD,
+        "-n",
+        "--pidfile=",
+        "zaiproxy",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1:backlog=1024",
     ]
     child = children.add(Child(name, argv, run.log(name), env))
     return child, port
@@ -377,7 +385,9 @@ def waitForQuiet(run: Run, limit: float = 0.05, cpus: tuple[int, ...] = (SUT_CPU
         if busy <= limit:
             break
         if time.monotonic() > deadline:
-            run.problem(f"the machine did not go quiet within {run.args.quiet_wait:g} s (CPU busy {busy * 100:.0f}%)")
+            run.problem(
+                f"the machine did not go quiet within {run.args.quiet_wait:g} s (CPU busy {busy * 100:.0f}%)"
+            )
             break
         if not waited:
             run.say(f"  waiting for other processes to finish (CPU busy {busy * 100:.0f}%)")
@@ -401,8 +411,17 @@ def startWrk(url: str, connections: int, seconds: float, script: Path) -> subpro
     Start one wrk run on the load CPU; L{wrkResult} collects it.
     """
     argv = [
-        "taskset", "-c", str(LOAD_CPU), "wrk", "-t1", f"-c{connections}",
-        f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url,
+        "taskset",
+        "-c",
+        str(LOAD_CPU),
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
     ]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -426,9 +445,7 @@ def wrkResult(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(match.group(1))
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
     result["errorLines"] = [
-        line.strip()
-        for line in stdout.splitlines()
-        if line.strip().startswith(("Non-2xx", "Socket errors"))
+        line.strip() for line in stdout.splitlines() if line.strip().startswith(("Non-2xx", "Socket errors"))
     ]
     result["errors"] = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
     return result
@@ -469,7 +486,9 @@ def measure(
         # Other people's test runs come in bursts: let this one pass.
         time.sleep(5)
     # The quietest attempt: interference only ever makes the proxy look slower.
-    result = min(attempts, key=lambda r: r["sutCpuOthers"] + r["sutCpuSteal"] + r["loadCpuOthers"] + r["loadCpuSteal"])
+    result = min(
+        attempts, key=lambda r: r["sutCpuOthers"] + r["sutCpuSteal"] + r["loadCpuOthers"] + r["loadCpuSteal"]
+    )
     result["attempts"] = len(attempts)
     if disturbance(result) > 0.05:
         run.problem(f"{label} c={connections}: {describeDisturbance(result)} during the run kept")
@@ -681,9 +700,7 @@ class Run:
         self.results: dict[str, Any] = {}
         self.problems: list[str] = []
         self.logs: dict[str, Path] = {}
-        self.proxyEnv: dict[str, str] = dict(
-            item.split("=", 1) for item in getattr(args, "env", None) or []
-        )
+        self.proxyEnv: dict[str, str] = dict(item.split("=", 1) for item in getattr(args, "env", None) or [])
         # wrk closes its connections with requests in flight when a run
         # ends; the proxy logs those as 499. At most this many are expected.
         self.expected499 = 0
@@ -785,9 +802,7 @@ def sectionTTFB(run: Run, children: Children, fakePort: int) -> None:
     }
     run.results["ttfb"]["scenario"] = scenario
     r = run.results["ttfb"]
-    run.say(
-        f"  TTFB p50 direct {r['direct']['p50'] * 1e3:.3f} ms, proxy {r['proxy']['p50'] * 1e3:.3f} ms"
-    )
+    run.say(f"  TTFB p50 direct {r['direct']['p50'] * 1e3:.3f} ms, proxy {r['proxy']['p50'] * 1e3:.3f} ms")
     children.stop(proxy)
 
 
@@ -819,9 +834,17 @@ def sectionStreams(run: Run, children: Children, fakePort: int) -> None:
     with Sampler(proxy.pid) as sampler:
         runClient(
             [
-                "many", "--port", str(port), "--count", str(args.streams),
-                "--scenario", scenario, "--expect-deltas", str(args.stream_events),
-                "--timeout", str(expected + 90),
+                "many",
+                "--port",
+                str(port),
+                "--count",
+                str(args.streams),
+                "--scenario",
+                scenario,
+                "--expect-deltas",
+                str(args.stream_events),
+                "--timeout",
+                str(expected + 90),
             ],
             expected + 120,
             onLine,
@@ -956,7 +979,11 @@ def machineFacts() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions = output(
-        [PYTHON, "-c", "import sys, twisted, treq; print(sys.version.split()[0], twisted.__version__, treq.__version__)"]
+        [
+            PYTHON,
+            "-c",
+            "import sys, twisted, treq; print(sys.version.split()[0], twisted.__version__, treq.__version__)",
+        ]
     ).split()
     versions += ["?"] * (3 - len(versions))
     return {
@@ -983,7 +1010,10 @@ def installedDiffers() -> list[str]:
     try:
         done = subprocess.run(
             [str(VENV_BIN / "python"), "-c", "import zaiproxy; print(zaiproxy.__file__)"],
-            capture_output=True, text=True, timeout=30, cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            cwd="/",
         )
     except (OSError, subprocess.SubprocessError):
         return ["(zaiproxy cannot be imported)"]
@@ -1191,8 +1221,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
         if not name.startswith("proxy"):
             continue
         scanned = scanLog(path)
-        lines.append(f"- `{path.relative_to(ROOT)}`: access-log statuses {scanned['statuses']}; "
-                     f"{len(scanned['bad'])} warn/error lines")
+        lines.append(
+            f"- `{path.relative_to(ROOT)}`: access-log statuses {scanned['statuses']}; "
+            f"{len(scanned['bad'])} warn/error lines"
+        )
         for line in scanned["bad"][:5]:
             lines.append(f"  - `{line[:200]}`")
         others = {k: v for k, v in scanned["statuses"].items() if k not in ("200", "499")}
@@ -1211,7 +1243,11 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
     for name, path in run.logs.items():
         if name.startswith("proxy"):
             continue
-        bad = [line for line in path.read_text(errors="replace").splitlines() if "Traceback" in line or "#error" in line or "#critical" in line]
+        bad = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if "Traceback" in line or "#error" in line or "#critical" in line
+        ]
         lines.append(f"- `{path.relative_to(ROOT)}`: {len(bad)} error lines")
         if bad:
             run.problems.append(f"{name}: {len(bad)} error lines in its log")
@@ -1230,11 +1266,15 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (10)")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of wrk warm-up before each (2)")
     parser.add_argument(
-        "--rounds", type=int, default=3,
+        "--rounds",
+        type=int,
+        default=3,
         help="rounds of the wrk measurements, direct and proxied alternating; medians reported (3)",
     )
     parser.add_argument(
-        "--retries", type=int, default=1,
+        "--retries",
+        type=int,
+        default=1,
         help="measure a wrk run again if other processes took >5%% of the proxy's CPU (1)",
     )
     parser.add_argument("--ttfb-requests", type=int, default=300, help="sequential streams each way (300)")
@@ -1243,21 +1283,31 @@ def main() -> int:
     parser.add_argument("--stream-interval", type=float, default=0.5)
     parser.add_argument("--big-events", type=int, default=100000)
     parser.add_argument("--big-delta", type=int, default=1000)
-    parser.add_argument("--slow-seconds", type=float, default=10.0, help="target length of the slow read (10)")
     parser.add_argument(
-        "--only", default="latency,ttfb,streams,big",
+        "--slow-seconds", type=float, default=10.0, help="target length of the slow read (10)"
+    )
+    parser.add_argument(
+        "--only",
+        default="latency,ttfb,streams,big",
         help="comma-separated sections: latency (includes throughput), ttfb, streams, big",
     )
     parser.add_argument(
-        "--quiet-wait", type=float, default=60.0,
+        "--quiet-wait",
+        type=float,
+        default=60.0,
         help="before each measurement, wait up to this long for other processes to leave the CPUs (60)",
     )
     parser.add_argument(
-        "--env", action="append", default=[], metavar="NAME=VALUE",
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="extra environment for the proxy, e.g. TOKEN_COUNTING_ENABLED=false (repeatable)",
     )
     parser.add_argument(
-        "--fake", choices=("quiet", "twistd"), default="quiet",
+        "--fake",
+        choices=("quiet", "twistd"),
+        default="quiet",
         help="quiet: bench/fakeserver.py (default); twistd: the plain twistd zaiproxy-fake",
     )
     args = parser.parse_args()

@@ -154,9 +154,7 @@ async def many(args: argparse.Namespace) -> int:
     state: dict[str, Any] = {"streaming": 0, "count": args.count}
     started = time.monotonic()
     tasks = [
-        asyncio.create_task(
-            oneStream(i, args.port, request, gate, firstEvent, state, args.expect_deltas)
-        )
+        asyncio.create_task(oneStream(i, args.port, request, gate, firstEvent, state, args.expect_deltas))
         for i in range(args.count)
     ]
     everything: asyncio.Future[list[str]] = asyncio.gather(*tasks)
@@ -234,7 +232,9 @@ def main() -> int:
     sub.choices["many"].add_argument("--connect-concurrency", type=int, default=100)
     sub.choices["many"].add_argument("--expect-deltas", type=int, default=0)
     sub.choices["many"].add_argument("--timeout", type=float, default=120.0)
-    sub.choices["one"].add_argument("--rate", type=float, default=0.0, help="bytes/s; 0 = as fast as possible")
+    sub.choices["one"].add_argument(
+        "--rate", type=float, default=0.0, help="bytes/s; 0 = as fast as possible"
+    )
     args = parser.parse_args()
     raiseNoFile()
     if args.mode == "many":

@@ -7,16 +7,16 @@ trial would).
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Iterator
-
-from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionRefusedError
-from twisted.web.http_headers import Headers
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import pytest_twisted
+from treq.testing import RequestTraversalAgent
 from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionRefusedError
+from twisted.web.http_headers import Headers
 
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0
@@ -52,19 +52,13 @@ async def cleanReactor(reactor: Any) -> AsyncIterator[None]:
     waited = 0.0
     while waited < _SETTLE_SECONDS:
         leftSockets = _selectables(reactor) - before
-        leftCalls = [
-            c
-            for c in reactor.getDelayedCalls()
-            if c.active() and id(c) not in callsBefore
-        ]
+        leftCalls = [c for c in reactor.getDelayedCalls() if c.active() and id(c) not in callsBefore]
         if not leftSockets and not leftCalls:
             return
         await task.deferLater(reactor, 0.02, lambda: None)
         waited += 0.02
     leftSockets = _selectables(reactor) - before
-    leftCalls = [
-        c for c in reactor.getDelayedCalls() if c.active() and id(c) not in callsBefore
-    ]
+    leftCalls = [c for c in reactor.getDelayedCalls() if c.active() and id(c) not in callsBefore]
     for c in leftCalls:
         c.cancel()
     for s in leftSockets:
@@ -158,8 +152,13 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
         }
         settings, _ = loadSettings(environ, configPath)
         proxy = ProxyService(
-            reactor, settings, ["tcp:0:interface=127.0.0.1"], limiterClock=limiterClock,
-            adminListen=adminListen, configPath=configPath, environ=environ,
+            reactor,
+            settings,
+            ["tcp:0:interface=127.0.0.1"],
+            limiterClock=limiterClock,
+            adminListen=adminListen,
+            configPath=configPath,
+            environ=environ,
         )
         proxy.startService()
         stack = Stack(fake, upstream, proxy)
@@ -222,7 +221,7 @@ class MemoryUpstream:
         self.refuse = 0
         self.calls = 0
 
-    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> "Deferred[Any]":
+    def request(self, method: bytes, url: bytes, headers: Headers, body: Any) -> Deferred[Any]:
         self.calls += 1
         if self.refuse:
             self.refuse -= 1

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import Stack
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource
 from twisted.web.test.requesthelper import DummyRequest
 
-from conftest import Stack
 from zaiproxy.access import AdminGate, Credentials, isLoopbackAddress
 from zaiproxy.fake.testing import RawResponse, rawRequest
 
@@ -67,7 +67,9 @@ def test_gate(token: str, presented: bytes | None, host: str, loopbackOnly: bool
     assert got == status
     assert inner.calls == (1 if status == 200 else 0)
     if status == 401:
-        assert request.responseHeaders.getRawHeaders(b"www-authenticate") == [b'Bearer realm="zaiproxy-admin"']
+        assert request.responseHeaders.getRawHeaders(b"www-authenticate") == [
+            b'Bearer realm="zaiproxy-admin"'
+        ]
         assert json.loads(body)["error"] == {
             "type": "authentication_error",
             "message": "this endpoint needs Authorization: Bearer <ADMIN_TOKEN>",
@@ -152,7 +154,10 @@ async def test_adminListen(reactor: Any, makeStack: Any) -> None:
     response = await call(reactor, admin, b"GET", b"/metrics")
     assert response.status == 200
     # The proxy's own 404s above are counted; the admin port is not a route.
-    assert b'zai_proxy_requests_total{method="GET",path="unknown",status_code="404",variant="production"} 1.0' in response.body
+    assert (
+        b'zai_proxy_requests_total{method="GET",path="unknown",status_code="404",variant="production"} 1.0'
+        in response.body
+    )
     response = await call(reactor, admin, b"POST", b"/admin/reset-rate-limit")
     assert response.status == 200
     for path in (b"/health", b"/readyz", b"/health?x=1"):

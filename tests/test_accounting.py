@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import pytest_twisted
 import tiktoken
+from conftest import Stack
 from twisted.internet import task
 
-from conftest import Stack
 from zaiproxy.accounting import _MAX_MEMO, MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.testing import RawClient, rawRequest
@@ -27,7 +27,9 @@ PROMPT = "What is two plus two? Answer in words, please."
 ANTHROPIC_BODY = json.dumps(
     {"model": "glm-4.7", "max_tokens": 64, "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
 ).encode()
-CHAT_BODY = json.dumps({"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}).encode()
+CHAT_BODY = json.dumps(
+    {"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": PROMPT}]}
+).encode()
 ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
 
 
@@ -50,8 +52,17 @@ async def settled(reactor: Any) -> None:
 
 def sample(stack: Stack, direction: str, model: str = "glm-4.7", tier: str | None = None) -> float:
     total = 0.0
-    for t in ([tier] if tier else ["peak", "off_peak"]):
-        total += stack.sample("zai_proxy_tokens_total", direction=direction, model=model, variant="production", pricing_tier=t) or 0
+    for t in [tier] if tier else ["peak", "off_peak"]:
+        total += (
+            stack.sample(
+                "zai_proxy_tokens_total",
+                direction=direction,
+                model=model,
+                variant="production",
+                pricing_tier=t,
+            )
+            or 0
+        )
     return total
 
 
@@ -116,7 +127,12 @@ def test_pricingTiers() -> None:
     assert pricing.tier(at("2026-01-01T11:00:00+00:00")) == "off_peak"
     assert pricing.tier(at("2026-01-01T06:59:00+00:00")) == "off_peak"
     wrapping = Pricing({}, peakStart=22, peakEnd=4, utcOffset=0)
-    assert [wrapping.tier(at(f"2026-01-01T{h:02d}:30:00+00:00")) for h in (21, 22, 3, 4)] == ["off_peak", "peak", "peak", "off_peak"]
+    assert [wrapping.tier(at(f"2026-01-01T{h:02d}:30:00+00:00")) for h in (21, 22, 3, 4)] == [
+        "off_peak",
+        "peak",
+        "peak",
+        "off_peak",
+    ]
     assert Pricing({}, peakStart=0, peakEnd=0).tier(at("2026-01-01T07:00:00+00:00")) == "off_peak"
 
 
@@ -136,7 +152,9 @@ def test_pricingCost() -> None:
 
 @pytest.mark.parametrize("stream", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_anthropicReportedUsage(reactor: Any, makeStack: Any, logEvents: list[dict[str, Any]], stream: bool) -> None:
+async def test_anthropicReportedUsage(
+    reactor: Any, makeStack: Any, logEvents: list[dict[str, Any]], stream: bool
+) -> None:
     """
     Z.AI's numbers, exactly: from message_delta (message_start says 0/0)
     or the JSON body, cache reads included; the answer's bytes unchanged.
@@ -157,7 +175,11 @@ async def test_anthropicReportedUsage(reactor: Any, makeStack: Any, logEvents: l
         f"Token usage: input={expected.inputTokens}, output={expected.outputTokens}, "
         "cache_read=7, cache_write=0, source=reported, model=glm-4.7"
     )
-    assert (lines[0]["input"], lines[0]["output"], lines[0]["source"]) == (expected.inputTokens, expected.outputTokens, "reported")
+    assert (lines[0]["input"], lines[0]["output"], lines[0]["source"]) == (
+        expected.inputTokens,
+        expected.outputTokens,
+        "reported",
+    )
     response = client.response()
     assert b'"usage":{"input_tokens":0,"output_tokens":0}' in response.body or not stream
     assert response.header(b"content-length") == ([] if stream else [b"%d" % len(response.body)])
@@ -188,7 +210,13 @@ async def test_costMetric(reactor: Any, makeStack: Any) -> None:
     await fetch(stack, reactor, b"/v1/messages", ANTHROPIC_BODY)
     await settled(reactor)
     expected = usageFor(parseScenario("events=3"), ANTHROPIC_BODY)
-    cost = stack.sample("zai_proxy_estimated_cost_usd_total", direction="output", model="glm-4.7", variant="production", pricing_tier="off_peak")
+    cost = stack.sample(
+        "zai_proxy_estimated_cost_usd_total",
+        direction="output",
+        model="glm-4.7",
+        variant="production",
+        pricing_tier="off_peak",
+    )
     assert cost == pytest.approx(expected.outputTokens * 2 / 1e6)
 
 
@@ -223,7 +251,9 @@ async def test_openaiStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
     An OpenAI stream without usage gets OpenAI's usage chunk before [DONE].
     """
     stack = await makeStack("events=4 usage=none")
-    client = await fetch(stack, reactor, b"/v1/chat/completions", CHAT_BODY, [(b"content-type", b"application/json")])
+    client = await fetch(
+        stack, reactor, b"/v1/chat/completions", CHAT_BODY, [(b"content-type", b"application/json")]
+    )
     body = client.response().body
     assert body.endswith(b"data: [DONE]\n\n")
     last = usageEvents(body)[-1]
@@ -264,7 +294,9 @@ async def test_errorBodiesUntouched(reactor: Any, makeStack: Any) -> None:
     client = await fetch(stack, reactor, b"/v1/messages", ANTHROPIC_BODY)
     await settled(reactor)
     assert b"usage" not in client.response().body
-    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") is None
+    assert (
+        stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") is None
+    )
     assert sample(stack, "input") == 0
 
 
@@ -278,8 +310,15 @@ async def test_inbandErrorCounted(reactor: Any, makeStack: Any) -> None:
     client = await fetch(stack, reactor, b"/v1/messages", ANTHROPIC_BODY)
     await settled(reactor)
     assert b"event: error" in client.raw
-    assert stack.sample("zai_proxy_upstream_errors_total", error_type="inband_error", variant="production") == 1
-    assert stack.sample("zai_proxy_zai_errors_total", **{"class": "quota", "code": "1310", "variant": "production"}) == 1
+    assert (
+        stack.sample("zai_proxy_upstream_errors_total", error_type="inband_error", variant="production") == 1
+    )
+    assert (
+        stack.sample(
+            "zai_proxy_zai_errors_total", **{"class": "quota", "code": "1310", "variant": "production"}
+        )
+        == 1
+    )
     assert sample(stack, "input") == 0
 
 
@@ -311,7 +350,9 @@ async def test_countTokensAnsweredLocally(reactor: Any, makeStack: Any) -> None:
     {"input_tokens": N} itself, from the same counter.
     """
     stack = await makeStack("mode=not-found")
-    body = json.dumps({"model": "glm-4.7", "system": "Be brief.", "messages": [{"role": "user", "content": PROMPT}]}).encode()
+    body = json.dumps(
+        {"model": "glm-4.7", "system": "Be brief.", "messages": [{"role": "user", "content": PROMPT}]}
+    ).encode()
     client = await fetch(stack, reactor, b"/v1/messages/count_tokens?beta=true", body)
     response = client.response()
     assert response.status == 200
@@ -343,8 +384,15 @@ async def test_countingDisabled(reactor: Any, makeStack: Any) -> None:
     client = await fetch(stack, reactor, b"/v1/messages", ANTHROPIC_BODY)
     await settled(reactor)
     assert b'"usage"' not in client.response().body
-    assert stack.sample("zai_proxy_token_counter_info", counter="disabled", encoding="none", variant="production") == 1
-    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") is None
+    assert (
+        stack.sample(
+            "zai_proxy_token_counter_info", counter="disabled", encoding="none", variant="production"
+        )
+        == 1
+    )
+    assert (
+        stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") is None
+    )
     assert stack.proxy.health.document()["token_counting"] == {"enabled": False}
 
 

@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import UPSTREAM_KEY
 from twisted.internet import task
 
-from conftest import UPSTREAM_KEY
 from zaiproxy.activation import InheritedSocket, ListenChoice, Listener, chooseListeners, inheritedSockets
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RawClient, rawRequest, startFake
@@ -71,7 +71,9 @@ def opened() -> Iterator[list[Any]]:
             thing.close()
 
 
-def listening(opened: list[Any], family: int = socket.AF_INET, address: Any = ("127.0.0.1", 0)) -> socket.socket:
+def listening(
+    opened: list[Any], family: int = socket.AF_INET, address: Any = ("127.0.0.1", 0)
+) -> socket.socket:
     s = socket.socket(family, socket.SOCK_STREAM)
     opened.append(s)
     s.bind(address)
@@ -209,10 +211,7 @@ def test_tapImportKeepsTheEnvironment() -> None:
     makeService) does not import twisted.internet.endpoints, whose import
     deletes LISTEN_PID and LISTEN_FDS.
     """
-    code = (
-        "import sys, zaiproxy.tap; "
-        "print('twisted.internet.endpoints' in sys.modules)"
-    )
+    code = "import sys, zaiproxy.tap; print('twisted.internet.endpoints' in sys.modules)"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=dict(os.environ)
     )
@@ -221,7 +220,12 @@ def test_tapImportKeepsTheEnvironment() -> None:
 
 async def _proxy(reactor: Any, upstreamURL: str, listen: Any) -> ProxyService:
     settings, _ = loadSettings(
-        {"ZAI_API_KEY": UPSTREAM_KEY, "ZAI_TARGET_URL": upstreamURL, "RATE_LIMIT_STATE_FILE": "off", "DRAIN_TIMEOUT": "2"}
+        {
+            "ZAI_API_KEY": UPSTREAM_KEY,
+            "ZAI_TARGET_URL": upstreamURL,
+            "RATE_LIMIT_STATE_FILE": "off",
+            "DRAIN_TIMEOUT": "2",
+        }
     )
     proxy = ProxyService(reactor, settings, listen)
     proxy.startService()

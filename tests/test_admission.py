@@ -11,13 +11,20 @@ from twisted.internet.task import Clock
 from zaiproxy.admission import Admission, Permit, QueueFull, QueueTimeout
 
 
-def make(rate: float = 1.0, concurrency: int = 10, maxQueue: int = 100, queueTimeout: float = 60.0) -> tuple[Clock, Admission, list, list]:
+def make(
+    rate: float = 1.0, concurrency: int = 10, maxQueue: int = 100, queueTimeout: float = 60.0
+) -> tuple[Clock, Admission, list, list]:
     clock = Clock()
     admitted: list[tuple[str, float]] = []
     rejected: list[str] = []
     admission = Admission(
-        clock, rate, concurrency, maxQueue, queueTimeout,
-        onAdmitted=lambda c, w: admitted.append((c, w)), onRejected=rejected.append,
+        clock,
+        rate,
+        concurrency,
+        maxQueue,
+        queueTimeout,
+        onAdmitted=lambda c, w: admitted.append((c, w)),
+        onRejected=rejected.append,
     )
     return clock, admission, admitted, rejected
 
@@ -164,7 +171,12 @@ def test_closeFailsWaiters() -> None:
     admission.close()
     assert result(waiting).check(CancelledError)
     assert clock.getDelayedCalls() == []
-    assert admission.snapshot() == {"in_flight": 1, "concurrency_limit": 10, "queued": 0, "waiting_clients": 0}
+    assert admission.snapshot() == {
+        "in_flight": 1,
+        "concurrency_limit": 10,
+        "queued": 0,
+        "waiting_clients": 0,
+    }
 
 
 @pytest.mark.parametrize("rate", [0.5, 3.0, 25.0])

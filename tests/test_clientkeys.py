@@ -8,16 +8,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anthropic
 import openai
 import pytest
 import pytest_twisted
+from conftest import UPSTREAM_KEY, Stack
 from twisted.internet import task, threads
 from twisted.web.http_headers import Headers
 
-from conftest import UPSTREAM_KEY, Stack
 from zaiproxy.admission import clientBucket
 from zaiproxy.clientkeys import (
     ClientKeysError,
@@ -78,7 +79,7 @@ def test_fileWithCommentsAndHashes(tmp_path: Any) -> None:
         ("alice", "line 2: expected name:key"),
         (f":{ALICE}", "line 2: the name is empty"),
         (f"al ice:{ALICE}", "line 2: name 'al ice' is not valid"),
-        (f"al\"ice:{ALICE}", "line 2: name 'al\"ice' is not valid"),
+        (f'al"ice:{ALICE}', "line 2: name 'al\"ice' is not valid"),
         (f"{'a' * 65}:{ALICE}", "is not valid: use 1 to 64 letters"),
         (f"unauthorized:{ALICE}", "line 2: name 'unauthorized' is reserved by the proxy"),
         ("alice:", "line 2: the key of 'alice' is empty"),
@@ -115,7 +116,9 @@ def test_fileProblems(tmp_path: Any) -> None:
     Unreadable, empty or non-UTF-8 files are errors; a world-readable file
     or a short key loads with a warning.
     """
-    with pytest.raises(ClientKeysError, match=r"cannot read key file /nonexistent/keys: No such file or directory"):
+    with pytest.raises(
+        ClientKeysError, match=r"cannot read key file /nonexistent/keys: No such file or directory"
+    ):
         readKeyFile("/nonexistent/keys")
     empty = keyFile(tmp_path, "# nobody yet\n\n", name="empty")
     with pytest.raises(ClientKeysError) as raised:
@@ -239,13 +242,21 @@ async def test_sdksWithBothHeaderStyles(reactor: Any, makeStack: Any, tmp_path: 
         with anthropic.Anthropic(
             base_url=stack.url(""), api_key=None, default_headers={"x-api-key": ALICE}, max_retries=0
         ) as client:
-            message = client.messages.create(model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+            message = client.messages.create(
+                model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+            )
             texts.append(message.content[0].text)
-        with anthropic.Anthropic(base_url=stack.url(""), api_key=None, auth_token=BOB, max_retries=0) as client:
-            message = client.messages.create(model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
+        with anthropic.Anthropic(
+            base_url=stack.url(""), api_key=None, auth_token=BOB, max_retries=0
+        ) as client:
+            message = client.messages.create(
+                model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
+            )
             texts.append(message.content[0].text)
         with openai.OpenAI(base_url=stack.url("/v1"), api_key=BOB, max_retries=0) as client:
-            completion = client.chat.completions.create(model="glm-4.7", messages=[{"role": "user", "content": "hi"}])
+            completion = client.chat.completions.create(
+                model="glm-4.7", messages=[{"role": "user", "content": "hi"}]
+            )
             texts.append(completion.choices[0].message.content or "")
         return texts
 
@@ -267,7 +278,12 @@ async def test_sdksWithBothHeaderStyles(reactor: Any, makeStack: Any, tmp_path: 
 @pytest.mark.parametrize("key", [None, "wrong-key-0123456789abcdef"])
 @pytest_twisted.ensureDeferred
 async def test_sdkAuthenticationError(
-    reactor: Any, makeStack: Any, tmp_path: Any, logEvents: list[dict[str, Any]], dialect: str, key: str | None
+    reactor: Any,
+    makeStack: Any,
+    tmp_path: Any,
+    logEvents: list[dict[str, Any]],
+    dialect: str,
+    key: str | None,
 ) -> None:
     """
     A missing or unknown key gets 401 in the route's dialect, which each
@@ -279,7 +295,9 @@ async def test_sdkAuthenticationError(
     def call() -> Any:
         if dialect == "anthropic":
             headers: dict[str, Any] = {"x-api-key": key} if key else {"authorization": anthropic.Omit()}
-            with anthropic.Anthropic(base_url=stack.url(""), api_key=None, max_retries=0, default_headers=headers) as c:
+            with anthropic.Anthropic(
+                base_url=stack.url(""), api_key=None, max_retries=0, default_headers=headers
+            ) as c:
                 c.messages.create(model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
         else:
             extra: dict[str, Any] = {} if key else {"Authorization": openai.Omit()}
@@ -300,7 +318,8 @@ async def test_sdkAuthenticationError(
             "error": {
                 "type": "authentication_error",
                 "message": (
-                    "the client key is not valid for this proxy" if key
+                    "the client key is not valid for this proxy"
+                    if key
                     else "this proxy needs a client key: send it as x-api-key or Authorization: Bearer"
                 ),
             },
@@ -310,7 +329,12 @@ async def test_sdkAuthenticationError(
         assert error.type == "authentication_error"
     assert stack.fake.received == []
     path = "/v1/messages" if dialect == "anthropic" else "/v1/chat/completions"
-    assert stack.sample("zai_proxy_requests_total", method="POST", path=path, status_code="401", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total", method="POST", path=path, status_code="401", variant="production"
+        )
+        == 1
+    )
     assert stack.sample("zai_proxy_client_auth_failures_total", reason=reason, variant="production") == 1
     access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert [(e["status"], e["client"], e["peer"], e["errorType"]) for e in access] == [
@@ -363,9 +387,18 @@ async def test_keyNameIsLabelLogAndFairnessKey(
     clients = []
     for who, key in (("a1", ALICE), ("a2", ALICE), ("a3", ALICE), ("b1", BOB)):
         body = json.dumps(
-            {"model": "glm-4.7", "max_tokens": 16, "stream": True, "messages": [{"role": "user", "content": who}]}
+            {
+                "model": "glm-4.7",
+                "max_tokens": 16,
+                "stream": True,
+                "messages": [{"role": "user", "content": who}],
+            }
         ).encode()
-        clients.append(await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", [(b"x-api-key", key.encode())], body))
+        clients.append(
+            await rawRequest(
+                reactor, stack.port, b"POST", b"/v1/messages", [(b"x-api-key", key.encode())], body
+            )
+        )
         await task.deferLater(reactor, 0.05, lambda: None)
     for client in clients:
         await client.closed.addErrback(lambda f: None)
@@ -375,7 +408,9 @@ async def test_keyNameIsLabelLogAndFairnessKey(
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="alice") == 3
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="bob") == 1
     access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
-    assert sorted((e["client"], e["peer"]) for e in access) == [("alice", "127.0.0.1")] * 3 + [("bob", "127.0.0.1")]
+    assert sorted((e["client"], e["peer"]) for e in access) == [("alice", "127.0.0.1")] * 3 + [
+        ("bob", "127.0.0.1")
+    ]
     assert all(e["line"].endswith(f" client={e['client']}") for e in access)
 
 

@@ -84,16 +84,34 @@ CLAUDE_CODE_REQUEST = {
             "role": "user",
             "content": [
                 {"type": "tool_result", "tool_use_id": "toolu_1", "content": "print(1)"},
-                {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "nested"}, {"type": "image", "source": {"type": "base64", "data": "AAAA"}}]},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_2",
+                    "content": [
+                        {"type": "text", "text": "nested"},
+                        {"type": "image", "source": {"type": "base64", "data": "AAAA"}},
+                    ],
+                },
                 {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0"}},
-                {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "doc text"}},
-                {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0"}},
+                {
+                    "type": "document",
+                    "source": {"type": "text", "media_type": "text/plain", "data": "doc text"},
+                },
+                {
+                    "type": "document",
+                    "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0"},
+                },
                 {"type": "text", "text": "now fix it", "cache_control": {"type": "ephemeral"}},
             ],
         },
     ],
     "tools": [
-        {"name": "Read", "description": "Read a file", "input_schema": {"type": "object"}, "cache_control": {"type": "ephemeral"}}
+        {
+            "name": "Read",
+            "description": "Read a file",
+            "input_schema": {"type": "object"},
+            "cache_control": {"type": "ephemeral"},
+        }
     ],
 }
 
@@ -116,7 +134,9 @@ def test_anthropicRequestTexts() -> None:
         "now fix it",
         '{"name":"Read","description":"Read a file","input_schema":{"type":"object"}}',
     ]
-    assert anthropic.requestTexts({"system": "plain system", "messages": [{"role": "user", "content": "hi"}]}) == ["plain system", "hi"]
+    assert anthropic.requestTexts(
+        {"system": "plain system", "messages": [{"role": "user", "content": "hi"}]}
+    ) == ["plain system", "hi"]
     assert anthropic.requestTexts(["not", "a", "request"]) == []
     assert anthropic.requestTexts({"messages": "garbage", "tools": 3}) == []
 
@@ -130,16 +150,30 @@ def test_openaiRequestTexts() -> None:
         "model": "glm-4.7",
         "messages": [
             {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "data:..."}}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "look"},
+                    {"type": "image_url", "image_url": {"url": "data:..."}},
+                ],
+            },
             {
                 "role": "assistant",
                 "content": None,
                 "reasoning_content": "thinking it over",
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}],
+                "tool_calls": [
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+                    }
+                ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         ],
-        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}],
+        "tools": [
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        ],
     }
     assert openai.requestTexts(body) == [
         "Be brief.",
@@ -158,10 +192,26 @@ def test_responseTexts() -> None:
     reasoning and tool arguments.
     """
     assert anthropic.responseTexts(
-        {"content": [{"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "Hi"}, {"type": "tool_use", "input": {"a": 1}}]}
+        {
+            "content": [
+                {"type": "thinking", "thinking": "hmm"},
+                {"type": "text", "text": "Hi"},
+                {"type": "tool_use", "input": {"a": 1}},
+            ]
+        }
     ) == ["hmm", "Hi", '{"a":1}']
     assert openai.responseTexts(
-        {"choices": [{"message": {"content": "Hi", "reasoning_content": "hmm", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}}]}
+        {
+            "choices": [
+                {
+                    "message": {
+                        "content": "Hi",
+                        "reasoning_content": "hmm",
+                        "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}],
+                    }
+                }
+            ]
+        }
     ) == ["Hi", "hmm", "f", "{}"]
 
 
@@ -170,13 +220,25 @@ def test_usageFrom() -> None:
     Reported usage in both shapes; OpenAI's cached tokens are moved out of
     the prompt count into cache_read.
     """
-    assert anthropic.usageFrom({"input_tokens": 19, "output_tokens": 5, "cache_read_input_tokens": 12928}) == Usage(19, 5, 12928, 0)
+    assert anthropic.usageFrom(
+        {"input_tokens": 19, "output_tokens": 5, "cache_read_input_tokens": 12928}
+    ) == Usage(19, 5, 12928, 0)
     assert anthropic.usageFrom({"input_tokens": 1, "cache_creation_input_tokens": 7}) == Usage(1, 0, 0, 7)
     assert anthropic.usageFrom(None) is None
-    assert openai.usageFrom({"prompt_tokens": 81, "completion_tokens": 186, "total_tokens": 267, "prompt_tokens_details": {"cached_tokens": 6}}) == Usage(75, 186, 6, 0)
+    assert openai.usageFrom(
+        {
+            "prompt_tokens": 81,
+            "completion_tokens": 186,
+            "total_tokens": 267,
+            "prompt_tokens_details": {"cached_tokens": 6},
+        }
+    ) == Usage(75, 186, 6, 0)
     assert openai.usageFrom({"prompt_tokens": "x", "completion_tokens": -3}) == Usage(0, 0, 0, 0)
     assert openai.usageJSON(Usage(75, 186, 6)) == {
-        "prompt_tokens": 81, "completion_tokens": 186, "total_tokens": 267, "prompt_tokens_details": {"cached_tokens": 6}
+        "prompt_tokens": 81,
+        "completion_tokens": 186,
+        "total_tokens": 267,
+        "prompt_tokens_details": {"cached_tokens": 6},
     }
 
 
@@ -225,10 +287,18 @@ def test_anthropicFramesKeptRaw() -> None:
     body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
     frames = messageStream(scenario, contentFor(scenario), usageFor(scenario, body), idsFor(1, 1767225600.0))
     reader = anthropic.StreamReader()
-    kept = {f.data.split(b"\n", 1)[0][len(b"event: "):].decode(): reader.cut(f.data) == [(False, f.data)] for f in frames}
+    kept = {
+        f.data.split(b"\n", 1)[0][len(b"event: ") :].decode(): reader.cut(f.data) == [(False, f.data)]
+        for f in frames
+    }
     assert kept == {
-        "message_start": False, "content_block_start": True, "ping": True, "content_block_delta": True,
-        "content_block_stop": True, "message_delta": False, "message_stop": True,
+        "message_start": False,
+        "content_block_start": True,
+        "ping": True,
+        "content_block_delta": True,
+        "content_block_stop": True,
+        "message_delta": False,
+        "message_stop": True,
     }
     error = b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"x"}}\n\n'
     assert reader.cut(error) == [(True, error)]
@@ -252,7 +322,9 @@ def test_inbandErrors() -> None:
     Errors inside a 200 stream are read with their Z.AI code.
     """
     reader = anthropic.StreamReader()
-    [event] = EventParser().feed(b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},"request_id":"r"}\n\n')
+    [event] = EventParser().feed(
+        b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},"request_id":"r"}\n\n'
+    )
     reader.event(event)
     assert (reader.error.code, reader.error.cls) == ("1310", "quota")
     reader = openai.StreamReader()
@@ -270,7 +342,10 @@ def test_injection() -> None:
     [parsed] = EventParser().feed(frame)
     assert parsed.name == b"message_start"
     assert json.loads(parsed.data)["message"]["usage"] == {
-        "input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0
+        "input_tokens": 0,
+        "output_tokens": 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
     }
     reader = openai.StreamReader()
     for event in stream("events=1 usage=none", "openai"):

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest_twisted
 import treq
-
 from conftest import UPSTREAM_KEY, Stack
+
 from zaiproxy.fake.testing import rawRequest
 
 
@@ -25,7 +25,9 @@ async def test_metrics(reactor: Any, stack: Stack) -> None:
     /metrics serves the seed's metric families with bounded labels, in the
     Prometheus text format (OpenMetrics when asked).
     """
-    client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages?beta=true", [], b'{"model":"glm-4.7"}')
+    client = await rawRequest(
+        reactor, stack.port, b"POST", b"/v1/messages?beta=true", [], b'{"model":"glm-4.7"}'
+    )
     await client.closed.addErrback(lambda f: None)
     response, body = await get(stack.url("/metrics"))
     assert response.code == 200
@@ -42,8 +44,14 @@ async def test_metrics(reactor: Any, stack: Stack) -> None:
         "process_resident_memory_bytes",
     ):
         assert family in text, family
-    assert 'zai_proxy_requests_total{method="POST",path="/v1/messages",status_code="200",variant="production"} 1.0' in text
-    assert 'zai_proxy_build_info{build_time="unknown",commit="unknown",variant="production",version="0.1.0"} 1.0' in text
+    assert (
+        'zai_proxy_requests_total{method="POST",path="/v1/messages",status_code="200",variant="production"} 1.0'
+        in text
+    )
+    assert (
+        'zai_proxy_build_info{build_time="unknown",commit="unknown",variant="production",version="0.1.0"} 1.0'
+        in text
+    )
     assert "beta=true" not in text
     assert "_created" not in text
     assert UPSTREAM_KEY not in text

@@ -21,7 +21,10 @@ from zaiproxy.metrics import Metrics
     [
         (b'{"model":"glm-4.7","messages":[]}', "glm-4.7"),
         (b'{"messages":[{"role":"user","content":"say \\"model\\": \\"x\\""}], "model" : "glm-5"}', "glm-5"),
-        (b'{"messages":[],"tools":[{"input_schema":{"properties":{"model":{"type":"string"}}}}],"model":"m"}', "m"),
+        (
+            b'{"messages":[],"tools":[{"input_schema":{"properties":{"model":{"type":"string"}}}}],"model":"m"}',
+            "m",
+        ),
         (b'{"messages":[]}', None),
         (b"", None),
         (b"not json", None),
@@ -59,7 +62,9 @@ def test_reporter() -> None:
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        exchange = Exchange(method="POST", route="/v1/messages", startedAt=0.0, requestBytes=10, model="glm-4.7")
+        exchange = Exchange(
+            method="POST", route="/v1/messages", startedAt=0.0, requestBytes=10, model="glm-4.7"
+        )
         clock.advance(0.5)
         reporter.firstByte(exchange)
         clock.advance(1.5)
@@ -79,6 +84,11 @@ def test_reporter() -> None:
     assert len(access) == 1
     event = access[0]
     assert event["log_level"] is LogLevel.info
-    assert (event["method"], event["route"], event["status"], event["model"]) == ("POST", "/v1/messages", 200, "glm-4.7")
+    assert (event["method"], event["route"], event["status"], event["model"]) == (
+        "POST",
+        "/v1/messages",
+        200,
+        "glm-4.7",
+    )
     assert (event["bytesIn"], event["bytesOut"], event["ttfb"]) == (10, 300, 0.5)
     assert json.dumps({k: v for k, v in event.items() if not k.startswith("log_")})

@@ -7,7 +7,8 @@ back-pressure from a reader that stops reading.
 from __future__ import annotations
 
 import json
-from typing import Any, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -269,9 +270,7 @@ async def test_anthropicModels(serve: Serve, http: HTTPClient) -> None:
         ("GET", "/", False),
     ],
 )
-async def test_unknownRoutes(
-    serve: Serve, http: HTTPClient, method: str, path: str, anthropic: bool
-) -> None:
+async def test_unknownRoutes(serve: Serve, http: HTTPClient, method: str, path: str, anthropic: bool) -> None:
     """
     Anything else is a 404 with a JSON error in the path's envelope.
     """
@@ -309,9 +308,7 @@ async def test_unknownRoutes(
         (O_MODELS, {"Authorization": f"Bearer {KEY}"}, 200),
     ],
 )
-async def test_auth(
-    serve: Serve, http: HTTPClient, path: str, headers: dict[str, str], status: int
-) -> None:
+async def test_auth(serve: Serve, http: HTTPClient, path: str, headers: dict[str, str], status: int) -> None:
     """
     With a key set, Anthropic endpoints take C{x-api-key} or a bearer
     token, OpenAI endpoints a bearer token; failures are 401 in the
@@ -319,9 +316,7 @@ async def test_auth(
     """
     fake = await serve(apiKey=KEY)
     method = "GET" if path.endswith("models") else "POST"
-    got, _, body = await call(
-        http, fake, path, {} if method == "POST" else None, headers, method=method
-    )
+    got, _, body = await call(http, fake, path, {} if method == "POST" else None, headers, method=method)
     assert got == status
     if status == 401:
         error = json.loads(body)
@@ -510,9 +505,7 @@ async def test_errorCodes(reactor: Any, serve: Serve, http: HTTPClient) -> None:
     clock = FrozenClock(reactor, 1767225600.0)
     fake = await serve(fake=FakeZai(clock))
     for code in CODES:
-        expected = EXPECTED_STATUS.get(
-            code, 401 if code.startswith("100") or code == "401" else 429
-        )
+        expected = EXPECTED_STATUS.get(code, 401 if code.startswith("100") or code == "401" else 429)
         message = errorMessage(code, clock.now, 3600)
         for path in (MESSAGES, CHAT):
             status, headers, body = await call(
@@ -542,8 +535,7 @@ async def test_errorOptions(serve: Serve, http: HTTPClient) -> None:
         fake,
         MESSAGES,
         {},
-        scenario="mode=error code=1305 status=529 envelope=openai "
-        "retryAfter=3 retryAfterHeader=2.5",
+        scenario="mode=error code=1305 status=529 envelope=openai retryAfter=3 retryAfterHeader=2.5",
     )
     assert status == 529
     assert headers.getRawHeaders("retry-after") == ["2.5"]
@@ -562,9 +554,7 @@ async def test_inbandError(serve: Serve, http: HTTPClient, path: str) -> None:
     error frame, ending cleanly.
     """
     fake = await serve()
-    status, _, body = await call(
-        http, fake, path, {"stream": True}, scenario="mode=inband-error code=1310"
-    )
+    status, _, body = await call(http, fake, path, {"stream": True}, scenario="mode=inband-error code=1310")
     assert status == 200
     events = sse(body)
     assert len(events) == 1
@@ -744,9 +734,7 @@ async def test_splitReassembles(reactor: Any, serve: Serve, path: str) -> None:
     headers = [(b"x-fake-scenario", spec.encode())]
     one = await rawRequest(reactor, plain.port, b"POST", path.encode(), headers, b'{"stream":true}')
     splitHeaders = [(b"x-fake-scenario", spec.encode() + b" split=true splitDelay=0.002")]
-    two = await rawRequest(
-        reactor, split.port, b"POST", path.encode(), splitHeaders, b'{"stream":true}'
-    )
+    two = await rawRequest(reactor, split.port, b"POST", path.encode(), splitHeaders, b'{"stream":true}')
     await one.closed
     await two.closed
     expected = one.response().body
@@ -863,7 +851,11 @@ async def test_quotaEndpoint(serve: Serve, http: HTTPClient) -> None:
     """
     running = await serve(apiKey="k.secret")
     path = "/api/monitor/usage/quota/limit"
-    for headers in ({"authorization": "k.secret"}, {"authorization": "Bearer k.secret"}, {"x-api-key": "k.secret"}):
+    for headers in (
+        {"authorization": "k.secret"},
+        {"authorization": "Bearer k.secret"},
+        {"x-api-key": "k.secret"},
+    ):
         status, _, content = await call(http, running, path, method="GET", headers=headers)
         assert status == 200
         assert json.loads(content)["data"]["limits"][0]["type"] == "CREDIT_LIMIT"

@@ -194,9 +194,7 @@ def test_inbandErrorBodies() -> None:
         "error": {"code": "1310", "message": message},
         "request_id": "rid",
     }
-    assert inbandErrorBody("openai", s, NOW, "rid") == {
-        "error": {"code": "1310", "message": message}
-    }
+    assert inbandErrorBody("openai", s, NOW, "rid") == {"error": {"code": "1310", "message": message}}
 
 
 # content, usage, ids
@@ -365,9 +363,7 @@ def test_anthropicBody() -> None:
     assert body["usage"]["input_tokens"] == 20
     assert body["usage"]["cache_read_input_tokens"] == 3
     none = Scenario(usage="none")
-    assert "usage" not in messages.messageBody(
-        none, contentFor(none), usageFor(none, b""), idsFor(1, NOW)
-    )
+    assert "usage" not in messages.messageBody(none, contentFor(none), usageFor(none, b""), idsFor(1, NOW))
 
 
 def test_anthropicModels() -> None:
@@ -472,9 +468,7 @@ def test_openaiModels() -> None:
     """
     body = chat.modelsBody()
     assert body["object"] == "list"
-    assert {"id": "glm-4.7", "object": "model", "created": 1766332800, "owned_by": "z-ai"} in body[
-        "data"
-    ]
+    assert {"id": "glm-4.7", "object": "model", "created": 1766332800, "owned_by": "z-ai"} in body["data"]
 
 
 # the script
@@ -498,9 +492,7 @@ def script(dialect: str, scenario: Scenario) -> list[Any]:
 
 
 def textDeltas(data: bytes, dialect: str) -> int:
-    return (
-        data.count(b'"text_delta"') if dialect == "anthropic" else data.count(b'"content":"hello "')
-    )
+    return data.count(b'"text_delta"') if dialect == "anthropic" else data.count(b'"content":"hello "')
 
 
 @pytest.mark.parametrize("dialect", ["anthropic", "openai"])

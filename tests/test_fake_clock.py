@@ -103,11 +103,7 @@ def fakeCalls(clock: Clock) -> list[Any]:
     The clock's delayed calls that belong to the fake (not twisted.web's
     idle timeout).
     """
-    return [
-        c
-        for c in clock.getDelayedCalls()
-        if isinstance(getattr(c.func, "__self__", None), Responder)
-    ]
+    return [c for c in clock.getDelayedCalls() if isinstance(getattr(c.func, "__self__", None), Responder)]
 
 
 def runNextTurn(clock: Clock) -> None:

@@ -92,9 +92,7 @@ def test_keysAreCaseInsensitive() -> None:
     """
     Header values may be rewritten by tools; keys match in any case.
     """
-    assert parseScenario("DELTATEXT=x firstbytedelay=2") == Scenario(
-        deltaText="x", firstByteDelay=2.0
-    )
+    assert parseScenario("DELTATEXT=x firstbytedelay=2") == Scenario(deltaText="x", firstByteDelay=2.0)
 
 
 def test_percentDecoding() -> None:

@@ -15,16 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import attrs
 import pytest
 import pytest_twisted
-from twisted.internet import tcp
-
 from conftest import UPSTREAM_KEY, Stack
 from test_relay import ANTHROPIC, OPENAI, chatBody, ended, events, messagesBody, settled, sleep
 from test_site import connect
+from twisted.internet import tcp
+
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest, startFake
 
@@ -183,9 +184,12 @@ async def chunkedOverLimit(stack: Stack, reactor: Any) -> RawClient:
     chunk; the answer comes before the upload ends.
     """
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + b"200\r\n" + b"x" * 512 + b"\r\n",
+        + b"200\r\n"
+        + b"x" * 512
+        + b"\r\n",
     )
     await sleep(reactor, 0.1)
     assert client.raw == b""
@@ -249,8 +253,12 @@ async def checkSlowReader(stack: Stack, reactor: Any, client: RawClient) -> None
     )
     try:
         straight = await rawRequest(
-            reactor, twin.port, b"POST", b"/api/anthropic/v1/messages",
-            [*ANTHROPIC[:2], (b"x-api-key", UPSTREAM_KEY.encode())], messagesBody(),
+            reactor,
+            twin.port,
+            b"POST",
+            b"/api/anthropic/v1/messages",
+            [*ANTHROPIC[:2], (b"x-api-key", UPSTREAM_KEY.encode())],
+            messagesBody(),
         )
         await ended(straight)
     finally:
@@ -262,7 +270,11 @@ async def checkSlowReader(stack: Stack, reactor: Any, client: RawClient) -> None
     assert client.raw.endswith(b"0\r\n\r\n")
     assert events(body)[-1][0] == "message_stop"
     assert stack.sample(
-        "zai_proxy_response_size_bytes_sum", method="POST", path="/v1/messages", status_code="200", variant="production"
+        "zai_proxy_response_size_bytes_sum",
+        method="POST",
+        path="/v1/messages",
+        status_code="200",
+        variant="production",
     ) == len(body)
 
 
@@ -296,64 +308,108 @@ FAULTS = [
     Fault(
         "upstream refused",
         post(b"/v1/chat/completions", chatBody(), OPENAI),
-        Outcome(502, 502, "/v1/chat/completions", body=openaiError("server_error", REFUSED),
-                upstreamErrors={"upstream_connection": 1}),
+        Outcome(
+            502,
+            502,
+            "/v1/chat/completions",
+            body=openaiError("server_error", REFUSED),
+            upstreamErrors={"upstream_connection": 1},
+        ),
         env={"ZAI_OPENAI_TARGET_URL": "http://127.0.0.1:{refused}/api/coding/paas/v4", "MAX_RETRIES": "0"},
     ),
     Fault(
         "reset before headers",
         post(b"/v1/messages", messagesBody()),
-        Outcome(502, 502, "/v1/messages",
-                body=anthropicError("api_error", "the upstream closed the connection before responding"),
-                upstream="disconnected", upstreamErrors={"upstream_connection": 1}),
-        scenario="mode=reset", env={"MAX_RETRIES": "0"},
+        Outcome(
+            502,
+            502,
+            "/v1/messages",
+            body=anthropicError("api_error", "the upstream closed the connection before responding"),
+            upstream="disconnected",
+            upstreamErrors={"upstream_connection": 1},
+        ),
+        scenario="mode=reset",
+        env={"MAX_RETRIES": "0"},
     ),
     Fault(
         "reset mid-stream, anthropic",
         post(b"/v1/messages", messagesBody()),
-        Outcome(200, 200, "/v1/messages",
-                streamError=b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"' + BROKE.encode() + b'"}}\n\n',
-                upstream="disconnected", upstreamErrors={"read_error": 1}),
+        Outcome(
+            200,
+            200,
+            "/v1/messages",
+            streamError=b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"'
+            + BROKE.encode()
+            + b'"}}\n\n',
+            upstream="disconnected",
+            upstreamErrors={"read_error": 1},
+        ),
         scenario="mode=reset-mid after=3 split=true",
     ),
     Fault(
         "reset mid-stream, openai",
         post(b"/v1/chat/completions", chatBody(), OPENAI),
-        Outcome(200, 200, "/v1/chat/completions",
-                streamError=b'data: {"error":{"message":"' + BROKE.encode()
-                + b'","type":"server_error","param":null,"code":null}}\n\n',
-                upstream="disconnected", upstreamErrors={"read_error": 1}),
+        Outcome(
+            200,
+            200,
+            "/v1/chat/completions",
+            streamError=b'data: {"error":{"message":"'
+            + BROKE.encode()
+            + b'","type":"server_error","param":null,"code":null}}\n\n',
+            upstream="disconnected",
+            upstreamErrors={"read_error": 1},
+        ),
         scenario="mode=reset-mid after=3 split=true",
     ),
     Fault(
         "reset mid-body (JSON answer)",
         post(b"/v1/messages", messagesBody(stream=False)),
-        Outcome(502, 502, "/v1/messages", body=anthropicError("api_error", BROKE),
-                upstream="disconnected", upstreamErrors={"read_error": 1}),
+        Outcome(
+            502,
+            502,
+            "/v1/messages",
+            body=anthropicError("api_error", BROKE),
+            upstream="disconnected",
+            upstreamErrors={"read_error": 1},
+        ),
         scenario="mode=reset-mid",
     ),
     Fault(
         "hang before headers",
         post(b"/v1/chat/completions", chatBody(), OPENAI),
-        Outcome(504, 504, "/v1/chat/completions",
-                body=openaiError("server_error", "the upstream sent no response within 0.3 s"),
-                upstream="disconnected", upstreamErrors={"first_byte_timeout": 1}),
-        scenario="mode=hang", env={"UPSTREAM_FIRST_BYTE_TIMEOUT": "0.3"},
+        Outcome(
+            504,
+            504,
+            "/v1/chat/completions",
+            body=openaiError("server_error", "the upstream sent no response within 0.3 s"),
+            upstream="disconnected",
+            upstreamErrors={"first_byte_timeout": 1},
+        ),
+        scenario="mode=hang",
+        env={"UPSTREAM_FIRST_BYTE_TIMEOUT": "0.3"},
     ),
     Fault(
         "stall mid-stream",
         post(b"/v1/messages", messagesBody()),
-        Outcome(200, 200, "/v1/messages",
-                streamError=b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
-                b'"message":"the upstream sent nothing for 0.3 s"}}\n\n',
-                upstream="disconnected", upstreamErrors={"idle_timeout": 1}),
-        scenario="mode=stall-mid after=2", env={"UPSTREAM_IDLE_TIMEOUT": "0.3"},
+        Outcome(
+            200,
+            200,
+            "/v1/messages",
+            streamError=b'event: error\ndata: {"type":"error","error":{"type":"api_error",'
+            b'"message":"the upstream sent nothing for 0.3 s"}}\n\n',
+            upstream="disconnected",
+            upstreamErrors={"idle_timeout": 1},
+        ),
+        scenario="mode=stall-mid after=2",
+        env={"UPSTREAM_IDLE_TIMEOUT": "0.3"},
     ),
     Fault(
         "10 MB stream to a slow reader",
         slowReader,
         Outcome(200, 200, "/v1/messages", upstream="completed"),
-        scenario=BIG_SCENARIO, check=checkSlowReader, frozenFake=True,
+        scenario=BIG_SCENARIO,
+        check=checkSlowReader,
+        frozenFake=True,
     ),
     Fault(
         "client gone before headers",
@@ -365,20 +421,35 @@ FAULTS = [
         "client gone during the stream",
         leaveMidStream,
         Outcome(200, 499, "/v1/messages", upstream="disconnected"),
-        scenario="events=100 interval=0.05", check=checkPartialUsage,
+        scenario="events=100 interval=0.05",
+        check=checkPartialUsage,
     ),
     Fault(
         "malformed JSON",
         post(b"/v1/messages", MALFORMED),
-        Outcome(400, 400, "/v1/messages", body=anthropicError("1210", NOT_JSON_OBJECT), contentType=ZAI_JSON,
-                upstream="completed", upstreamErrors={"400": 1}),
+        Outcome(
+            400,
+            400,
+            "/v1/messages",
+            body=anthropicError("1210", NOT_JSON_OBJECT),
+            contentType=ZAI_JSON,
+            upstream="completed",
+            upstreamErrors={"400": 1},
+        ),
         check=checkBodyForwardedVerbatim,
     ),
     Fault(
         "invalid UTF-8 in the body",
         post(b"/v1/messages", INVALID_UTF8),
-        Outcome(400, 400, "/v1/messages", body=anthropicError("1210", NOT_JSON_OBJECT), contentType=ZAI_JSON,
-                upstream="completed", upstreamErrors={"400": 1}),
+        Outcome(
+            400,
+            400,
+            "/v1/messages",
+            body=anthropicError("1210", NOT_JSON_OBJECT),
+            contentType=ZAI_JSON,
+            upstream="completed",
+            upstreamErrors={"400": 1},
+        ),
         check=checkBodyForwardedVerbatim,
     ),
     Fault(
@@ -386,94 +457,171 @@ FAULTS = [
         raw(b"POST /v1/mess\xc3ages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"),
         # twisted.web refuses the request line itself, before its method and
         # path are known.
-        Outcome(400, 400, "unknown", method="OTHER",
-                body=anthropicError("invalid_request_error", "malformed HTTP request")),
+        Outcome(
+            400,
+            400,
+            "unknown",
+            method="OTHER",
+            body=anthropicError("invalid_request_error", "malformed HTTP request"),
+        ),
     ),
     Fault(
         "body over the limit (Content-Length)",
-        raw(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"),
-        Outcome(413, 413, "/v1/messages",
-                body=anthropicError("request_too_large", "request body of 1025 bytes exceeds the limit of 1024 bytes")),
+        raw(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"
+        ),
+        Outcome(
+            413,
+            413,
+            "/v1/messages",
+            body=anthropicError(
+                "request_too_large", "request body of 1025 bytes exceeds the limit of 1024 bytes"
+            ),
+        ),
         env={"MAX_REQUEST_BYTES": "1KiB"},
     ),
     Fault(
         "chunked body over the limit",
         chunkedOverLimit,
-        Outcome(413, 413, "/v1/chat/completions",
-                body=openaiError("invalid_request_error", "request body exceeds the limit of 1024 bytes")),
+        Outcome(
+            413,
+            413,
+            "/v1/chat/completions",
+            body=openaiError("invalid_request_error", "request body exceeds the limit of 1024 bytes"),
+        ),
         env={"MAX_REQUEST_BYTES": "1KiB"},
     ),
     Fault(
         "header line over the limit",
         raw(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n"),
-        Outcome(431, 431, "/v1/models", method="GET",
-                body=anthropicError("invalid_request_error", "a request header line exceeds 16384 bytes")),
+        Outcome(
+            431,
+            431,
+            "/v1/models",
+            method="GET",
+            body=anthropicError("invalid_request_error", "a request header line exceeds 16384 bytes"),
+        ),
     ),
     Fault(
         "headers over the limit",
-        raw(b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            + b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)) + b"\r\n"),
-        Outcome(431, 431, "/v1/chat/completions", method="GET",
-                body=openaiError("invalid_request_error", "request headers exceed 16384 bytes")),
+        raw(
+            b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20))
+            + b"\r\n"
+        ),
+        Outcome(
+            431,
+            431,
+            "/v1/chat/completions",
+            method="GET",
+            body=openaiError("invalid_request_error", "request headers exceed 16384 bytes"),
+        ),
     ),
     Fault(
         "slow headers",
         trickleHeaders,
-        Outcome(408, 408, "/v1/messages",
-                body=anthropicError("timeout_error", "request headers were not received in time")),
+        Outcome(
+            408,
+            408,
+            "/v1/messages",
+            body=anthropicError("timeout_error", "request headers were not received in time"),
+        ),
         env={"CLIENT_HEADER_TIMEOUT": "0.5"},
     ),
     Fault(
         "absolute-URI request",
         raw(b"GET http://evil.example/v1/models HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n"),
-        Outcome(400, 400, "invalid", method="GET",
-                body=anthropicError("invalid_request_error", "only origin-form request targets are accepted")),
+        Outcome(
+            400,
+            400,
+            "invalid",
+            method="GET",
+            body=anthropicError("invalid_request_error", "only origin-form request targets are accepted"),
+        ),
     ),
     Fault(
         "CONNECT request",
         raw(b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\nConnection: close\r\n\r\n"),
-        Outcome(400, 400, "invalid", method="OTHER",
-                body=anthropicError("invalid_request_error", "only origin-form request targets are accepted")),
+        Outcome(
+            400,
+            400,
+            "invalid",
+            method="OTHER",
+            body=anthropicError("invalid_request_error", "only origin-form request targets are accepted"),
+        ),
     ),
     Fault(
         "dot-dot traversal",
         raw(b"GET /api/anthropic/../../etc/passwd HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        Outcome(400, 400, "invalid", method="GET",
-                body=anthropicError("invalid_request_error", "request path must not contain . or .. segments")),
+        Outcome(
+            400,
+            400,
+            "invalid",
+            method="GET",
+            body=anthropicError("invalid_request_error", "request path must not contain . or .. segments"),
+        ),
     ),
     Fault(
         "encoded traversal",
         raw(b"GET /v1/%2e%2e/%2e%2e/admin/reset-rate-limit HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
-        Outcome(400, 400, "invalid", method="GET",
-                body=anthropicError("invalid_request_error", "request path must not contain . or .. segments")),
+        Outcome(
+            400,
+            400,
+            "invalid",
+            method="GET",
+            body=anthropicError("invalid_request_error", "request path must not contain . or .. segments"),
+        ),
     ),
     Fault(
         "double-encoded traversal",
-        raw(b"POST /api/coding/paas/v4/%252e%252e/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"),
-        Outcome(400, 400, "invalid",
-                body=openaiError("invalid_request_error", "request path is encoded more than once")),
+        raw(
+            b"POST /api/coding/paas/v4/%252e%252e/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 2\r\nConnection: close\r\n\r\n{}"
+        ),
+        Outcome(
+            400,
+            400,
+            "invalid",
+            body=openaiError("invalid_request_error", "request path is encoded more than once"),
+        ),
     ),
     Fault(
         "Transfer-Encoding plus Content-Length",
-        raw(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
-        Outcome(400, 400, "/v1/messages",
-                body=anthropicError("invalid_request_error", "malformed HTTP request")),
+        raw(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+        ),
+        Outcome(
+            400, 400, "/v1/messages", body=anthropicError("invalid_request_error", "malformed HTTP request")
+        ),
     ),
     Fault(
         "unknown client key (Anthropic)",
         post(b"/v1/messages", messagesBody()),
-        Outcome(401, 401, "/v1/messages",
-                body=anthropicError("authentication_error", "the client key is not valid for this proxy")),
+        Outcome(
+            401,
+            401,
+            "/v1/messages",
+            body=anthropicError("authentication_error", "the client key is not valid for this proxy"),
+        ),
         env={"PROXY_API_KEYS": "team:team-key-0123456789abcdef"},
     ),
     Fault(
         "unknown client key (OpenAI)",
         post(b"/v1/chat/completions", chatBody(), OPENAI),
-        Outcome(401, 401, "/v1/chat/completions",
-                body={"error": {"message": "the client key is not valid for this proxy",
-                                "type": "authentication_error", "param": None, "code": "invalid_api_key"}}),
+        Outcome(
+            401,
+            401,
+            "/v1/chat/completions",
+            body={
+                "error": {
+                    "message": "the client key is not valid for this proxy",
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            },
+        ),
         env={"PROXY_API_KEYS": "team:team-key-0123456789abcdef"},
     ),
 ]
@@ -533,11 +681,16 @@ async def test_fault(reactor: Any, makeStack: Any, fault: Fault) -> None:
     # Let the access record land (a disconnect is noticed a turn later).
     await sleep(reactor, 0.05)
     assert _samples(stack, "zai_proxy_requests_total") == {
-        (("method", expected.method), ("path", expected.route), ("status_code", str(expected.recorded)),
-         ("variant", "production")): 1.0
+        (
+            ("method", expected.method),
+            ("path", expected.route),
+            ("status_code", str(expected.recorded)),
+            ("variant", "production"),
+        ): 1.0
     }
     assert _samples(stack, "zai_proxy_upstream_errors_total") == {
-        (("error_type", kind), ("variant", "production")): count for kind, count in expected.upstreamErrors.items()
+        (("error_type", kind), ("variant", "production")): count
+        for kind, count in expected.upstreamErrors.items()
     }
     assert len(stack.proxy.inFlight) == 0
     if fault.check is not None:

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import pytest
+from conftest import MemoryUpstream
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 from twisted.web.test.requesthelper import DummyRequest
@@ -22,8 +23,6 @@ from zaiproxy.forward import Forwarder
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import RelayContext
-
-from conftest import MemoryUpstream
 from zaiproxy.routes import Forward
 
 KEY = "upstream-key"
@@ -46,8 +45,17 @@ class Rig:
         self.upstream = MemoryUpstream(self.agent)
         self.metrics = Metrics("test", "0")
         settings = dict(
-            initial=100.0, minimum=1.0, maximum=1000.0, window=30.0, alpha=0.3, margin=0.02,
-            probeInterval=10, maxWorkers=10, maxQueue=10, queueTimeout=60.0, stateFile=None,
+            initial=100.0,
+            minimum=1.0,
+            maximum=1000.0,
+            window=30.0,
+            alpha=0.3,
+            margin=0.02,
+            probeInterval=10,
+            maxWorkers=10,
+            maxQueue=10,
+            queueTimeout=60.0,
+            stateFile=None,
             stateMaxAge=3600.0,
         )
         settings.update(limits)
@@ -333,7 +341,9 @@ def test_queueFullAndTimeout() -> None:
     assert "queue is full" in written(full)["error"]["message"]
     rig.clock.advance(5.0)
     assert waiting == [None] and waitingRequest.responseCode == 429
-    assert rig.sample("zai_proxy_rate_limit_rejections_total", client="source-01") is None  # no hooks wired here
+    assert (
+        rig.sample("zai_proxy_rate_limit_rejections_total", client="source-01") is None
+    )  # no hooks wired here
     holder.cancel("client")
     rig.pump()
 

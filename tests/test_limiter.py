@@ -24,9 +24,18 @@ WINDOW = 30.0
 
 def settings(**changes: Any) -> LimiterSettings:
     base = dict(
-        initial=10.0, minimum=1.0, maximum=50.0, window=WINDOW, alpha=0.3, margin=0.02,
-        probeInterval=10, maxWorkers=10, maxQueue=1000, queueTimeout=1e9,
-        stateFile=None, stateMaxAge=6 * 3600.0,
+        initial=10.0,
+        minimum=1.0,
+        maximum=50.0,
+        window=WINDOW,
+        alpha=0.3,
+        margin=0.02,
+        probeInterval=10,
+        maxWorkers=10,
+        maxQueue=1000,
+        queueTimeout=1e9,
+        stateFile=None,
+        stateMaxAge=6 * 3600.0,
     )
     base.update(changes)
     return LimiterSettings(**base)
@@ -38,8 +47,15 @@ def limiter(clock: Clock | None = None, **changes: Any) -> tuple[Clock, RateLimi
     return clock, RateLimiter(clock, settings(**changes), onAdjust=adjustments.append), adjustments
 
 
-def window(clock: Clock, rl: RateLimiter, successes: int, frequency: int = 0, saturated: bool = True,
-           concurrency: int = 0, inFlight: int | None = None) -> None:
+def window(
+    clock: Clock,
+    rl: RateLimiter,
+    successes: int,
+    frequency: int = 0,
+    saturated: bool = True,
+    concurrency: int = 0,
+    inFlight: int | None = None,
+) -> None:
     for _ in range(successes):
         rl.record("success")
     for _ in range(frequency):
@@ -433,8 +449,9 @@ class ModelUpstream:
         return True
 
 
-def simulate(capacity: float, windows: int, rl: RateLimiter, clock: Clock, upstream: ModelUpstream,
-             load: float) -> list[tuple[float, float, bool]]:
+def simulate(
+    capacity: float, windows: int, rl: RateLimiter, clock: Clock, upstream: ModelUpstream, load: float
+) -> list[tuple[float, float, bool]]:
     """
     Offer C{load} calls a second for C{windows} windows; return each
     window's (rate at its end, fraction of 429s, whether it is probing).

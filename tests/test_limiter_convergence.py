@@ -10,17 +10,17 @@ windows of W seconds take half a second each.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import Stack
 from treq.client import HTTPClient
 from twisted.internet import task
 from twisted.internet.interfaces import IDelayedCall
 from twisted.web.client import Agent, HTTPConnectionPool
-
-from conftest import Stack
 
 BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
 
@@ -124,10 +124,15 @@ def show(history: list[tuple[float, float, bool]]) -> str:
     """
     Every window, one a line (pytest would cut a long list short).
     """
-    return "\n" + "\n".join(
-        f"{i:3d} rate {rate:7.3f} refused {refused:6.1%}{' probing' if probing else ''}"
-        for i, (rate, refused, probing) in enumerate(history)
-    ) + "\n" + "\n".join(BURSTS)
+    return (
+        "\n"
+        + "\n".join(
+            f"{i:3d} rate {rate:7.3f} refused {refused:6.1%}{' probing' if probing else ''}"
+            for i, (rate, refused, probing) in enumerate(history)
+        )
+        + "\n"
+        + "\n".join(BURSTS)
+    )
 
 
 async def run(reactor: Any, stack: Stack, windows: int, realWindow: float) -> list[tuple[float, float, bool]]:
@@ -158,8 +163,12 @@ async def test_convergesThroughTheProxy(reactor: Any, makeStack: Any, tmp_path: 
     clock = ScaledClock(reactor, k)
     state = tmp_path / "ceiling.json"
     env = dict(
-        RATE_LIMIT_MAX="50", RATE_LIMIT_INITIAL="10", RATE_LIMIT_WINDOW=f"{window:.6f}",
-        MAX_RETRIES="0", MAX_QUEUE=str(2 * capacity), QUEUE_TIMEOUT=f"{window:.6f}",
+        RATE_LIMIT_MAX="50",
+        RATE_LIMIT_INITIAL="10",
+        RATE_LIMIT_WINDOW=f"{window:.6f}",
+        MAX_RETRIES="0",
+        MAX_QUEUE=str(2 * capacity),
+        QUEUE_TIMEOUT=f"{window:.6f}",
         RATE_LIMIT_STATE_FILE=str(state),
     )
     stack: Stack = await makeStack(fakeClock=clock, limiterClock=clock, **env)

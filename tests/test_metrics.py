@@ -50,7 +50,24 @@ def test_buckets() -> None:
         for s in f.samples
         if s.name.endswith("_bucket")
     ]
-    assert bounds == ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "10.0", "30.0", "60.0", "120.0", "300.0", "+Inf"]
+    assert bounds == [
+        "0.005",
+        "0.01",
+        "0.025",
+        "0.05",
+        "0.1",
+        "0.25",
+        "0.5",
+        "1.0",
+        "2.5",
+        "5.0",
+        "10.0",
+        "30.0",
+        "60.0",
+        "120.0",
+        "300.0",
+        "+Inf",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -70,5 +87,15 @@ def test_separateRegistries() -> None:
     """
     a, b = Metrics("a", "1"), Metrics("b", "1")
     a.upstreamError("read_error")
-    assert b.registry.get_sample_value("zai_proxy_upstream_errors_total", {"error_type": "read_error", "variant": "b"}) is None
-    assert a.registry.get_sample_value("zai_proxy_upstream_errors_total", {"error_type": "read_error", "variant": "a"}) == 1
+    assert (
+        b.registry.get_sample_value(
+            "zai_proxy_upstream_errors_total", {"error_type": "read_error", "variant": "b"}
+        )
+        is None
+    )
+    assert (
+        a.registry.get_sample_value(
+            "zai_proxy_upstream_errors_total", {"error_type": "read_error", "variant": "a"}
+        )
+        == 1
+    )

@@ -24,7 +24,9 @@ KEY = "quota-key.SECRET"
 
 
 def document(*limits: dict[str, Any], **top: Any) -> bytes:
-    return json.dumps({"code": 200, "success": True, "data": {"level": "max", "limits": list(limits)}, **top}).encode()
+    return json.dumps(
+        {"code": 200, "success": True, "data": {"level": "max", "limits": list(limits)}, **top}
+    ).encode()
 
 
 def test_parseDefault() -> None:
@@ -79,7 +81,12 @@ def test_skipped() -> None:
 @pytest.mark.parametrize(
     "body, outcome",
     [
-        (json.dumps({"code": 401, "msg": "token expired or incorrect (acct:marker-7f3a9)", "success": False}).encode(), "error"),
+        (
+            json.dumps(
+                {"code": 401, "msg": "token expired or incorrect (acct:marker-7f3a9)", "success": False}
+            ).encode(),
+            "error",
+        ),
         (json.dumps({"code": 500, "msg": "x"}).encode(), "error"),
         (json.dumps({"code": 200, "success": True, "data": {"limits": None}}).encode(), "malformed"),
         (json.dumps({"code": 200, "success": True}).encode(), "malformed"),
@@ -106,8 +113,15 @@ async def polled(reactor: Any) -> Any:
     pool = HTTPConnectionPool(reactor, persistent=False)
     metrics = Metrics("test", "0")
     poller = QuotaPoller(
-        reactor, HTTPClient(Agent(reactor, pool=pool)), running.url(), KEY,
-        interval=3600.0, timeout=5.0, staleAfter=0.5, maxBytes=65536, metrics=metrics,
+        reactor,
+        HTTPClient(Agent(reactor, pool=pool)),
+        running.url(),
+        KEY,
+        interval=3600.0,
+        timeout=5.0,
+        staleAfter=0.5,
+        maxBytes=65536,
+        metrics=metrics,
     )
     yield fake, poller, metrics
     poller.stop()
@@ -141,7 +155,10 @@ async def test_pollerSuccess(reactor: Any, polled: Any) -> None:
     assert section["enabled"] and section["fresh"]
     assert section["last_outcome"] == "success" and section["plan_tier"] == "pro"
     assert section["windows"][0] == {
-        "window": "five_hour", "limit_type": "CREDIT_LIMIT", "used_fraction": 0.37, "reset_at": "2026-01-01T01:00:00Z",
+        "window": "five_hour",
+        "limit_type": "CREDIT_LIMIT",
+        "used_fraction": 0.37,
+        "reset_at": "2026-01-01T01:00:00Z",
     }
 
 

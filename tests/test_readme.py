@@ -52,12 +52,18 @@ def test_quickStartIsTwoCommands() -> None:
     commands = [b.strip() for b in blocks]
     assert len(commands) == 2
     run, test = commands
-    assert run.startswith("python3 -m venv .venv && .venv/bin/pip install -q . && ")
+    assert run.startswith("python3 -m venv .venv && .venv/bin/pip install -q -c requirements/constraints.txt . && ")
     assert "twistd -n --pidfile= zaiproxy" in run
-    assert test == "python3 -m venv .venv && .venv/bin/pip install -q '.[test]' && .venv/bin/pytest -q"
+    assert test == (
+        "python3 -m venv .venv && .venv/bin/pip install -q -c requirements/constraints.txt '.[test]'"
+        " && .venv/bin/pytest -q"
+    )
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m venv .venv" in ci
-    assert ".venv/bin/pip install --quiet --disable-pip-version-check '.[test]'" in ci
+    assert (
+        ".venv/bin/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt '.[test]'"
+        in ci
+    )
     assert ci.rstrip().endswith("exec .venv/bin/pytest -q")
 
 
@@ -85,12 +91,12 @@ def test_serviceInstallMatchesTheRepository() -> None:
         "How the code is laid out\n", 1
     )[0]
     commands = [
-        line.strip()
-        for block in re.findall(r"::\n\n((?:    .*\n)+)", section)
-        for line in block.splitlines()
+        line.strip() for block in re.findall(r"::\n\n((?:    .*\n)+)", section) for line in block.splitlines()
     ]
     service, socketUnit = ROOT / "systemd" / "zaiproxy.service", ROOT / "systemd" / "zaiproxy.socket"
-    copied = {path for command in commands if command.startswith("install -m") for path in command.split()[3:-1]}
+    copied = {
+        path for command in commands if command.startswith("install -m") for path in command.split()[3:-1]
+    }
     assert copied == {"README.rst", "etc/zaiproxy.env", "systemd/zaiproxy.socket", "systemd/zaiproxy.service"}
     assert all((ROOT / path).is_file() for path in copied)
     venv = value(service, "ExecStart").split()[0].removesuffix("/bin/twistd")

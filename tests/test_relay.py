@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import UPSTREAM_KEY, MemoryUpstream, Stack
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
-from conftest import UPSTREAM_KEY, MemoryUpstream, Stack
 from zaiproxy.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.dialects import Dialect
 from zaiproxy.exchange import Exchange, Reporter
@@ -28,23 +28,34 @@ from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, rawRequest
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay, RelayContext
-from zaiproxy.site import InFlight
 from zaiproxy.routes import Forward
+from zaiproxy.site import InFlight
 from zaiproxy.tokens import Counting, FallbackCounter
 from zaiproxy.usagetap import RequestBody
 
-ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01"), (b"x-api-key", b"client-key")]
+ANTHROPIC = [
+    (b"content-type", b"application/json"),
+    (b"anthropic-version", b"2023-06-01"),
+    (b"x-api-key", b"client-key"),
+]
 OPENAI = [(b"content-type", b"application/json"), (b"authorization", b"Bearer client-key")]
 
 
 def messagesBody(stream: bool = True, text: str = "hi") -> bytes:
     return json.dumps(
-        {"model": "glm-4.7", "max_tokens": 100, "stream": stream, "messages": [{"role": "user", "content": text}]}
+        {
+            "model": "glm-4.7",
+            "max_tokens": 100,
+            "stream": stream,
+            "messages": [{"role": "user", "content": text}],
+        }
     ).encode()
 
 
 def chatBody(stream: bool = True) -> bytes:
-    return json.dumps({"model": "glm-4.7", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return json.dumps(
+        {"model": "glm-4.7", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
 
 
 def events(body: bytes) -> list[tuple[str | None, str]]:
@@ -68,7 +79,9 @@ async def sleep(reactor: Any, seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
-async def proxied(stack: Stack, reactor: Any, path: bytes, body: bytes, headers: Any = ANTHROPIC, method: bytes = b"POST") -> RawClient:
+async def proxied(
+    stack: Stack, reactor: Any, path: bytes, body: bytes, headers: Any = ANTHROPIC, method: bytes = b"POST"
+) -> RawClient:
     return await rawRequest(reactor, stack.port, method, path, headers, body)
 
 
@@ -99,8 +112,12 @@ async def test_streamRelayedByteForByte(reactor: Any, makeStack: Any, scenario: 
     client = await proxied(viaProxy, reactor, b"/v1/messages?beta=true", messagesBody())
     await ended(client)
     straight = await rawRequest(
-        reactor, direct.upstream.port, b"POST", b"/api/anthropic/v1/messages",
-        [*ANTHROPIC[:2], (b"x-api-key", UPSTREAM_KEY.encode())], messagesBody(),
+        reactor,
+        direct.upstream.port,
+        b"POST",
+        b"/api/anthropic/v1/messages",
+        [*ANTHROPIC[:2], (b"x-api-key", UPSTREAM_KEY.encode())],
+        messagesBody(),
     )
     await ended(straight)
     response, expected = client.response(), straight.response()
@@ -113,7 +130,9 @@ async def test_streamRelayedByteForByte(reactor: Any, makeStack: Any, scenario: 
     assertNoSecret(client)
     labels = {"method": "POST", "path": "/v1/messages", "variant": "production"}
     assert viaProxy.sample("zai_proxy_requests_total", status_code="200", **labels) == 1
-    assert viaProxy.sample("zai_proxy_response_size_bytes_sum", status_code="200", **labels) == len(response.body)
+    assert viaProxy.sample("zai_proxy_response_size_bytes_sum", status_code="200", **labels) == len(
+        response.body
+    )
     assert viaProxy.sample("zai_proxy_time_to_first_byte_seconds_count", **labels) == 1
 
 
@@ -127,8 +146,12 @@ async def test_jsonBodyRelayedWithLength(reactor: Any, makeStack: Any) -> None:
     client = await proxied(viaProxy, reactor, b"/v1/chat/completions", chatBody(stream=False), OPENAI)
     await ended(client)
     straight = await rawRequest(
-        reactor, direct.upstream.port, b"POST", b"/api/coding/paas/v4/chat/completions",
-        [(b"authorization", b"Bearer " + UPSTREAM_KEY.encode())], chatBody(stream=False),
+        reactor,
+        direct.upstream.port,
+        b"POST",
+        b"/api/coding/paas/v4/chat/completions",
+        [(b"authorization", b"Bearer " + UPSTREAM_KEY.encode())],
+        chatBody(stream=False),
     )
     await ended(straight)
     response = client.response()
@@ -152,7 +175,9 @@ async def test_largeRequestBodyByteForByte(reactor: Any, makeStack: Any) -> None
     await ended(client)
     assert client.response().status == 200
     assert stack.fake.received[0].body == body
-    assert stack.sample("zai_proxy_request_size_bytes_sum", method="POST", path="/v1/messages", variant="production") == len(body)
+    assert stack.sample(
+        "zai_proxy_request_size_bytes_sum", method="POST", path="/v1/messages", variant="production"
+    ) == len(body)
 
 
 @pytest_twisted.ensureDeferred
@@ -230,7 +255,16 @@ async def test_disconnectBeforeHeadersCancelsUpstream(reactor: Any, makeStack: A
     assert await record.done == "disconnected"
     assert record.disconnectedAt - left < 0.1
     await sleep(reactor, 0.05)
-    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="499", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total",
+            method="POST",
+            path="/v1/messages",
+            status_code="499",
+            variant="production",
+        )
+        == 1
+    )
     assert len(stack.proxy.inFlight) == 0
 
 
@@ -249,7 +283,16 @@ async def test_disconnectMidStreamCancelsUpstream(reactor: Any, makeStack: Any) 
     assert await record.done == "disconnected"
     assert record.disconnectedAt - left < 0.1
     await sleep(reactor, 0.05)
-    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="499", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total",
+            method="POST",
+            path="/v1/messages",
+            status_code="499",
+            variant="production",
+        )
+        == 1
+    )
 
 
 # -- upstream failures ---------------------------------------------------------
@@ -263,7 +306,9 @@ async def test_disconnectMidStreamCancelsUpstream(reactor: Any, makeStack: Any) 
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_firstByteTimeout(reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, envelope: str) -> None:
+async def test_firstByteTimeout(
+    reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, envelope: str
+) -> None:
     """
     No response headers within UPSTREAM_FIRST_BYTE_TIMEOUT: 504 in the
     route's dialect, the upstream call is dropped, and it is counted.
@@ -280,7 +325,10 @@ async def test_firstByteTimeout(reactor: Any, makeStack: Any, path: bytes, heade
     else:
         assert error["error"]["type"] == "server_error"
     assert await stack.fake.received[0].done == "disconnected"
-    assert stack.sample("zai_proxy_upstream_errors_total", error_type="first_byte_timeout", variant="production") == 1
+    assert (
+        stack.sample("zai_proxy_upstream_errors_total", error_type="first_byte_timeout", variant="production")
+        == 1
+    )
 
 
 @pytest.mark.parametrize(
@@ -291,7 +339,9 @@ async def test_firstByteTimeout(reactor: Any, makeStack: Any, path: bytes, heade
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_idleTimeoutEndsStreamWithError(reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, marker: bytes) -> None:
+async def test_idleTimeoutEndsStreamWithError(
+    reactor: Any, makeStack: Any, path: bytes, headers: Any, body: bytes, marker: bytes
+) -> None:
     """
     An upstream silent for longer than UPSTREAM_IDLE_TIMEOUT mid-stream: the
     client's stream ends cleanly with an error event its SDK will raise on.
@@ -307,7 +357,9 @@ async def test_idleTimeoutEndsStreamWithError(reactor: Any, makeStack: Any, path
     last = json.loads(parsed[-1][1])
     assert "sent nothing for 0.3 s" in json.dumps(last)
     assert await stack.fake.received[0].done == "disconnected"
-    assert stack.sample("zai_proxy_upstream_errors_total", error_type="idle_timeout", variant="production") == 1
+    assert (
+        stack.sample("zai_proxy_upstream_errors_total", error_type="idle_timeout", variant="production") == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -339,8 +391,16 @@ async def test_resetBeforeHeaders(reactor: Any, makeStack: Any) -> None:
     await ended(client)
     response = client.response()
     assert response.status == 502
-    assert json.loads(response.body)["error"]["message"] == "the upstream closed the connection before responding"
-    assert stack.sample("zai_proxy_upstream_errors_total", error_type="upstream_connection", variant="production") == 1
+    assert (
+        json.loads(response.body)["error"]["message"]
+        == "the upstream closed the connection before responding"
+    )
+    assert (
+        stack.sample(
+            "zai_proxy_upstream_errors_total", error_type="upstream_connection", variant="production"
+        )
+        == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -389,7 +449,12 @@ async def test_connectTimeout(reactor: Any, makeStack: Any) -> None:
         await ended(client)
         assert client.response().status == 504
         assert 0.25 < reactor.seconds() - started < 2
-        assert stack.sample("zai_proxy_upstream_errors_total", error_type="connect_timeout", variant="production") == 1
+        assert (
+            stack.sample(
+                "zai_proxy_upstream_errors_total", error_type="connect_timeout", variant="production"
+            )
+            == 1
+        )
     finally:
         for filler in fillers:
             filler.close()
@@ -411,7 +476,16 @@ async def test_upstreamErrorsPassThrough(reactor: Any, makeStack: Any) -> None:
     assert body["error"]["type"] == "1308"
     assert body["error"]["message"].startswith("Usage limit reached for 5 hour")
     assert stack.sample("zai_proxy_upstream_errors_total", error_type="429", variant="production") == 1
-    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="429", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total",
+            method="POST",
+            path="/v1/messages",
+            status_code="429",
+            variant="production",
+        )
+        == 1
+    )
     assertNoSecret(client)
 
 
@@ -431,7 +505,12 @@ async def test_retryThenSuccess(reactor: Any, makeStack: Any) -> None:
     assert len(stack.fake.received) == 2
     assert 0.5 <= stack.fake.received[1].receivedAt - stack.fake.received[0].receivedAt < 1.5
     assert stack.sample("zai_proxy_retry_attempts_total", reason="429", variant="production") == 1
-    assert stack.sample("zai_proxy_zai_errors_total", **{"class": "frequency", "code": "1303", "variant": "production"}) == 1
+    assert (
+        stack.sample(
+            "zai_proxy_zai_errors_total", **{"class": "frequency", "code": "1303", "variant": "production"}
+        )
+        == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -483,14 +562,20 @@ class OpeningRig:
     agent, a L{DummyRequest} for the client.
     """
 
-    def __init__(self, scenario: str, dialect: Dialect = Dialect.anthropic, counted: bool = True, pump: bool = True) -> None:
+    def __init__(
+        self, scenario: str, dialect: Dialect = Dialect.anthropic, counted: bool = True, pump: bool = True
+    ) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_767_225_600.0)
         self.fake = FakeZai(self.clock, apiKey=UPSTREAM_KEY, defaults=parseScenario(scenario))
         self.agent = RequestTraversalAgent(self.fake)
         self.metrics = Metrics("test", "0")
         accounting = Accounting(
-            self.clock, self.metrics, Counting(self.clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({})
+            self.clock,
+            self.metrics,
+            Counting(self.clock, FallbackCounter()),
+            ModelLabels([], "glm-4"),
+            Pricing({}),
         )
         self.context = RelayContext(
             clock=self.clock,
@@ -502,7 +587,9 @@ class OpeningRig:
             accounting=accounting,
         )
         if dialect is Dialect.openai:
-            self.route = Forward("/v1/chat/completions", dialect, b"http://zai.test/api/coding/paas/v4/chat/completions")
+            self.route = Forward(
+                "/v1/chat/completions", dialect, b"http://zai.test/api/coding/paas/v4/chat/completions"
+            )
             self.body = chatBody()
         else:
             self.route = Forward("/v1/messages", dialect, b"http://zai.test/api/anthropic/v1/messages")
@@ -510,7 +597,9 @@ class OpeningRig:
         self.request = PushRequest([b""])
         self.request.method = b"POST"
         self.request.content = io.BytesIO(self.body)
-        exchange = Exchange(method="POST", route=self.route.label, startedAt=self.clock.seconds(), model="glm-4.7")
+        exchange = Exchange(
+            method="POST", route=self.route.label, startedAt=self.clock.seconds(), model="glm-4.7"
+        )
         body = RequestBody(self.request.content) if counted else None
         self.relay = Relay(self.request, self.route, exchange, self.context, InFlight(), body)
         self.relay.start()
@@ -538,7 +627,8 @@ class OpeningRig:
 
     def tokens(self, direction: str) -> float:
         return sum(
-            self.sample("zai_proxy_tokens_total", direction=direction, model="glm-4.7", pricing_tier=tier) or 0.0
+            self.sample("zai_proxy_tokens_total", direction=direction, model="glm-4.7", pricing_tier=tier)
+            or 0.0
             for tier in ("peak", "off_peak")
         )
 
@@ -552,7 +642,10 @@ def test_openingSentBeforeTheTapIsMade() -> None:
     rig = OpeningRig("events=3 interval=0.05")
     # Sent at once by Z.AI (and the fake): up to the first delta.
     assert [name for name, _ in events(rig.written())] == [
-        "message_start", "ping", "content_block_start", "content_block_delta"
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
     ]
     assert rig.relay._tap is None
     rig.clock.advance(READ_OPENING_AFTER)
@@ -610,7 +703,10 @@ def test_openingLeavesAsOneWriteBeforeThePoll(counted: bool) -> None:
     rig.clock.advance(0)
     [opening] = rig.request.written
     assert [name for name, _ in events(opening)] == [
-        "message_start", "ping", "content_block_start", "content_block_delta"
+        "message_start",
+        "ping",
+        "content_block_start",
+        "content_block_delta",
     ]
     rig.runOut()
     # Later chunks, each in a read of its own, go out as they come.
@@ -679,7 +775,9 @@ def test_aBugRelayingTheOpeningEndsBothSides(logEvents: list[dict[str, Any]]) ->
     assert rig.request.finished
     assert rig.request.responseCode == 500
     assert json.loads(b"".join(rig.request.written))["error"]["message"] == "internal proxy error"
-    assert [e for e in logEvents if e.get("log_failure") is not None and e["log_failure"].check(ZeroDivisionError)]
+    assert [
+        e for e in logEvents if e.get("log_failure") is not None and e["log_failure"].check(ZeroDivisionError)
+    ]
     rig.pump()
     assert rig.relay._ended is not None
     assert not rig.clock.getDelayedCalls()

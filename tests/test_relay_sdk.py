@@ -8,15 +8,16 @@ serves the proxy and the fake.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import anthropic
 import openai
 import pytest
 import pytest_twisted
-from twisted.internet import threads
-
 from conftest import UPSTREAM_KEY, Stack
+from twisted.internet import threads
 
 T = TypeVar("T")
 
@@ -120,7 +121,9 @@ async def test_rateLimitErrorReachesSDK(reactor: Any, makeStack: Any, dialect: s
     def call() -> Any:
         if dialect == "anthropic":
             with anthropicClient(stack) as client:
-                client.messages.create(model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+                client.messages.create(
+                    model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+                )
         else:
             with openaiClient(stack) as client:
                 client.chat.completions.create(model="glm-4.7", messages=[{"role": "user", "content": "hi"}])
@@ -128,8 +131,15 @@ async def test_rateLimitErrorReachesSDK(reactor: Any, makeStack: Any, dialect: s
     errorClass = anthropic.RateLimitError if dialect == "anthropic" else openai.RateLimitError
     with pytest.raises(errorClass) as raised:
         await inThread(call)
-    assert "Weekly/Monthly Limit Exhausted" in str(raised.value)
-    assert UPSTREAM_KEY not in str(raised.value)
+    # Z.AI's error body, as the SDK parsed it (never the exception's text,
+    # whose wording changes between SDK releases).
+    assert raised.value.status_code == 429
+    body = raised.value.body
+    assert isinstance(body, dict)
+    # Z.AI's Anthropic route puts the code in error.type; the OpenAI SDK
+    # hands over the inner error object.
+    assert (body["error"]["type"] if dialect == "anthropic" else body["code"]) == "1310"
+    assert UPSTREAM_KEY not in json.dumps(body)
 
 
 @pytest.mark.parametrize("dialect", ["anthropic", "openai"])
@@ -158,8 +168,13 @@ async def test_brokenStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect: st
                     received.append(chunk.choices[0].delta.content or "")
 
     errorClass = anthropic.APIStatusError if dialect == "anthropic" else openai.APIError
-    with pytest.raises(errorClass, match="sent nothing for 0.3 s"):
+    with pytest.raises(errorClass) as raised:
         await inThread(call)
+    body = raised.value.body
+    assert isinstance(body, dict), body
+    # The OpenAI SDK hands over the inner error object.
+    message = body["error"]["message"] if dialect == "anthropic" else body["message"]
+    assert message == "the upstream sent nothing for 0.3 s"
     assert "".join(received) == "hello " * 2
 
 
@@ -173,13 +188,15 @@ async def test_proxyErrorsParseInSDK(reactor: Any, makeStack: Any) -> None:
 
     def call() -> None:
         with anthropicClient(stack) as client:
-            client.messages.create(model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}])
+            client.messages.create(
+                model="glm-4.7", max_tokens=8, messages=[{"role": "user", "content": "hi"}]
+            )
 
     with pytest.raises(anthropic.InternalServerError) as raised:
         await inThread(call)
     assert raised.value.status_code == 504
     assert raised.value.body["error"]["type"] == "api_error"
-    assert "sent no response within 0.3 s" in raised.value.message
+    assert "sent no response within 0.3 s" in raised.value.body["error"]["message"]
 
 
 @pytest_twisted.ensureDeferred

@@ -10,7 +10,8 @@ import io
 import json
 import os
 import signal
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -68,14 +69,20 @@ async def upstream(reactor: Any) -> AsyncIterator[RunningFake]:
 
 
 @pytest_twisted.async_yield_fixture
-async def running(reactor: Any, upstream: RunningFake, tmp_path: Any) -> AsyncIterator[tuple[ProxyService, Files, Any]]:
+async def running(
+    reactor: Any, upstream: RunningFake, tmp_path: Any
+) -> AsyncIterator[tuple[ProxyService, Files, Any]]:
     """
     A proxy started from a config file (the environment holds only the
     upstream key), with our own observer to watch the log level.
     """
     files = Files(tmp_path, upstream)
     files.write(
-        f"alice:{ALICE}\n", RATE_LIMIT_MIN="1", RATE_LIMIT_MAX="100", RATE_LIMIT_INITIAL="10", LOG_LEVEL="info"
+        f"alice:{ALICE}\n",
+        RATE_LIMIT_MIN="1",
+        RATE_LIMIT_MAX="100",
+        RATE_LIMIT_INITIAL="10",
+        LOG_LEVEL="info",
     )
     environ = {"ZAI_API_KEY": UPSTREAM_KEY}
     settings, _ = loadSettings(environ, files.config)
@@ -90,14 +97,18 @@ async def running(reactor: Any, upstream: RunningFake, tmp_path: Any) -> AsyncIt
         await proxy.stopService()
 
 
-async def call(reactor: Any, proxy: ProxyService, key: str | None, path: bytes = b"/v1/messages") -> RawResponse:
+async def call(
+    reactor: Any, proxy: ProxyService, key: str | None, path: bytes = b"/v1/messages"
+) -> RawResponse:
     headers = [(b"x-api-key", key.encode())] if key else []
     client = await rawRequest(reactor, proxy.ports[0].getHost().port, b"POST", path, headers, MESSAGES)
     await client.closed.addErrback(lambda f: None)
     return client.response()
 
 
-def messages(events: list[dict[str, Any]], namespace: str = "zaiproxy.reload.Reloader") -> list[tuple[str, str]]:
+def messages(
+    events: list[dict[str, Any]], namespace: str = "zaiproxy.reload.Reloader"
+) -> list[tuple[str, str]]:
     from twisted.logger import formatEvent
 
     return [(e["log_level"].name, formatEvent(e)) for e in events if e.get("log_namespace") == namespace]
@@ -116,8 +127,12 @@ async def test_reloadAppliesLive(reactor: Any, running: Any, logEvents: list[dic
     assert proxy.limiter.rate == 10.0
     files.write(
         f"bob:{BOB}\n",
-        RATE_LIMIT_MIN="2", RATE_LIMIT_MAX="5", RATE_LIMIT_INITIAL="3",
-        LOG_LEVEL="debug", ADMIN_TOKEN=ADMIN, MAX_WORKERS="7",
+        RATE_LIMIT_MIN="2",
+        RATE_LIMIT_MAX="5",
+        RATE_LIMIT_INITIAL="3",
+        LOG_LEVEL="debug",
+        ADMIN_TOKEN=ADMIN,
+        MAX_WORKERS="7",
     )
     assert proxy.reload() is True
     assert (await call(reactor, proxy, ALICE)).status == 401
@@ -143,9 +158,9 @@ async def test_reloadAppliesLive(reactor: Any, running: Any, logEvents: list[dic
     assert health["last_at"].endswith("Z")
     sample = proxy.metrics.registry.get_sample_value
     assert sample("zai_proxy_config_reloads_total", {"result": "ok", "variant": "production"}) == 1
-    assert sample("zai_proxy_config_last_reload_timestamp_seconds", {"variant": "production"}) == pytest.approx(
-        reactor.seconds(), abs=5
-    )
+    assert sample(
+        "zai_proxy_config_last_reload_timestamp_seconds", {"variant": "production"}
+    ) == pytest.approx(reactor.seconds(), abs=5)
     assert sample("zai_proxy_client_keys", {"variant": "production"}) == 1
     # Reloading the same files again changes nothing, but still says what
     # waits for a restart.
@@ -194,18 +209,37 @@ async def test_reloadSeesFileGivenToSystemdToo(reactor: Any, upstream: RunningFa
     "keys, settings, reason",
     [
         (f"alice:{ALICE}\nbob {BOB}\n", {}, "{keys} line 2: expected name:key"),
-        (f"alice:{ALICE}\ncarol:{ALICE}\n", {}, "{keys} line 2: the key of 'carol' is the same as at {keys} line 1"),
-        (None, {"MAX_WORKERS": "ten"}, "MAX_WORKERS='ten' is not valid: expected a whole number greater than 0"),
-        (None, {"RATE_LIMIT_MIN": "9", "RATE_LIMIT_MAX": "5", "RATE_LIMIT_INITIAL": "5"},
-         "RATE_LIMIT_MIN=9 must not exceed RATE_LIMIT_MAX=5"),
-        (None, {"PROXY_API_KEYS_FILE": "/nonexistent/keys"},
-         "cannot read key file /nonexistent/keys: No such file or directory"),
+        (
+            f"alice:{ALICE}\ncarol:{ALICE}\n",
+            {},
+            "{keys} line 2: the key of 'carol' is the same as at {keys} line 1",
+        ),
+        (
+            None,
+            {"MAX_WORKERS": "ten"},
+            "MAX_WORKERS='ten' is not valid: expected a whole number greater than 0",
+        ),
+        (
+            None,
+            {"RATE_LIMIT_MIN": "9", "RATE_LIMIT_MAX": "5", "RATE_LIMIT_INITIAL": "5"},
+            "RATE_LIMIT_MIN=9 must not exceed RATE_LIMIT_MAX=5",
+        ),
+        (
+            None,
+            {"PROXY_API_KEYS_FILE": "/nonexistent/keys"},
+            "cannot read key file /nonexistent/keys: No such file or directory",
+        ),
         (None, {"ADMIN_TOKEN": "two words"}, "ADMIN_TOKEN=(hidden) is not valid"),
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_invalidFileKeepsRunningConfiguration(
-    reactor: Any, running: Any, logEvents: list[dict[str, Any]], keys: str | None, settings: dict[str, str], reason: str
+    reactor: Any,
+    running: Any,
+    logEvents: list[dict[str, Any]],
+    keys: str | None,
+    settings: dict[str, str],
+    reason: str,
 ) -> None:
     """
     A file that does not load changes nothing; one error line says why,
@@ -222,7 +256,9 @@ async def test_invalidFileKeepsRunningConfiguration(
     assert len(logged) == 1
     level, text = logged[0]
     assert level == "error"
-    assert text.startswith("Reload failed; keeping the running configuration: " + reason.format(keys=files.keys))
+    assert text.startswith(
+        "Reload failed; keeping the running configuration: " + reason.format(keys=files.keys)
+    )
     assert ALICE not in repr(logEvents)
     assert proxy.health.document()["reload"]["result"] == "failed"
     sample = proxy.metrics.registry.get_sample_value
@@ -240,8 +276,18 @@ def test_limiterBoundsKeepLearnedCeiling(reactor: Any) -> None:
     limiter = RateLimiter(
         reactor,
         LimiterSettings(
-            initial=10, minimum=1, maximum=50, window=30, alpha=0.3, margin=0.02, probeInterval=10,
-            maxWorkers=4, maxQueue=4, queueTimeout=1, stateFile=None, stateMaxAge=60,
+            initial=10,
+            minimum=1,
+            maximum=50,
+            window=30,
+            alpha=0.3,
+            margin=0.02,
+            probeInterval=10,
+            maxWorkers=4,
+            maxQueue=4,
+            queueTimeout=1,
+            stateFile=None,
+            stateMaxAge=60,
         ),
     )
     limiter._learned = True
@@ -280,15 +326,28 @@ async def test_sighupReloadsRealProcess(reactor: Any, upstream: RunningFake, tmp
     collect = _Collect()
     env = {**baseEnvironment(), "ZAI_API_KEY": UPSTREAM_KEY}
     process = reactor.spawnProcess(
-        collect, TWISTD,
-        [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1",
-         "--config", files.config],
-        env=env, path=str(tmp_path),
+        collect,
+        TWISTD,
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "zaiproxy",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--config",
+            files.config,
+        ],
+        env=env,
+        path=str(tmp_path),
     )
 
     async def status(key: str) -> int:
         response = await treq.post(
-            f"http://127.0.0.1:{port}/v1/messages", data=MESSAGES, headers={"x-api-key": key}, persistent=False
+            f"http://127.0.0.1:{port}/v1/messages",
+            data=MESSAGES,
+            headers={"x-api-key": key},
+            persistent=False,
         )
         await response.content()
         return int(response.code)

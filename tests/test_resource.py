@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-
 from conftest import UPSTREAM_KEY, Stack
+
 from zaiproxy.fake.testing import rawRequest
 
 CLIENT_HEADERS = [
@@ -43,7 +43,11 @@ async def ended(client: Any) -> None:
     "method, path, upstreamURI",
     [
         (b"POST", b"/v1/messages?beta=true", b"/api/anthropic/v1/messages?beta=true"),
-        (b"POST", b"/v1/messages/count_tokens?beta=true", b"/api/anthropic/v1/messages/count_tokens?beta=true"),
+        (
+            b"POST",
+            b"/v1/messages/count_tokens?beta=true",
+            b"/api/anthropic/v1/messages/count_tokens?beta=true",
+        ),
         (b"GET", b"/v1/models?limit=1000", b"/api/anthropic/v1/models?limit=1000"),
         (b"POST", b"/v1/chat/completions", b"/api/coding/paas/v4/chat/completions"),
         (b"POST", b"/chat/completions", b"/api/coding/paas/v4/chat/completions"),
@@ -60,7 +64,9 @@ async def test_routes(reactor: Any, stack: Stack, method: bytes, path: bytes, up
     names, query kept, Z.AI's prefix never doubled; the fake answers 200.
     """
     body = BODY if method == b"POST" else b""
-    client = await rawRequest(reactor, stack.port, method, path, [(b"content-type", b"application/json")], body)
+    client = await rawRequest(
+        reactor, stack.port, method, path, [(b"content-type", b"application/json")], body
+    )
     await ended(client)
     assert client.response().status == 200
     [record] = stack.fake.received
@@ -139,7 +145,9 @@ async def test_responseHeaders(reactor: Any, makeStack: Any) -> None:
     hop-by-hop or stale ones.
     """
     stack = await makeStack("events=2")
-    client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", [], BODY.replace(b'"stream":false', b'"stream":true'))
+    client = await rawRequest(
+        reactor, stack.port, b"POST", b"/v1/messages", [], BODY.replace(b'"stream":false', b'"stream":true')
+    )
     await ended(client)
     response = client.response()
     assert response.header(b"content-type") == [b"text/event-stream; charset=utf-8"]
@@ -160,7 +168,9 @@ async def test_responseHeaders(reactor: Any, makeStack: Any) -> None:
     ],
 )
 @pytest_twisted.ensureDeferred
-async def test_refusals(reactor: Any, stack: Stack, target: bytes, status: int, headers: Any, envelope: str) -> None:
+async def test_refusals(
+    reactor: Any, stack: Stack, target: bytes, status: int, headers: Any, envelope: str
+) -> None:
     """
     Unknown paths get a local 404, traversal and absolute-URI targets a 400:
     in the client's dialect, and nothing reaches the upstream.

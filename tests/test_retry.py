@@ -4,8 +4,8 @@ Tests for L{zaiproxy.retry}: the seed's retry and error-class contract.
 
 from __future__ import annotations
 
-from email.utils import format_datetime
 from datetime import datetime, timezone
+from email.utils import format_datetime
 
 import pytest
 
@@ -74,7 +74,12 @@ def test_parseRetryAfter() -> None:
     """
     now = datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()
     assert parseRetryAfter(b"12", now) == 12
-    assert parseRetryAfter(format_datetime(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc), usegmt=True).encode(), now) == 30
+    assert (
+        parseRetryAfter(
+            format_datetime(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc), usegmt=True).encode(), now
+        )
+        == 30
+    )
     assert parseRetryAfter(b"Wed, 31 Dec 2025 23:59:00 GMT", now) == 0
     assert parseRetryAfter(b"soon", now) is None
     assert parseRetryAfter(None, now) is None

@@ -16,18 +16,53 @@ A, O = Dialect.anthropic, Dialect.openai
 @pytest.mark.parametrize(
     "uri, label, dialect, url",
     [
-        (b"/v1/chat/completions", "/v1/chat/completions", O, b"https://api.z.ai/api/coding/paas/v4/chat/completions"),
-        (b"/chat/completions", "/v1/chat/completions", O, b"https://api.z.ai/api/coding/paas/v4/chat/completions"),
-        (b"/v1/chat/completions?x=1", "/v1/chat/completions", O, b"https://api.z.ai/api/coding/paas/v4/chat/completions?x=1"),
-        (b"/v1/messages?beta=true", "/v1/messages", A, b"https://api.z.ai/api/anthropic/v1/messages?beta=true"),
-        (b"/v1/messages/count_tokens?beta=true", "/v1/messages/count_tokens", A, b"https://api.z.ai/api/anthropic/v1/messages/count_tokens?beta=true"),
+        (
+            b"/v1/chat/completions",
+            "/v1/chat/completions",
+            O,
+            b"https://api.z.ai/api/coding/paas/v4/chat/completions",
+        ),
+        (
+            b"/chat/completions",
+            "/v1/chat/completions",
+            O,
+            b"https://api.z.ai/api/coding/paas/v4/chat/completions",
+        ),
+        (
+            b"/v1/chat/completions?x=1",
+            "/v1/chat/completions",
+            O,
+            b"https://api.z.ai/api/coding/paas/v4/chat/completions?x=1",
+        ),
+        (
+            b"/v1/messages?beta=true",
+            "/v1/messages",
+            A,
+            b"https://api.z.ai/api/anthropic/v1/messages?beta=true",
+        ),
+        (
+            b"/v1/messages/count_tokens?beta=true",
+            "/v1/messages/count_tokens",
+            A,
+            b"https://api.z.ai/api/anthropic/v1/messages/count_tokens?beta=true",
+        ),
         (b"/v1/models?limit=1000", "/v1/models", A, b"https://api.z.ai/api/anthropic/v1/models?limit=1000"),
         (b"/v1/models/glm-4.7", "/v1/models", A, b"https://api.z.ai/api/anthropic/v1/models/glm-4.7"),
         (b"/v1/files", "/v1/*", A, b"https://api.z.ai/api/anthropic/v1/files"),
         (b"/api/anthropic/v1/messages", "/v1/messages", A, b"https://api.z.ai/api/anthropic/v1/messages"),
         (b"/api/anthropic/v1/other", "/api/anthropic/*", A, b"https://api.z.ai/api/anthropic/v1/other"),
-        (b"/api/paas/v4/chat/completions", "/v1/chat/completions", O, b"https://api.z.ai/api/paas/v4/chat/completions"),
-        (b"/api/coding/paas/v4/chat/completions", "/v1/chat/completions", O, b"https://api.z.ai/api/coding/paas/v4/chat/completions"),
+        (
+            b"/api/paas/v4/chat/completions",
+            "/v1/chat/completions",
+            O,
+            b"https://api.z.ai/api/paas/v4/chat/completions",
+        ),
+        (
+            b"/api/coding/paas/v4/chat/completions",
+            "/v1/chat/completions",
+            O,
+            b"https://api.z.ai/api/coding/paas/v4/chat/completions",
+        ),
         (b"/api/coding/paas/v4/models", "/v1/models", O, b"https://api.z.ai/api/coding/paas/v4/models"),
         (b"/api/paas/v4/embeddings", "/api/paas/v4/*", O, b"https://api.z.ai/api/paas/v4/embeddings"),
         (b"/v1/messages/", "/v1/*", A, b"https://api.z.ai/api/anthropic/v1/messages/"),
@@ -47,7 +82,10 @@ def test_originOfTarget() -> None:
     that URL's path looks.
     """
     targets = Targets.fromURLs("http://127.0.0.1:8999/api/anthropic/", "http://127.0.0.1:8999/x")
-    assert resolve(b"/api/anthropic/v1/messages", targets).url == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
+    assert (
+        resolve(b"/api/anthropic/v1/messages", targets).url
+        == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
+    )
     assert resolve(b"/v1/messages", targets).url == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
     assert resolve(b"/chat/completions", targets).url == b"http://127.0.0.1:8999/x/chat/completions"
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import Stack
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory
 
-from conftest import Stack
 from zaiproxy.fake.testing import RawClient, rawRequest
 from zaiproxy.service import ProxyService
 from zaiproxy.settings import loadSettings
@@ -46,7 +46,16 @@ async def test_drainLetsStreamsFinish(reactor: Any, makeStack: Any) -> None:
     assert client.raw.endswith(b"0\r\n\r\n")
     assert b"event: message_stop" in client.raw
     assert stack.fake.received[0].done.result == "completed"
-    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="200", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total",
+            method="POST",
+            path="/v1/messages",
+            status_code="200",
+            variant="production",
+        )
+        == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -65,7 +74,10 @@ async def test_drainTimeoutCutsStreams(reactor: Any, makeStack: Any) -> None:
     body = client.response().body
     last = body.rstrip(b"\n").rsplit(b"\n\n", 1)[-1]
     assert last.startswith(b"event: error\ndata: ")
-    assert json.loads(last.split(b"data: ", 1)[1])["error"]["message"] == "the proxy is shutting down; the stream was cut"
+    assert (
+        json.loads(last.split(b"data: ", 1)[1])["error"]["message"]
+        == "the proxy is shutting down; the stream was cut"
+    )
     assert client.raw.endswith(b"0\r\n\r\n")
     assert await stack.fake.received[0].done == "disconnected"
 
@@ -126,7 +138,12 @@ def test_portInUse(reactor: Any) -> None:
 )
 @pytest_twisted.ensureDeferred
 async def test_openProxyWarning(
-    reactor: Any, tmp_path: Any, logEvents: list[dict[str, Any]], listen: str, env: dict[str, str], warned: bool
+    reactor: Any,
+    tmp_path: Any,
+    logEvents: list[dict[str, Any]],
+    listen: str,
+    env: dict[str, str],
+    warned: bool,
 ) -> None:
     """
     Without client keys, listening beyond loopback (tcp:8080 with no
@@ -140,8 +157,11 @@ async def test_openProxyWarning(
     try:
         where = service._where(service.ports[0])
         warnings = [
-            formatEvent(e) for e in logEvents
-            if e.get("log_level") is not None and e["log_level"].name == "warn" and "client keys" in formatEvent(e)
+            formatEvent(e)
+            for e in logEvents
+            if e.get("log_level") is not None
+            and e["log_level"].name == "warn"
+            and "client keys" in formatEvent(e)
         ]
     finally:
         await service.stopService()

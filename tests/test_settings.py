@@ -77,7 +77,11 @@ def test_everySpecHasADefaultThatParses() -> None:
         ({"LOG_LEVEL": "DEBUG"}, "logLevel", LogLevel.debug),
         ({"LOG_LEVEL": "warning"}, "logLevel", LogLevel.warn),
         ({"LOG_FORMAT": "JSON"}, "logFormat", "json"),
-        ({"ZAI_TARGET_URL": "http://127.0.0.1:9/api/anthropic/"}, "zaiTargetURL", "http://127.0.0.1:9/api/anthropic"),
+        (
+            {"ZAI_TARGET_URL": "http://127.0.0.1:9/api/anthropic/"},
+            "zaiTargetURL",
+            "http://127.0.0.1:9/api/anthropic",
+        ),
         ({"RATE_LIMIT_STATE_FILE": "off"}, "rateLimitStateFile", None),
         ({"RATE_LIMIT_STATE_FILE": "/tmp/x.json"}, "rateLimitStateFile", "/tmp/x.json"),
         ({"MAX_WORKERS": ""}, "maxWorkers", 10),
@@ -156,7 +160,9 @@ def test_rateLimitOrder() -> None:
     """
     The initial rate must lie between the minimum and maximum.
     """
-    with pytest.raises(SettingsError, match="RATE_LIMIT_INITIAL=100 must lie between RATE_LIMIT_MIN=1 and RATE_LIMIT_MAX=50"):
+    with pytest.raises(
+        SettingsError, match="RATE_LIMIT_INITIAL=100 must lie between RATE_LIMIT_MIN=1 and RATE_LIMIT_MAX=50"
+    ):
         load(RATE_LIMIT_INITIAL="100")
     with pytest.raises(SettingsError, match="RATE_LIMIT_MIN=5 must not exceed RATE_LIMIT_MAX=2"):
         load(RATE_LIMIT_MIN="5", RATE_LIMIT_MAX="2", RATE_LIMIT_INITIAL="3")
@@ -209,7 +215,9 @@ def test_etcTemplateListsEverySetting() -> None:
         # Right above it, after a blank line: its help, as a one-line comment.
         at = lines.index(line)
         assert lines[at - 2 : at] == ["", "# " + spec.help], spec.env
-    uncommented = "\n".join(line.lstrip("#") if "=" in line and not line.startswith("# ") else line for line in text.splitlines())
+    uncommented = "\n".join(
+        line.lstrip("#") if "=" in line and not line.startswith("# ") else line for line in text.splitlines()
+    )
     values = parseEnvironmentFile(uncommented.replace("ZAI_API_KEY=\n", "ZAI_API_KEY=k\n"))
     settings, warnings = loadSettings(values)
     assert warnings == []

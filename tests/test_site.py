@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import Stack
 from twisted.internet import task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory
 
-from conftest import Stack
 from zaiproxy.fake.testing import RawClient
 
 
@@ -48,7 +48,8 @@ async def test_contentLengthOverLimit(reactor: Any, makeStack: Any) -> None:
     """
     stack = await makeStack(MAX_REQUEST_BYTES="1KiB")
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\n"
         b"Content-Length: 1025\r\n\r\n",
     )
@@ -60,7 +61,16 @@ async def test_contentLengthOverLimit(reactor: Any, makeStack: Any) -> None:
         "message": "request body of 1025 bytes exceeds the limit of 1024 bytes",
     }
     assert stack.fake.received == []
-    assert stack.sample("zai_proxy_requests_total", method="POST", path="/v1/messages", status_code="413", variant="production") == 1
+    assert (
+        stack.sample(
+            "zai_proxy_requests_total",
+            method="POST",
+            path="/v1/messages",
+            status_code="413",
+            variant="production",
+        )
+        == 1
+    )
 
 
 @pytest_twisted.ensureDeferred
@@ -71,7 +81,8 @@ async def test_expectContinueOverLimit(reactor: Any, makeStack: Any) -> None:
     """
     stack = await makeStack(MAX_REQUEST_BYTES="1KiB")
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
         b"Content-Length: 5000\r\n\r\n",
     )
@@ -90,9 +101,12 @@ async def test_chunkedUploadOverLimit(reactor: Any, makeStack: Any) -> None:
     """
     stack = await makeStack(MAX_REQUEST_BYTES="1KiB")
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + b"200\r\n" + b"x" * 512 + b"\r\n",
+        + b"200\r\n"
+        + b"x" * 512
+        + b"\r\n",
     )
     await task.deferLater(reactor, 0.1, lambda: None)
     assert client.raw == b""
@@ -111,7 +125,8 @@ async def test_chunkedUploadWithinLimit(reactor: Any, stack: Stack) -> None:
     """
     body = b'{"model":"glm-4.7","stream":false,"messages":[{"role":"user","content":"hi"}]}'
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
         + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
     )
@@ -148,7 +163,10 @@ async def test_slowHeaders(reactor: Any, makeStack: Any) -> None:
     "headers, message",
     [
         (b"X-Big: " + b"a" * 17000 + b"\r\n", "a request header line exceeds 16384 bytes"),
-        (b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)), "request headers exceed 16384 bytes"),
+        (
+            b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)),
+            "request headers exceed 16384 bytes",
+        ),
     ],
 )
 @pytest_twisted.ensureDeferred
@@ -172,7 +190,8 @@ async def test_contentLengthAndChunked(reactor: Any, stack: Stack) -> None:
     shape) is refused with 400 and never forwarded.
     """
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     )
@@ -201,7 +220,8 @@ async def test_keepAliveAfterLocalResponse(reactor: Any, stack: Stack) -> None:
     second, and both are answered.
     """
     client = await connect(
-        stack, reactor,
+        stack,
+        reactor,
         b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     await ended(client)

@@ -16,14 +16,15 @@ import os
 import signal
 import subprocess
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest_twisted
-from twisted.internet import defer
-
 from test_relay import chatBody, ended, events, messagesBody, sleep
 from test_tap import TWISTD, baseEnvironment, freePort
+from twisted.internet import defer
+
 from zaiproxy.fake.testing import RawClient, rawRequest
 
 #: A key no other test uses, so a match in the logs can only come from here.
@@ -31,8 +32,11 @@ SOAK_KEY = "zai-soak-SECRET-0c5e2d91b7"
 #: What clients send as their own keys; the proxy drops them, never logs them.
 CLIENT_KEY = "client-soak-SECRET-4a8f"
 
-ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01"),
-             (b"x-api-key", CLIENT_KEY.encode())]
+ANTHROPIC = [
+    (b"content-type", b"application/json"),
+    (b"anthropic-version", b"2023-06-01"),
+    (b"x-api-key", CLIENT_KEY.encode()),
+]
 OPENAI = [(b"content-type", b"application/json"), (b"authorization", b"Bearer " + CLIENT_KEY.encode())]
 
 #: Idle upstream connections the proxy may keep (UPSTREAM_POOL_SIZE below).
@@ -58,7 +62,9 @@ def scenario(spec: str) -> tuple[bytes, bytes]:
 Kind = Callable[[Any, int], Awaitable[str]]
 
 
-async def _send(reactor: Any, port: int, path: bytes, headers: Any, body: bytes, method: bytes = b"POST") -> RawClient:
+async def _send(
+    reactor: Any, port: int, path: bytes, headers: Any, body: bytes, method: bytes = b"POST"
+) -> RawClient:
     client = await rawRequest(reactor, port, method, path, headers, body)
     await ended(client)
     return client
@@ -113,7 +119,12 @@ async def openaiStream(reactor: Any, port: int) -> str:
 
 async def leaveMidStream(reactor: Any, port: int) -> str:
     client = await rawRequest(
-        reactor, port, b"POST", b"/v1/messages", [*ANTHROPIC, scenario("events=40 interval=0.01")], messagesBody()
+        reactor,
+        port,
+        b"POST",
+        b"/v1/messages",
+        [*ANTHROPIC, scenario("events=40 interval=0.01")],
+        messagesBody(),
     )
     try:
         await client.when(lambda c: b"event: content_block_delta" in c.raw)
@@ -131,7 +142,9 @@ async def malformedJSON(reactor: Any, port: int) -> str:
 
 async def oversizeBody(reactor: Any, port: int) -> str:
     client = await _send(reactor, port, b"/v1/chat/completions", OPENAI, b"x" * 70_000)
-    return _jsonError(client, 413, ("error", "message"), "request body of 70000 bytes exceeds the limit of 65536 bytes")
+    return _jsonError(
+        client, 413, ("error", "message"), "request body of 70000 bytes exceeds the limit of 65536 bytes"
+    )
 
 
 async def traversal(reactor: Any, port: int) -> str:
@@ -140,38 +153,59 @@ async def traversal(reactor: Any, port: int) -> str:
 
 
 async def upstreamReset(reactor: Any, port: int) -> str:
-    client = await _send(reactor, port, b"/v1/chat/completions", [*OPENAI, scenario("mode=reset")], chatBody())
-    return _jsonError(client, 502, ("error", "message"), "the upstream closed the connection before responding")
+    client = await _send(
+        reactor, port, b"/v1/chat/completions", [*OPENAI, scenario("mode=reset")], chatBody()
+    )
+    return _jsonError(
+        client, 502, ("error", "message"), "the upstream closed the connection before responding"
+    )
 
 
 async def upstreamResetMidStream(reactor: Any, port: int) -> str:
-    client = await _send(reactor, port, b"/v1/messages", [*ANTHROPIC, scenario("mode=reset-mid after=2")], messagesBody())
+    client = await _send(
+        reactor, port, b"/v1/messages", [*ANTHROPIC, scenario("mode=reset-mid after=2")], messagesBody()
+    )
     if _status(client) != 200 or not client.raw.endswith(b"0\r\n\r\n"):
         return f"status {_status(client)}"
     return "" if events(client.response().body)[-1][0] == "error" else "no error event"
 
 
 async def upstreamError(reactor: Any, port: int) -> str:
-    client = await _send(reactor, port, b"/v1/messages", [*ANTHROPIC, scenario("mode=error code=1214")], messagesBody())
+    client = await _send(
+        reactor, port, b"/v1/messages", [*ANTHROPIC, scenario("mode=error code=1214")], messagesBody()
+    )
     return _jsonError(client, 400, ("error", "type"), "1214")
 
 
 async def upstream500(reactor: Any, port: int) -> str:
-    client = await _send(reactor, port, b"/v1/chat/completions", [*OPENAI, scenario("mode=error code=500")], chatBody())
+    client = await _send(
+        reactor, port, b"/v1/chat/completions", [*OPENAI, scenario("mode=error code=500")], chatBody()
+    )
     return _jsonError(client, 500, ("error", "code"), "500")
 
 
 async def models(reactor: Any, port: int) -> str:
     client = await _send(reactor, port, b"/v1/models", ANTHROPIC, b"", b"GET")
-    return "" if _status(client) == 200 and b'"data"' in client.response().body else f"status {_status(client)}"
+    return (
+        "" if _status(client) == 200 and b'"data"' in client.response().body else f"status {_status(client)}"
+    )
 
 
 #: The mix: (kind, weight, the status its access-log line records); mostly
 #: good traffic, every fault often.
 MIX: list[tuple[Kind, int, int]] = [
-    (anthropicJSON, 4, 200), (openaiJSON, 4, 200), (anthropicStream, 4, 200), (openaiStream, 4, 200),
-    (models, 1, 200), (leaveMidStream, 2, 499), (malformedJSON, 1, 400), (oversizeBody, 1, 413),
-    (traversal, 1, 400), (upstreamReset, 1, 502), (upstreamResetMidStream, 1, 200), (upstreamError, 1, 400),
+    (anthropicJSON, 4, 200),
+    (openaiJSON, 4, 200),
+    (anthropicStream, 4, 200),
+    (openaiStream, 4, 200),
+    (models, 1, 200),
+    (leaveMidStream, 2, 499),
+    (malformedJSON, 1, 400),
+    (oversizeBody, 1, 413),
+    (traversal, 1, 400),
+    (upstreamReset, 1, 502),
+    (upstreamResetMidStream, 1, 200),
+    (upstreamError, 1, 400),
     (upstream500, 1, 500),
 ]
 _SCHEDULE = [(kind, status) for kind, weight, status in MIX for _ in range(weight)]
@@ -242,7 +276,7 @@ def descriptors(pid: int, upstreamPort: int) -> tuple[int, int, list[str]]:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
             continue
-        inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
+        inode = target[len("socket:[") : -1] if target.startswith("socket:[") else None
         info = sockets.get(inode) if inode is not None else None
         if info is not None and info[2] == _CLOSE_WAIT:
             stuck.append(f"fd {fd}: ports {info[0]}->{info[1]}")
@@ -307,9 +341,23 @@ async def test_soak(reactor: Any, tmp_path: Path) -> None:
         proxyPort = freePort()
     logs = {name: open(tmp_path / name, "wb") for name in ("fake.out", "fake.err", "proxy.out", "proxy.err")}
     fake = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "zaiproxy-fake", "--listen", f"tcp:{fakePort}:interface=127.0.0.1",
-         "--api-key", SOAK_KEY, "--scenario", "events=5"],
-        env=base, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=logs["fake.out"], stderr=logs["fake.err"],
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "zaiproxy-fake",
+            "--listen",
+            f"tcp:{fakePort}:interface=127.0.0.1",
+            "--api-key",
+            SOAK_KEY,
+            "--scenario",
+            "events=5",
+        ],
+        env=base,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=logs["fake.out"],
+        stderr=logs["fake.err"],
     )
     proxy = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{proxyPort}:interface=127.0.0.1"],
@@ -328,7 +376,10 @@ async def test_soak(reactor: Any, tmp_path: Path) -> None:
             "UPSTREAM_POOL_SIZE": str(POOL_SIZE),
             "DRAIN_TIMEOUT": "2",
         },
-        cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=logs["proxy.out"], stderr=logs["proxy.err"],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=logs["proxy.out"],
+        stderr=logs["proxy.err"],
     )
     try:
         await waitReady(reactor, fake, fakePort, b"/")

@@ -17,7 +17,7 @@ from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, readJSON, framesMentioning, keptData, lastEventEnd
+from zaiproxy.sse import Event, EventParser, framesMentioning, keptData, lastEventEnd, readJSON
 
 
 @pytest.mark.parametrize(
@@ -132,7 +132,9 @@ def test_oversizedEventDropped() -> None:
     and counted; the parser carries on with the next one.
     """
     parser = EventParser(maxEventBytes=100)
-    assert parser.feed(b"data: " + b"x" * 60 + b"\ndata: " + b"y" * 60 + b"\n\ndata: ok\n\n") == [Event(None, b"ok")]
+    assert parser.feed(b"data: " + b"x" * 60 + b"\ndata: " + b"y" * 60 + b"\n\ndata: ok\n\n") == [
+        Event(None, b"ok")
+    ]
     assert parser.dropped == 1
     assert parser.feed(b"data: " + b"z" * 500) == []
     assert parser.feed(b"zzz\n\ndata: after\n\n") == [Event(None, b"after")]
@@ -140,8 +142,24 @@ def test_oversizedEventDropped() -> None:
 
 
 _LINES = st.sampled_from(
-    [b"data: x", b"data: {\"a\": 1}", b"data:", b"data", b"data:nospace", b"event: e", b"event:", b"event",
-     b": comment", b"id: 3", b"retry: 1", b"", b"", b"", b"junk", b"event: message_start"]
+    [
+        b"data: x",
+        b'data: {"a": 1}',
+        b"data:",
+        b"data",
+        b"data:nospace",
+        b"event: e",
+        b"event:",
+        b"event",
+        b": comment",
+        b"id: 3",
+        b"retry: 1",
+        b"",
+        b"",
+        b"",
+        b"junk",
+        b"event: message_start",
+    ]
 )
 
 
@@ -208,9 +226,16 @@ def test_frameAfterState(chunks: list[bytes], events: list[Event]) -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        b'{"a": [1, 2.5, "\\u00e9"]}', b' {"a": 1} ', b"[]", b'"x"', "{\"t\": \"中文\"}".encode(),
+        b'{"a": [1, 2.5, "\\u00e9"]}',
+        b' {"a": 1} ',
+        b"[]",
+        b'"x"',
+        '{"t": "中文"}'.encode(),
         # JSON answers: a trailing newline, a BOM, UTF-16, a huge integer.
-        b'{"a": 1}\r\n', b'\xef\xbb\xbf{"a": 1}', '{"a": "é"}'.encode("utf-16"), b"[123456789012345678901234567890]",
+        b'{"a": 1}\r\n',
+        b'\xef\xbb\xbf{"a": 1}',
+        '{"a": "é"}'.encode("utf-16"),
+        b"[123456789012345678901234567890]",
     ],
 )
 def test_readJSON(data: bytes) -> None:
@@ -241,7 +266,18 @@ def test_readJSONAgrees(value: Any, after: str, before: str, ascii: bool) -> Non
 
 
 @pytest.mark.parametrize(
-    "data", [b"", b"{", b'{"a": 1} x', b'{"a": 1}{}', b"\xff", b"[DONE]", b"nan!", b'{"a": 1}\x0b', b'{"a": 1}\xc2\xa0']
+    "data",
+    [
+        b"",
+        b"{",
+        b'{"a": 1} x',
+        b'{"a": 1}{}',
+        b"\xff",
+        b"[DONE]",
+        b"nan!",
+        b'{"a": 1}\x0b',
+        b'{"a": 1}\xc2\xa0',
+    ],
 )
 def test_readJSONRefuses(data: bytes) -> None:
     """
@@ -272,7 +308,13 @@ def test_atBoundary() -> None:
     """
     parser = EventParser()
     assert parser.atBoundary
-    for part, boundary in [(b"data: x", False), (b"\n", False), (b"\n", True), (b"event: a\r", False), (b"\n\n", True)]:
+    for part, boundary in [
+        (b"data: x", False),
+        (b"\n", False),
+        (b"\n", True),
+        (b"event: a\r", False),
+        (b"\n\n", True),
+    ]:
         parser.feed(part)
         assert parser.atBoundary is boundary, part
 
@@ -292,7 +334,9 @@ _WORDS = (b"message_start", b"error")
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.lists(st.one_of(_LINES, st.sampled_from([b"data: an error", b"data: {\"error\":1} error"])), max_size=30))
+@given(
+    st.lists(st.one_of(_LINES, st.sampled_from([b"data: an error", b'data: {"error":1} error'])), max_size=30)
+)
 def test_framesMentioning(lines: list[bytes]) -> None:
     """
     Whole frames cut by what they mention: the pieces are the data, in
@@ -322,5 +366,7 @@ def test_framesMentioningCR() -> None:
     assert framesMentioning(b"data: x\r\n\r\n", _WORDS) == [(False, b"data: x\r\n\r\n")]
     assert framesMentioning(b"data: x\n\ndata: y\n\n", _WORDS) == [(False, b"data: x\n\ndata: y\n\n")]
     assert framesMentioning(b"data: x\n\ndata: error\n\ndata: y\n\n", _WORDS) == [
-        (False, b"data: x\n\n"), (True, b"data: error\n\n"), (False, b"data: y\n\n")
+        (False, b"data: x\n\n"),
+        (True, b"data: error\n\n"),
+        (False, b"data: y\n\n"),
     ]

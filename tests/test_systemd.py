@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from conftest import UPSTREAM_KEY
+from test_tap import TWISTD, _Collect, baseEnvironment, freePort
 from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
 
-from conftest import UPSTREAM_KEY
-from test_tap import TWISTD, _Collect, baseEnvironment, freePort
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RawClient, rawRequest, startFake
 from zaiproxy.service import _CUT_SECONDS, _FLUSH_SECONDS
@@ -80,9 +80,7 @@ def verifiable(tmp: Path) -> list[Path]:
         text = (UNITS / unit).read_text()
         copy = tmp / unit
         copy.write_text(text.replace(INSTALLED_TWISTD, TWISTD))
-        changed = [
-            (a, b) for a, b in zip(text.splitlines(), copy.read_text().splitlines()) if a != b
-        ]
+        changed = [(a, b) for a, b in zip(text.splitlines(), copy.read_text().splitlines()) if a != b]
         if unit == "zaiproxy.service":
             assert changed == [
                 (f"ExecStart={INSTALLED_TWISTD} {ARGUMENTS}", f"ExecStart={TWISTD} {ARGUMENTS}")
@@ -96,7 +94,11 @@ def verifiable(tmp: Path) -> list[Path]:
 def analyze(*args: str, cwd: Path) -> tuple[int, str]:
     assert ANALYZE is not None
     result = subprocess.run(
-        [ANALYZE, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+        [ANALYZE, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": os.environ.get("PATH", ""), "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_PAGER": ""},
     )
     return result.returncode, result.stdout + result.stderr
@@ -189,7 +191,9 @@ def heldSocket() -> socket.socket:
     return s
 
 
-def spawn(reactor: Any, held: socket.socket, upstream: str, listenPID: str | None, listen: str) -> tuple[Any, _Collect]:
+def spawn(
+    reactor: Any, held: socket.socket, upstream: str, listenPID: str | None, listen: str
+) -> tuple[Any, _Collect]:
     """
     Start C{twistd zaiproxy} with C{held} as descriptor 3. C{listenPID}
     C{"$$"} sets LISTEN_PID to the process's own pid, as systemd does;
@@ -208,9 +212,11 @@ def spawn(reactor: Any, held: socket.socket, upstream: str, listenPID: str | Non
     command = f'LISTEN_PID={listenPID} exec "$0" "$@"' if listenPID else 'exec "$0" "$@"'
     collect = _Collect()
     process = reactor.spawnProcess(
-        collect, "/bin/sh",
+        collect,
+        "/bin/sh",
         ["/bin/sh", "-c", command, TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", listen],
-        env=env, childFDs={0: "w", 1: "r", 2: "r", 3: held.fileno()},
+        env=env,
+        childFDs={0: "w", 1: "r", 2: "r", 3: held.fileno()},
     )
     return process, collect
 
@@ -328,8 +334,9 @@ async def test_listenWithoutActivation(reactor: Any, listenPID: str | None) -> N
     assert log.err.decode() == ""
 
 
-
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed")
+@pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate is not installed"
+)
 @pytest_twisted.ensureDeferred
 async def test_systemdSocketActivate(reactor: Any) -> None:
     """
@@ -370,7 +377,9 @@ async def test_systemdSocketActivate(reactor: Any) -> None:
     # The tool says on stderr what it bound: [::] where IPv6 exists.
     bound = re.search(r"Listening on (\S+) as 3\.", collect.err.decode())
     assert bound, collect.err.decode()
-    domain, where = ("INET6", f":::{port}") if bound.group(1).startswith("[::]") else ("INET", f"0.0.0.0:{port}")
+    domain, where = (
+        ("INET6", f":::{port}") if bound.group(1).startswith("[::]") else ("INET", f"0.0.0.0:{port}")
+    )
     assert bound.group(1) in (f"[::]:{port}", f"0.0.0.0:{port}")
     assert (
         f"Z.AI proxy listening on {where} (systemd:domain={domain}:index=0 (fd 3, zaiproxy)); metrics at /metrics"

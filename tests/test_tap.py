@@ -39,8 +39,12 @@ def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedP
     Run twistd to completion (only for commands that exit at once).
     """
     return subprocess.run(
-        [TWISTD, *args], env={**baseEnvironment(), **env},
-        cwd=cwd, capture_output=True, text=True, timeout=60,
+        [TWISTD, *args],
+        env={**baseEnvironment(), **env},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -71,21 +75,45 @@ def test_help(tmp_path: Any) -> None:
     "env, args, message",
     [
         ({}, [], "zaiproxy: ZAI_API_KEY is required but not set"),
-        ({"ZAI_API_KEY": "k", "MAX_WORKERS": "ten"}, [],
-         "zaiproxy: MAX_WORKERS='ten' is not valid: expected a whole number greater than 0"),
-        ({"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"}, [],
-         "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off"),
+        (
+            {"ZAI_API_KEY": "k", "MAX_WORKERS": "ten"},
+            [],
+            "zaiproxy: MAX_WORKERS='ten' is not valid: expected a whole number greater than 0",
+        ),
+        (
+            {"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"},
+            [],
+            "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off",
+        ),
         ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
-        ({"ZAI_API_KEY": "k"}, ["--listen", "systemd:domain=INET:index=0"],
-         "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)"),
-        ({"ZAI_API_KEY": "k"}, ["--listen", "systemd:domain=INET:name=zaiproxy"],
-         "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)"),
-        ({"ZAI_API_KEY": "k"}, ["--config", "/nonexistent/zaiproxy.env"],
-         "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory"),
-        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS_FILE": "/nonexistent/keys"}, [],
-         "zaiproxy: cannot read key file /nonexistent/keys: No such file or directory"),
-        ({"ZAI_API_KEY": "k", "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef"}, [],
-         "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1"),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--listen", "systemd:domain=INET:index=0"],
+            "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)",
+        ),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--listen", "systemd:domain=INET:name=zaiproxy"],
+            "zaiproxy: invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)",
+        ),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--config", "/nonexistent/zaiproxy.env"],
+            "zaiproxy: cannot read config file /nonexistent/zaiproxy.env: No such file or directory",
+        ),
+        (
+            {"ZAI_API_KEY": "k", "PROXY_API_KEYS_FILE": "/nonexistent/keys"},
+            [],
+            "zaiproxy: cannot read key file /nonexistent/keys: No such file or directory",
+        ),
+        (
+            {
+                "ZAI_API_KEY": "k",
+                "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef",
+            },
+            [],
+            "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1",
+        ),
         ({"ZAI_API_KEY": "k"}, ["--admin-listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
     ],
 )
@@ -150,9 +178,11 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
         "DRAIN_TIMEOUT": "10",
     }
     process = reactor.spawnProcess(
-        collect, TWISTD,
+        collect,
+        TWISTD,
         [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", f"tcp:{port}:interface=127.0.0.1"],
-        env=env, path=str(tmp_path),
+        env=env,
+        path=str(tmp_path),
     )
     try:
         for _ in range(100):
@@ -163,7 +193,11 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
             except Exception:
                 await task.deferLater(reactor, 0.1, lambda: None)
         client = await rawRequest(
-            reactor, port, b"POST", b"/v1/messages", [],
+            reactor,
+            port,
+            b"POST",
+            b"/v1/messages",
+            [],
             b'{"model":"glm-4.7","stream":true,"messages":[{"role":"user","content":"hi"}]}',
         )
         await client.when(lambda c: b"content_block_delta" in c.raw)

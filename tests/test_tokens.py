@@ -18,8 +18,8 @@ import tiktoken
 from zaiproxy.tokens import (
     INLINE_CHARS,
     Counting,
-    OutputText,
     FallbackCounter,
+    OutputText,
     TiktokenCounter,
     Usage,
     _bundledFile,
@@ -217,8 +217,14 @@ def test_outputTextDecodesRawDeltasOnlyWhenNeeded() -> None:
     lazy.addLater(b"text:q")
     assert len(decoded) == 5
     eager = OutputText(limit=10)
-    for kind, text in [("text", "hello "), ("text", "ab"), ("text", "c"), ("text", "zz"),
-                       ("thinking", "hm"), ("text", "q")]:
+    for kind, text in [
+        ("text", "hello "),
+        ("text", "ab"),
+        ("text", "c"),
+        ("text", "zz"),
+        ("thinking", "hm"),
+        ("text", "q"),
+    ]:
         eager.add(kind, text)
     assert lazy.texts() == eager.texts() == ["hello abczz"]
     assert decoded[-1] == b"text:q"

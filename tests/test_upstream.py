@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest_twisted
 import treq
+from conftest import UPSTREAM_KEY
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
-from conftest import UPSTREAM_KEY
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import startFake
 from zaiproxy.upstream import BytesProducer, Upstream, bodyProducerFor

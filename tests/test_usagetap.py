@@ -30,18 +30,32 @@ from zaiproxy.sse import EventParser
 from zaiproxy.tokens import Counting, FallbackCounter
 from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody, UsageTap, answerKind, readsLater
 
-PROMPT = json.dumps({"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": "hi"}]}).encode()
+PROMPT = json.dumps(
+    {"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+).encode()
 
 
 def frame(name: str, document: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + json.dumps(document, separators=(",", ":")).encode() + b"\n\n"
+    return (
+        b"event: "
+        + name.encode()
+        + b"\ndata: "
+        + json.dumps(document, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
 
 
 ZERO = {"input_tokens": 0, "output_tokens": 0}
 
 
 def messageStart(usage: dict[str, int] | None = ZERO) -> bytes:
-    message: dict[str, Any] = {"id": "msg_1", "type": "message", "role": "assistant", "model": "glm-4.7", "content": []}
+    message: dict[str, Any] = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "glm-4.7",
+        "content": [],
+    }
     if usage is not None:
         message["usage"] = usage
     return frame("message_start", {"type": "message_start", "message": message})
@@ -51,12 +65,25 @@ def messageStart(usage: dict[str, int] | None = ZERO) -> bytes:
 BURST = [
     messageStart(),
     frame("ping", {"type": "ping"}),
-    frame("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
-    frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Four."}}),
+    frame(
+        "content_block_start",
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    ),
+    frame(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Four."}},
+    ),
 ]
 END = [
     frame("content_block_stop", {"type": "content_block_stop", "index": 0}),
-    frame("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"input_tokens": 17, "output_tokens": 3}}),
+    frame(
+        "message_delta",
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn"},
+            "usage": {"input_tokens": 17, "output_tokens": 3},
+        },
+    ),
     frame("message_stop", {"type": "message_stop"}),
 ]
 
@@ -70,21 +97,30 @@ class Tapped:
         self.clock = task.Clock()
         self.metrics = Metrics("test", "0")
         self.accounting = Accounting(
-            self.clock, self.metrics, Counting(self.clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({})
+            self.clock,
+            self.metrics,
+            Counting(self.clock, FallbackCounter()),
+            ModelLabels([], "glm-4"),
+            Pricing({}),
         )
         route = "/v1/chat/completions" if dialect is Dialect.openai else "/v1/messages"
         assert route in self.accounting.countedRoutes
         self.exchange = Exchange(method="POST", route=route, startedAt=0.0, dialect=dialect, model="glm-4.7")
-        self.tap = UsageTap(self.accounting, dialect, self.exchange, RequestBody(io.BytesIO(PROMPT)), "stream")
+        self.tap = UsageTap(
+            self.accounting, dialect, self.exchange, RequestBody(io.BytesIO(PROMPT)), "stream"
+        )
         self.exchange.firstByteAt = 0.0
 
     def tokens(self, direction: str) -> float:
         total = 0.0
         for tier in ("peak", "off_peak"):
-            total += self.metrics.registry.get_sample_value(
-                "zai_proxy_tokens_total",
-                {"direction": direction, "model": "glm-4.7", "variant": "test", "pricing_tier": tier},
-            ) or 0.0
+            total += (
+                self.metrics.registry.get_sample_value(
+                    "zai_proxy_tokens_total",
+                    {"direction": direction, "model": "glm-4.7", "variant": "test", "pricing_tier": tier},
+                )
+                or 0.0
+            )
         return total
 
 
@@ -96,7 +132,11 @@ def test_countedRoutes() -> None:
     clock = task.Clock()
     on = Accounting(clock, metrics, Counting(clock, FallbackCounter()), ModelLabels([], "glm-4"), Pricing({}))
     off = Accounting(clock, Metrics("test", "0"), None, ModelLabels([], "glm-4"), Pricing({}))
-    assert on.countedRoutes == COUNTED_ROUTES == {"/v1/messages", "/v1/chat/completions", "/v1/messages/count_tokens"}
+    assert (
+        on.countedRoutes
+        == COUNTED_ROUTES
+        == {"/v1/messages", "/v1/chat/completions", "/v1/messages/count_tokens"}
+    )
     assert off.countedRoutes == frozenset()
 
 
@@ -124,7 +164,9 @@ def test_answerKind(route: str, code: int, contentType: bytes, kind: str) -> Non
 
 
 @pytest.mark.parametrize("dialect", ["anthropic", "openai"])
-@pytest.mark.parametrize("scenario", ["events=3", "events=3 usage=none", "events=2 thinking=true tool=true usage=none"])
+@pytest.mark.parametrize(
+    "scenario", ["events=3", "events=3 usage=none", "events=2 thinking=true tool=true usage=none"]
+)
 def test_readsLater(dialect: str, scenario: str) -> None:
     """
     Whatever frame the reader asks usage to be added to, readsLater said
@@ -161,7 +203,14 @@ def test_readsLaterNeedsWholeFrames() -> None:
     assert not readsLater(b"data: {}\n")
     assert readsLater(b"data: {}\r\n\r\n")
     # Text that mentions a frame the tap may change: read first, to be safe.
-    mention = frame("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a message_delta event"}})
+    mention = frame(
+        "content_block_delta",
+        {
+            "type": "content_block_delta",
+            "index": 0,
+            "delta": {"type": "text_delta", "text": "a message_delta event"},
+        },
+    )
     assert not readsLater(mention)
 
 
@@ -219,13 +268,20 @@ def test_inbandErrorReadLate() -> None:
     as an upstream error when the exchange settles.
     """
     t = Tapped()
-    error = frame("error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}})
+    error = frame(
+        "error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}}
+    )
     assert readsLater(error)
     t.tap.readRelayed([BURST[0], error])
     found = t.tap.inbandError()
     assert found is not None and found.code == "1302"
     t.tap.settle(False)
-    assert t.metrics.registry.get_sample_value("zai_proxy_upstream_errors_total", {"error_type": "inband_error", "variant": "test"}) == 1
+    assert (
+        t.metrics.registry.get_sample_value(
+            "zai_proxy_upstream_errors_total", {"error_type": "inband_error", "variant": "test"}
+        )
+        == 1
+    )
 
 
 def test_inbandErrorInALongBurstReadLate() -> None:
@@ -234,7 +290,9 @@ def test_inbandErrorInALongBurstReadLate() -> None:
     seen.
     """
     t = Tapped()
-    error = frame("error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}})
+    error = frame(
+        "error", {"type": "error", "error": {"code": "1302", "message": "High concurrency usage of this API"}}
+    )
     t.tap.readRelayed([*BURST, error, BURST[3]])
     found = t.tap.inbandError()
     assert found is not None and found.code == "1302"
@@ -291,7 +349,10 @@ def test_endStreamAfterALateRead() -> None:
     """
     t = Tapped(Dialect.openai)
     chunk = {
-        "id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "glm-4.7",
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "glm-4.7",
         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Four words are here"}}],
     }
     data = b"data: " + json.dumps(chunk).encode() + b"\n\n"
@@ -317,7 +378,10 @@ def test_nestedUsageKeyIsNotTheMessagesUsage(logEvents: list[dict[str, Any]]) ->
     t = Tapped()
     odd = frame(
         "message_start",
-        {"type": "message_start", "message": {"id": "m", "model": "glm-4.7", "content": [], "metadata": {"usage": {}}}},
+        {
+            "type": "message_start",
+            "message": {"id": "m", "model": "glm-4.7", "content": [], "metadata": {"usage": {}}},
+        },
     )
     assert readsLater(odd)
     t.tap.readRelayed([odd])
@@ -354,7 +418,8 @@ def test_framesKeptRawCountLikeParsedOnes(dialect: Dialect) -> None:
 
 @pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
 @pytest.mark.parametrize(
-    "scenario", ["events=6", "events=6 usage=none", "events=5 thinking=true tool=true usage=none", "events=4 inband"]
+    "scenario",
+    ["events=6", "events=6 usage=none", "events=5 thinking=true tool=true usage=none", "events=4 inband"],
 )
 def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: str) -> None:
     """
@@ -374,7 +439,12 @@ def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: st
     if "inband" in scenario:
         # Z.AI's in-band error, mid-stream (zai-api.md section 4.2).
         error = {"error": {"code": "1302", "message": "High concurrency usage of this API"}}
-        frames.insert(5, frame("error", {"type": "error", **error}) if dialect is Dialect.anthropic else b"data: " + json.dumps(error).encode() + b"\n\n")
+        frames.insert(
+            5,
+            frame("error", {"type": "error", **error})
+            if dialect is Dialect.anthropic
+            else b"data: " + json.dumps(error).encode() + b"\n\n",
+        )
     whole, each = Tapped(dialect), Tapped(dialect)
     added = [[whole.tap.feed(b"".join(frames))], [each.tap.feed(data) for data in frames]]
     for group, t in zip(added, (whole, each)):

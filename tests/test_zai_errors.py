@@ -70,10 +70,24 @@ def test_oversized() -> None:
 @pytest.mark.parametrize(
     "body, reset",
     [
-        ({"error": {"code": "1308", "message": "Usage limit reached for 5 hour. Your limit will reset at 2025-12-15 02:34:52"}},
-         "2025-12-15T02:34:52+08:00"),
-        ({"error": {"code": "1310", "message": "已达到 5 小时的使用上限。您的限额将在 2025-12-09 18:08:11 重置。"}},
-         "2025-12-09T18:08:11+08:00"),
+        (
+            {
+                "error": {
+                    "code": "1308",
+                    "message": "Usage limit reached for 5 hour. Your limit will reset at 2025-12-15 02:34:52",
+                }
+            },
+            "2025-12-15T02:34:52+08:00",
+        ),
+        (
+            {
+                "error": {
+                    "code": "1310",
+                    "message": "已达到 5 小时的使用上限。您的限额将在 2025-12-09 18:08:11 重置。",
+                }
+            },
+            "2025-12-09T18:08:11+08:00",
+        ),
         ({"error": {"code": "1308", "reset_time": "2026-09-06 00:00:00"}}, "2026-09-06T00:00:00+08:00"),
         ({"error": {"code": "1308", "nextResetTime": 1767225600000}}, "2026-01-01T00:00:00+00:00"),
         ({"error": {"code": "1308", "resetAt": 1767225600}}, "2026-01-01T00:00:00+00:00"),
@@ -105,7 +119,9 @@ def test_badStamps() -> None:
     Impossible dates and out-of-range epochs are no reset time.
     """
     for value in ("2026-13-40 25:00:00", 12, "1800-01-01 00:00:00", 9e15):
-        assert parseError(json.dumps({"error": {"code": "1308", "reset_time": value}}).encode()).resetAt is None
+        assert (
+            parseError(json.dumps({"error": {"code": "1308", "reset_time": value}}).encode()).resetAt is None
+        )
 
 
 def test_codeLabel() -> None:

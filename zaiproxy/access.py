@@ -22,7 +22,7 @@ from twisted.web.server import Request
 from zaiproxy.clientkeys import ClientKeys
 from zaiproxy.dialects import Dialect, errorBody
 
-__all__ = ["Credentials", "AdminGate", "AdminRoot", "fromLoopback", "isLoopbackAddress"]
+__all__ = ["AdminGate", "AdminRoot", "Credentials", "fromLoopback", "isLoopbackAddress"]
 
 
 @attrs.define

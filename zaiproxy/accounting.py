@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
-from typing import Any, Iterable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -29,22 +30,41 @@ from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody
 from zaiproxy.zai_errors import ZaiError
 
 __all__ = [
+    "KNOWN_MODELS",
     "Accounting",
     "ModelLabels",
-    "Pricing",
     "Price",
-    "KNOWN_MODELS",
+    "Pricing",
 ]
 
 #: Model ids Z.AI has served (zai-api.md section 6.1): always their own label.
 KNOWN_MODELS = frozenset(
     [
-        "glm-4-plus", "glm-4-air", "glm-4-airx", "glm-4-flash", "glm-4-flashx", "glm-4-long",
-        "glm-4-32b-0414-128k", "glm-4",
-        "glm-4.5", "glm-4.5-air", "glm-4.5-x", "glm-4.5-airx", "glm-4.5-flash", "glm-4.5v",
-        "glm-4.6", "glm-4.6v",
-        "glm-4.7", "glm-4.7-flash", "glm-4.7-flashx",
-        "glm-5", "glm-5-turbo", "glm-5.1", "glm-5.2", "glm-5.3", "glm-5.3-flash",
+        "glm-4-plus",
+        "glm-4-air",
+        "glm-4-airx",
+        "glm-4-flash",
+        "glm-4-flashx",
+        "glm-4-long",
+        "glm-4-32b-0414-128k",
+        "glm-4",
+        "glm-4.5",
+        "glm-4.5-air",
+        "glm-4.5-x",
+        "glm-4.5-airx",
+        "glm-4.5-flash",
+        "glm-4.5v",
+        "glm-4.6",
+        "glm-4.6v",
+        "glm-4.7",
+        "glm-4.7-flash",
+        "glm-4.7-flashx",
+        "glm-5",
+        "glm-5-turbo",
+        "glm-5.1",
+        "glm-5.2",
+        "glm-5.3",
+        "glm-5.3-flash",
     ]
 )
 
@@ -201,7 +221,7 @@ class Accounting:
 
     # -- counting -----------------------------------------------------------
 
-    def countInput(self, dialect: Dialect, body: RequestBody) -> "Deferred[int]":
+    def countInput(self, dialect: Dialect, body: RequestBody) -> Deferred[int]:
         """
         Tokens of everything the request makes the model read; small
         bodies on the reactor thread, large ones (parsing included) in a
@@ -217,7 +237,7 @@ class Accounting:
             return maybeDeferred(count)
         return counting.inThread(count)
 
-    def countTexts(self, texts: list[str]) -> "Deferred[int]":
+    def countTexts(self, texts: list[str]) -> Deferred[int]:
         assert self.counting is not None
         return self.counting.count(texts)
 
@@ -233,7 +253,9 @@ class Accounting:
         tier = self.pricing.tier(now)
         for direction, tokens in usage.directions().items():
             if tokens > 0:
-                metrics.tokensUsed(direction, model, tier, tokens, self.pricing.cost(model, direction, tokens, tier))
+                metrics.tokensUsed(
+                    direction, model, tier, tokens, self.pricing.cost(model, direction, tokens, tier)
+                )
         outputRate = None
         if usage.output > 0 and exchange.firstByteAt is not None:
             generating = now - exchange.firstByteAt

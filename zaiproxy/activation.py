@@ -32,7 +32,7 @@ from typing import Any
 from attrs import frozen
 from twisted.internet.interfaces import IStreamServerEndpoint
 
-__all__ = ["InheritedSocket", "Listener", "ListenChoice", "inheritedSockets", "chooseListeners"]
+__all__ = ["InheritedSocket", "ListenChoice", "Listener", "chooseListeners", "inheritedSockets"]
 
 #: The first descriptor systemd passes (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3

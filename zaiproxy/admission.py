@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["Admission", "Permit", "QueueFull", "QueueTimeout", "NotAdmitted", "clientBucket"]
+__all__ = ["Admission", "NotAdmitted", "Permit", "QueueFull", "QueueTimeout", "clientBucket"]
 
 # A token is there when the bucket holds 1 within float error; otherwise a
 # refill computed at the same instant would wake us again, forever.
@@ -72,7 +73,7 @@ class Permit:
     @ivar waited: seconds spent waiting for admission.
     """
 
-    def __init__(self, admission: "Admission", client: str, waited: float) -> None:
+    def __init__(self, admission: Admission, client: str, waited: float) -> None:
         self._admission = admission
         self.client = client
         self.waited = waited
@@ -87,7 +88,7 @@ class Permit:
 @attrs.define(eq=False)
 class _Waiter:
     client: str
-    deferred: "Deferred[Permit]"
+    deferred: Deferred[Permit]
     since: float
     timeout: IDelayedCall | None = None
 
@@ -151,7 +152,7 @@ class Admission:
 
     # -- admission --------------------------------------------------------------
 
-    def admit(self, client: str) -> "Deferred[Permit]":
+    def admit(self, client: str) -> Deferred[Permit]:
         """
         A permit for one call, now or once the bucket and a slot allow;
         fails with L{QueueFull} or L{QueueTimeout}. Cancelling the Deferred

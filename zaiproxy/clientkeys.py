@@ -21,20 +21,20 @@ import hmac
 import os
 import re
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 import attrs
 from twisted.web.http_headers import Headers
 
 __all__ = [
+    "UNAUTHORIZED",
     "ClientKey",
     "ClientKeys",
     "ClientKeysError",
-    "UNAUTHORIZED",
-    "parseInlineKeys",
-    "readKeyFile",
     "buildClientKeys",
+    "parseInlineKeys",
     "presentedKeys",
+    "readKeyFile",
 ]
 
 #: The C{client} value of requests refused for a missing or unknown key.
@@ -97,7 +97,7 @@ def _parseEntry(text: str, where: str, warnings: list[str]) -> ClientKey:
     if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in key):
         raise ClientKeysError(f"{where}: the key of {name!r} contains spaces or control characters")
     if key.lower().startswith(_HASHED):
-        hexDigest = key[len(_HASHED):]
+        hexDigest = key[len(_HASHED) :]
         if not _HEX.match(hexDigest):
             raise ClientKeysError(
                 f"{where}: the key of {name!r} starts with sha256: but is not 64 hex digits after it"
@@ -172,9 +172,7 @@ def _checkUnique(keys: Iterable[ClientKey]) -> None:
         digests[key.digest] = key
 
 
-def buildClientKeys(
-    inline: Iterable[ClientKey], path: str | None
-) -> tuple["ClientKeys | None", list[str]]:
+def buildClientKeys(inline: Iterable[ClientKey], path: str | None) -> tuple[ClientKeys | None, list[str]]:
     """
     The key set from C{PROXY_API_KEYS} and the key file, or L{None} when
     neither configures a key (the proxy is then open, as before).

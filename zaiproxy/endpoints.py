@@ -7,7 +7,8 @@ C{/admin/reset-rate-limit} (who may reach them: L{zaiproxy.access}).
 from __future__ import annotations
 
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -15,7 +16,7 @@ from twisted.web.server import Request
 from zaiproxy.dialects import Dialect, errorBody
 from zaiproxy.metrics import Metrics
 
-__all__ = ["MetricsResource", "HealthResource", "ReadyResource", "AdminResetResource"]
+__all__ = ["AdminResetResource", "HealthResource", "MetricsResource", "ReadyResource"]
 
 
 def _json(request: Request, status: int, document: Any) -> bytes:

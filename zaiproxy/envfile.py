@@ -56,9 +56,7 @@ def parseEnvironmentFile(text: str, source: str = "<config>") -> dict[str, str]:
         cut = len(text.rstrip(_WHITESPACE))
         text = text[: max(cut, keep)]
         if not _KEY.match(name):
-            raise EnvironmentFileError(
-                f"{source}:{keyLine}: {name!r} is not a valid variable name"
-            )
+            raise EnvironmentFileError(f"{source}:{keyLine}: {name!r} is not a valid variable name")
         result[name] = text
 
     for char in text + "\n":
@@ -139,9 +137,7 @@ def parseEnvironmentFile(text: str, source: str = "<config>") -> dict[str, str]:
             line += 1
 
     if state in ("singleQuote", "doubleQuote", "doubleQuoteEscape"):
-        raise EnvironmentFileError(
-            f"{source}:{keyLine}: unterminated quote in the value of {''.join(key)}"
-        )
+        raise EnvironmentFileError(f"{source}:{keyLine}: unterminated quote in the value of {''.join(key)}")
     return result
 
 
@@ -156,9 +152,7 @@ def readEnvironmentFile(path: str) -> dict[str, str]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise EnvironmentFileError(
-            f"cannot read config file {path}: {e.strerror or e}"
-        ) from None
+        raise EnvironmentFileError(f"cannot read config file {path}: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise EnvironmentFileError(f"config file {path} is not UTF-8 text") from None
     return parseEnvironmentFile(text, path)

@@ -19,7 +19,7 @@ from zaiproxy.dialects import Dialect
 from zaiproxy.logs import LINE, LineLogger
 from zaiproxy.metrics import Metrics
 
-__all__ = ["Exchange", "Reporter", "sniffModel", "CLIENT_CLOSED"]
+__all__ = ["CLIENT_CLOSED", "Exchange", "Reporter", "sniffModel"]
 
 #: The status recorded when the client left before the response ended
 #: (nginx's convention), so client disconnects never look like upstream
@@ -161,7 +161,6 @@ class Reporter:
             peer=exchange.client,
             queueWait=round(exchange.queueWait, 6),
             ttfb=(
-                None if exchange.firstByteAt is None
-                else round(exchange.firstByteAt - exchange.startedAt, 6)
+                None if exchange.firstByteAt is None else round(exchange.firstByteAt - exchange.startedAt, 6)
             ),
         )

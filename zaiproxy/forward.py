@@ -15,7 +15,8 @@ client itself. Every wait ends at once when the client leaves.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
@@ -44,7 +45,7 @@ from zaiproxy.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
 if TYPE_CHECKING:
     from zaiproxy.relay import RelayContext
 
-__all__ = ["Forwarder", "MAX_ERROR_BODY"]
+__all__ = ["MAX_ERROR_BODY", "Forwarder"]
 
 #: An error body is read whole up to this size (Z.AI's are tiny).
 MAX_ERROR_BODY = 1 << 20
@@ -107,7 +108,7 @@ class Forwarder:
 
     def __init__(
         self,
-        context: "RelayContext",
+        context: RelayContext,
         request: Request,
         route: Forward,
         exchange: Exchange,
@@ -133,7 +134,7 @@ class Forwarder:
 
     # -- the outcome -----------------------------------------------------------
 
-    def start(self) -> "Deferred[IResponse | None]":
+    def start(self) -> Deferred[IResponse | None]:
         """
         A response to relay, or L{None} if the client was answered here (or
         left); C{exchange.status} says which.
@@ -213,7 +214,9 @@ class Forwarder:
         failure.trap(NotAdmitted)
         retryAfter = math.ceil(failure.value.retryAfter)
         self._request.setHeader(b"retry-after", b"%d" % (retryAfter,))
-        self._fail(429, "queue_full", f"the proxy's queue is full; retry after {retryAfter} s", keepHeaders=True)
+        self._fail(
+            429, "queue_full", f"the proxy's queue is full; retry after {retryAfter} s", keepHeaders=True
+        )
 
     def _quotaHeld(self, until: float, error: ZaiError) -> None:
         """
@@ -287,7 +290,9 @@ class Forwarder:
                     return
                 self._fail(status, errorType, message)
                 return
-        if not failure.check(netError.ConnectionClosed, netError.ConnectError, CancelledError, *_CONNECTION_ERRORS):
+        if not failure.check(
+            netError.ConnectionClosed, netError.ConnectError, CancelledError, *_CONNECTION_ERRORS
+        ):
             self.log.failure("upstream request to {route} failed", failure=failure, route=self._route.label)
         if self._retry(NETWORK, "network_error"):
             return
@@ -323,9 +328,12 @@ class Forwarder:
         if oversized:
             self.log.warn(
                 "An error answer of {route} over {limit} bytes was cut to that size",
-                route=self._route.label, limit=MAX_ERROR_BODY,
+                route=self._route.label,
+                limit=MAX_ERROR_BODY,
             )
-        error = parseError(body) if not oversized and len(body) <= MAX_ERROR_BYTES else ZaiError(None, "unknown")
+        error = (
+            parseError(body) if not oversized and len(body) <= MAX_ERROR_BYTES else ZaiError(None, "unknown")
+        )
         if error.code is not None:
             context.reporter.zaiError(error)
         limiter = self._limiter
@@ -339,9 +347,13 @@ class Forwarder:
         if code == 429 and error.cls == "quota":
             if limiter is not None and context.quotaHold:
                 limiter.holdQuota(error)
-            self.log.warn("429 quota exhausted (code {code}): not retrying, returning reset metadata", code=error.code)
+            self.log.warn(
+                "429 quota exhausted (code {code}): not retrying, returning reset metadata", code=error.code
+            )
         elif code == 429 and limiter is not None:
-            asked = parseRetryAfter(response.headers.getRawHeaders(b"retry-after", [None])[0], context.clock.seconds())
+            asked = parseRetryAfter(
+                response.headers.getRawHeaders(b"retry-after", [None])[0], context.clock.seconds()
+            )
             if self._retry(error.cls, "429", asked, error.retryAfter, error):
                 return
             if error.cls != "configuration":

@@ -11,13 +11,13 @@ may change is copied.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 from twisted.web.http_headers import Headers
 
 from zaiproxy.dialects import Dialect
 
-__all__ = ["upstreamRequestHeaders", "clientResponseHeaders", "HOP_BY_HOP"]
+__all__ = ["HOP_BY_HOP", "clientResponseHeaders", "upstreamRequestHeaders"]
 
 HOP_BY_HOP = frozenset(
     [

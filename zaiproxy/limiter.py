@@ -34,8 +34,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -45,7 +46,7 @@ from twisted.logger import Logger
 from zaiproxy.admission import Admission
 from zaiproxy.zai_errors import ZaiError
 
-__all__ = ["RateLimiter", "LimiterSettings", "REFUSED_RATIO", "HEAVY_RATIO"]
+__all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter"]
 
 #: A window in which Z.AI refused at least this share of the calls (429s of
 #: the class in question) is over capacity; below it, the window is clean.
@@ -157,7 +158,9 @@ class RateLimiter:
         elif outcome == "concurrency":
             self._concurrency += 1
             if inFlight is not None:
-                self._concurrencyAt = inFlight if self._concurrencyAt is None else min(self._concurrencyAt, inFlight)
+                self._concurrencyAt = (
+                    inFlight if self._concurrencyAt is None else min(self._concurrencyAt, inFlight)
+                )
 
     def holdQuota(self, error: ZaiError) -> None:
         """
@@ -288,7 +291,10 @@ class RateLimiter:
             self.log.info(
                 "Rate limit: Ceiling updated {old:.2f} -> {new:.2f} req/s, holding at {rate:.2f} req/s "
                 "(429 rate: {ratio:.2f}%)",
-                old=old, new=self.ceiling, rate=self.rate, ratio=ratio * 100,
+                old=old,
+                new=self.ceiling,
+                rate=self.rate,
+                ratio=ratio * 100,
             )
             return
         self._tail = False
@@ -312,7 +318,9 @@ class RateLimiter:
             self._onAdjust("increase")
             self.log.info(
                 "Rate limit: Converging to {rate:.2f} req/s (target: {target:.2f}, ceiling: {ceiling:.2f})",
-                rate=self.rate, target=target, ceiling=self.ceiling,
+                rate=self.rate,
+                target=target,
+                ceiling=self.ceiling,
             )
         else:
             self._clean += 1
@@ -328,10 +336,14 @@ class RateLimiter:
         self.log.info(
             "Rate limit: Probing ceiling at {rate:.2f} req/s (estimated ceiling: {ceiling:.2f}, "
             "clean windows: {clean})",
-            rate=self.rate, ceiling=self.ceiling, clean=clean,
+            rate=self.rate,
+            ceiling=self.ceiling,
+            clean=clean,
         )
 
-    def _judgeConcurrency(self, successes: int, refused: int, inFlightAt: int | None, saturated: bool) -> None:
+    def _judgeConcurrency(
+        self, successes: int, refused: int, inFlightAt: int | None, saturated: bool
+    ) -> None:
         s = self.settings
         total = successes + refused
         if total and refused / total >= REFUSED_RATIO:
@@ -345,7 +357,8 @@ class RateLimiter:
             self._onAdjust("concurrency_decrease")
             self.log.info(
                 "Rate limit: Concurrency limit {limit} (1302 with {inFlight} in flight)",
-                limit=self.limit, inFlight=inFlightAt,
+                limit=self.limit,
+                inFlight=inFlightAt,
             )
             return
         if refused or not saturated or self.limit >= s.maxWorkers:
@@ -404,8 +417,12 @@ class RateLimiter:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                self.log.warn("Rate limiter reset: cannot remove {path}: {error}", path=s.stateFile, error=str(e))
-        self.log.info("Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}", rate=self.rate, ceiling=self.ceiling)
+                self.log.warn(
+                    "Rate limiter reset: cannot remove {path}: {error}", path=s.stateFile, error=str(e)
+                )
+        self.log.info(
+            "Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}", rate=self.rate, ceiling=self.ceiling
+        )
 
     def setBounds(self, initial: float, minimum: float, maximum: float) -> None:
         """
@@ -454,7 +471,9 @@ class RateLimiter:
             return
         self.log.debug(
             "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
-            ceiling=self.ceiling, hold=state["hold"], path=path,
+            ceiling=self.ceiling,
+            hold=state["hold"],
+            path=path,
         )
 
     def _restore(self) -> None:
@@ -471,7 +490,8 @@ class RateLimiter:
             stamp = state.get("ts")
             when = (
                 datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-                if isinstance(stamp, str) else os.path.getmtime(path)
+                if isinstance(stamp, str)
+                else os.path.getmtime(path)
             )
         except FileNotFoundError:
             self.log.info(
@@ -479,14 +499,19 @@ class RateLimiter:
             )
             return
         except (OSError, ValueError, KeyError, TypeError) as e:
-            self.log.warn("Rate limit: ignoring persisted ceiling at {path}: {error}", path=path, error=str(e) or type(e).__name__)
+            self.log.warn(
+                "Rate limit: ignoring persisted ceiling at {path}: {error}",
+                path=path,
+                error=str(e) or type(e).__name__,
+            )
             return
         age = self._clock.seconds() - when
         if age > s.stateMaxAge:
             self.log.warn(
                 "Rate limit: ignoring persisted ceiling at {path}: {age:.0f} s old, older than "
                 "RATE_LIMIT_STATE_MAX_AGE",
-                path=path, age=age,
+                path=path,
+                age=age,
             )
             return
         self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
@@ -500,7 +525,9 @@ class RateLimiter:
         self.log.info(
             "Rate limit: resumed at persisted ceiling {ceiling:.2f} req/s, holding at {rate:.2f} req/s "
             "(learned {when})",
-            ceiling=self.ceiling, rate=self.rate, when=_rfc3339(when),
+            ceiling=self.ceiling,
+            rate=self.rate,
+            when=_rfc3339(when),
         )
 
     # -- reporting ---------------------------------------------------------------

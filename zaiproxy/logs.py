@@ -11,15 +11,16 @@ per line that journald and log shippers can read.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from time import time
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 from twisted.logger import FileLogObserver, ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-__all__ = ["buildObserver", "LevelFilteringObserver", "LineLogger", "formatJSON", "formatText", "LINE"]
+__all__ = ["LINE", "LevelFilteringObserver", "LineLogger", "buildObserver", "formatJSON", "formatText"]
 
 #: The format of an event whose text is already made (hot-path events such
 #: as the access log): C{log.info(LINE, line=text, **fields)}. Twisted's own

@@ -24,7 +24,7 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["Metrics", "methodLabel", "DURATION_BUCKETS", "SIZE_BUCKETS"]
+__all__ = ["DURATION_BUCKETS", "SIZE_BUCKETS", "Metrics", "methodLabel"]
 
 # The seed exports no *_created series; neither do we.
 prometheus_client.disable_created_metrics()
@@ -71,37 +71,56 @@ class Metrics:
         r = registry
 
         self.requests = Counter(
-            "zai_proxy_requests", "Requests handled, by route and status.",
-            ["method", "path", "status_code", "variant"], registry=r,
+            "zai_proxy_requests",
+            "Requests handled, by route and status.",
+            ["method", "path", "status_code", "variant"],
+            registry=r,
         )
         self.requestDuration = Histogram(
-            "zai_proxy_request_duration_seconds", "Time from request to the end of the response.",
-            ["method", "path", "status_code", "variant"], buckets=DURATION_BUCKETS, registry=r,
+            "zai_proxy_request_duration_seconds",
+            "Time from request to the end of the response.",
+            ["method", "path", "status_code", "variant"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
         )
         self.requestSize = Histogram(
-            "zai_proxy_request_size_bytes", "Request body size.",
-            ["method", "path", "variant"], buckets=SIZE_BUCKETS, registry=r,
+            "zai_proxy_request_size_bytes",
+            "Request body size.",
+            ["method", "path", "variant"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
         )
         self.responseSize = Histogram(
-            "zai_proxy_response_size_bytes", "Response body bytes written to the client.",
-            ["method", "path", "status_code", "variant"], buckets=SIZE_BUCKETS, registry=r,
+            "zai_proxy_response_size_bytes",
+            "Response body bytes written to the client.",
+            ["method", "path", "status_code", "variant"],
+            buckets=SIZE_BUCKETS,
+            registry=r,
         )
         self.timeToFirstByte = Histogram(
             "zai_proxy_time_to_first_byte_seconds",
             "Time from request to the first response body byte sent to the client.",
-            ["method", "path", "variant"], buckets=TTFB_BUCKETS, registry=r,
+            ["method", "path", "variant"],
+            buckets=TTFB_BUCKETS,
+            registry=r,
         )
         self.concurrentRequests = Gauge(
-            "zai_proxy_concurrent_requests", "Proxied requests in flight.",
-            ["variant"], registry=r,
+            "zai_proxy_concurrent_requests",
+            "Proxied requests in flight.",
+            ["variant"],
+            registry=r,
         )
         self.upstreamErrors = Counter(
-            "zai_proxy_upstream_errors", "Upstream failures, by kind.",
-            ["error_type", "variant"], registry=r,
+            "zai_proxy_upstream_errors",
+            "Upstream failures, by kind.",
+            ["error_type", "variant"],
+            registry=r,
         )
         self.buildInfo = Gauge(
-            "zai_proxy_build_info", "Build information (always 1).",
-            ["version", "variant", "commit", "build_time"], registry=r,
+            "zai_proxy_build_info",
+            "Build information (always 1).",
+            ["version", "variant", "commit", "build_time"],
+            registry=r,
         )
         self.buildInfo.labels(version, variant, commit, buildTime).set(1)
         self.inFlight = self.concurrentRequests.labels(variant)
@@ -116,114 +135,169 @@ class Metrics:
         # Tokens and cost (seed section 8.2).
         tokenLabels = ["direction", "model", "variant", "pricing_tier"]
         self.tokens = Counter(
-            "zai_proxy_tokens", "Tokens billed (as Z.AI reports them, else estimated).",
-            tokenLabels, registry=r,
+            "zai_proxy_tokens",
+            "Tokens billed (as Z.AI reports them, else estimated).",
+            tokenLabels,
+            registry=r,
         )
         self.estimatedCost = Counter(
-            "zai_proxy_estimated_cost_usd", "Estimated cost in USD, from the configured prices.",
-            tokenLabels, registry=r,
+            "zai_proxy_estimated_cost_usd",
+            "Estimated cost in USD, from the configured prices.",
+            tokenLabels,
+            registry=r,
         )
         self.tokenCountDuration = Histogram(
-            "zai_proxy_token_count_duration_seconds", "Time spent counting tokens locally.",
-            ["variant"], buckets=TOKEN_COUNT_BUCKETS, registry=r,
+            "zai_proxy_token_count_duration_seconds",
+            "Time spent counting tokens locally.",
+            ["variant"],
+            buckets=TOKEN_COUNT_BUCKETS,
+            registry=r,
         )
         self.tokenRate = Histogram(
-            "zai_proxy_token_rate", "Output tokens per second of generation.",
-            ["direction", "model", "variant"], buckets=TOKEN_RATE_BUCKETS, registry=r,
+            "zai_proxy_token_rate",
+            "Output tokens per second of generation.",
+            ["direction", "model", "variant"],
+            buckets=TOKEN_RATE_BUCKETS,
+            registry=r,
         )
         self.tokenCounter = Gauge(
-            "zai_proxy_token_counter_info", "Which local token counter is active (always 1).",
-            ["counter", "encoding", "variant"], registry=r,
+            "zai_proxy_token_counter_info",
+            "Which local token counter is active (always 1).",
+            ["counter", "encoding", "variant"],
+            registry=r,
         )
         self.usageSource = Counter(
             "zai_proxy_token_usage_source",
             "Model answers by where their token numbers came from: reported by Z.AI, "
             "estimated locally, or partial (the answer was cut short).",
-            ["source", "variant"], registry=r,
+            ["source", "variant"],
+            registry=r,
         )
         self.zaiErrors = Counter(
-            "zai_proxy_zai_errors", "Z.AI business errors, by class and code.",
-            ["class", "code", "variant"], registry=r,
+            "zai_proxy_zai_errors",
+            "Z.AI business errors, by class and code.",
+            ["class", "code", "variant"],
+            registry=r,
         )
 
         # Admission, adaptation and retries (seed section 8.1).
         self.rateLimitRate = Gauge(
-            "zai_proxy_rate_limit_requests_per_second", "The limiter's current rate.",
-            ["variant"], registry=r,
+            "zai_proxy_rate_limit_requests_per_second",
+            "The limiter's current rate.",
+            ["variant"],
+            registry=r,
         )
         self.rateLimitCeiling = Gauge(
             "zai_proxy_rate_limit_ceiling_requests_per_second",
             "The limiter's estimate of Z.AI's capacity for this key.",
-            ["variant"], registry=r,
+            ["variant"],
+            registry=r,
         )
         self.rateLimitWait = Histogram(
-            "zai_proxy_rate_limit_wait_seconds", "Time a model call waited for admission.",
-            ["variant", "client"], buckets=WAIT_BUCKETS, registry=r,
+            "zai_proxy_rate_limit_wait_seconds",
+            "Time a model call waited for admission.",
+            ["variant", "client"],
+            buckets=WAIT_BUCKETS,
+            registry=r,
         )
         self.rateLimitAdjustments = Counter(
-            "zai_proxy_rate_limit_adjustments", "Limiter adjustments, by direction.",
-            ["direction", "variant"], registry=r,
+            "zai_proxy_rate_limit_adjustments",
+            "Limiter adjustments, by direction.",
+            ["direction", "variant"],
+            registry=r,
         )
         self.rateLimitRejections = Counter(
-            "zai_proxy_rate_limit_rejections", "Calls refused by the proxy's queue (full or timed out).",
-            ["variant", "client"], registry=r,
+            "zai_proxy_rate_limit_rejections",
+            "Calls refused by the proxy's queue (full or timed out).",
+            ["variant", "client"],
+            registry=r,
         )
         self.retryAttempts = Counter(
-            "zai_proxy_retry_attempts", "Retries, by reason (and all of them under retry).",
-            ["reason", "variant"], registry=r,
+            "zai_proxy_retry_attempts",
+            "Retries, by reason (and all of them under retry).",
+            ["reason", "variant"],
+            registry=r,
         )
         self.maxWorkers = Gauge(
-            "zai_proxy_max_workers", "MAX_WORKERS.", ["variant"], registry=r,
+            "zai_proxy_max_workers",
+            "MAX_WORKERS.",
+            ["variant"],
+            registry=r,
         )
         self.concurrencyLimit = Gauge(
-            "zai_proxy_concurrency_limit", "The current limit of model calls in flight (adaptive).",
-            ["variant"], registry=r,
+            "zai_proxy_concurrency_limit",
+            "The current limit of model calls in flight (adaptive).",
+            ["variant"],
+            registry=r,
         )
         self.workerUtilization = Gauge(
-            "zai_proxy_worker_utilization_ratio", "Model calls in flight over the current limit.",
-            ["variant"], registry=r,
+            "zai_proxy_worker_utilization_ratio",
+            "Model calls in flight over the current limit.",
+            ["variant"],
+            registry=r,
         )
         # The quota poller (seed section 8.2), observe only.
         quotaLabels = ["window", "limit_type", "variant"]
         self.quotaUsage = Gauge(
-            "zai_proxy_quota_usage_ratio", "Share of a quota window used.", quotaLabels, registry=r,
+            "zai_proxy_quota_usage_ratio",
+            "Share of a quota window used.",
+            quotaLabels,
+            registry=r,
         )
         self.quotaRemaining = Gauge(
-            "zai_proxy_quota_remaining_ratio", "Share of a quota window left.", quotaLabels, registry=r,
+            "zai_proxy_quota_remaining_ratio",
+            "Share of a quota window left.",
+            quotaLabels,
+            registry=r,
         )
         self.quotaReset = Gauge(
-            "zai_proxy_quota_reset_time_seconds", "When a quota window resets (Unix time).",
-            quotaLabels, registry=r,
+            "zai_proxy_quota_reset_time_seconds",
+            "When a quota window resets (Unix time).",
+            quotaLabels,
+            registry=r,
         )
         self.quotaSampleAge = Gauge(
-            "zai_proxy_quota_sample_age_seconds", "Age of the last good quota sample.",
-            ["variant"], registry=r,
+            "zai_proxy_quota_sample_age_seconds",
+            "Age of the last good quota sample.",
+            ["variant"],
+            registry=r,
         )
         self.quotaPolls = Counter(
-            "zai_proxy_quota_poll", "Quota polls, by result.", ["result", "variant"], registry=r,
+            "zai_proxy_quota_poll",
+            "Quota polls, by result.",
+            ["result", "variant"],
+            registry=r,
         )
         # Client keys and reloads.
         self.clientAuthFailures = Counter(
             "zai_proxy_client_auth_failures",
             "Proxied requests refused with 401: no client key (missing) or not a configured one (unknown).",
-            ["reason", "variant"], registry=r,
+            ["reason", "variant"],
+            registry=r,
         )
         self.clientKeys = Gauge(
-            "zai_proxy_client_keys", "Client keys in force (0: the proxy is open).",
-            ["variant"], registry=r,
+            "zai_proxy_client_keys",
+            "Client keys in force (0: the proxy is open).",
+            ["variant"],
+            registry=r,
         )
         self.configReloads = Counter(
-            "zai_proxy_config_reloads", "Configuration reloads (SIGHUP), by result.",
-            ["result", "variant"], registry=r,
+            "zai_proxy_config_reloads",
+            "Configuration reloads (SIGHUP), by result.",
+            ["result", "variant"],
+            registry=r,
         )
         self.configReloadTime = Gauge(
             "zai_proxy_config_last_reload_timestamp_seconds",
             "When the configuration was last reloaded successfully (Unix time; 0: never).",
-            ["variant"], registry=r,
+            ["variant"],
+            registry=r,
         )
         self.queueLength = Gauge(
-            "zai_proxy_rate_limit_queue_length", "Model calls waiting for admission.",
-            ["variant"], registry=r,
+            "zai_proxy_rate_limit_queue_length",
+            "Model calls waiting for admission.",
+            ["variant"],
+            registry=r,
         )
 
     def requestFinished(
@@ -315,7 +389,5 @@ class Metrics:
         The scrape body and its content type, negotiated like the client
         library's own HTTP handler (OpenMetrics when asked for).
         """
-        encoder, contentType = exposition.choose_encoder(
-            (accept or b"").decode("latin-1")
-        )
+        encoder, contentType = exposition.choose_encoder((accept or b"").decode("latin-1"))
         return encoder(self.registry), contentType

@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["QuotaPoller", "QuotaSample", "QuotaWindow", "parseQuota", "QuotaError", "QUOTA_PATH"]
+__all__ = ["QUOTA_PATH", "QuotaError", "QuotaPoller", "QuotaSample", "QuotaWindow", "parseQuota"]
 
 QUOTA_PATH = "/api/monitor/usage/quota/limit"
 
@@ -192,7 +192,10 @@ class QuotaPoller:
         self.log.info(
             "Quota polling enabled (observe-only): interval={interval:g}s, timeout={timeout:g}s, "
             "stale_after={stale:g}s, base_url={base}",
-            interval=self.interval, timeout=self._timeout, stale=self.staleAfter, base=self._baseURL,
+            interval=self.interval,
+            timeout=self._timeout,
+            stale=self.staleAfter,
+            base=self._baseURL,
         )
         self._loop = LoopingCall(self.poll)
         self._loop.clock = self._clock
@@ -205,7 +208,7 @@ class QuotaPoller:
         if self._polling is not None:
             self._polling.cancel()
 
-    def poll(self) -> "Deferred[None]":
+    def poll(self) -> Deferred[None]:
         """
         One poll; it never fails (a LoopingCall that fails stops for good).
         """
@@ -291,7 +294,9 @@ class QuotaPoller:
             "stale_after": self.staleAfter,
         }
         if self.lastOutcome is not None:
-            section["last_outcome"] = self.lastOutcome if self.fresh or self.lastOutcome != "success" else "stale"
+            section["last_outcome"] = (
+                self.lastOutcome if self.fresh or self.lastOutcome != "success" else "stale"
+            )
         sample = self.sample
         if sample is not None:
             section["last_success_at"] = _rfc3339(sample.takenAt)

@@ -22,7 +22,8 @@ work done before that poll would delay the client's first byte.
 from __future__ import annotations
 
 import random
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -36,7 +37,6 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting
-from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
 from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -46,6 +46,7 @@ from zaiproxy.limiter import RateLimiter
 from zaiproxy.routes import Forward
 from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
 from zaiproxy.upstream import DiscardBody, DrainBody, Upstream
+from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
 
 if TYPE_CHECKING:
     from zaiproxy.site import InFlight
@@ -169,9 +170,7 @@ class Relay(Protocol):
         if errorType is not None:
             self._exchange.errorType = errorType
             self._context.reporter.upstreamError(errorType)
-        self._exchange.responseBytes = respondWithError(
-            self._request, self._route.dialect, status, message
-        )
+        self._exchange.responseBytes = respondWithError(self._request, self._route.dialect, status, message)
         self._finished(status)
 
     # -- the response -------------------------------------------------------
@@ -450,9 +449,7 @@ class Relay(Protocol):
             self._finished(CLIENT_CLOSED)
             return
         clean = (
-            reason.check(ResponseDone, PotentialDataLoss)
-            and not self._idleTimedOut
-            and not self._shutdown
+            reason.check(ResponseDone, PotentialDataLoss) and not self._idleTimedOut and not self._shutdown
         )
         if not clean:
             self._streamBroke()
@@ -552,9 +549,7 @@ class Relay(Protocol):
 
     def _startIdleTimer(self) -> None:
         if self._idleTimer is None and not self._done and self._ended is None:
-            self._idleTimer = self._context.clock.callLater(
-                self._context.idleTimeout, self._idleTimeout
-            )
+            self._idleTimer = self._context.clock.callLater(self._context.idleTimeout, self._idleTimeout)
 
     def _cancelIdleTimer(self) -> None:
         if self._idleTimer is not None:

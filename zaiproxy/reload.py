@@ -21,8 +21,9 @@ changed by editing the file.
 from __future__ import annotations
 
 import signal
+from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
@@ -35,7 +36,7 @@ from zaiproxy.settings import SettingsError, loadSettings, settingSpecs
 if TYPE_CHECKING:
     from zaiproxy.service import ProxyService
 
-__all__ = ["Reloader", "LIVE_SETTINGS"]
+__all__ = ["LIVE_SETTINGS", "Reloader"]
 
 #: Settings a reload applies at once (attribute names of L{Settings}); a
 #: change to any other is logged as needing a restart.
@@ -91,7 +92,7 @@ class Reloader:
 
     log = Logger()
 
-    def __init__(self, service: "ProxyService", configPath: str | None, environ: Mapping[str, str]) -> None:
+    def __init__(self, service: ProxyService, configPath: str | None, environ: Mapping[str, str]) -> None:
         self._service = service
         self._configPath = configPath
         self._environ = _notFromFile(environ, configPath)

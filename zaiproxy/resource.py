@@ -6,7 +6,8 @@ endpoint, or a refusal; and the relays in flight, for shutdown.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -83,9 +84,7 @@ class ProxyResource(Resource):
             exchange.dialect = guessDialect(
                 request.path, request.requestHeaders.hasHeader(b"anthropic-version")
             )
-            exchange.responseBytes = respondWithError(
-                request, exchange.dialect, route.status, route.message
-            )
+            exchange.responseBytes = respondWithError(request, exchange.dialect, route.status, route.message)
             exchange.status = route.status
             context.reporter.finished(exchange)
             return NOT_DONE_YET

@@ -15,19 +15,19 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Callable
 
 from zaiproxy.zai_errors import ZaiError
 
 __all__ = [
-    "backoff",
-    "retryWait",
-    "parseRetryAfter",
-    "zaiHeaders",
-    "RETRYABLE_CLASSES",
     "NETWORK",
+    "RETRYABLE_CLASSES",
+    "backoff",
+    "parseRetryAfter",
+    "retryWait",
+    "zaiHeaders",
 ]
 
 #: The class name used for connection failures before an answer.

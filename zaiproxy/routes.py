@@ -20,13 +20,13 @@ import attrs
 from zaiproxy.dialects import Dialect
 
 __all__ = [
+    "LOCAL_ENDPOINTS",
     "Forward",
     "Local",
     "Refuse",
     "Targets",
     "guessDialect",
     "resolve",
-    "LOCAL_ENDPOINTS",
 ]
 
 #: Paths the proxy answers itself.
@@ -50,7 +50,7 @@ class Targets:
     origin: bytes
 
     @classmethod
-    def fromURLs(cls, anthropicBase: str, openaiBase: str) -> "Targets":
+    def fromURLs(cls, anthropicBase: str, openaiBase: str) -> Targets:
         parts = urlsplit(anthropicBase)
         return cls(
             anthropicBase=anthropicBase.rstrip("/").encode("ascii"),

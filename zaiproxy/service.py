@@ -14,8 +14,8 @@ stops at that moment loses the tail of the stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
@@ -36,15 +36,15 @@ from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.quota import QuotaPoller
 from zaiproxy.relay import Relay, RelayContext
+from zaiproxy.reload import Reloader
 from zaiproxy.resource import ProxyResource
 from zaiproxy.routes import Targets
-from zaiproxy.reload import Reloader
 from zaiproxy.settings import Settings
 from zaiproxy.site import InFlight, ProxySite
 from zaiproxy.tokens import Counting, loadCounter
 from zaiproxy.upstream import Upstream
 
-__all__ = ["ProxyService", "BuildInfo"]
+__all__ = ["BuildInfo", "ProxyService"]
 
 #: After the drain, how long closing connections may take to flush.
 _FLUSH_SECONDS = 5.0
@@ -52,12 +52,16 @@ _FLUSH_SECONDS = 5.0
 _CUT_SECONDS = 2.0
 #: Largest request body on the admin port (its endpoints take none).
 _ADMIN_MAX_REQUEST_BYTES = 64 * 1024
+
+
 class BuildInfo:
     """
     The version, commit and build time reported by C{zai_proxy_build_info}.
     """
 
-    def __init__(self, version: str = __version__, commit: str = "unknown", buildTime: str = "unknown") -> None:
+    def __init__(
+        self, version: str = __version__, commit: str = "unknown", buildTime: str = "unknown"
+    ) -> None:
         self.version = version
         self.commit = commit
         self.buildTime = buildTime
@@ -111,9 +115,7 @@ class ProxyService(MultiService):
         self.metrics = metrics or Metrics(
             settings.deploymentVariant, build.version, build.commit, build.buildTime
         )
-        self.upstream = Upstream(
-            reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize
-        )
+        self.upstream = Upstream(reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize)
         self.reporter = Reporter(self.metrics, reactor)
         self.accounting = self._buildAccounting(reactor, settings)
         self.limiter = self._buildLimiter(limiterClock or reactor, settings)
@@ -212,8 +214,7 @@ class ProxyService(MultiService):
             for item in listen
         ]
         self._adminEndpoints = [
-            (description, endpoints.serverFromString(reactor, description))
-            for description in adminListen
+            (description, endpoints.serverFromString(reactor, description)) for description in adminListen
         ]
         self.ports: list[IListeningPort] = []
         self.adminPorts: list[IListeningPort] = []
@@ -455,9 +456,7 @@ class ProxyService(MultiService):
 
         drained = yield self._within(self.inFlight.whenEmpty(), self.settings.drainTimeout)
         if not drained:
-            self.log.warn(
-                "Drain timeout: cutting {n} request(s) still in flight", n=len(self.inFlight)
-            )
+            self.log.warn("Drain timeout: cutting {n} request(s) still in flight", n=len(self.inFlight))
             for relay in self.inFlight:
                 relay.shutdown()
             yield self._within(self.inFlight.whenEmpty(), _CUT_SECONDS)
@@ -485,7 +484,7 @@ class ProxyService(MultiService):
             self.reactor._exitSignal = None
 
     @inlineCallbacks
-    def _within(self, waiting: "Deferred[None]", seconds: float) -> Any:
+    def _within(self, waiting: Deferred[None], seconds: float) -> Any:
         """
         Wait for C{waiting} for at most C{seconds}; say whether it fired.
         """

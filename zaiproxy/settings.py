@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import re
 import sys
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import attrs
@@ -24,13 +25,13 @@ from zaiproxy.clientkeys import ClientKey, parseInlineKeys
 from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
 
 __all__ = [
-    "settingsTable",
-    "environmentTemplate",
+    "SettingSpec",
     "Settings",
     "SettingsError",
-    "SettingSpec",
-    "settingSpecs",
+    "environmentTemplate",
     "loadSettings",
+    "settingSpecs",
+    "settingsTable",
 ]
 
 
@@ -322,194 +323,283 @@ class Settings:
     """
 
     zaiApiKey: str = _setting(
-        "ZAI_API_KEY", parseSecret, None,
+        "ZAI_API_KEY",
+        parseSecret,
+        None,
         "Upstream Z.AI key, injected into every forwarded request. Required; never logged.",
         secret=True,
     )
     zaiTargetURL: str = _setting(
-        "ZAI_TARGET_URL", parseURL, "https://api.z.ai/api/anthropic",
+        "ZAI_TARGET_URL",
+        parseURL,
+        "https://api.z.ai/api/anthropic",
         "Anthropic-compatible upstream base; /v1/... paths are appended to it.",
     )
     zaiOpenAITargetURL: str = _setting(
-        "ZAI_OPENAI_TARGET_URL", parseURL, "https://api.z.ai/api/coding/paas/v4",
+        "ZAI_OPENAI_TARGET_URL",
+        parseURL,
+        "https://api.z.ai/api/coding/paas/v4",
         "OpenAI-compatible upstream base; /chat/completions is appended to it.",
     )
     deploymentVariant: str = _setting(
-        "DEPLOYMENT_VARIANT", parseText, "production",
+        "DEPLOYMENT_VARIANT",
+        parseText,
+        "production",
         "Value of the variant label on every metric (canary deployments).",
     )
     tokenCountingEnabled: bool = _setting(
-        "TOKEN_COUNTING_ENABLED", parseBool, "true",
+        "TOKEN_COUNTING_ENABLED",
+        parseBool,
+        "true",
         "Count tokens with tiktoken where the upstream does not report usage.",
     )
     tokenizerModel: str = _setting(
-        "TOKENIZER_MODEL", parseText, "glm-4",
+        "TOKENIZER_MODEL",
+        parseText,
+        "glm-4",
         "Model label used when a request names no model.",
     )
     modelLabels: tuple[str, ...] = _setting(
-        "MODEL_LABELS", parseNames, "",
+        "MODEL_LABELS",
+        parseNames,
+        "",
         "Extra model names kept as their own metric label (known GLM ids always are); others count as other.",
     )
     tokenPrices: tuple[tuple[str, tuple[float, float, float, float]], ...] = _setting(
-        "TOKEN_PRICES", parsePrices, "*=0.60/2.20/0.11/0",
+        "TOKEN_PRICES",
+        parsePrices,
+        "*=0.60/2.20/0.11/0",
         "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million tokens; * is any other model.",
     )
     peakHours: tuple[float, float] = _setting(
-        "PEAK_HOURS", parseHours, "02:00-06:00",
+        "PEAK_HOURS",
+        parseHours,
+        "02:00-06:00",
         "Daily window of peak pricing (pricing_tier=peak), or off.",
     )
     peakUTCOffset: float = _setting(
-        "PEAK_UTC_OFFSET", parseUTCOffset, "-5",
+        "PEAK_UTC_OFFSET",
+        parseUTCOffset,
+        "-5",
         "Time zone of PEAK_HOURS, in hours from UTC (the seed's fixed UTC-5).",
     )
     peakMultiplier: float = _setting(
-        "PEAK_MULTIPLIER", parsePositiveFloat, "2",
+        "PEAK_MULTIPLIER",
+        parsePositiveFloat,
+        "2",
         "Price multiplier during peak hours.",
     )
     tiktokenCacheDir: str = _setting(
-        "TIKTOKEN_CACHE_DIR", parseText, "",
+        "TIKTOKEN_CACHE_DIR",
+        parseText,
+        "",
         "A directory holding tiktoken's cached cl100k_base file, used before the bundled copy.",
     )
     maxWorkers: int = _setting(
-        "MAX_WORKERS", parsePositiveInt, "10",
+        "MAX_WORKERS",
+        parsePositiveInt,
+        "10",
         "Upstream calls in flight at once.",
     )
     maxRetries: int = _setting(
-        "MAX_RETRIES", parseNonNegativeInt, "3",
+        "MAX_RETRIES",
+        parseNonNegativeInt,
+        "3",
         "Retries before the first byte reaches the client (total attempts = 1 + this).",
     )
     rateLimitInitial: float = _setting(
-        "RATE_LIMIT_INITIAL", parsePositiveFloat, "10.0",
+        "RATE_LIMIT_INITIAL",
+        parsePositiveFloat,
+        "10.0",
         "Starting request rate (requests/s).",
     )
     rateLimitMin: float = _setting(
-        "RATE_LIMIT_MIN", parsePositiveFloat, "1.0",
+        "RATE_LIMIT_MIN",
+        parsePositiveFloat,
+        "1.0",
         "Lowest request rate the limiter will go to (requests/s).",
     )
     rateLimitMax: float = _setting(
-        "RATE_LIMIT_MAX", parsePositiveFloat, "50.0",
+        "RATE_LIMIT_MAX",
+        parsePositiveFloat,
+        "50.0",
         "Highest request rate, and the first ceiling estimate (requests/s).",
     )
     rateLimitStateFile: str | None = _setting(
-        "RATE_LIMIT_STATE_FILE", parseOptionalPath, "/var/lib/zai-proxy/ceiling.json",
+        "RATE_LIMIT_STATE_FILE",
+        parseOptionalPath,
+        "/var/lib/zai-proxy/ceiling.json",
         "Where the learned rate ceiling is kept across restarts; off disables it.",
     )
     rateLimitWindow: float = _setting(
-        "RATE_LIMIT_WINDOW", parseDuration, "30s",
+        "RATE_LIMIT_WINDOW",
+        parseDuration,
+        "30s",
         "How often the limiter judges the last window's outcomes and adjusts.",
     )
     rateLimitCeilingAlpha: float = _setting(
-        "RATE_LIMIT_CEILING_ALPHA", _fraction(0.0, 1.0, closedHigh=True), "0.3",
+        "RATE_LIMIT_CEILING_ALPHA",
+        _fraction(0.0, 1.0, closedHigh=True),
+        "0.3",
         "Weight of a new capacity observation in the ceiling estimate (EWMA).",
     )
     rateLimitHoldMargin: float = _setting(
-        "RATE_LIMIT_HOLD_MARGIN", _fraction(0.0, 1.0, closedHigh=False), "0.02",
+        "RATE_LIMIT_HOLD_MARGIN",
+        _fraction(0.0, 1.0, closedHigh=False),
+        "0.02",
         "Hold this fraction below the ceiling; probes start this fraction above it.",
     )
     rateLimitProbeInterval: int = _setting(
-        "RATE_LIMIT_PROBE_INTERVAL", parsePositiveInt, "10",
+        "RATE_LIMIT_PROBE_INTERVAL",
+        parsePositiveInt,
+        "10",
         "Clean windows at the ceiling before probing above it.",
     )
     rateLimitStateMaxAge: float = _setting(
-        "RATE_LIMIT_STATE_MAX_AGE", parseDuration, "6h",
+        "RATE_LIMIT_STATE_MAX_AGE",
+        parseDuration,
+        "6h",
         "A persisted ceiling older than this is ignored at start-up.",
     )
     maxQueue: int = _setting(
-        "MAX_QUEUE", parseNonNegativeInt, "256",
+        "MAX_QUEUE",
+        parseNonNegativeInt,
+        "256",
         "Model calls that may wait for admission; beyond it they get 429 at once.",
     )
     queueTimeout: float = _setting(
-        "QUEUE_TIMEOUT", parseDuration, "120s",
+        "QUEUE_TIMEOUT",
+        parseDuration,
+        "120s",
         "Longest wait for admission before a 429 with Retry-After.",
     )
     quotaHold: bool = _setting(
-        "QUOTA_HOLD", parseBool, "true",
+        "QUOTA_HOLD",
+        parseBool,
+        "true",
         "After a quota 429 (1308, 1310) answer 429 locally until the stated reset, without calling Z.AI.",
     )
     quotaPollEnabled: bool = _setting(
-        "QUOTA_POLL_ENABLED", parseBool, "false",
+        "QUOTA_POLL_ENABLED",
+        parseBool,
+        "false",
         "Poll Z.AI's quota endpoint (observe only: it never blocks a request).",
     )
     quotaPollInterval: float = _setting(
-        "QUOTA_POLL_INTERVAL", parseDuration, "1m",
+        "QUOTA_POLL_INTERVAL",
+        parseDuration,
+        "1m",
         "How often the quota poller asks.",
     )
     quotaPollTimeout: float = _setting(
-        "QUOTA_POLL_TIMEOUT", parseDuration, "5s",
+        "QUOTA_POLL_TIMEOUT",
+        parseDuration,
+        "5s",
         "Time budget of one quota poll.",
     )
     quotaStaleAfter: float = _setting(
-        "QUOTA_STALE_AFTER", parseDuration, "15m",
+        "QUOTA_STALE_AFTER",
+        parseDuration,
+        "15m",
         "A quota sample older than this is reported stale.",
     )
     zaiQuotaBaseURL: str = _setting(
-        "ZAI_QUOTA_BASE_URL", parseURL, "https://api.z.ai",
+        "ZAI_QUOTA_BASE_URL",
+        parseURL,
+        "https://api.z.ai",
         "Origin of the quota endpoint (/api/monitor/usage/quota/limit).",
     )
     quotaMaxResponseBytes: int = _setting(
-        "QUOTA_MAX_RESPONSE_BYTES", parseByteSize, "64KiB",
+        "QUOTA_MAX_RESPONSE_BYTES",
+        parseByteSize,
+        "64KiB",
         "Largest quota response read.",
     )
     proxyApiKeysFile: str = _setting(
-        "PROXY_API_KEYS_FILE", parseText, "",
+        "PROXY_API_KEYS_FILE",
+        parseText,
+        "",
         "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied routes need one. Re-read on SIGHUP.",
     )
     proxyApiKeys: tuple[ClientKey, ...] = _setting(
-        "PROXY_API_KEYS", parseInlineKeys, "",
+        "PROXY_API_KEYS",
+        parseInlineKeys,
+        "",
         "Client keys as a comma-separated name:key list, in addition to the file. Never logged.",
         secret=True,
     )
     adminToken: str = _setting(
-        "ADMIN_TOKEN", parseSecret, "",
+        "ADMIN_TOKEN",
+        parseSecret,
+        "",
         "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, /metrics is open and /admin/* answers loopback only.",
         secret=True,
     )
     logLevel: LogLevel = _setting(
-        "LOG_LEVEL", parseLogLevel, "info",
+        "LOG_LEVEL",
+        parseLogLevel,
+        "info",
         "Lowest level logged: debug, info, warn, error or critical.",
     )
     logFormat: str = _setting(
-        "LOG_FORMAT", _choice("text", "json"), "text",
+        "LOG_FORMAT",
+        _choice("text", "json"),
+        "text",
         "text, or json for one JSON object per line.",
     )
     maxRequestBytes: int = _setting(
-        "MAX_REQUEST_BYTES", parseByteSize, "32MiB",
+        "MAX_REQUEST_BYTES",
+        parseByteSize,
+        "32MiB",
         "Largest request body accepted; larger ones get 413 before they are read.",
     )
     upstreamConnectTimeout: float = _setting(
-        "UPSTREAM_CONNECT_TIMEOUT", parseDuration, "10s",
+        "UPSTREAM_CONNECT_TIMEOUT",
+        parseDuration,
+        "10s",
         "Time to open a connection to the upstream.",
     )
     upstreamFirstByteTimeout: float = _setting(
-        "UPSTREAM_FIRST_BYTE_TIMEOUT", parseDuration, "300s",
+        "UPSTREAM_FIRST_BYTE_TIMEOUT",
+        parseDuration,
+        "300s",
         "Time from sending a request to the upstream's response headers (thinking models are slow).",
     )
     upstreamIdleTimeout: float = _setting(
-        "UPSTREAM_IDLE_TIMEOUT", parseDuration, "120s",
+        "UPSTREAM_IDLE_TIMEOUT",
+        parseDuration,
+        "120s",
         "Longest silence between two chunks of a response before the stream is ended.",
     )
     upstreamPoolSize: int = _setting(
-        "UPSTREAM_POOL_SIZE", parsePositiveInt, "32",
+        "UPSTREAM_POOL_SIZE",
+        parsePositiveInt,
+        "32",
         "Idle upstream connections kept open for reuse, per upstream host.",
     )
     clientHeaderTimeout: float = _setting(
-        "CLIENT_HEADER_TIMEOUT", parseDuration, "30s",
+        "CLIENT_HEADER_TIMEOUT",
+        parseDuration,
+        "30s",
         "Time a client has to send its request line and headers.",
     )
     clientIdleTimeout: float = _setting(
-        "CLIENT_IDLE_TIMEOUT", parseDuration, "75s",
+        "CLIENT_IDLE_TIMEOUT",
+        parseDuration,
+        "75s",
         "Idle time after which a client's keep-alive connection is closed.",
     )
     drainTimeout: float = _setting(
-        "DRAIN_TIMEOUT", parseDuration, "30s",
+        "DRAIN_TIMEOUT",
+        parseDuration,
+        "30s",
         "On SIGTERM, how long in-flight requests may take to finish.",
     )
 
     def __attrs_post_init__(self) -> None:
         if not self.rateLimitMin <= self.rateLimitMax:
             raise SettingsError(
-                f"RATE_LIMIT_MIN={self.rateLimitMin:g} must not exceed "
-                f"RATE_LIMIT_MAX={self.rateLimitMax:g}"
+                f"RATE_LIMIT_MIN={self.rateLimitMin:g} must not exceed RATE_LIMIT_MAX={self.rateLimitMax:g}"
             )
         if not self.rateLimitMin <= self.rateLimitInitial <= self.rateLimitMax:
             raise SettingsError(
@@ -536,9 +626,7 @@ def settingSpecs() -> list[SettingSpec]:
     ]
 
 
-def loadSettings(
-    environ: Mapping[str, str], configPath: str | None = None
-) -> tuple[Settings, list[str]]:
+def loadSettings(environ: Mapping[str, str], configPath: str | None = None) -> tuple[Settings, list[str]]:
     """
     Build L{Settings} from a config file overlaid by the environment.
 
@@ -561,9 +649,7 @@ def loadSettings(
             raise SettingsError(str(e)) from None
         for name in fileValues:
             if name not in known:
-                warnings.append(
-                    f"config file {configPath} sets {name}, which zaiproxy does not use"
-                )
+                warnings.append(f"config file {configPath} sets {name}, which zaiproxy does not use")
         merged.update(fileValues)
     merged.update({k: v for k, v in environ.items() if k in known})
 
@@ -587,7 +673,11 @@ def settingsTable() -> str:
     The reStructuredText table of every setting (README.rst holds a copy).
     """
     rows = [
-        (f"``{s.env}``", "*required*" if s.default is None else f"``{s.default}``" if s.default else "(empty)", s.help)
+        (
+            f"``{s.env}``",
+            "*required*" if s.default is None else f"``{s.default}``" if s.default else "(empty)",
+            s.help,
+        )
         for s in settingSpecs()
     ]
     header = ("Variable", "Default", "Meaning")

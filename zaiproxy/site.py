@@ -11,7 +11,8 @@ length is first known and each chunk arrives.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -23,7 +24,7 @@ from twisted.web.http import datetimeToString
 from zaiproxy.dialects import errorBody
 from zaiproxy.routes import guessDialect
 
-__all__ = ["ProxySite", "ProxyRequest", "ProxyChannel"]
+__all__ = ["ProxyChannel", "ProxyRequest", "ProxySite"]
 
 #: How long a rejected client may keep sending before it is cut off: long
 #: enough for it to read our answer instead of a connection reset.
@@ -125,7 +126,7 @@ class ProxyChannel(http.HTTPChannel):
     _rejecting = False
     _lingered = 0
     _host: Any = None
-    site: "ProxySite"
+    site: ProxySite
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -272,7 +273,7 @@ class InFlight(Generic[_T]):
             for waiter in waiters:
                 waiter.callback(None)
 
-    def whenEmpty(self) -> "Deferred[None]":
+    def whenEmpty(self) -> Deferred[None]:
         """
         Fires once nothing is left in progress.
         """
@@ -299,9 +300,7 @@ class ProxySite(server.Site):
         idleTimeout: float,
         onRejected: Callable[[bytes, bytes, int, int], None],
     ) -> None:
-        super().__init__(
-            resource, reactor=reactor, timeout=idleTimeout, parsePOSTFormSubmission=False
-        )
+        super().__init__(resource, reactor=reactor, timeout=idleTimeout, parsePOSTFormSubmission=False)
         self.maxRequestBytes = maxRequestBytes
         self.headerTimeout = headerTimeout
         self.channels: InFlight[ProxyChannel] = InFlight()

@@ -14,11 +14,18 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 __all__ = [
-    "Event", "EventParser", "readJSON", "keptData", "lastEventEnd", "framesMentioning",
-    "MAX_PARTIAL_EVENT", "MAX_EVENT_BYTES",
+    "MAX_EVENT_BYTES",
+    "MAX_PARTIAL_EVENT",
+    "Event",
+    "EventParser",
+    "framesMentioning",
+    "keptData",
+    "lastEventEnd",
+    "readJSON",
 ]
 
 #: A partial event longer than this is passed on anyway: holding back more
@@ -185,10 +192,7 @@ class EventParser:
         if not self._started and not self._buffer and chunk and chunk[:1] != _BOM[:1]:
             # A fresh parser and a stream without a BOM: as idle as it gets.
             self._started = self._idle = True
-        if (
-            self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes
-            and b"\r" not in chunk
-        ):
+        if self._idle and chunk[-2:] == b"\n\n" and len(chunk) < self._maxEventBytes and b"\r" not in chunk:
             # One whole frame, the way Z.AI sends them and the relay hands
             # them over.
             event = _usualFrame(chunk[:-2])
@@ -196,8 +200,12 @@ class EventParser:
                 return [event]
         events = self._feed(chunk)
         self._idle = (
-            self._started and not self._buffer and not self._skipLF and self._name is None
-            and not self._data and not self._oversized
+            self._started
+            and not self._buffer
+            and not self._skipLF
+            and self._name is None
+            and not self._data
+            and not self._oversized
         )
         return events
 
@@ -207,8 +215,11 @@ class EventParser:
         Whether no event is half read, so the next chunk starts a frame.
         """
         return (
-            not self._buffer and not self._skipLF and self._name is None
-            and not self._data and not self._oversized
+            not self._buffer
+            and not self._skipLF
+            and self._name is None
+            and not self._data
+            and not self._oversized
         )
 
     def _feed(self, chunk: bytes) -> list[Event]:

@@ -17,22 +17,23 @@ import base64
 import hashlib
 import os
 import time
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 __all__ = [
-    "Usage",
-    "OutputText",
-    "TokenCounter",
-    "TiktokenCounter",
-    "FallbackCounter",
-    "Counting",
-    "loadCounter",
     "CL100K_SHA256",
     "INLINE_CHARS",
+    "Counting",
+    "FallbackCounter",
+    "OutputText",
+    "TiktokenCounter",
+    "TokenCounter",
+    "Usage",
+    "loadCounter",
 ]
 
 #: The official hash of cl100k_base.tiktoken (tiktoken's own constant).
@@ -69,14 +70,16 @@ class Usage:
     cacheRead: int = 0
     cacheWrite: int = 0
 
-    def largest(self, other: "Usage") -> "Usage":
+    def largest(self, other: Usage) -> Usage:
         """
         Field by field, the larger of two reports of the same answer (Z.AI
         sends 0/0 in message_start and the real numbers in message_delta).
         """
         if (
-            other.input >= self.input and other.output >= self.output
-            and other.cacheRead >= self.cacheRead and other.cacheWrite >= self.cacheWrite
+            other.input >= self.input
+            and other.output >= self.output
+            and other.cacheRead >= self.cacheRead
+            and other.cacheWrite >= self.cacheWrite
         ):
             # The usual case (message_delta's numbers over message_start's).
             return other
@@ -312,7 +315,7 @@ class Counting:
         self._observe(time.perf_counter() - started)
         return total
 
-    def count(self, texts: Sequence[str]) -> "Deferred[int]":
+    def count(self, texts: Sequence[str]) -> Deferred[int]:
         """
         The total tokens of C{texts}, each counted on its own.
         """
@@ -320,7 +323,7 @@ class Counting:
             return succeed(self.countNow(texts))
         return self.inThread(self.countNow, texts)
 
-    def inThread(self, f: Callable[..., Any], *args: Any) -> "Deferred[Any]":
+    def inThread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """
         Run C{f} in the thread pool (the reactor's unless one was given).
         """

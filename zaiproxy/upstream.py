@@ -27,7 +27,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-__all__ = ["Upstream", "BytesProducer", "bodyProducerFor", "DiscardBody", "DrainBody"]
+__all__ = ["BytesProducer", "DiscardBody", "DrainBody", "Upstream", "bodyProducerFor"]
 
 # Below Z.AI's (and most load balancers') keep-alive timeout, so the proxy
 # closes an idle connection before the far end does and never sends a
@@ -48,7 +48,7 @@ class BytesProducer:
         self._body = body
         self.length = len(body)
 
-    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
         consumer.write(self._body)
         return succeed(None)
 
@@ -154,7 +154,7 @@ class _Agent(Agent):
         uri: bytes,
         headers: Headers | None = None,
         bodyProducer: IBodyProducer | None = None,
-    ) -> "Deferred[IResponse]":
+    ) -> Deferred[IResponse]:
         target = self._targets.get(uri)
         if target is None:
             parsed = URI.fromBytes(uri)
@@ -181,9 +181,7 @@ class Upstream:
     The pool, the agent the relay uses, and a treq client for the rest.
     """
 
-    def __init__(
-        self, reactor: Any, connectTimeout: float, poolSize: int
-    ) -> None:
+    def __init__(self, reactor: Any, connectTimeout: float, poolSize: int) -> None:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = poolSize
         self.pool.cachedConnectionTimeout = _CACHED_CONNECTION_TIMEOUT
@@ -198,13 +196,13 @@ class Upstream:
 
     def request(
         self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
-    ) -> "Deferred[IResponse]":
+    ) -> Deferred[IResponse]:
         """
         Send one request; the Deferred fires with the response at its headers.
         """
         return self.agent.request(method, url, headers, body)
 
-    def close(self) -> "Deferred[None]":
+    def close(self) -> Deferred[None]:
         """
         Close idle pooled connections; in-flight ones close as they finish.
         """

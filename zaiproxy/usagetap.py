@@ -32,7 +32,7 @@ from zaiproxy.zai_errors import ZaiError
 if TYPE_CHECKING:
     from zaiproxy.accounting import Accounting
 
-__all__ = ["UsageTap", "RequestBody", "Piece", "MAX_BODY_BYTES", "COUNTED_ROUTES", "answerKind", "readsLater"]
+__all__ = ["COUNTED_ROUTES", "MAX_BODY_BYTES", "Piece", "RequestBody", "UsageTap", "answerKind", "readsLater"]
 
 #: A JSON answer larger than this is relayed without accounting.
 MAX_BODY_BYTES = 8 << 20
@@ -339,7 +339,7 @@ class UsageTap:
 
     # -- count_tokens -------------------------------------------------------
 
-    def localCount(self) -> "Deferred[bytes]":
+    def localCount(self) -> Deferred[bytes]:
         """
         C{{"input_tokens": N}} for a count_tokens call Z.AI does not serve.
         """
@@ -349,7 +349,7 @@ class UsageTap:
 
     # -- estimates ----------------------------------------------------------
 
-    def _estimated(self) -> "Deferred[Usage]":
+    def _estimated(self) -> Deferred[Usage]:
         """
         The estimated usage of this answer, counted once (the prompt, and the
         output accumulated so far); each caller gets its own Deferred.
@@ -415,7 +415,7 @@ class UsageTap:
             self._estimate.addBoth(_closeAfter(self._body))
 
 
-def _fanOut(target: "Deferred[Any]") -> Any:
+def _fanOut(target: Deferred[Any]) -> Any:
     """
     Pass a shared Deferred's result on to C{target}, keeping it for others.
     """

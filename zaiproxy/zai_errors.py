@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["ZaiError", "parseError", "errorFromJSON", "CLASSES", "codeLabel", "MAX_ERROR_BYTES"]
+__all__ = ["CLASSES", "MAX_ERROR_BYTES", "ZaiError", "codeLabel", "errorFromJSON", "parseError"]
 
 #: Error bodies larger than this are not parsed (the seed's budget).
 MAX_ERROR_BYTES = 32 << 10
@@ -32,14 +32,29 @@ _CLASS_BY_CODE = {
     "1310": "quota",
     "1312": "model_congestion",
     # Configuration and account problems: retrying cannot help.
-    "1000": "configuration", "1001": "configuration", "1002": "configuration",
-    "1003": "configuration", "1004": "configuration",
-    "1110": "configuration", "1111": "configuration", "1112": "configuration",
-    "1113": "configuration", "1120": "configuration", "1121": "configuration",
-    "1210": "configuration", "1211": "configuration", "1212": "configuration",
-    "1213": "configuration", "1214": "configuration", "1215": "configuration",
-    "1220": "configuration", "1221": "configuration", "1222": "configuration",
-    "1261": "configuration", "1309": "configuration", "1311": "configuration",
+    "1000": "configuration",
+    "1001": "configuration",
+    "1002": "configuration",
+    "1003": "configuration",
+    "1004": "configuration",
+    "1110": "configuration",
+    "1111": "configuration",
+    "1112": "configuration",
+    "1113": "configuration",
+    "1120": "configuration",
+    "1121": "configuration",
+    "1210": "configuration",
+    "1211": "configuration",
+    "1212": "configuration",
+    "1213": "configuration",
+    "1214": "configuration",
+    "1215": "configuration",
+    "1220": "configuration",
+    "1221": "configuration",
+    "1222": "configuration",
+    "1261": "configuration",
+    "1309": "configuration",
+    "1311": "configuration",
     "1313": "configuration",
 }
 
@@ -99,7 +114,9 @@ def _stamp(value: Any) -> float | None:
     """
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)) or (isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip())):
+    if isinstance(value, (int, float)) or (
+        isinstance(value, str) and re.fullmatch(r"\d+(\.\d+)?", value.strip())
+    ):
         number = float(value)
         if not math.isfinite(number):
             return None

@@ -14,7 +14,7 @@ from typing import Any
 
 from zaiproxy.dialects import anthropic, openai
 
-__all__ = ["Dialect", "dialectModule", "errorBody", "streamErrorEvent", "addUsage", "respondWithError"]
+__all__ = ["Dialect", "addUsage", "dialectModule", "errorBody", "respondWithError", "streamErrorEvent"]
 
 
 class Dialect(enum.Enum):
@@ -64,7 +64,7 @@ def addUsage(body: bytes, usage: dict[str, object]) -> bytes | None:
     head = stripped[:-1].rstrip()
     member = b'"usage":' + json.dumps(usage, separators=(",", ":")).encode()
     separator = b"" if head.endswith(b"{") else b","
-    return head + separator + member + b"}" + body[len(stripped):]
+    return head + separator + member + b"}" + body[len(stripped) :]
 
 
 # Statuses twisted.web has no reason phrase for (it would say "Unknown Status").
@@ -85,7 +85,13 @@ def respondWithError(
     body = errorBody(dialect, status, message, code)
     request.setResponseCode(status, _PHRASES.get(status))
     headers = request.responseHeaders
-    for name in (b"content-encoding", b"transfer-encoding", b"content-type", b"content-length", b"set-cookie"):
+    for name in (
+        b"content-encoding",
+        b"transfer-encoding",
+        b"content-type",
+        b"content-length",
+        b"set-cookie",
+    ):
         headers.removeHeader(name)
     headers.setRawHeaders(b"content-type", [b"application/json"])
     headers.setRawHeaders(b"content-length", [b"%d" % (len(body),)])

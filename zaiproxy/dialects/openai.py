@@ -10,19 +10,19 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zaiproxy.sse import Event, readJSON, framesMentioning, keptData
+from zaiproxy.sse import Event, framesMentioning, keptData, readJSON
 from zaiproxy.tokens import OutputText, Usage
 from zaiproxy.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
+    "StreamReader",
     "errorBody",
     "errorType",
-    "streamErrorEvent",
     "requestTexts",
     "responseTexts",
+    "streamErrorEvent",
     "usageFrom",
     "usageJSON",
-    "StreamReader",
 ]
 
 _TYPES = {

@@ -12,7 +12,8 @@ chunk with empty C{choices} just before C{[DONE]}.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .content import TOOL_NAME, Content, Ids, Usage, dumps
 from .scenario import Scenario
@@ -153,7 +154,6 @@ def modelsBody() -> dict[str, Any]:
     return {
         "object": "list",
         "data": [
-            {"id": mid, "object": "model", "created": created, "owned_by": "z-ai"}
-            for mid, created in MODELS
+            {"id": mid, "object": "model", "created": created, "owned_by": "z-ai"} for mid, created in MODELS
         ],
     }

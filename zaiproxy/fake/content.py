@@ -102,9 +102,7 @@ class Content:
         """
         Characters generated in all deltas (thinking, text and tool JSON).
         """
-        return (
-            len(self.thinkingText) + len(self.textDelta) * self.textEvents + len(self.toolArguments)
-        )
+        return len(self.thinkingText) + len(self.textDelta) * self.textEvents + len(self.toolArguments)
 
 
 def contentFor(scenario: Scenario) -> Content:

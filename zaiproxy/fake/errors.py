@@ -139,9 +139,7 @@ def errorBody(dialect: str, scenario: Scenario, now: float, requestId: str) -> d
         return anthropicErrorBody(scenario.code, message, requestId, scenario)
     # The OpenAI endpoints send no request_id in their error bodies; the
     # Anthropic endpoint does when it falls back to the OpenAI envelope.
-    return openaiErrorBody(
-        scenario.code, message, requestId if dialect == "anthropic" else None, scenario
-    )
+    return openaiErrorBody(scenario.code, message, requestId if dialect == "anthropic" else None, scenario)
 
 
 def inbandErrorBody(dialect: str, scenario: Scenario, now: float, requestId: str) -> dict[str, Any]:
@@ -155,6 +153,4 @@ def inbandErrorBody(dialect: str, scenario: Scenario, now: float, requestId: str
     message = errorMessage(scenario.code, now, scenario.resetIn)
     if scenario.envelope == "anthropic":
         return anthropicErrorBody(scenario.code, message, requestId, scenario)
-    return openaiErrorBody(
-        scenario.code, message, requestId if dialect == "anthropic" else None, scenario
-    )
+    return openaiErrorBody(scenario.code, message, requestId if dialect == "anthropic" else None, scenario)

@@ -11,7 +11,8 @@ C{message_delta}. C{usage=start} gives Anthropic's own behaviour instead.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .content import TOOL_ARGUMENTS, TOOL_NAME, Content, Ids, Usage, dumps
 from .scenario import Scenario
@@ -180,9 +181,7 @@ def messageBody(scenario: Scenario, content: Content, usage: Usage, ids: Ids) ->
     """
     blocks: list[dict[str, Any]] = []
     if content.thinking:
-        blocks.append(
-            {"type": "thinking", "thinking": content.thinkingText, "signature": ids.signature}
-        )
+        blocks.append({"type": "thinking", "thinking": content.thinkingText, "signature": ids.signature})
     if content.textEvents:
         blocks.append({"type": "text", "text": content.text})
     if content.toolFragments:

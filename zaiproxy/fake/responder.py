@@ -11,7 +11,8 @@ the client goes away, so no delayed call outlives its request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -225,9 +226,7 @@ class Responder:
             self._state = _FINISHED
             self._unregister()
             self._request.setResponseCode(500)
-            self._request.responseHeaders.setRawHeaders(
-                b"Content-Type", [b"application/json; charset=UTF-8"]
-            )
+            self._request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json; charset=UTF-8"])
             self._request.write(body)
             self._request.finish()
         else:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote, unquote
 
 import attrs
@@ -70,9 +71,7 @@ def _nonNegativeFloat(instance: object, attribute: attrs.Attribute[Any], value: 
         raise ValueError(f"{attribute.name} must be a finite number >= 0, not {value!r}")
 
 
-def _optionalNonNegativeInt(
-    instance: object, attribute: attrs.Attribute[Any], value: int | None
-) -> None:
+def _optionalNonNegativeInt(instance: object, attribute: attrs.Attribute[Any], value: int | None) -> None:
     if value is not None:
         _nonNegativeInt(instance, attribute, value)
 
@@ -90,9 +89,7 @@ def _isStr(instance: object, attribute: attrs.Attribute[Any], value: str) -> Non
 def _oneOf(choices: frozenset[str]) -> Callable[[object, attrs.Attribute[Any], str], None]:
     def check(instance: object, attribute: attrs.Attribute[Any], value: str) -> None:
         if value not in choices:
-            raise ValueError(
-                f"{attribute.name} must be one of {', '.join(sorted(choices))}, not {value!r}"
-            )
+            raise ValueError(f"{attribute.name} must be one of {', '.join(sorted(choices))}, not {value!r}")
 
     return check
 
@@ -103,11 +100,7 @@ def _code(instance: object, attribute: attrs.Attribute[Any], value: str) -> None
 
 
 def _status(instance: object, attribute: attrs.Attribute[Any], value: int) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or not (value == 0 or 100 <= value <= 599)
-    ):
+    if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 100 <= value <= 599):
         raise ValueError(f"{attribute.name} must be 0 or an HTTP status, not {value!r}")
 
 

@@ -11,7 +11,8 @@ responder that performs the actions. Scripts are lazy iterators so that a
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Sequence, Union
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Union
 
 import attrs
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
@@ -30,7 +31,7 @@ from .responder import Responder
 from .scenario import Scenario, parseScenario
 from .script import Action, bodyScript, silentScript, streamScript
 
-__all__ = ["FakeZai", "ReceivedRequest", "SCENARIO_HEADER"]
+__all__ = ["SCENARIO_HEADER", "FakeZai", "ReceivedRequest"]
 
 log = Logger()
 
@@ -79,12 +80,27 @@ DEFAULT_QUOTA = {
     "data": {
         "level": "pro",
         "limits": [
-            {"type": "CREDIT_LIMIT", "unit": 3, "number": 5, "usage": 1000, "currentValue": 370,
-             "remaining": 630, "percentage": 37, "nextResetTime": 1767229200000},
-            {"type": "CREDIT_LIMIT", "unit": 6, "number": 1, "usage": 10000, "currentValue": 1200,
-             "remaining": 8800, "percentage": 12, "nextResetTime": 1767744000000},
-            {"type": "TIME_LIMIT", "unit": 5, "number": 1, "usage": 100, "currentValue": 1,
-             "percentage": 1},
+            {
+                "type": "CREDIT_LIMIT",
+                "unit": 3,
+                "number": 5,
+                "usage": 1000,
+                "currentValue": 370,
+                "remaining": 630,
+                "percentage": 37,
+                "nextResetTime": 1767229200000,
+            },
+            {
+                "type": "CREDIT_LIMIT",
+                "unit": 6,
+                "number": 1,
+                "usage": 10000,
+                "currentValue": 1200,
+                "remaining": 8800,
+                "percentage": 12,
+                "nextResetTime": 1767744000000,
+            },
+            {"type": "TIME_LIMIT", "unit": 5, "number": 1, "usage": 100, "currentValue": 1, "percentage": 1},
         ],
     },
 }
@@ -261,8 +277,10 @@ class FakeZai(Resource):
             body=request.content.read(),
             receivedAt=self.clock.seconds(),
             dialect=(
-                "anthropic" if path.startswith(b"/api/anthropic/")
-                else "monitor" if path.startswith(b"/api/monitor/")
+                "anthropic"
+                if path.startswith(b"/api/anthropic/")
+                else "monitor"
+                if path.startswith(b"/api/monitor/")
                 else "openai"
             ),
         )
@@ -380,9 +398,7 @@ class FakeZai(Resource):
 
         if dialect is messages:
             frames = messages.messageStream(scenario, content, usage, ids)
-            errorFrame = messages.event(
-                "error", inbandErrorBody("anthropic", scenario, now, ids.requestId)
-            )
+            errorFrame = messages.event("error", inbandErrorBody("anthropic", scenario, now, ids.requestId))
         else:
             frames = chat.chatStream(scenario, content, usage, ids)
             errorFrame = chat.chunk(inbandErrorBody("openai", scenario, now, ids.requestId))
@@ -429,9 +445,7 @@ class FakeZai(Resource):
         )
         if presented:
             return self._plainError(dialect, 401, "1002", "Invalid Authentication Token")
-        return self._plainError(
-            dialect, 401, "1001", "Authentication parameter not received in Header"
-        )
+        return self._plainError(dialect, 401, "1001", "Authentication parameter not received in Header")
 
     def _errorEnvelope(
         self, dialect: str, code: str, message: str, requestId: str | None = None

@@ -42,8 +42,7 @@ class Options(usage.Options):
             "api-key",
             "k",
             None,
-            "Require this key (x-api-key or Authorization: Bearer); "
-            "without it any request is accepted.",
+            "Require this key (x-api-key or Authorization: Bearer); without it any request is accepted.",
         ],
         [
             "scenario",

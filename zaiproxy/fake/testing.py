@@ -7,7 +7,8 @@ the proxy) with a client that records every TCP read and can stop reading.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
@@ -200,8 +201,7 @@ class RawClient(Protocol):
         lines = head.split(b"\r\n")
         status = int(lines[0].split(b" ")[1])
         headers = [
-            (name.strip(), value.strip())
-            for name, _, value in (line.partition(b":") for line in lines[1:])
+            (name.strip(), value.strip()) for name, _, value in (line.partition(b":") for line in lines[1:])
         ]
         response = RawResponse(status, headers, rest)
         if [v.lower() for v in response.header(b"transfer-encoding")] == [b"chunked"]:
