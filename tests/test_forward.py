@@ -24,6 +24,7 @@ from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.metrics import Metrics
 from zaiproxy.relay import RelayContext
 from zaiproxy.routes import Forward
+from zaiproxy.upstream import DiscardBody
 
 KEY = "upstream-key"
 MESSAGES = Forward("/v1/messages", Dialect.anthropic, b"http://zai.test/api/anthropic/v1/messages")
@@ -294,6 +295,51 @@ def test_connectionErrorsRetried() -> None:
     assert outcome == [None] and request.responseCode == 502
 
 
+@pytest.mark.parametrize("maxWorkers", [1, 2])
+def test_networkRetryKeepsItsOwnSlot(maxWorkers: int) -> None:
+    """
+    A refused connection's retry goes out on the slot it already holds: with
+    one slot it does not queue behind itself until QUEUE_TIMEOUT, and when
+    retries run out the client gets 502 within the retry budget.
+    """
+    rig = Rig(maxRetries=2, maxWorkers=maxWorkers, queueTimeout=120.0)
+    rig.upstream.refuse = 1
+    rig.queue("")
+    first, _, _, outcome = rig.forward()
+    assert rig.limiter.admission.inFlight == 1
+    rig.advance(0.5)
+    assert outcome[0].code == 200
+    assert rig.upstream.calls == 2
+    assert rig.limiter.admission.queued == 0
+    outcome[0].deliverBody(DiscardBody())
+    first.done("none")
+    assert rig.limiter.admission.inFlight == 0
+
+    rig.upstream.refuse = 3
+    forwarder, request, exchange, outcome = rig.forward()
+    rig.advance(0.5)
+    rig.advance(1.0)
+    assert outcome == [None] and request.responseCode == 502
+    assert exchange.errorType == "upstream_connection"
+    assert rig.upstream.calls == 5
+    forwarder.done("none")
+    rig.pump()
+
+
+def test_throttledRetryGivesItsSlotBack() -> None:
+    """
+    A 429 retry gives its slot back while it backs off (another call may use
+    it) and is admitted again, through the bucket, before its next attempt.
+    """
+    rig = Rig(maxWorkers=1)
+    rig.queue("mode=error code=1302", "")
+    _, _, _, outcome = rig.forward()
+    assert outcome == [] and rig.limiter.admission.inFlight == 0
+    rig.advance(2.0)
+    assert outcome[0].code == 200
+    assert rig.limiter.admission.inFlight == 1
+
+
 def test_clientLeavesDuringBackoff() -> None:
     """
     A client that leaves while a retry waits: no further attempt, no timer.
@@ -338,9 +384,14 @@ def test_queueFullAndTimeout() -> None:
     assert outcome == [None] and full.responseCode == 429
     assert header(full, b"retry-after")
     assert set(written(full)) == {"error"}
-    assert "queue is full" in written(full)["error"]["message"]
+    assert written(full)["error"]["message"].startswith("the proxy's queue is full")
     rig.clock.advance(5.0)
     assert waiting == [None] and waitingRequest.responseCode == 429
+    assert header(waitingRequest, b"retry-after")
+    # A wait that timed out says so; it is not a full queue.
+    assert written(waitingRequest)["error"]["message"].startswith(
+        "waited 5 s in the proxy's queue without being admitted"
+    )
     assert (
         rig.sample("zai_proxy_rate_limit_rejections_total", client="source-01") is None
     )  # no hooks wired here

@@ -781,3 +781,28 @@ def test_aBugRelayingTheOpeningEndsBothSides(logEvents: list[dict[str, Any]]) ->
     rig.pump()
     assert rig.relay._ended is not None
     assert not rig.clock.getDelayedCalls()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refusedRetryWithOneWorker(reactor: Any, makeStack: Any) -> None:
+    """
+    With one worker slot, a refused upstream's retries reuse the request's
+    own slot: 502 once they run out, not a 429 after QUEUE_TIMEOUT spent
+    queueing behind itself.
+    """
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    stack = await makeStack(
+        ZAI_TARGET_URL=f"http://127.0.0.1:{port}/api/anthropic",
+        MAX_WORKERS="1",
+        MAX_RETRIES="1",
+        QUEUE_TIMEOUT="30",
+    )
+    client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
+    await ended(client)
+    response = client.response()
+    assert response.status == 502
+    assert json.loads(response.body)["error"]["message"] == "the upstream refused the connection"
+    assert stack.sample("zai_proxy_retry_attempts_total", reason="network_error", variant="production") == 1

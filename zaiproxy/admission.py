@@ -62,8 +62,13 @@ class QueueFull(NotAdmitted):
 
 class QueueTimeout(NotAdmitted):
     """
-    The caller waited C{QUEUE_TIMEOUT} without being admitted.
+    The caller waited C{QUEUE_TIMEOUT} (C{waited} seconds) without being
+    admitted.
     """
+
+    def __init__(self, retryAfter: float, waited: float) -> None:
+        super().__init__(retryAfter)
+        self.waited = waited
 
 
 class Permit:
@@ -296,7 +301,8 @@ class Admission:
         waiter.timeout = None
         if self._remove(waiter):
             self._onRejected(waiter.client)
-            waiter.deferred.errback(QueueTimeout(self._retryAfter()))
+            waited = self._clock.seconds() - waiter.since
+            waiter.deferred.errback(QueueTimeout(self._retryAfter(), waited))
 
     def _retryAfter(self) -> float:
         """

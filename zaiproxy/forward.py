@@ -33,7 +33,7 @@ from twisted.web.client import (
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from zaiproxy.admission import NotAdmitted, Permit
+from zaiproxy.admission import NotAdmitted, Permit, QueueTimeout
 from zaiproxy.dialects import respondWithError
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange
 from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
@@ -214,9 +214,15 @@ class Forwarder:
         failure.trap(NotAdmitted)
         retryAfter = math.ceil(failure.value.retryAfter)
         self._request.setHeader(b"retry-after", b"%d" % (retryAfter,))
-        self._fail(
-            429, "queue_full", f"the proxy's queue is full; retry after {retryAfter} s", keepHeaders=True
-        )
+        if failure.check(QueueTimeout):
+            waited = failure.value.waited
+            errorType = "queue_timeout"
+            message = (
+                f"waited {waited:g} s in the proxy's queue without being admitted; retry after {retryAfter} s"
+            )
+        else:
+            errorType, message = "queue_full", f"the proxy's queue is full; retry after {retryAfter} s"
+        self._fail(429, errorType, message, keepHeaders=True)
 
     def _quotaHeld(self, until: float, error: ZaiError) -> None:
         """
@@ -392,7 +398,14 @@ class Forwarder:
 
     def _retryNow(self) -> None:
         self._timer = None
-        self._admit()
+        if self._permit is not None:
+            # A connection that failed before Z.AI answered keeps its slot:
+            # Z.AI saw no call, and asking for a new slot while holding this
+            # one would queue behind itself (with one slot, until
+            # QUEUE_TIMEOUT). A 429 gave its slot back before backing off.
+            self._attempt()
+        else:
+            self._admit()
 
     # -- answers made here ----------------------------------------------------------
 
@@ -429,7 +442,7 @@ class Forwarder:
         request = self._request
         if errorType is not None:
             self._exchange.errorType = errorType
-            if errorType != "queue_full":
+            if errorType not in ("queue_full", "queue_timeout"):
                 self._context.reporter.upstreamError(errorType)
         if self._cancelled == "client":
             self._answered(CLIENT_CLOSED)
