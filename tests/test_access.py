@@ -130,7 +130,17 @@ async def test_adminTokenOnMainPort(reactor: Any, makeStack: Any) -> None:
     assert response.status == 200 and b"zai_proxy_build_info" in response.body
     assert (await call(reactor, stack.port, b"POST", b"/admin/reset-rate-limit")).status == 401
     response = await call(reactor, stack.port, b"POST", b"/admin/reset-rate-limit", bearer)
-    assert (response.status, json.loads(response.body)) == (200, {"status": "reset", "current_rate": 1000.0})
+    assert (response.status, json.loads(response.body)) == (
+        200,
+        {
+            "status": "reset",
+            "current_rate": 1000.0,
+            "ceiling": 1000.0,
+            "concurrency_limit": 200,
+            "window_restarted": True,
+            "quota_hold_cleared": False,
+        },
+    )
     assert (await call(reactor, stack.port, b"GET", b"/health")).status == 200
     assert (await call(reactor, stack.port, b"GET", b"/readyz")).status == 200
     assert stack.fake.received == []

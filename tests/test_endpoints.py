@@ -136,7 +136,14 @@ async def test_adminResetFromLoopback(reactor: Any, stack: Stack) -> None:
     limiter.ceiling = 4.0
     response = await treq.post(stack.url("/admin/reset-rate-limit"), persistent=False)
     assert response.code == 200
-    assert json.loads(await response.content()) == {"status": "reset", "current_rate": 1000.0}
+    assert json.loads(await response.content()) == {
+        "status": "reset",
+        "current_rate": 1000.0,
+        "ceiling": 1000.0,
+        "concurrency_limit": 200,
+        "window_restarted": True,
+        "quota_hold_cleared": False,
+    }
     assert (limiter.rate, limiter.ceiling) == (1000.0, 1000.0)
     response = await treq.get(stack.url("/admin/reset-rate-limit"), persistent=False)
     await response.content()

@@ -425,6 +425,42 @@ def test_reset(tmp_path: Path) -> None:
     assert not path.exists()
 
 
+def test_resetStartsAFreshWindow() -> None:
+    """
+    A reset starts a fresh window: the 429s of the window in progress do not
+    undo it when that window is judged, and the next judgement comes a
+    whole window after the reset.
+    """
+    clock, rl, adjustments = limiter()
+    rl.start()
+    clock.advance(WINDOW / 2)
+    for _ in range(200):
+        rl.record("frequency")
+    rl.admission.rateWaits += 1
+    rl.reset()
+    clock.advance(WINDOW / 2)  # when the old window would have been judged
+    assert (rl.rate, rl.ceiling, adjustments) == (10.0, 50.0, [])
+    for _ in range(240):
+        rl.record("success")
+    clock.advance(WINDOW / 2)  # a whole window after the reset
+    assert rl.ceiling == 50.0 and rl.rate > 10.0
+    assert adjustments == ["increase"]
+    rl.stop()
+
+
+def test_resetSaysWhatItCleared() -> None:
+    """
+    The reset's report names the quota hold it cleared, if one was held.
+    """
+    clock, rl, _ = limiter()
+    clock.advance(100)
+    assert rl.reset() == {"quota_hold_cleared": False}
+    rl.holdQuota(ZaiError("1308", "quota", resetAt=200.0))
+    assert rl.quotaHeld() is not None
+    assert rl.reset() == {"quota_hold_cleared": True}
+    assert rl.quotaHeld() is None
+
+
 # -- simulation ---------------------------------------------------------------------
 
 

@@ -121,5 +121,17 @@ class AdminResetResource(Resource):
             request.setHeader(b"allow", b"POST")
             request.setHeader(b"content-type", b"application/json")
             return errorBody(Dialect.anthropic, 405, "method not allowed")
-        self._limiter.reset()
-        return _json(request, 200, {"status": "reset", "current_rate": self._limiter.rate})
+        cleared = self._limiter.reset()
+        limiter = self._limiter
+        return _json(
+            request,
+            200,
+            {
+                "status": "reset",
+                "current_rate": limiter.rate,
+                "ceiling": limiter.ceiling,
+                "concurrency_limit": limiter.limit,
+                "window_restarted": True,
+                **cleared,
+            },
+        )

@@ -392,11 +392,13 @@ class RateLimiter:
 
     # -- admin ------------------------------------------------------------------
 
-    def reset(self) -> None:
+    def reset(self) -> dict[str, bool]:
         """
         Forget what was learned: the initial rate, the ceiling at
-        RATE_LIMIT_MAX (the seed set it to the initial rate), full
-        concurrency, no quota hold, no state file.
+        RATE_LIMIT_MAX (the Go zai-proxy set it to the initial rate), full
+        concurrency, no quota hold, no state file; and start a fresh window,
+        so the 429s counted before the reset cannot undo it when the window
+        in progress is judged. Says whether a quota hold was cleared.
         """
         s = self.settings
         self.ceiling = s.maximum
@@ -410,6 +412,10 @@ class RateLimiter:
         self._setRate(s.initial)
         self.limitCeiling = s.maxWorkers
         self._setLimit(s.maxWorkers)
+        self._freshWindow()
+        # An operator who resets wants traffic to flow: a quota hold goes
+        # too. If Z.AI still refuses, its next quota 429 sets it again.
+        held = self.quotaHeld() is not None
         self.quotaUntil = self.quotaError = None
         if s.stateFile:
             try:
@@ -421,8 +427,25 @@ class RateLimiter:
                     "Rate limiter reset: cannot remove {path}: {error}", path=s.stateFile, error=str(e)
                 )
         self.log.info(
-            "Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}", rate=self.rate, ceiling=self.ceiling
+            "Rate limiter reset: rate={rate:.1f}, ceiling={ceiling:.1f}, quota hold cleared: {held}",
+            rate=self.rate,
+            ceiling=self.ceiling,
+            held=held,
         )
+        return {"quota_hold_cleared": held}
+
+    def _freshWindow(self) -> None:
+        """
+        Drop the window in progress and start the next one now.
+        """
+        self._windowStart = self._clock.seconds()
+        self._successes = self._frequency = self._concurrency = 0
+        self._concurrencyAt = None
+        self.admission.rateWaits = self.admission.slotWaits = 0
+        self.admission.takeActiveSpan()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+            self._loop.start(self.settings.window, now=False)
 
     def setBounds(self, initial: float, minimum: float, maximum: float) -> None:
         """
