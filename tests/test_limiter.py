@@ -407,9 +407,22 @@ def test_unwritableStateIsLogged(tmp_path: Path, logEvents: list[dict[str, Any]]
     """
     from twisted.logger import formatEvent
 
-    clock, rl, _ = limiter(stateFile=str(tmp_path / "missing-dir" / "ceiling.json"))
+    (tmp_path / "a-file").write_text("")  # a file where the folder should be
+    clock, rl, _ = limiter(stateFile=str(tmp_path / "a-file" / "ceiling.json"))
     window(clock, rl, successes=90, frequency=200)
     assert any("failed to persist ceiling state" in formatEvent(e) for e in logEvents)
+
+
+def test_stateFolderMadeOnDemand(tmp_path: Path) -> None:
+    """
+    The state file's folder is made when the ceiling is first persisted,
+    readable only by the proxy's user.
+    """
+    path = tmp_path / "state" / "zaiproxy" / "ceiling.json"
+    clock, rl, _ = limiter(stateFile=str(path))
+    window(clock, rl, successes=90, frequency=200)
+    assert json.loads(path.read_text())["ceiling"] == pytest.approx(3.0)
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
 
 
 def test_reset(tmp_path: Path) -> None:

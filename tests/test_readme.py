@@ -119,7 +119,8 @@ def test_serviceInstallMatchesTheRepository() -> None:
     assert f"chgrp {user} {value(service, 'EnvironmentFile')}" in commands
     assert value(service, "ExecStart").endswith(f" --config {value(service, 'EnvironmentFile')}")
     assert f"curl -s http://127.0.0.1:{port}/health" in commands
-    defaults, _ = loadSettings({"ZAI_API_KEY": "k"})
+    stateDirectory = "/var/lib/" + value(service, "StateDirectory")
+    defaults, _ = loadSettings({"ZAI_API_KEY": "k", "STATE_DIRECTORY": stateDirectory})
     assert f"``{defaults.rateLimitStateFile}``" in section
     assert f"``StateDirectory={value(service, 'StateDirectory')}``" in section
     assert f"``TimeoutStopSec={value(service, 'TimeoutStopSec')}``" in section

@@ -4,6 +4,8 @@ Tests for L{zaiproxy.settings}.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from twisted.logger import LogLevel
 
@@ -13,6 +15,7 @@ from zaiproxy.settings import (
     environmentTemplate,
     loadSettings,
     settingSpecs,
+    stateDirectory,
 )
 
 BASE = {"ZAI_API_KEY": "k.secret"}
@@ -36,7 +39,8 @@ def test_defaults() -> None:
     assert s.maxWorkers == 10
     assert s.maxRetries == 3
     assert (s.rateLimitInitial, s.rateLimitMin, s.rateLimitMax) == (10.0, 1.0, 50.0)
-    assert s.rateLimitStateFile == "/var/lib/zai-proxy/ceiling.json"
+    # BASE sets no HOME, XDG_STATE_HOME or STATE_DIRECTORY.
+    assert s.rateLimitStateFile == os.path.expanduser("~/.local/state/zaiproxy/ceiling.json")
     assert s.deploymentVariant == "production"
     assert s.logLevel is LogLevel.info
     assert s.logFormat == "text"
@@ -222,3 +226,38 @@ def test_etcTemplateListsEverySetting() -> None:
     settings, warnings = loadSettings(values)
     assert warnings == []
     assert settings == load(ZAI_API_KEY="k")
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        (
+            {"STATE_DIRECTORY": "/var/lib/zai-proxy", "XDG_STATE_HOME": "/x", "HOME": "/h"},
+            "/var/lib/zai-proxy",
+        ),
+        ({"STATE_DIRECTORY": "/var/lib/a:/var/lib/b", "HOME": "/h"}, "/var/lib/a"),
+        ({"XDG_STATE_HOME": "/x/state", "HOME": "/h"}, "/x/state/zaiproxy"),
+        # The XDG spec says a relative path is invalid and is ignored.
+        ({"XDG_STATE_HOME": "relative", "HOME": "/h"}, "/h/.local/state/zaiproxy"),
+        ({"STATE_DIRECTORY": "", "XDG_STATE_HOME": "", "HOME": "/h"}, "/h/.local/state/zaiproxy"),
+    ],
+)
+def test_stateDirectory(environ: dict[str, str], expected: str) -> None:
+    """
+    systemd's folder, else XDG's, else ~/.local/state/zaiproxy.
+    """
+    assert stateDirectory(environ) == expected
+
+
+def test_stateFileDefaultsIntoTheStateFolder() -> None:
+    """
+    RATE_LIMIT_STATE_FILE unset or empty: ceiling.json in the state folder;
+    set, it is used as it is; off turns it off.
+    """
+    base = {"ZAI_API_KEY": "k", "HOME": "/h"}
+    assert loadSettings(base)[0].rateLimitStateFile == "/h/.local/state/zaiproxy/ceiling.json"
+    systemd = {**base, "STATE_DIRECTORY": "/var/lib/zai-proxy", "RATE_LIMIT_STATE_FILE": ""}
+    assert loadSettings(systemd)[0].rateLimitStateFile == "/var/lib/zai-proxy/ceiling.json"
+    chosen = {**base, "RATE_LIMIT_STATE_FILE": "/srv/c.json"}
+    assert loadSettings(chosen)[0].rateLimitStateFile == "/srv/c.json"
+    assert loadSettings({**base, "RATE_LIMIT_STATE_FILE": "off"})[0].rateLimitStateFile is None

@@ -149,10 +149,12 @@ def test_unitsAgreeWithTheSettings() -> None:
     timeout longer than the whole drain, the port, the socket's service.
     """
     service, socketUnit = UNITS / "zaiproxy.service", UNITS / "zaiproxy.socket"
-    defaults, _ = loadSettings({"ZAI_API_KEY": "k"})
+    # Under the unit, systemd sets STATE_DIRECTORY from StateDirectory=.
+    stateDirectory = "/var/lib/" + value(service, "StateDirectory")
+    defaults, _ = loadSettings({"ZAI_API_KEY": "k", "STATE_DIRECTORY": stateDirectory})
     assert value(service, "EnvironmentFile") == "/etc/zaiproxy/zaiproxy.env"
     assert defaults.rateLimitStateFile is not None
-    assert os.path.dirname(defaults.rateLimitStateFile) == "/var/lib/" + value(service, "StateDirectory")
+    assert defaults.rateLimitStateFile == stateDirectory + "/ceiling.json"
     assert float(value(service, "TimeoutStopSec")) > defaults.drainTimeout + _CUT_SECONDS + _FLUSH_SECONDS
     assert value(service, "ExecStart") == f"{INSTALLED_TWISTD} {ARGUMENTS}"
     assert value(service, "ExecReload") == "/bin/kill -HUP $MAINPID"

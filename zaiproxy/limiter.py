@@ -478,6 +478,8 @@ class RateLimiter:
         }
         try:
             directory = os.path.dirname(os.path.abspath(path))
+            # Created on demand: the default state folder may not exist yet.
+            os.makedirs(directory, mode=0o700, exist_ok=True)
             fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
             try:
                 with os.fdopen(fd, "w") as f:

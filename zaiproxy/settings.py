@@ -12,6 +12,7 @@ never a silent fallback to the default.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from zaiproxy.clientkeys import ClientKey, parseInlineKeys
 from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
 
 __all__ = [
+    "stateDirectory",
     "SettingSpec",
     "Settings",
     "SettingsError",
@@ -428,8 +430,9 @@ class Settings:
     rateLimitStateFile: str | None = _setting(
         "RATE_LIMIT_STATE_FILE",
         parseOptionalPath,
-        "/var/lib/zai-proxy/ceiling.json",
-        "Where the learned rate ceiling is kept across restarts; off disables it.",
+        "",
+        "Where the learned rate ceiling is kept across restarts (empty: ceiling.json in the"
+        " state folder); off disables it.",
     )
     rateLimitWindow: float = _setting(
         "RATE_LIMIT_WINDOW",
@@ -665,7 +668,32 @@ def loadSettings(environ: Mapping[str, str], configPath: str | None = None) -> t
         except ValueError as e:
             shown = "(hidden)" if spec.secret else repr(raw)
             raise SettingsError(f"{spec.env}={shown} is not valid: {e}") from None
-    return Settings(**values), warnings
+    settings = Settings(**values)
+    if settings.rateLimitStateFile == "":
+        path = os.path.join(stateDirectory(environ), "ceiling.json")
+        settings = attrs.evolve(settings, rateLimitStateFile=path)
+    return settings, warnings
+
+
+def stateDirectory(environ: Mapping[str, str]) -> str:
+    """
+    The folder for what the proxy keeps across restarts (the learned
+    ceiling; later the usage ledger), created when first written.
+
+    systemd's C{StateDirectory=} sets C{$STATE_DIRECTORY} (a colon-separated
+    list when a unit names several: the first is ours); otherwise the XDG
+    base directory spec's C{$XDG_STATE_HOME}, else C{~/.local/state}. The
+    Go zai-proxy used C{/var/lib/zai-proxy}, which exists only under its
+    unit, so a user running it by hand got an error line at every start.
+    """
+    systemd = environ.get("STATE_DIRECTORY", "").split(":")[0].strip()
+    if systemd:
+        return systemd
+    xdg = environ.get("XDG_STATE_HOME", "").strip()
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, "zaiproxy")
+    home = environ.get("HOME", "").strip() or os.path.expanduser("~")
+    return os.path.join(home, ".local", "state", "zaiproxy")
 
 
 def settingsTable() -> str:
