@@ -385,9 +385,7 @@ async def test_countingDisabled(reactor: Any, makeStack: Any) -> None:
     await settled(reactor)
     assert b'"usage"' not in client.response().body
     assert (
-        stack.sample(
-            "zai_proxy_token_counter_info", counter="disabled", encoding="none", variant="production"
-        )
+        stack.sample("zai_proxy_tokenizer_info", counter="disabled", encoding="none", variant="production")
         == 1
     )
     assert (

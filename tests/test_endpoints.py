@@ -5,8 +5,11 @@ Tests for L{zaiproxy.endpoints}: /metrics, /health and /readyz.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from typing import Any
 
+import pytest
 import pytest_twisted
 import treq
 from conftest import UPSTREAM_KEY, Stack
@@ -148,3 +151,53 @@ async def test_adminResetFromLoopback(reactor: Any, stack: Stack) -> None:
     response = await treq.get(stack.url("/admin/reset-rate-limit"), persistent=False)
     await response.content()
     assert response.code == 405
+
+
+async def _promtool(text: bytes) -> tuple[bytes, int]:
+    """
+    C{promtool check metrics} on an exposition: its findings and exit code.
+    """
+    from twisted.internet import utils
+
+    out, err, code = await utils.getProcessOutputAndValue(
+        "/bin/sh", ("-c", "exec promtool check metrics"), env=dict(os.environ), stdinBytes=text
+    )
+    return out + err, code
+
+
+@pytest_twisted.ensureDeferred
+async def test_metricsPassPromtool(reactor: Any, stack: Stack) -> None:
+    """
+    Prometheus's own linter finds nothing in /metrics, in the text format
+    and in OpenMetrics, after a streamed, a plain and a refused request
+    (so the token, cost and error families have samples).
+    """
+    if shutil.which("promtool") is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    for body in (
+        b'{"model":"glm-4.7","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        b'{"model":"glm-4.7","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}',
+        b"{not json",
+    ):
+        response = await treq.post(stack.url("/v1/messages"), body, persistent=False)
+        await response.content()
+    response, body = await get(stack.url("/metrics"), headers={"accept": ["text/plain"]})
+    assert b"zai_proxy_tokens_total" in body
+    assert await _promtool(body) == (b"", 0)
+    # promtool reads only the text format: on OpenMetrics its one finding
+    # is "no help text" for each counter, because OpenMetrics puts HELP on
+    # the family's name (zai_proxy_tokens), not the sample's (..._total).
+    # Anything else it finds is ours to fix.
+    response, body = await get(stack.url("/metrics"), headers={"accept": ["application/openmetrics-text"]})
+    assert body.endswith(b"# EOF\n")
+    findings, _ = await _promtool(body)
+    lines = findings.decode().splitlines()
+    assert lines, "promtool reads OpenMetrics now: assert it is clean"
+    for line in lines:
+        name, _, problem = line.partition(" ")
+        assert problem == "no help text", line
+        family = name.removesuffix("_total")
+        assert name.endswith("_total") and f"# HELP {family} ".encode() in body, line
+        assert f"# TYPE {family} counter".encode() in body, line

@@ -161,7 +161,7 @@ class Metrics:
             registry=r,
         )
         self.tokenCounter = Gauge(
-            "zai_proxy_token_counter_info",
+            "zai_proxy_tokenizer_info",
             "Which local token counter is active (always 1).",
             ["counter", "encoding", "variant"],
             registry=r,
