@@ -12,7 +12,7 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
-from zaiproxy.exchange import Exchange, Reporter, sniffModel
+from zaiproxy.exchange import MAX_LOGGED_PATH, Exchange, Reporter, loggedPath, sniffModel
 from zaiproxy.metrics import Metrics
 
 
@@ -92,3 +92,23 @@ def test_reporter() -> None:
     )
     assert (event["bytesIn"], event["bytesOut"], event["ttfb"]) == (10, 300, 0.5)
     assert json.dumps({k: v for k, v in event.items() if not k.startswith("log_")})
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        (b"/v1/nothing?key=abc", "/v1/nothing"),
+        (b"/caf\xc3\xa9/a b\r\nforged\x1b[31m", "/caf%C3%A9/a%20b%0D%0Aforged%1B[31m"),
+        (b"/%2e%2e/x", "/%2e%2e/x"),
+        (b"/" + b"\xff" * 100, "/" + "%FF" * 65 + "..."),
+        (b"/" + b"a" * 199, "/" + "a" * 199),
+        (b"/" + b"a" * 200, "/" + "a" * 196 + "..."),
+    ],
+)
+def test_loggedPath(uri: bytes, shown: str) -> None:
+    """
+    What a log line may show of a refused path: no query string, nothing
+    outside printable ASCII as it is, at most 200 characters.
+    """
+    assert loggedPath(uri) == shown
+    assert len(shown) <= MAX_LOGGED_PATH

@@ -187,6 +187,34 @@ async def test_refusals(
     assert stack.fake.received == []
 
 
+@pytest.mark.parametrize(
+    "target, shown",
+    [
+        (b"/nowhere/x.php?key=secret-in-query", "/nowhere/x.php"),
+        (b"/" + b"a" * 300, "/" + "a" * 196 + "..."),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_refusedPathInAccessLog(
+    reactor: Any, stack: Stack, logEvents: list[dict[str, Any]], target: bytes, shown: str
+) -> None:
+    """
+    A 404's access-log line says what was asked for: the path without its
+    query string (it can hold a key), bytes outside printable ASCII
+    percent-encoded, cut at 200 characters.
+    """
+    from twisted.logger import formatEvent
+
+    client = await rawRequest(reactor, stack.port, b"GET", target, [])
+    await ended(client)
+    assert client.response().status == 404
+    [line] = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
+    assert line.startswith("GET unknown 404 ")
+    assert line.endswith(f" model=- path={shown}")
+    assert len(shown) <= 200
+    assert "secret" not in repr(logEvents)
+
+
 @pytest_twisted.ensureDeferred
 async def test_headRequest(reactor: Any, stack: Stack) -> None:
     """

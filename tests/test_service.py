@@ -127,6 +127,39 @@ def test_portInUse(reactor: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({}, "Client keys: off (any caller may use the proxied routes)"),
+        (
+            {"PROXY_API_KEYS": "alice:alice-key-0123456789abcdef"},
+            "Client keys: on, 1 key (from PROXY_API_KEYS)",
+        ),
+        (
+            {"PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,bob:bob-key-0123456789abcdef0"},
+            "Client keys: on, 2 keys (from PROXY_API_KEYS)",
+        ),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_startUpSaysWhetherClientKeysAreOn(
+    reactor: Any, logEvents: list[dict[str, Any]], env: dict[str, str], line: str
+) -> None:
+    """
+    The start-up log says whether client keys are on and how many there
+    are, never the keys.
+    """
+    from twisted.logger import formatEvent
+
+    settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", **env})
+    service = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
+    service.startService()
+    await service.stopService()
+    said = [formatEvent(e) for e in logEvents if formatEvent(e).startswith("Client keys:")]
+    assert said == [line]
+    assert "key-0123456789abcdef" not in repr(logEvents)
+
+
+@pytest.mark.parametrize(
     "listen, env, warned",
     [
         ("tcp:0", {}, True),

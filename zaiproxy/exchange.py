@@ -19,7 +19,7 @@ from zaiproxy.dialects import Dialect
 from zaiproxy.logs import LINE, LineLogger
 from zaiproxy.metrics import Metrics
 
-__all__ = ["CLIENT_CLOSED", "Exchange", "Reporter", "sniffModel"]
+__all__ = ["CLIENT_CLOSED", "MAX_LOGGED_PATH", "Exchange", "Reporter", "loggedPath", "sniffModel"]
 
 #: The status recorded when the client left before the response ended
 #: (nginx's convention), so client disconnects never look like upstream
@@ -59,6 +59,33 @@ def sniffModel(content: IO[bytes]) -> str | None:
             content.seek(0)
 
 
+#: A refused path is logged up to this many characters.
+MAX_LOGGED_PATH = 200
+
+
+def loggedPath(uri: bytes) -> str:
+    """
+    A request target as an access-log line may show it: the path alone
+    (a query string can carry a key: C{?key=...}), every byte outside
+    printable ASCII percent-encoded (so a log line cannot be forged with a
+    newline or fool a terminal), and at most L{MAX_LOGGED_PATH} characters.
+    """
+    path = uri.split(b"?", 1)[0]
+    pieces = [_SHOWN[byte] for byte in path[:MAX_LOGGED_PATH]]
+    if sum(map(len, pieces)) <= MAX_LOGGED_PATH and len(path) <= MAX_LOGGED_PATH:
+        return "".join(pieces)
+    shown, room = [], MAX_LOGGED_PATH - 3
+    for piece in pieces:  # whole escapes only
+        room -= len(piece)
+        if room < 0:
+            break
+        shown.append(piece)
+    return "".join(shown) + "..."
+
+
+_SHOWN = [chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in range(256)]
+
+
 @attrs.define
 class Exchange:
     """
@@ -69,6 +96,9 @@ class Exchange:
     @ivar client: the peer address.
     @ivar keyName: the name of the client key presented (C{unauthorized}
         when refused for it); L{None} while no client keys are configured.
+    @ivar path: the path as L{loggedPath} shows it, for a request refused
+        without a route (its route label, C{unknown} or C{invalid}, would
+        not say what was asked for); L{None} otherwise.
     """
 
     method: str
@@ -84,6 +114,7 @@ class Exchange:
     client: str = "-"
     keyName: str | None = None
     queueWait: float = 0.0
+    path: str | None = None
 
     @property
     def clientLabel(self) -> str:
@@ -142,6 +173,8 @@ class Reporter:
             f"{exchange.method} {exchange.route} {exchange.status} {duration:.3f}s "
             f"in={exchange.requestBytes} out={exchange.responseBytes} model={model}"
         )
+        if exchange.path is not None:
+            line += f" path={exchange.path}"
         if exchange.errorType:
             line += f" error={exchange.errorType}"
         if exchange.keyName is not None:
@@ -160,6 +193,7 @@ class Reporter:
             client=exchange.clientLabel,
             peer=exchange.client,
             queueWait=round(exchange.queueWait, 6),
+            path=exchange.path,
             ttfb=(
                 None if exchange.firstByteAt is None else round(exchange.firstByteAt - exchange.startedAt, 6)
             ),

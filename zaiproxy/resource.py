@@ -15,7 +15,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zaiproxy.access import Credentials
 from zaiproxy.clientkeys import UNAUTHORIZED, presentedKeys
 from zaiproxy.dialects import Dialect, respondWithError
-from zaiproxy.exchange import Exchange, sniffModel
+from zaiproxy.exchange import Exchange, loggedPath, sniffModel
 from zaiproxy.metrics import methodLabel
 from zaiproxy.relay import Relay, RelayContext
 from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
@@ -81,6 +81,7 @@ class ProxyResource(Resource):
             client=_peer(request),
         )
         if not isinstance(route, Forward):
+            exchange.path = loggedPath(request.uri)
             exchange.dialect = guessDialect(
                 request.path, request.requestHeaders.hasHeader(b"anthropic-version")
             )
@@ -136,6 +137,7 @@ class ProxyResource(Resource):
             startedAt=self._context.clock.seconds(),
             status=status,
             responseBytes=bodyBytes,
+            path=loggedPath(path or b"/"),
         )
         self._context.reporter.finished(exchange)
 

@@ -341,6 +341,7 @@ class ProxyService(MultiService):
                     encoding=counting.counter.encoding,
                     model=settings.tokenizerModel,
                 )
+        self._announceClientKeys()
         self.log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
         limiter = self.limiter
         self.log.info(
@@ -362,6 +363,30 @@ class ProxyService(MultiService):
             "Forwarding Anthropic-compatible calls to {anthropic} and OpenAI-compatible calls to {openai}",
             anthropic=settings.zaiTargetURL,
             openai=settings.zaiOpenAITargetURL,
+        )
+
+    def _announceClientKeys(self) -> None:
+        """
+        Whether proxied routes need a client key, and how many there are
+        (never the keys): the first thing to check when a user gets 401.
+        """
+        keys = self.credentials.clientKeys
+        if keys is None:
+            self.log.info("Client keys: off (any caller may use the proxied routes)")
+            return
+        sources = [
+            name
+            for name, value in (
+                ("PROXY_API_KEYS_FILE", self.settings.proxyApiKeysFile),
+                ("PROXY_API_KEYS", self.settings.proxyApiKeys),
+            )
+            if value
+        ]
+        self.log.info(
+            "Client keys: on, {count} key{s} (from {sources})",
+            count=len(keys),
+            s="" if len(keys) == 1 else "s",
+            sources=" and ".join(sources),
         )
 
     def _listen(self) -> None:

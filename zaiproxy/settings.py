@@ -26,7 +26,6 @@ from zaiproxy.clientkeys import ClientKey, parseInlineKeys
 from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
 
 __all__ = [
-    "stateDirectory",
     "SettingSpec",
     "Settings",
     "SettingsError",
@@ -34,6 +33,7 @@ __all__ = [
     "loadSettings",
     "settingSpecs",
     "settingsTable",
+    "stateDirectory",
 ]
 
 
