@@ -109,21 +109,29 @@ def test_badListenDescription(reactor: Any) -> None:
         ProxyService(reactor, settings, ["tcp:notaport"])
 
 
-def test_portInUse(reactor: Any) -> None:
+def test_portInUse(reactor: Any, logEvents: list[dict[str, Any]]) -> None:
     """
-    A port that cannot be bound stops start-up with the error.
+    A port that cannot be bound stops start-up (exit status 1) with one
+    critical line naming the address; ports already bound are closed.
     """
+    from twisted.logger import LogLevel, formatEvent
+
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen(1)
+    port = taken.getsockname()[1]
     try:
-        settings, _ = loadSettings({"ZAI_API_KEY": "k"})
-        service = ProxyService(reactor, settings, [f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1"])
-        with pytest.raises(Exception, match="Address already in use"):
+        settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off"})
+        description = f"tcp:{port}:interface=127.0.0.1"
+        service = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1", description])
+        with pytest.raises(SystemExit) as exited:
             service.privilegedStartService()
+        assert exited.value.code == 1
         assert service.ports == []
     finally:
         taken.close()
+    critical = [formatEvent(e) for e in logEvents if e.get("log_level") == LogLevel.critical]
+    assert critical == [f"Cannot listen on 127.0.0.1:{port} ({description}): Address already in use"]
 
 
 @pytest.mark.parametrize(

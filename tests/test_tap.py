@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def test_help(tmp_path: Any) -> None:
     assert "[default: tcp:8080]" in result.stdout
     for spec in settingSpecs():
         assert spec.env in result.stdout
+    # No stray gaps: option texts are reflowed, empty defaults say so.
+    options = result.stdout.split("Options:\n", 1)[1].split("\n\n", 1)[0]
+    for line in options.splitlines():
+        assert not re.search(r"\S {2,}\S", line[23:]), line
+    assert "(default )" not in result.stdout
+    assert "  MODEL_LABELS (default: empty)\n" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -85,7 +92,17 @@ def test_help(tmp_path: Any) -> None:
             [],
             "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off",
         ),
-        ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--listen", "tcp:notaport"],
+            "zaiproxy: --listen 'tcp:notaport' is not a valid endpoint: 'notaport' is not a number "
+            "(expected e.g. tcp:8080:interface=127.0.0.1 or unix:/run/zaiproxy.sock)",
+        ),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--listen", "notaport"],
+            "zaiproxy: --listen 'notaport' is not a valid endpoint: Unknown endpoint type: 'notaport' (",
+        ),
         (
             {"ZAI_API_KEY": "k"},
             ["--listen", "systemd:domain=INET:index=0"],
@@ -114,7 +131,11 @@ def test_help(tmp_path: Any) -> None:
             [],
             "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1",
         ),
-        ({"ZAI_API_KEY": "k"}, ["--admin-listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
+        (
+            {"ZAI_API_KEY": "k"},
+            ["--admin-listen", "tcp:9000:interface=127.0.0.1", "--admin-listen", "tcp:x"],
+            "zaiproxy: --admin-listen 'tcp:x' is not a valid endpoint: 'x' is not a number (",
+        ),
     ],
 )
 def test_badSettingsExit(tmp_path: Any, env: dict[str, str], args: list[str], message: str) -> None:
@@ -241,3 +262,31 @@ def test_freezeStartupHeap() -> None:
     finally:
         gc.unfreeze()
     assert any(obj is alive[0] for obj in gc.get_objects())
+
+
+@pytest.mark.parametrize("option", ["--listen", "--admin-listen"])
+def test_portInUseIsOneLine(tmp_path: Any, option: str) -> None:
+    """
+    A port already taken stops start-up with one log line naming the address
+    and the listen option's value, and exit status 1; no traceback.
+    """
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    description = f"tcp:{port}:interface=127.0.0.1"
+    args = ["--listen", "tcp:0:interface=127.0.0.1", option, description]
+    if option == "--listen":
+        args = args[2:]
+    try:
+        result = run(["-n", "--pidfile=", "zaiproxy", *args], {"ZAI_API_KEY": "k"}, str(tmp_path))
+    finally:
+        taken.close()
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    failures = [line for line in result.stdout.splitlines() if "#critical]" in line or "#error]" in line]
+    assert len(failures) == 1, result.stdout
+    assert failures[0].endswith(
+        f"[zaiproxy.service.ProxyService#critical] Cannot listen on 127.0.0.1:{port} ({description}): "
+        "Address already in use"
+    )

@@ -20,6 +20,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -290,7 +291,13 @@ class ProxyService(MultiService):
     def privilegedStartService(self) -> None:
         # Bind before twistd drops privileges (port 80, systemd sockets).
         self._announce()
-        self._listen()
+        try:
+            self._listen()
+        except CannotListenError as e:
+            # Under twistd: one line naming the address, not a traceback
+            # through twistd's internals; exit 1, as systemd may retry it.
+            self.log.critical("{problem}", problem=cannotListen(e))
+            raise SystemExit(1) from None
         super().privilegedStartService()
 
     def startService(self) -> None:
@@ -434,7 +441,15 @@ class ProxyService(MultiService):
         if not outcome:
             raise RuntimeError(f"listening on {description} did not complete")
         if isinstance(outcome[0], Failure):
-            outcome[0].raiseException()
+            failure = outcome[0]
+            if failure.check(CannotListenError):
+                error = failure.value
+                if isinstance(error.port, int):
+                    where = f"{error.interface or '*'}:{error.port}"
+                else:  # a UNIX socket's path
+                    where = str(error.port)
+                raise CannotListenError(f"{where} ({description})", None, error.socketError) from None
+            failure.raiseException()
         port: IListeningPort = outcome[0]
         return port
 
@@ -518,3 +533,12 @@ class ProxyService(MultiService):
         except defer.TimeoutError:
             return False
         return True
+
+
+def cannotListen(error: CannotListenError) -> str:
+    """
+    One line for a listener that could not be bound: where, and why.
+    """
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    where = error.interface if error.port is None else f"{error.interface}:{error.port}"
+    return f"Cannot listen on {where}: {reason}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import sys
 import textwrap
 from typing import IO, Any
@@ -37,7 +38,13 @@ def _settingsHelp() -> str:
         "",
     ]
     for spec in settingSpecs():
-        default = "required" if spec.default is None else f"default {spec.default}"
+        default = (
+            "required"
+            if spec.default is None
+            else f"default {spec.default}"
+            if spec.default
+            else "default: empty"
+        )
         lines.append(f"  {spec.env} ({default})")
         lines.extend(textwrap.wrap(spec.help, 72, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
@@ -73,6 +80,9 @@ class Options(usage.Options):
 
     def __init__(self) -> None:
         super().__init__()
+        # usage.Options takes an opt_ method's docstring as it is, indents
+        # and all; reflowed, it wraps without gaps.
+        self.docs = {name: " ".join(doc.split()) if doc else doc for name, doc in self.docs.items()}
         self["listen"] = []
         self["admin-listen"] = []
 
@@ -151,6 +161,11 @@ def makeService(options: Options) -> IService:
         commit=os.environ.get("ZAI_PROXY_COMMIT") or "unknown",
         buildTime=os.environ.get("ZAI_PROXY_BUILD_TIME") or "unknown",
     )
+    for option in ("listen", "admin-listen"):
+        for description in options[option]:
+            problem = endpointProblem(reactor, description)
+            if problem is not None:
+                _fail(f"--{option} {description!r} is not a valid endpoint: {problem}")
     choice = chooseListeners(reactor, options["listen"], environ, os.getpid())
     for note in choice.notes:
         log.info("{note}", note=note)
@@ -170,16 +185,38 @@ def makeService(options: Options) -> IService:
     except ClientKeysError as e:
         _fail(str(e))
         raise
-    except ValueError as e:
-        # endpoints.serverFromString rejects a malformed --listen.
-        _fail(f"invalid --listen: {e}")
-        raise
     except (IndexError, KeyError):
-        # Its systemd: parser, asked for a descriptor that was not passed.
+        # The systemd: parser, asked for a descriptor that was not passed.
         _fail("invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)")
         raise
     freezeStartupHeap()
     return service
+
+
+_NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base 10: (.*)")
+
+
+def endpointProblem(reactor: Any, description: str) -> str | None:
+    """
+    What is wrong with an endpoint description, in words a user can act on
+    (Twisted's parser says "invalid literal for int()" for a bad port), or
+    L{None}. C{systemd:} descriptions are checked when they are used: only
+    then is it known which sockets systemd passed.
+    """
+    # Imported here: twisted.internet.endpoints clears LISTEN_FDS on import.
+    from twisted.internet.endpoints import serverFromString
+
+    if description.startswith("systemd:"):
+        return None
+    try:
+        serverFromString(reactor, description)
+    except ValueError as e:
+        text = str(e)
+        notNumber = _NOT_A_NUMBER.fullmatch(text)
+        if notNumber is not None:
+            text = f"{notNumber.group(1)} is not a number"
+        return f"{text} (expected e.g. tcp:8080:interface=127.0.0.1 or unix:/run/zaiproxy.sock)"
+    return None
 
 
 def freezeStartupHeap() -> None:
