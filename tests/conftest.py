@@ -190,6 +190,29 @@ async def http(reactor: Any) -> AsyncIterator[HTTPClient]:
     await pool.closeCachedConnections()
 
 
+_counters: dict[tuple[tuple[str, str], ...], tuple[Any, list[str]]] = {}
+
+
+@pytest.fixture(autouse=True)
+def loadCounterOnce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Every in-process proxy gets the real token counter, loaded once per
+    environment rather than per L{ProxyService}: reading and checking
+    cl100k_base takes 0.3 s, and the suite builds hundreds of proxies.
+    (The counter keeps no state; L{tests.test_tokens} tests the loading.)
+    """
+    from zaiproxy import service, tokens
+
+    def load(environ: Any) -> tuple[Any, list[str]]:
+        key = tuple(sorted(environ.items()))
+        if key not in _counters:
+            _counters[key] = tokens.loadCounter(environ)
+        counter, problems = _counters[key]
+        return counter, list(problems)
+
+    monkeypatch.setattr(service, "loadCounter", load)
+
+
 @pytest.fixture(autouse=True)
 def logEvents() -> Iterator[list[dict[str, Any]]]:
     """

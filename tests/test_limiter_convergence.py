@@ -13,6 +13,7 @@ end.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,18 @@ import attrs
 import pytest
 import pytest_twisted
 from conftest import UPSTREAM_KEY, MemoryUpstream, Stack
+from test_relay import PushRequest
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
 
 from zaiproxy.fake import FakeZai
 from zaiproxy.resource import ProxyResource
 from zaiproxy.service import ProxyService
 from zaiproxy.settings import loadSettings
-from zaiproxy.upstream import BytesProducer
 
 BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
-HEADERS = Headers({b"content-type": [b"application/json"]})
 
 #: One window's reading: the limiter's rate at its end, the share of
 #: Z.AI's answers that were 429s, and whether the limiter was probing.
@@ -47,8 +44,7 @@ class MemoryProxy:
     """
     The proxy on a clock: L{ProxyService} builds the limiter, the admission
     and the relay context from the settings as it does in the daemon; its
-    resource tree here talks to the fake through treq's in-memory agent,
-    and clients reach it through another.
+    resource tree here talks to the fake through treq's in-memory agent.
     """
 
     def __init__(self, clock: task.Clock, fake: FakeZai, env: dict[str, str]) -> None:
@@ -69,7 +65,7 @@ class MemoryProxy:
         resource = ProxyResource(
             service.targets, context, service.inFlight, {}, lambda: False, service.credentials
         )
-        self.client = RequestTraversalAgent(resource)
+        self.resource = resource
         self.limiter = service.limiter
         self.limiter.start()
 
@@ -77,22 +73,10 @@ class MemoryProxy:
         self.limiter.stop()
 
 
-class _Drop(Protocol):
-    """
-    Read an answer to its end, and count it done.
-    """
-
-    def __init__(self, load: Load) -> None:
-        self._load = load
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self._load.outstanding -= 1
-
-
 class Load:
     """
-    Offers C{rate} requests a second of the clock to the proxy, and counts
-    what they got.
+    Offers C{rate} requests a second of the clock to the proxy's resource
+    tree (as twisted.web would hand them to it), and counts what they got.
     """
 
     def __init__(self, clock: task.Clock, proxy: MemoryProxy, rate: float) -> None:
@@ -111,15 +95,18 @@ class Load:
         self._loop.stop()
 
     def _send(self) -> None:
+        request = PushRequest([b""])
+        request.method = b"POST"
+        request.uri = request.path = b"/v1/messages"
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.content = io.BytesIO(BODY)
         self.outstanding += 1
-        sent: Deferred[Any] = self._proxy.client.request(
-            b"POST", b"http://proxy.test/v1/messages", HEADERS, BytesProducer(BODY)
-        )
-        sent.addCallback(self._answered)
+        request.notifyFinish().addBoth(self._answered, request)
+        self._proxy.resource.render(request)
 
-    def _answered(self, response: Any) -> None:
-        self.statuses[response.code] = self.statuses.get(response.code, 0) + 1
-        response.deliverBody(_Drop(self))
+    def _answered(self, result: Any, request: PushRequest) -> None:
+        self.outstanding -= 1
+        self.statuses[request.responseCode] = self.statuses.get(request.responseCode, 0) + 1
 
     def settle(self) -> None:
         """
@@ -128,9 +115,7 @@ class Load:
         clock, proxy = self._clock, self._proxy
         while True:
             clock.advance(0)
-            proxy.client.flush()
             proxy.upstream.flush()
-            proxy.client.flush()
             now = clock.seconds()
             if not any(call.getTime() <= now for call in clock.getDelayedCalls()):
                 return
