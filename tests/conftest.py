@@ -16,10 +16,10 @@ import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.internet.defer import Deferred
 from twisted.internet.base import DelayedCall
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -280,10 +280,14 @@ class HeapClock:
     def _push(self, call: DelayedCall) -> None:
         heapq.heappush(self._heap, (call.getTime(), next(self._order), call))
 
-    def callLater(self, delay: float, f: Callable[..., object], *args: object, **kw: object) -> DelayedCall:
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall:
         # Cancelled calls stay in the heap until they come up, and are
         # dropped then; a call reset to an earlier time is pushed again.
-        call = DelayedCall(self.rightNow + delay, f, args, kw, lambda c: None, self._push, self.seconds)
+        call = DelayedCall(
+            self.rightNow + delay, callable, args, kwargs, lambda c: None, self._push, self.seconds
+        )
         self._push(call)
         return call
 

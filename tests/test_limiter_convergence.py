@@ -27,6 +27,7 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from zaiproxy.fake import FakeZai
 from zaiproxy.resource import ProxyResource
@@ -61,7 +62,7 @@ class MemoryProxy:
         self.service = ProxyService(clock, settings, [], limiterClock=clock)
         self.upstream = RequestTraversalAgent(fake)
         service = self.service
-        context = attrs.evolve(service.context, upstream=MemoryUpstream(self.upstream))
+        context = attrs.evolve(service.context, upstream=MemoryUpstream(self.upstream))  # type: ignore[arg-type]
         self.resource = ProxyResource(
             service.targets, context, service.inFlight, {}, lambda: False, service.credentials
         )
@@ -94,7 +95,8 @@ class Load:
         self._loop.stop()
 
     def _send(self) -> None:
-        request = PushRequest([b""])
+        # twisted.web's Request, as far as the proxy uses it.
+        request: Any = PushRequest([b""])
         request.method = b"POST"
         request.uri = request.path = b"/v1/messages"
         request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
@@ -244,7 +246,9 @@ class SocketLoad:
         self._loop.start(1.0 / self._rate, now=True)
 
     def _send(self) -> None:
-        sent = self._client.post(self._url, data=BODY, headers={"content-type": ["application/json"]})
+        sent = self._client.post(
+            self._url, data=BODY, headers=Headers({b"content-type": [b"application/json"]})
+        )
         sent.addCallback(lambda response: response.content())
         sent.addErrback(lambda failure: None)
         self.outstanding.add(sent)
