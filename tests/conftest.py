@@ -7,16 +7,21 @@ trial would).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0
@@ -190,6 +195,29 @@ async def http(reactor: Any) -> AsyncIterator[HTTPClient]:
     await pool.closeCachedConnections()
 
 
+_counters: dict[tuple[tuple[str, str], ...], tuple[Any, list[str]]] = {}
+
+
+@pytest.fixture(autouse=True)
+def loadCounterOnce(monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    Every in-process proxy gets the real token counter, loaded once per
+    environment rather than per L{ProxyService}: reading and checking
+    cl100k_base takes 0.3 s, and the suite builds hundreds of proxies.
+    (The counter keeps no state; L{tests.test_tokens} tests the loading.)
+    """
+    from zaiproxy import service, tokens
+
+    def load(environ: Any) -> tuple[Any, list[str]]:
+        key = tuple(sorted(environ.items()))
+        if key not in _counters:
+            _counters[key] = tokens.loadCounter(environ)
+        counter, problems = _counters[key]
+        return counter, list(problems)
+
+    monkeypatch.setattr(service, "loadCounter", load)
+
+
 @pytest.fixture(autouse=True)
 def logEvents() -> Iterator[list[dict[str, Any]]]:
     """
@@ -229,3 +257,74 @@ class MemoryUpstream:
             failed.errback(ConnectionRefusedError())
             return failed
         return self.agent.request(method, url, headers, body)
+
+
+@implementer(IReactorTime)
+class HeapClock:
+    """
+    L{task.Clock} with its pending calls in a heap, for simulations with
+    many timers (an admission queue's timeouts): L{task.Clock} sorts the
+    whole list on every C{callLater} and after every call it runs, which
+    then costs most of the run. Calls due at the same time run in the order
+    they were scheduled, as with L{task.Clock}.
+    """
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.rightNow = now
+        self._heap: list[tuple[float, int, DelayedCall]] = []
+        self._order = itertools.count()
+
+    def seconds(self) -> float:
+        return self.rightNow
+
+    def _push(self, call: DelayedCall) -> None:
+        heapq.heappush(self._heap, (call.getTime(), next(self._order), call))
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kwargs: object
+    ) -> IDelayedCall:
+        # Cancelled calls stay in the heap until they come up, and are
+        # dropped then; a call reset to an earlier time is pushed again.
+        call = DelayedCall(
+            self.rightNow + delay, callable, args, kwargs, lambda c: None, self._push, self.seconds
+        )
+        self._push(call)
+        return call
+
+    def _first(self) -> DelayedCall | None:
+        """
+        The next call to run, dropping what is stale on the way.
+        """
+        heap = self._heap
+        while heap:
+            when, _, call = heap[0]
+            if call.cancelled or call.called or when > call.getTime():
+                heapq.heappop(heap)
+            elif when < call.getTime():
+                # Delayed (reset to a later time): it goes back in line.
+                heapq.heappop(heap)
+                self._push(call)
+            else:
+                return call
+        return None
+
+    def nextCall(self) -> float | None:
+        """
+        When the next pending call is due, if there is one.
+        """
+        call = self._first()
+        return None if call is None else call.getTime()
+
+    def getDelayedCalls(self) -> list[DelayedCall]:
+        # A call reset to an earlier time has two entries until one is due.
+        return list({id(call): call for _, _, call in sorted(self._heap) if call.active()}.values())
+
+    def advance(self, amount: float) -> None:
+        self.rightNow += amount
+        while True:
+            call = self._first()
+            if call is None or call.getTime() > self.rightNow:
+                return
+            heapq.heappop(self._heap)
+            call.called = 1
+            call.func(*call.args, **call.kw)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import HeapClock
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
@@ -41,7 +42,7 @@ def settings(**changes: Any) -> LimiterSettings:
     return LimiterSettings(**base)
 
 
-def limiter(clock: Clock | None = None, **changes: Any) -> tuple[Clock, RateLimiter, list[str]]:
+def limiter(clock: Any = None, **changes: Any) -> tuple[Clock, RateLimiter, list[str]]:
     clock = clock or Clock()
     adjustments: list[str] = []
     return clock, RateLimiter(clock, settings(**changes), onAdjust=adjustments.append), adjustments
@@ -483,7 +484,7 @@ class ModelUpstream:
     second, counted strictly (never more than C in any one second).
     """
 
-    def __init__(self, clock: Clock, capacity: float) -> None:
+    def __init__(self, clock: Any, capacity: float) -> None:
         self.clock = clock
         self.capacity = capacity
         self.accepted: deque[float] = deque()
@@ -499,7 +500,7 @@ class ModelUpstream:
 
 
 def simulate(
-    capacity: float, windows: int, rl: RateLimiter, clock: Clock, upstream: ModelUpstream, load: float
+    capacity: float, windows: int, rl: RateLimiter, clock: Any, upstream: ModelUpstream, load: float
 ) -> list[tuple[float, float, bool]]:
     """
     Offer C{load} calls a second for C{windows} windows; return each
@@ -541,7 +542,7 @@ def test_convergence(capacity: float) -> None:
     in [0.75C, C] and later windows see under 5% 429s; when C doubles the
     rate reaches 0.75 of the new C within 15 windows.
     """
-    clock = Clock()
+    clock = HeapClock()
     # A short queue keeps demand saturated without thousands of waiters.
     _, rl, _ = limiter(clock, queueTimeout=WINDOW, maxQueue=int(2 * capacity) + 1)
     upstream = ModelUpstream(clock, capacity)
@@ -590,3 +591,28 @@ def test_tailOfAnOverloadOnlyNudges() -> None:
     assert rl.ceiling == pytest.approx(0.3 * 15 + 0.7 * 24)
     window(clock, rl, successes=300, frequency=300)  # still: measured
     assert rl.ceiling == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("makeClock", [Clock, HeapClock])
+def test_heapClockRunsLikeClock(makeClock: Any) -> None:
+    """
+    The simulations' L{HeapClock} runs calls as L{Clock} does: in time
+    order, ties in the order scheduled, a call reset earlier or delayed
+    later at its new time, a cancelled one never; a call that a call
+    schedules counts from the end of the advance, and runs in it if due.
+    """
+    clock = makeClock()
+    ran: list[str] = []
+    clock.callLater(2, ran.append, "b")
+    clock.callLater(1, ran.append, "a1")
+    clock.callLater(1, ran.append, "a2")
+    clock.callLater(3, ran.append, "cancelled").cancel()
+    clock.callLater(5, ran.append, "reset to 1.5").reset(1.5)
+    clock.callLater(0.5, ran.append, "delayed to 2.5").delay(2)
+    clock.callLater(2.2, lambda: clock.callLater(0, ran.append, "chained"))
+    assert sorted(call.getTime() for call in clock.getDelayedCalls()) == [1, 1, 1.5, 2, 2.2, 2.5]
+    clock.advance(1)
+    assert ran == ["a1", "a2"]
+    clock.advance(2)
+    assert ran == ["a1", "a2", "reset to 1.5", "b", "delayed to 2.5", "chained"]
+    assert not clock.getDelayedCalls()

@@ -1,58 +1,240 @@
 """
-The limiter's convergence through the real proxy and the real fake Z.AI
+The limiter's convergence through the proxy, against the real fake Z.AI
 with a hidden capacity C (1303 beyond C requests in any one second), with
 an offered load of 3C.
 
-Real sockets and HTTP; only time is scaled: the limiter and the fake's
-capacity share a clock that runs k times faster than the reactor, so ten
-windows of W seconds take half a second each.
+The convergence runs in simulated time: the proxy's resource tree (the
+real relay, forwarder, admission and limiter, as L{ProxyService} wires
+them) and the fake behind treq's in-memory agent, all on one
+L{HeapClock}, so forty windows take no wall-clock time and every run is
+the same. A short smoke over real sockets checks the same wiring end to
+end.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import io
+import json
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import pytest_twisted
-from conftest import Stack
+from conftest import UPSTREAM_KEY, HeapClock, MemoryUpstream, Stack
+from test_relay import PushRequest
 from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.internet.interfaces import IDelayedCall
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from zaiproxy.fake import FakeZai
+from zaiproxy.resource import ProxyResource
+from zaiproxy.service import ProxyService
+from zaiproxy.settings import loadSettings
 
 BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
 
+#: One window's reading: the limiter's rate at its end, the share of
+#: Z.AI's answers that were 429s, and whether the limiter was probing.
+Reading = tuple[float, float, bool]
 
-class ScaledClock:
+
+class MemoryProxy:
     """
-    Time running C{k} times faster than the reactor's.
+    The proxy on a clock: L{ProxyService} builds the limiter, the admission
+    and the relay context from the settings as it does in the daemon; its
+    resource tree here talks to the fake through treq's in-memory agent.
     """
 
-    def __init__(self, reactor: Any, k: float) -> None:
-        self._reactor = reactor
-        self._k = k
-        self._origin = reactor.seconds()
+    def __init__(self, clock: HeapClock, fake: FakeZai, env: dict[str, str]) -> None:
+        environ = {
+            "ZAI_API_KEY": UPSTREAM_KEY,
+            "ZAI_TARGET_URL": "http://zai.test/api/anthropic",
+            "ZAI_OPENAI_TARGET_URL": "http://zai.test/api/coding/paas/v4",
+            "TOKEN_COUNTING_ENABLED": "false",
+            **env,
+        }
+        settings, _ = loadSettings(environ)
+        # Never started: nothing listens and nothing runs on the clock but
+        # the limiter's windows.
+        self.service = ProxyService(clock, settings, [], limiterClock=clock)
+        self.upstream = RequestTraversalAgent(fake)
+        service = self.service
+        context = attrs.evolve(service.context, upstream=MemoryUpstream(self.upstream))  # type: ignore[arg-type]
+        self.resource = ProxyResource(
+            service.targets, context, service.inFlight, {}, lambda: False, service.credentials
+        )
+        self.limiter = service.limiter
+        self.limiter.start()
 
-    def seconds(self) -> float:
-        return self._origin + (self._reactor.seconds() - self._origin) * self._k
-
-    def callLater(self, delay: float, f: Callable[..., Any], *args: Any, **kw: Any) -> IDelayedCall:
-        return self._reactor.callLater(delay / self._k, f, *args, **kw)
-
-    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
-        return self._reactor.getDelayedCalls()
+    def stop(self) -> None:
+        self.limiter.stop()
 
 
 class Load:
     """
-    Offers C{rate} requests a second (real time) to the proxy.
+    Offers C{rate} requests a second of the clock to the proxy's resource
+    tree (as twisted.web would hand them to it), and counts those not
+    answered yet.
+    """
+
+    def __init__(self, clock: HeapClock, proxy: MemoryProxy, rate: float) -> None:
+        self._clock = clock
+        self._proxy = proxy
+        self._loop = task.LoopingCall(self._send)
+        self._loop.clock = clock
+        self._rate = rate
+        self.outstanding = 0
+
+    def start(self) -> None:
+        self._loop.start(1.0 / self._rate, now=True)
+
+    def stop(self) -> None:
+        self._loop.stop()
+
+    def _send(self) -> None:
+        # twisted.web's Request, as far as the proxy uses it.
+        request: Any = PushRequest([b""])
+        request.method = b"POST"
+        request.uri = request.path = b"/v1/messages"
+        request.requestHeaders.setRawHeaders(b"content-type", [b"application/json"])
+        request.content = io.BytesIO(BODY)
+        self.outstanding += 1
+        request.notifyFinish().addBoth(self._answered)
+        self._proxy.resource.render(request)
+
+    def _answered(self, result: Any) -> None:
+        self.outstanding -= 1
+
+    def settle(self) -> None:
+        """
+        Run what is due now, and deliver what it wrote to the fake and back.
+        """
+        clock, proxy = self._clock, self._proxy
+        while True:
+            clock.advance(0)
+            proxy.upstream.flush()
+            due = clock.nextCall()
+            if due is None or due > clock.seconds():
+                return
+
+    def runFor(self, seconds: float) -> None:
+        """
+        Move the clock on by C{seconds}, one due call at a time.
+        """
+        clock = self._clock
+        end = clock.seconds() + seconds
+        while True:
+            due = clock.nextCall()
+            if due is None or due > end:
+                break
+            clock.advance(due - clock.seconds())
+            self.settle()
+        clock.advance(end - clock.seconds())
+        self.settle()
+
+
+def run(
+    load: Load, fake: FakeZai, limiter: Any, windows: int, window: float, lead: float = 0.0
+) -> list[Reading]:
+    """
+    C{windows} windows of the limiter, each read C{lead} after its
+    judgement (the first reading covers the lead too).
+    """
+    history = []
+    for i in range(windows):
+        received, refused = len(fake.received), fake.refused
+        load.runFor(window + (lead if i == 0 else 0.0))
+        answered = len(fake.received) - received
+        history.append((limiter.rate, (fake.refused - refused) / max(1, answered), limiter._probing))
+    return history
+
+
+def show(history: list[Reading]) -> str:
+    return "\n" + "\n".join(
+        f"{i:3d} rate {rate:7.3f} refused {refused:6.1%}{' probing' if probing else ''}"
+        for i, (rate, refused, probing) in enumerate(history)
+    )
+
+
+@pytest.mark.parametrize("capacity", [3, 8, 25])
+def test_convergesThroughTheProxy(tmp_path: Path, capacity: int) -> None:
+    """
+    Offered 3C: within 10 windows the rate holds in [0.75C, C] and later
+    windows see under 5% of 429s; when C doubles the rate reaches 0.75 of
+    the new C within 15 windows; after a restart the proxy resumes at the
+    learned ceiling instead of re-learning (the seed's burst of 429s).
+    """
+    clock = HeapClock(1_767_225_600.0)
+    window = 25.0 / capacity  # about 25 accepted calls a window
+    state = tmp_path / "ceiling.json"
+    env = dict(
+        RATE_LIMIT_MAX="50",
+        RATE_LIMIT_INITIAL="10",
+        RATE_LIMIT_WINDOW=f"{window:.6f}",
+        MAX_RETRIES="0",
+        MAX_QUEUE=str(2 * capacity),
+        QUEUE_TIMEOUT=f"{window:.6f}",
+        RATE_LIMIT_STATE_FILE=str(state),
+    )
+    fake = FakeZai(clock, apiKey=UPSTREAM_KEY)
+    fake.capacity = capacity
+    proxy = MemoryProxy(clock, fake, env)
+    load = Load(clock, proxy, 3 * capacity)
+    load.start()
+    # Read half a window after each judgement (a reading at the very
+    # moment would fall either side of it).
+    history = run(load, fake, proxy.limiter, 24, window, lead=window / 2)
+    # From the 10th window the rate holds in [0.75C, C] (a probe looks
+    # above it for a window now and then: that is how a rise in C is
+    # found), and the windows from then on see under 5% of 429s.
+    held = [rate for rate, _, probing in history[9:] if not probing]
+    assert held and all(0.75 * capacity <= rate <= capacity for rate in held), show(history)
+    later = [refused for _, refused, _ in history[9:]]
+    assert sum(later) / len(later) < 0.05, show(history)
+
+    fake.capacity = 2 * capacity
+    history = run(load, fake, proxy.limiter, 15, window)
+    reached = [i for i, (rate, _, _) in enumerate(history) if rate >= 0.75 * 2 * capacity]
+    assert reached, show(history)
+    learned = proxy.limiter.ceiling
+    load.stop()
+    load.runFor(window)
+    assert load.outstanding == 0
+    proxy.stop()
+
+    # Restart: a new proxy on the same state file, against the same fake.
+    restarted = MemoryProxy(clock, fake, env)
+    limiter = restarted.limiter
+    assert limiter.restoredFromState
+    assert limiter.ceiling == pytest.approx(learned, rel=0.05)
+    # It holds just under what it learned (RATE_LIMIT_HOLD_MARGIN, 2%), not
+    # at RATE_LIMIT_INITIAL. (Whether the first run's last window left the
+    # ceiling at 0.75 of the doubled C is that run's business: reaching it
+    # was asserted above.)
+    assert limiter.rate == pytest.approx(learned * (1 - 0.02), rel=0.05)
+    load = Load(clock, restarted, 3 * capacity)
+    load.start()
+    history = run(load, fake, limiter, 4, window, lead=window / 2)
+    load.stop()
+    load.runFor(window)
+    assert load.outstanding == 0
+    restarted.stop()
+    # No burst of 429s while re-learning (the seed saw 40-60%).
+    assert sum(refused for _, refused, _ in history) / len(history) < 0.05, show(history)
+
+
+class SocketLoad:
+    """
+    Offers C{rate} requests a second of the reactor to a proxy on a real
+    socket.
     """
 
     def __init__(self, reactor: Any, url: str, rate: float) -> None:
         self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 200
+        self._pool.maxPersistentPerHost = 50
         self._client = HTTPClient(Agent(reactor, pool=self._pool))
         self._url = url
         self._loop = task.LoopingCall(self._send)
@@ -64,7 +246,9 @@ class Load:
         self._loop.start(1.0 / self._rate, now=True)
 
     def _send(self) -> None:
-        sent = self._client.post(self._url, data=BODY, headers={"content-type": ["application/json"]})
+        sent = self._client.post(
+            self._url, data=BODY, headers=Headers({b"content-type": [b"application/json"]})
+        )
         sent.addCallback(lambda response: response.content())
         sent.addErrback(lambda failure: None)
         self.outstanding.add(sent)
@@ -77,140 +261,45 @@ class Load:
         await self._pool.closeCachedConnections()
 
 
-class Watch:
-    """
-    Per-window readings: the limiter's rate and the share of 429s Z.AI gave.
-    """
-
-    def __init__(self, stack: Stack) -> None:
-        self._stack = stack
-        self._seen = self._counts()
-
-    def _counts(self) -> tuple[int, int]:
-        fake = self._stack.fake
-        return len(fake.received), fake.refused
-
-    def arrivals(self) -> str:
-        """
-        The fake's model calls in each tenth of the last three of its
-        seconds: accepted/refused (to tell a burst from a slow drift).
-        """
-        fake = self._stack.fake
-        calls = [r for r in fake.received if r.route in ("messages", "chat")]
-        if not calls:
-            return ""
-        end = calls[-1].receivedAt
-        bins: dict[int, list[int]] = {}
-        for r in calls:
-            if r.receivedAt > end - 3:
-                slot = bins.setdefault(int((r.receivedAt - end + 3) * 10), [0, 0])
-                slot[1 if r.scenario is not None and r.scenario.code == "1303" else 0] += 1
-        return " ".join(f"{a}/{b}" for _, (a, b) in sorted(bins.items()))
-
-    def window(self) -> tuple[float, float, bool]:
-        received, refused = self._counts()
-        newReceived, newRefused = received - self._seen[0], refused - self._seen[1]
-        self._seen = (received, refused)
-        limiter = self._stack.proxy.limiter
-        return limiter.rate, newRefused / max(1, newReceived), limiter._probing
-
-
-#: The fake's arrivals (accepted/refused per tenth of a second) at each
-#: window with over 10% of 429s, shown when an assertion fails.
-BURSTS: list[str] = []
-
-
-def show(history: list[tuple[float, float, bool]]) -> str:
-    """
-    Every window, one a line (pytest would cut a long list short).
-    """
-    return (
-        "\n"
-        + "\n".join(
-            f"{i:3d} rate {rate:7.3f} refused {refused:6.1%}{' probing' if probing else ''}"
-            for i, (rate, refused, probing) in enumerate(history)
-        )
-        + "\n"
-        + "\n".join(BURSTS)
-    )
-
-
-async def run(reactor: Any, stack: Stack, windows: int, realWindow: float) -> list[tuple[float, float, bool]]:
-    watch = Watch(stack)
-    history = []
-    for _ in range(windows):
-        await task.deferLater(reactor, realWindow, lambda: None)
-        history.append(watch.window())
-        if history[-1][1] > 0.1:
-            BURSTS.append(f"window {len(history) - 1}: " + watch.arrivals())
-    return history
-
-
-@pytest.mark.parametrize("capacity", [3, 8, 25])
 @pytest_twisted.ensureDeferred
-async def test_convergesThroughTheProxy(reactor: Any, makeStack: Any, tmp_path: Path, capacity: int) -> None:
+async def test_learnsOverRealSockets(reactor: Any, makeStack: Any, tmp_path: Path) -> None:
     """
-    Offered 3C: within 10 windows the rate holds in [0.75C, C] and later
-    windows see under 5% of 429s; when C doubles the rate reaches 0.75 of
-    the new C within 15 windows; after a restart the proxy resumes at the
-    learned ceiling instead of re-learning (the seed's burst of 429s).
+    End to end over real sockets, in real time (a smoke: the convergence
+    itself is tested above, on a clock): offered 3C, the fake's 1303s reach
+    the limiter through the proxy, and the first overloaded window brings
+    the ceiling from RATE_LIMIT_MAX down to about what the fake accepted
+    (the heavy-overload rule); the rate holds just below it, and the state
+    file keeps it.
     """
-    BURSTS.clear()
-    window = 25.0 / capacity  # about 25 accepted calls a window
-    k = window  # a window lasts one real second (more speed-up magnifies
-    # the reactor's timing jitter near the capacity)
-    realWindow = window / k
-    clock = ScaledClock(reactor, k)
+    capacity = 5
     state = tmp_path / "ceiling.json"
-    env = dict(
+    stack: Stack = await makeStack(
         RATE_LIMIT_MAX="50",
-        RATE_LIMIT_INITIAL="10",
-        RATE_LIMIT_WINDOW=f"{window:.6f}",
+        RATE_LIMIT_INITIAL="20",
+        RATE_LIMIT_WINDOW="1",
         MAX_RETRIES="0",
-        MAX_QUEUE=str(2 * capacity),
-        QUEUE_TIMEOUT=f"{window:.6f}",
+        MAX_QUEUE="10",
+        QUEUE_TIMEOUT="1",
         RATE_LIMIT_STATE_FILE=str(state),
     )
-    stack: Stack = await makeStack(fakeClock=clock, limiterClock=clock, **env)
     stack.fake.capacity = capacity
-
-    load = Load(reactor, stack.url("/v1/messages"), 3 * capacity * k)
+    limiter = stack.proxy.limiter
+    load = SocketLoad(reactor, stack.url("/v1/messages"), 3 * capacity)
     load.start()
     try:
-        history = await run(reactor, stack, 24, realWindow)
-        # From the 10th window the rate holds in [0.75C, C] (a probe looks
-        # above it for a window now and then: that is how a rise in C is
-        # found), and the windows from then on see under 5% of 429s.
-        held = [rate for rate, _, probing in history[9:] if not probing]
-        assert held and all(0.75 * capacity <= rate <= capacity for rate in held), show(history)
-        later = [refused for _, refused, _ in history[9:]]
-        assert sum(later) / len(later) < 0.05, show(history)
-
-        stack.fake.capacity = 2 * capacity
-        history = await run(reactor, stack, 15, realWindow)
-        reached = [i for i, (rate, _, _) in enumerate(history) if rate >= 0.75 * 2 * capacity]
-        assert reached, show(history)
-        learned = stack.proxy.limiter.ceiling
+        # The first window is judged a second after the proxy started; a
+        # slow machine may judge it late (and skip it): allow three.
+        for _ in range(6):
+            await task.deferLater(reactor, 0.5, lambda: None)
+            if limiter.ceiling < 50:
+                break
     finally:
         await load.stop()
-    await stack.proxy.stopService()
-
-    # Restart: a new proxy on the same state file, against the same fake.
-    restarted: Stack = await makeStack(fakeClock=clock, limiterClock=clock, **env)
-    restarted.fake.capacity = 2 * capacity
-    limiter = restarted.proxy.limiter
-    assert limiter.restoredFromState
-    assert limiter.ceiling == pytest.approx(learned, rel=0.05)
-    # It holds just under what it learned (RATE_LIMIT_HOLD_MARGIN, 2%), not
-    # at RATE_LIMIT_INITIAL. (Whether the first run's last window left the
-    # ceiling at 0.75 of the doubled C is that run's business: reaching it
-    # was asserted above.)
-    assert limiter.rate == pytest.approx(learned * (1 - 0.02), rel=0.05)
-    load = Load(reactor, restarted.url("/v1/messages"), 3 * capacity * k)
-    load.start()
-    try:
-        history = await run(reactor, restarted, 4, realWindow)
-    finally:
-        await load.stop()
-    # No burst of 429s while re-learning (the seed saw 40-60%).
-    assert sum(refused for _, refused, _ in history) / len(history) < 0.05, show(history)
+    assert stack.fake.refused > 0
+    assert 0.5 * capacity <= limiter.ceiling <= 2 * capacity, limiter.ceiling
+    assert limiter.rate == pytest.approx(limiter.ceiling * (1 - 0.02))
+    assert json.loads(state.read_text())["ceiling"] == pytest.approx(limiter.ceiling)
+    decreases = stack.sample(
+        "zai_proxy_rate_limit_adjustments_total", direction="decrease", variant="production"
+    )
+    assert decreases is not None and decreases >= 1

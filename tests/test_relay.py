@@ -384,13 +384,16 @@ async def test_resetMidStreamEndsOnABoundary(reactor: Any, makeStack: Any) -> No
 @pytest_twisted.ensureDeferred
 async def test_resetBeforeHeaders(reactor: Any, makeStack: Any) -> None:
     """
-    An upstream that drops the connection before answering: 502.
+    An upstream that drops the connection before answering: 502, once the
+    retry (one here: each waits the network backoff) fails the same way.
     """
-    stack = await makeStack("mode=reset")
+    stack = await makeStack("mode=reset", MAX_RETRIES="1")
     client = await proxied(stack, reactor, b"/v1/messages", messagesBody())
     await ended(client)
     response = client.response()
     assert response.status == 502
+    assert len(stack.fake.received) == 2
+    assert stack.sample("zai_proxy_retry_attempts_total", reason="network_error", variant="production") == 1
     assert (
         json.loads(response.body)["error"]["message"]
         == "the upstream closed the connection before responding"
@@ -406,17 +409,19 @@ async def test_resetBeforeHeaders(reactor: Any, makeStack: Any) -> None:
 @pytest_twisted.ensureDeferred
 async def test_connectionRefused(reactor: Any, makeStack: Any) -> None:
     """
-    Nothing listening upstream: 502 in the route's dialect.
+    Nothing listening upstream: 502 in the route's dialect, once the retry
+    (one here: each waits the network backoff) is refused too.
     """
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()
-    stack = await makeStack(ZAI_OPENAI_TARGET_URL=f"http://127.0.0.1:{port}/v4")
+    stack = await makeStack(ZAI_OPENAI_TARGET_URL=f"http://127.0.0.1:{port}/v4", MAX_RETRIES="1")
     client = await proxied(stack, reactor, b"/v1/chat/completions", chatBody(), OPENAI)
     await ended(client)
     response = client.response()
     assert response.status == 502
+    assert stack.sample("zai_proxy_retry_attempts_total", reason="network_error", variant="production") == 1
     assert json.loads(response.body)["error"]["message"] == "the upstream refused the connection"
 
 
