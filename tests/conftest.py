@@ -149,6 +149,7 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
             "ZAI_OPENAI_TARGET_URL": upstream.url("/api/coding/paas/v4"),
             "RATE_LIMIT_STATE_FILE": "off",
             "DRAIN_TIMEOUT": "2",
+            "DRAIN_GRACE": "0",
             # Generous limits: tests about the limiter set their own.
             "RATE_LIMIT_MAX": "1000",
             "RATE_LIMIT_INITIAL": "1000",

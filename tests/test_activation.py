@@ -225,6 +225,7 @@ async def _proxy(reactor: Any, upstreamURL: str, listen: Any) -> ProxyService:
             "ZAI_TARGET_URL": upstreamURL,
             "RATE_LIMIT_STATE_FILE": "off",
             "DRAIN_TIMEOUT": "2",
+            "DRAIN_GRACE": "0",
         }
     )
     proxy = ProxyService(reactor, settings, listen)

@@ -48,6 +48,7 @@ class Files:
             "ZAI_OPENAI_TARGET_URL": upstream.url("/api/coding/paas/v4"),
             "RATE_LIMIT_STATE_FILE": "off",
             "DRAIN_TIMEOUT": "2",
+            "DRAIN_GRACE": "0",
             "PROXY_API_KEYS_FILE": self.keys,
         }
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
 from conftest import Stack
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
@@ -158,7 +159,9 @@ async def test_startUpSaysWhetherClientKeysAreOn(
     """
     from twisted.logger import formatEvent
 
-    settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", **env})
+    settings, _ = loadSettings(
+        {"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", "DRAIN_GRACE": "0", **env}
+    )
     service = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
     service.startService()
     await service.stopService()
@@ -192,7 +195,9 @@ async def test_openProxyWarning(
     """
     from twisted.logger import formatEvent
 
-    settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", **env})
+    settings, _ = loadSettings(
+        {"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", "DRAIN_GRACE": "0", **env}
+    )
     service = ProxyService(reactor, settings, [listen.format(tmp=tmp_path)])
     service.startService()
     try:
@@ -214,3 +219,26 @@ async def test_openProxyWarning(
         ]
     else:
         assert warnings == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_drainGraceKeepsListening(reactor: Any) -> None:
+    """
+    For DRAIN_GRACE after the stop begins, the port stays open: /readyz
+    answers 503 and other requests are still served; then the listeners
+    close.
+    """
+    settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", "DRAIN_GRACE": "0.5"})
+    service = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
+    service.startService()
+    port = service.ports[0].getHost().port
+    stopping = service.stopService()
+    ready = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
+    assert (ready.code, await ready.content()) == (503, b'{"status":"draining"}')
+    health = await treq.get(f"http://127.0.0.1:{port}/health", persistent=False)
+    assert health.code == 200
+    assert json.loads(await health.content())["status"] == "draining"
+    assert not stopping.called
+    await stopping
+    with pytest.raises(ConnectionRefusedError):
+        await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)

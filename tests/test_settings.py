@@ -261,3 +261,16 @@ def test_stateFileDefaultsIntoTheStateFolder() -> None:
     chosen = {**base, "RATE_LIMIT_STATE_FILE": "/srv/c.json"}
     assert loadSettings(chosen)[0].rateLimitStateFile == "/srv/c.json"
     assert loadSettings({**base, "RATE_LIMIT_STATE_FILE": "off"})[0].rateLimitStateFile is None
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("0", 0.0), ("0s", 0.0), ("5", 5.0), ("1m", 60.0), ("500ms", 0.5)]
+)
+def test_drainGrace(text: str, seconds: float) -> None:
+    """
+    DRAIN_GRACE takes 0 (close at once) or a duration; 5 s by default.
+    """
+    assert load(DRAIN_GRACE=text).drainGrace == seconds
+    assert load().drainGrace == 5.0
+    with pytest.raises(SettingsError, match="DRAIN_GRACE='-1' is not valid: expected 0 or seconds"):
+        load(DRAIN_GRACE="-1")

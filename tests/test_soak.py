@@ -375,6 +375,7 @@ async def test_soak(reactor: Any, tmp_path: Path) -> None:
             "MAX_REQUEST_BYTES": "64KiB",
             "UPSTREAM_POOL_SIZE": str(POOL_SIZE),
             "DRAIN_TIMEOUT": "2",
+            "DRAIN_GRACE": "0",
         },
         cwd=tmp_path,
         stdin=subprocess.DEVNULL,

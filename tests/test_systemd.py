@@ -155,7 +155,10 @@ def test_unitsAgreeWithTheSettings() -> None:
     assert value(service, "EnvironmentFile") == "/etc/zaiproxy/zaiproxy.env"
     assert defaults.rateLimitStateFile is not None
     assert defaults.rateLimitStateFile == stateDirectory + "/ceiling.json"
-    assert float(value(service, "TimeoutStopSec")) > defaults.drainTimeout + _CUT_SECONDS + _FLUSH_SECONDS
+    assert (
+        float(value(service, "TimeoutStopSec"))
+        > defaults.drainGrace + defaults.drainTimeout + _CUT_SECONDS + _FLUSH_SECONDS
+    )
     assert value(service, "ExecStart") == f"{INSTALLED_TWISTD} {ARGUMENTS}"
     assert value(service, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert value(socketUnit, "ListenStream") == "8080"
@@ -208,6 +211,7 @@ def spawn(
         "RATE_LIMIT_STATE_FILE": "off",
         "LOG_FORMAT": "json",
         "DRAIN_TIMEOUT": "5",
+        "DRAIN_GRACE": "0",
     }
     if listenPID is not None:
         env.update(LISTEN_FDS="1", LISTEN_FDNAMES="zaiproxy")

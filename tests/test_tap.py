@@ -30,9 +30,11 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 def baseEnvironment() -> dict[str, str]:
     """
     PATH, and PYTHONPATH if set: a work tree on it must run its own code in
-    twistd, not the installed copy's.
+    twistd, not the installed copy's. DRAIN_GRACE=0: a process stops at
+    once unless its test is about the grace.
     """
-    return {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
+    env = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
+    return {**env, "DRAIN_GRACE": "0"}
 
 
 def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess[str]:
@@ -197,6 +199,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
         "RATE_LIMIT_STATE_FILE": "off",
         "LOG_FORMAT": "json",
         "DRAIN_TIMEOUT": "10",
+        "DRAIN_GRACE": "1",
     }
     process = reactor.spawnProcess(
         collect,
@@ -223,6 +226,16 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
         )
         await client.when(lambda c: b"content_block_delta" in c.raw)
         process.signalProcess("TERM")
+        # During DRAIN_GRACE the port stays open and /readyz says 503, so a
+        # load balancer sees the drain instead of a refused connection.
+        probes = []
+        for _ in range(50):
+            response = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
+            probes.append((response.code, await response.content()))
+            if response.code == 503:
+                break
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert probes[-1] == (503, b'{"status":"draining"}'), probes
         exitCode = await collect.ended
         await client.closed.addErrback(lambda f: None)
     finally:
@@ -236,6 +249,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     records = [json.loads(line) for line in collect.out.decode().splitlines()]
     messages = [r["message"] for r in records]
     assert any(m.startswith("Draining: 1 request(s) in flight") for m in messages)
+    assert "Draining: /readyz answers 503; listeners close in 1 s" in messages
     access = [r for r in records if r["namespace"] == "zaiproxy.access"]
     # Probes of the local endpoints are not logged (they would flood the log).
     assert [(r["method"], r["route"], r["status"], r["model"]) for r in access] == [

@@ -21,6 +21,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
@@ -483,6 +484,14 @@ class ProxyService(MultiService):
         """
         self.draining = True
         self.reloader.restoreSignal()
+        grace = self.settings.drainGrace
+        if grace > 0 and self.ports + self.adminPorts:
+            # Keep listening for a while: a load balancer probing /readyz
+            # must see the 503 (a closed port reads as a crash, and some
+            # keep sending until their probes fail). Requests that come
+            # meanwhile are served, with Connection: close.
+            self.log.info("Draining: /readyz answers 503; listeners close in {grace:g} s", grace=grace)
+            yield deferLater(self.reactor, grace, lambda: None)
         self.log.info(
             "Draining: {n} request(s) in flight, up to {timeout:g} s",
             n=len(self.inFlight),

@@ -131,6 +131,18 @@ def parseDuration(text: str) -> float:
     return seconds
 
 
+def parseGrace(text: str) -> float:
+    """
+    A duration as L{parseDuration} reads it, or C{0} for none.
+    """
+    if text.strip() in ("0", "0s", "0.0"):
+        return 0.0
+    try:
+        return parseDuration(text)
+    except ValueError:
+        raise ValueError("expected 0 or seconds, e.g. 5, 2.5, 10s or 500ms") from None
+
+
 _SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib|g|gb|gib)\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30}
 
@@ -591,6 +603,13 @@ class Settings:
         parseDuration,
         "75s",
         "Idle time after which a client's keep-alive connection is closed.",
+    )
+    drainGrace: float = _setting(
+        "DRAIN_GRACE",
+        parseGrace,
+        "5s",
+        "On SIGTERM, how long to keep serving with /readyz answering 503 before the listeners close,"
+        " so load balancers see the drain (0: close at once).",
     )
     drainTimeout: float = _setting(
         "DRAIN_TIMEOUT",
