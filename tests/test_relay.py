@@ -563,7 +563,12 @@ class OpeningRig:
     """
 
     def __init__(
-        self, scenario: str, dialect: Dialect = Dialect.anthropic, counted: bool = True, pump: bool = True
+        self,
+        scenario: str,
+        dialect: Dialect = Dialect.anthropic,
+        counted: bool = True,
+        pump: bool = True,
+        body: bytes | None = None,
     ) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_767_225_600.0)
@@ -594,6 +599,8 @@ class OpeningRig:
         else:
             self.route = Forward("/v1/messages", dialect, b"http://zai.test/api/anthropic/v1/messages")
             self.body = messagesBody()
+        if body is not None:
+            self.body = body
         self.request = PushRequest([b""])
         self.request.method = b"POST"
         self.request.content = io.BytesIO(self.body)
@@ -781,3 +788,31 @@ def test_aBugRelayingTheOpeningEndsBothSides(logEvents: list[dict[str, Any]]) ->
     rig.pump()
     assert rig.relay._ended is not None
     assert not rig.clock.getDelayedCalls()
+
+
+def test_usageChunkAtACleanEndWithoutDone() -> None:
+    """
+    An OpenAI stream that ends after its finish_reason without C{[DONE]}
+    or usage, from a client that asked for usage: the usage chunk (counted
+    at once, here) goes last, and the response is finished once (it was
+    finished twice: Twisted's "request.finish called twice").
+    """
+    body = json.dumps(
+        {
+            "model": "glm-4.7",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
+    rig = OpeningRig("events=2 interval=0 usage=none done=false", Dialect.openai, body=body)
+    rig.runOut()
+    assert rig.request.finished == 1
+    chunks = [json.loads(data) for _, data in events(rig.written())]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    # FallbackCounter: a quarter of the characters, at least 1.
+    assert chunks[-1]["usage"]["prompt_tokens"] == 1
+    assert chunks[-1]["usage"]["completion_tokens"] == len("hello hello ") // 4
+    assert rig.sample("zai_proxy_token_usage_source_total", source="estimated") == 1
+    assert rig.sample("zai_proxy_upstream_errors_total", error_type="truncated") is None
