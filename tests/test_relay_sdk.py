@@ -307,3 +307,32 @@ async def test_openaiSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any, inclu
     assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") == 1
     assert stack.sample("zai_proxy_tokens_total", direction="input", **labels) == inputTokens
     assert stack.sample("zai_proxy_tokens_total", direction="output", **labels) == outputTokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_openaiSDKOnStreamEndingAtItsFinishReason(reactor: Any, makeStack: Any) -> None:
+    """
+    A stream that ends at its finish_reason, without [DONE] or usage, is
+    complete: a client that asked for usage gets the usage chunk last, and
+    nothing else (the response was finished twice, which Twisted logs and
+    the fixture fails).
+    """
+    stack = await makeStack("events=2 usage=none done=false")
+
+    def call() -> Any:
+        with openaiClient(stack) as client:
+            return list(
+                client.chat.completions.create(
+                    model="glm-4.7",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
+                )
+            )
+
+    chunks = await inThread(call)
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["hello ", "hello ", ""]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    await sleep(reactor, 0.05)
+    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") == 1
