@@ -252,7 +252,9 @@ async def test_openaiStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
     when the client asked for it (see test_relay_sdk for one that did not).
     """
     stack = await makeStack("events=4 usage=none")
-    asking = CHAT_BODY.replace(b'"stream": true', b'"stream": true, "stream_options": {"include_usage": true}')
+    asking = CHAT_BODY.replace(
+        b'"stream": true', b'"stream": true, "stream_options": {"include_usage": true}'
+    )
     assert asking != CHAT_BODY
     client = await fetch(
         stack, reactor, b"/v1/chat/completions", asking, [(b"content-type", b"application/json")]

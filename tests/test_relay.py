@@ -833,12 +833,16 @@ def test_truncatedStreamEndsWithAnError(dialect: Dialect) -> None:
     if dialect is Dialect.anthropic:
         assert parsed[-1] == (
             "error",
-            json.dumps({"type": "error", "error": {"type": "api_error", "message": message}}, separators=(",", ":")),
+            json.dumps(
+                {"type": "error", "error": {"type": "api_error", "message": message}}, separators=(",", ":")
+            ),
         )
         assert [name for name, _ in parsed].count("content_block_delta") == 2
     else:
         assert json.loads(parsed[-1][1])["error"]["message"] == message
-        assert [json.loads(data)["choices"][0]["delta"]["content"] for _, data in parsed[:-1]] == ["hello "] * 2
+        assert [json.loads(data)["choices"][0]["delta"]["content"] for _, data in parsed[:-1]] == [
+            "hello "
+        ] * 2
     assert rig.sample("zai_proxy_upstream_errors_total", error_type="truncated") == 1
     assert rig.sample("zai_proxy_token_usage_source_total", source="partial") == 1
     assert rig.sample("zai_proxy_token_usage_source_total", source="estimated") is None
@@ -853,7 +857,10 @@ def test_truncatedStreamEndsWithAnError(dialect: Dialect) -> None:
         (Dialect.anthropic, b'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
         (Dialect.openai, b"data: [DONE]\n\n"),
         (Dialect.openai, b'data: {"choices":[{"index":0,"finish_reason":"stop","delta":{}}]}\n\n'),
-        (Dialect.anthropic, b'event: error\ndata: {"type":"error","error":{"type":"1234","message":"x"}}\n\n'),
+        (
+            Dialect.anthropic,
+            b'event: error\ndata: {"type":"error","error":{"type":"1234","message":"x"}}\n\n',
+        ),
         (Dialect.openai, b'data: {"error":{"code":"1234","message":"x"}}\n\n'),
     ],
 )

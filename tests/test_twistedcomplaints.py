@@ -16,7 +16,7 @@ from twistedcomplaints import Complaints, complaintIn
 
 pytest_plugins = ["pytester"]
 
-INNER = '''
+INNER = """
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -59,7 +59,7 @@ def test_finishTwiceExpected():
     request.finish()
     with pytest.warns(UserWarning, match="finish called twice"):
         request.finish()
-'''
+"""
 
 
 def test_innerRun(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,9 +70,7 @@ def test_innerRun(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) ->
     complaint a test expects, pass.
     """
     monkeypatch.setenv("PYTHONPATH", os.path.dirname(os.path.abspath(__file__)))
-    pytester.makeconftest(
-        "from twistedcomplaints import twistedComplaints\n"
-    )
+    pytester.makeconftest("from twistedcomplaints import twistedComplaints\n")
     pytester.makepyfile(test_inner=INNER)
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rA")
     result.assert_outcomes(passed=6, errors=3)
@@ -89,7 +87,8 @@ def test_innerRun(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) ->
 
 def _event(namespace: str, level: LogLevel, failure: Any = None) -> dict[str, Any]:
     event: dict[str, Any] = {}
-    Logger(namespace=namespace, observer=event.update).emit(level, "message {n}", n=1, log_failure=failure)
+    observer: Any = event.update
+    Logger(namespace=namespace, observer=observer).emit(level, "message {n}", n=1, log_failure=failure)
     if failure is None:
         del event["log_failure"]
     return event
@@ -130,8 +129,8 @@ def test_expect() -> None:
     fragment, and insists there is one.
     """
     complaints = Complaints()
-    complaints.observe(_event("twisted.web", LogLevel.warn))
-    complaints.observe(_event("twisted.web", LogLevel.info))
+    complaints(_event("twisted.web", LogLevel.warn))
+    complaints(_event("twisted.web", LogLevel.info))
     assert len(complaints.texts) == 1
     with pytest.raises(AssertionError):
         complaints.expect("not there")

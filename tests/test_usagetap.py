@@ -402,9 +402,12 @@ def test_noUsageChunkUnasked(prompt: bytes) -> None:
     assert pieces is None or b"".join(pieces) == data  # type: ignore[arg-type]
     assert t.tap.endStream() == []
     t.tap.settle(True)
-    assert t.metrics.registry.get_sample_value(
-        "zai_proxy_token_usage_source_total", {"source": "estimated", "variant": "test"}
-    ) == 1
+    assert (
+        t.metrics.registry.get_sample_value(
+            "zai_proxy_token_usage_source_total", {"source": "estimated", "variant": "test"}
+        )
+        == 1
+    )
     # FallbackCounter: "hello hello hello " and the prompt "hi"; a prompt
     # that is not JSON cannot be counted (logged), and the estimate is 0.
     expected = (0, 0) if prompt == b"not json" else (1, 4)

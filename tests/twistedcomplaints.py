@@ -22,9 +22,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import twisted
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogPublisher
+from zope.interface import implementer
 
+import twisted
 import zaiproxy
 
 __all__ = ["Complaints", "complaintIn", "twistedComplaints"]
@@ -35,7 +36,8 @@ OURS = "zaiproxy"
 #: Python warnings attributed to code in these folders (Twisted's, the
 #: proxy's, the tests') are complaints; a library's own deprecations are not.
 _WARNING_FOLDERS = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep for path in (twisted.__file__, zaiproxy.__file__, __file__)
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (twisted.__file__, zaiproxy.__file__, __file__)
 )
 
 _frozen: list[bool] = []
@@ -60,15 +62,16 @@ def complaintIn(event: dict[str, Any]) -> str | None:
     return text
 
 
+@implementer(ILogObserver)
 class Complaints:
     """
-    The complaints of one test's log, so far.
+    The complaints of one test's log, so far (a log observer).
     """
 
     def __init__(self) -> None:
         self.texts: list[str] = []
 
-    def observe(self, event: dict[str, Any]) -> None:
+    def __call__(self, event: dict[str, Any]) -> None:
         text = complaintIn(event)
         if text is not None:
             self.texts.append(text)
@@ -96,7 +99,7 @@ def twistedComplaints() -> Iterator[Complaints]:
         gc.collect()
         gc.freeze()
     complaints = Complaints()
-    globalLogPublisher.addObserver(complaints.observe)
+    globalLogPublisher.addObserver(complaints)
     try:
         # Inside pytest's own catch (which spans the whole test), with its
         # filters; what is caught here is handed on to it at the end.
@@ -105,7 +108,7 @@ def twistedComplaints() -> Iterator[Complaints]:
             # A Deferred whose failure nobody handled says so when collected.
             gc.collect()
     finally:
-        globalLogPublisher.removeObserver(complaints.observe)
+        globalLogPublisher.removeObserver(complaints)
     for warning in caught:
         if os.path.abspath(warning.filename).startswith(_WARNING_FOLDERS):
             complaints.texts.append(

@@ -69,9 +69,9 @@ def streamEnded(events: bytes) -> bool:
     with a C{finish_reason} (Z.AI's last), or an in-band error (the client
     is told already). A stream that ends without any was cut short.
     """
-    return (
-        b"[DONE]" in events or b"finish_reason" in events or b'"error"' in events
-    ) and _END.search(events) is not None
+    if b"[DONE]" not in events and b"finish_reason" not in events and b'"error"' not in events:
+        return False
+    return _END.search(events) is not None
 
 
 # -- what gets counted ---------------------------------------------------------
