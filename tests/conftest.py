@@ -1,8 +1,9 @@
 """
 Shared fixtures: the global reactor, an in-memory Z.AI for tests on a
-clock, and a guard that fails any test leaving
-delayed calls or open sockets behind (pytest-twisted does not police this;
-trial would).
+clock, a guard that fails any test leaving
+delayed calls or open sockets behind, and one that fails any test whose log
+holds a Twisted warning or an unhandled error (pytest-twisted polices
+neither; trial would).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
+
+# Fail a test whose log holds a complaint of Twisted's own (see the module).
+from twistedcomplaints import twistedComplaints  # noqa: F401
 
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0

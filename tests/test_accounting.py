@@ -248,11 +248,16 @@ async def test_anthropicStreamWithoutUsage(reactor: Any, makeStack: Any) -> None
 @pytest_twisted.ensureDeferred
 async def test_openaiStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
     """
-    An OpenAI stream without usage gets OpenAI's usage chunk before [DONE].
+    An OpenAI stream without usage gets OpenAI's usage chunk before [DONE],
+    when the client asked for it (see test_relay_sdk for one that did not).
     """
     stack = await makeStack("events=4 usage=none")
+    asking = CHAT_BODY.replace(
+        b'"stream": true', b'"stream": true, "stream_options": {"include_usage": true}'
+    )
+    assert asking != CHAT_BODY
     client = await fetch(
-        stack, reactor, b"/v1/chat/completions", CHAT_BODY, [(b"content-type", b"application/json")]
+        stack, reactor, b"/v1/chat/completions", asking, [(b"content-type", b"application/json")]
     )
     body = client.response().body
     assert body.endswith(b"data: [DONE]\n\n")

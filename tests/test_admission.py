@@ -103,13 +103,13 @@ def test_queueFull() -> None:
     """
     clock, admission, _, rejected = make(rate=1.0, maxQueue=2)
     result(admission.admit("a"))
-    admission.admit("a")
-    admission.admit("b")
+    waiting = [admission.admit("a"), admission.admit("b")]
     failure = result(admission.admit("c"))
     assert failure.check(QueueFull)
     assert failure.value.retryAfter == 3
     assert rejected == ["c"]
     admission.close()
+    assert [result(d).check(CancelledError) for d in waiting] == [CancelledError] * 2
     assert clock.getDelayedCalls() == []
 
 
@@ -278,6 +278,7 @@ def test_activeSpan() -> None:
     gone = admission.admit("c")
     clock.advance(0.5)
     gone.cancel()  # "a" still in flight
+    assert result(gone).check(CancelledError)
     clock.advance(0.5)
     held.release()
     clock.advance(5)

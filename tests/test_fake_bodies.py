@@ -417,6 +417,16 @@ def test_openaiStreamShape() -> None:
     }
 
 
+def test_openaiStreamWithoutDone() -> None:
+    """
+    C{done=false} ends the stream after the C{finish_reason} chunk, with
+    no C{[DONE]}; the rest is as usual.
+    """
+    complete = streamBytes("openai", Scenario(events=3))
+    assert streamBytes("openai", Scenario(events=3, done=False)) == complete[: -len(b"data: [DONE]\n\n")]
+    assert complete.endswith(b"\n\ndata: [DONE]\n\n")
+
+
 def test_openaiThinkingAndTool() -> None:
     """
     C{reasoning_content} first, then content, then tool-call fragments by

@@ -29,7 +29,7 @@ def test_defaults() -> None:
     assert (s.code, s.status, s.envelope, s.resetIn) == ("1302", 0, "native", 3600.0)
     assert (s.retryAfter, s.retryAfterHeader, s.usage, s.cacheRead) == (0.0, 0.0, "reported", 0)
     assert (s.thinking, s.tool, s.after, s.cookie) == (False, False, None, False)
-    assert (s.model, s.msgPrefix, s.stopReason) == ("glm-4.7", True, "")
+    assert (s.model, s.msgPrefix, s.stopReason, s.done) == ("glm-4.7", True, "", True)
 
 
 def test_emptySpec() -> None:
@@ -59,7 +59,7 @@ def test_everyField() -> None:
         "firstByteDelay=1.5 split=yes splitDelay=0.01 code=1308 status=503 "
         "envelope=openai resetIn=60 retryAfter=2.5 retryAfterHeader=3 usage=start "
         "cacheRead=12 thinking=1 tool=on after=4 cookie=true model=glm-5 "
-        "msgPrefix=false stopReason=model_context_window_exceeded"
+        "msgPrefix=false stopReason=model_context_window_exceeded done=false"
     )
     assert parseScenario(spec) == Scenario(
         mode="stall-mid",
@@ -85,6 +85,7 @@ def test_everyField() -> None:
         model="glm-5",
         msgPrefix=False,
         stopReason="model_context_window_exceeded",
+        done=False,
     )
 
 
@@ -206,6 +207,7 @@ scenarios = st.builds(
     model=_words,
     msgPrefix=st.booleans(),
     stopReason=st.text(max_size=30),
+    done=st.booleans(),
 )
 
 

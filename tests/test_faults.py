@@ -303,6 +303,7 @@ NOT_JSON_OBJECT = "Invalid API parameter: the body is not a JSON object"
 ZAI_JSON = b"application/json; charset=UTF-8"
 REFUSED = "the upstream refused the connection"
 BROKE = "the upstream connection broke mid-response"
+TRUNCATED = "the upstream ended the stream before the answer was complete"
 
 FAULTS = [
     Fault(
@@ -360,6 +361,38 @@ FAULTS = [
             upstreamErrors={"read_error": 1},
         ),
         scenario="mode=reset-mid after=3 split=true",
+    ),
+    Fault(
+        "truncated stream, anthropic",
+        post(b"/v1/messages", messagesBody()),
+        Outcome(
+            200,
+            200,
+            "/v1/messages",
+            streamError=b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":"'
+            + TRUNCATED.encode()
+            + b'"}}\n\n',
+            upstream="completed",
+            upstreamErrors={"truncated": 1},
+        ),
+        scenario="mode=truncate after=3 split=true",
+        check=checkPartialUsage,
+    ),
+    Fault(
+        "truncated stream, openai",
+        post(b"/v1/chat/completions", chatBody(), OPENAI),
+        Outcome(
+            200,
+            200,
+            "/v1/chat/completions",
+            streamError=b'data: {"error":{"message":"'
+            + TRUNCATED.encode()
+            + b'","type":"server_error","param":null,"code":null}}\n\n',
+            upstream="completed",
+            upstreamErrors={"truncated": 1},
+        ),
+        scenario="mode=truncate after=3 split=true",
+        check=checkPartialUsage,
     ),
     Fault(
         "reset mid-body (JSON answer)",

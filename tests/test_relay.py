@@ -568,7 +568,12 @@ class OpeningRig:
     """
 
     def __init__(
-        self, scenario: str, dialect: Dialect = Dialect.anthropic, counted: bool = True, pump: bool = True
+        self,
+        scenario: str,
+        dialect: Dialect = Dialect.anthropic,
+        counted: bool = True,
+        pump: bool = True,
+        body: bytes | None = None,
     ) -> None:
         self.clock = task.Clock()
         self.clock.advance(1_767_225_600.0)
@@ -599,6 +604,8 @@ class OpeningRig:
         else:
             self.route = Forward("/v1/messages", dialect, b"http://zai.test/api/anthropic/v1/messages")
             self.body = messagesBody()
+        if body is not None:
+            self.body = body
         self.request = PushRequest([b""])
         self.request.method = b"POST"
         self.request.content = io.BytesIO(self.body)
@@ -811,3 +818,97 @@ async def test_refusedRetryWithOneWorker(reactor: Any, makeStack: Any) -> None:
     assert response.status == 502
     assert json.loads(response.body)["error"]["message"] == "the upstream refused the connection"
     assert stack.sample("zai_proxy_retry_attempts_total", reason="network_error", variant="production") == 1
+
+
+def test_usageChunkAtACleanEndWithoutDone() -> None:
+    """
+    An OpenAI stream that ends after its finish_reason without C{[DONE]}
+    or usage, from a client that asked for usage: the usage chunk (counted
+    at once, here) goes last, and the response is finished once (it was
+    finished twice: Twisted's "request.finish called twice").
+    """
+    body = json.dumps(
+        {
+            "model": "glm-4.7",
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+    ).encode()
+    rig = OpeningRig("events=2 interval=0 usage=none done=false", Dialect.openai, body=body)
+    rig.runOut()
+    assert rig.request.finished == 1
+    chunks = [json.loads(data) for _, data in events(rig.written())]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == []
+    # FallbackCounter: a quarter of the characters, at least 1.
+    assert chunks[-1]["usage"]["prompt_tokens"] == 1
+    assert chunks[-1]["usage"]["completion_tokens"] == len("hello hello ") // 4
+    assert rig.sample("zai_proxy_token_usage_source_total", source="estimated") == 1
+    assert rig.sample("zai_proxy_upstream_errors_total", error_type="truncated") is None
+
+
+@pytest.mark.parametrize("dialect", [Dialect.anthropic, Dialect.openai])
+def test_truncatedStreamEndsWithAnError(dialect: Dialect) -> None:
+    """
+    A stream that ends cleanly without its last event ends with the
+    dialect's error event, after every whole event sent; it counts as a
+    truncated upstream error, and what was relayed as partial usage.
+    """
+    rig = OpeningRig("mode=truncate after=2 interval=0", dialect)
+    rig.runOut()
+    assert rig.request.finished == 1
+    parsed = events(rig.written())
+    message = "the upstream ended the stream before the answer was complete"
+    if dialect is Dialect.anthropic:
+        assert parsed[-1] == (
+            "error",
+            json.dumps(
+                {"type": "error", "error": {"type": "api_error", "message": message}}, separators=(",", ":")
+            ),
+        )
+        assert [name for name, _ in parsed].count("content_block_delta") == 2
+    else:
+        assert json.loads(parsed[-1][1])["error"]["message"] == message
+        assert [json.loads(data)["choices"][0]["delta"]["content"] for _, data in parsed[:-1]] == [
+            "hello "
+        ] * 2
+    assert rig.sample("zai_proxy_upstream_errors_total", error_type="truncated") == 1
+    assert rig.sample("zai_proxy_token_usage_source_total", source="partial") == 1
+    assert rig.sample("zai_proxy_token_usage_source_total", source="estimated") is None
+    # FallbackCounter: a quarter of the characters, at least 1: the prompt
+    # "hi", and the two deltas "hello hello " that were sent.
+    assert (rig.tokens("input"), rig.tokens("output")) == (1, 3)
+
+
+@pytest.mark.parametrize(
+    "dialect, tail",
+    [
+        (Dialect.anthropic, b'event: message_stop\ndata: {"type":"message_stop"}\n\n'),
+        (Dialect.openai, b"data: [DONE]\n\n"),
+        (Dialect.openai, b'data: {"choices":[{"index":0,"finish_reason":"stop","delta":{}}]}\n\n'),
+        (
+            Dialect.anthropic,
+            b'event: error\ndata: {"type":"error","error":{"type":"1234","message":"x"}}\n\n',
+        ),
+        (Dialect.openai, b'data: {"error":{"code":"1234","message":"x"}}\n\n'),
+    ],
+)
+def test_streamEnded(dialect: Dialect, tail: bytes) -> None:
+    """
+    A stream's last event (or an in-band error) is seen in whole events,
+    alone or after others, with CRLF line ends too; a delta that merely
+    mentions one, or a null finish_reason, is not.
+    """
+    from zaiproxy.dialects import streamEnded
+
+    delta = b'data: {"choices":[{"index":0,"finish_reason":null,"delta":{"content":"x"}}]}\n\n'
+    mentions = (
+        b'event: content_block_delta\ndata: {"delta":{"text":"\\nevent: message_stop\\n data: [DONE] '
+        b'\\"finish_reason\\":\\"stop\\" \\"error\\""}}\n\n'
+    )
+    assert streamEnded(dialect, tail)
+    assert streamEnded(dialect, delta + tail)
+    assert streamEnded(dialect, tail.replace(b"\n", b"\r\n"))
+    assert not streamEnded(dialect, delta)
+    assert not streamEnded(dialect, mentions)

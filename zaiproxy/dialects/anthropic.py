@@ -8,6 +8,7 @@ counting, and where usage is reported or must be added.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from zaiproxy.sse import Event, framesMentioning, keptData, readJSON
@@ -21,6 +22,7 @@ __all__ = [
     "frameWithUsage",
     "requestTexts",
     "responseTexts",
+    "streamEnded",
     "streamErrorEvent",
     "usageFrom",
     "usageJSON",
@@ -63,6 +65,20 @@ def errorBody(status: int, message: str, code: str | None = None) -> bytes:
 
 def streamErrorEvent(message: str, code: str | None = None) -> bytes:
     return b"event: error\ndata: " + _dumps(_error(502, message, code)).encode() + b"\n\n"
+
+
+# An event line starts a line; JSON text cannot hold a raw newline, so a
+# delta's text that mentions these words cannot match.
+_END = re.compile(rb"(?:^|\n)event: ?(?:message_stop|error)\r?\n")
+
+
+def streamEnded(events: bytes) -> bool:
+    """
+    Whether these whole events end the stream: C{message_stop}, or an
+    C{error} event (the client is told already). A stream that ends
+    without either was cut short.
+    """
+    return (b"message_stop" in events or b"error" in events) and _END.search(events) is not None
 
 
 # -- what gets counted ---------------------------------------------------------

@@ -8,6 +8,7 @@ usage is reported or must be added.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from zaiproxy.sse import Event, framesMentioning, keptData, readJSON
@@ -20,6 +21,7 @@ __all__ = [
     "errorType",
     "requestTexts",
     "responseTexts",
+    "streamEnded",
     "streamErrorEvent",
     "usageFrom",
     "usageJSON",
@@ -53,6 +55,23 @@ def errorBody(status: int, message: str, code: str | None = None) -> bytes:
 def streamErrorEvent(message: str, code: str | None = None) -> bytes:
     # The openai SDK raises APIError on a data event that carries "error".
     return b"data: " + _dumps(_error(502, message, code)).encode() + b"\n\n"
+
+
+# A data line that is [DONE] or an error object, or a finish_reason with a
+# value: inside a JSON string these quotes would be escaped, so a delta's
+# text that mentions them cannot match.
+_END = re.compile(rb'(?:^|\n)data: ?(?:\[DONE\]|\{\s*"error")|"finish_reason"\s*:\s*"')
+
+
+def streamEnded(events: bytes) -> bool:
+    """
+    Whether these whole events end the stream: C{data: [DONE]}, a chunk
+    with a C{finish_reason} (Z.AI's last), or an in-band error (the client
+    is told already). A stream that ends without any was cut short.
+    """
+    if b"[DONE]" not in events and b"finish_reason" not in events and b'"error"' not in events:
+        return False
+    return _END.search(events) is not None
 
 
 # -- what gets counted ---------------------------------------------------------

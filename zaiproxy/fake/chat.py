@@ -116,7 +116,8 @@ def chatStream(scenario: Scenario, content: Content, usage: Usage, ids: Ids) -> 
     yield Frame(chunk(final), CLOSING)
     if scenario.usage == "start":
         yield Frame(chunk({**head, "choices": [], "usage": usageBody(usage)}), CLOSING)
-    yield Frame(DONE, CLOSING)
+    if scenario.done:
+        yield Frame(DONE, CLOSING)
 
 
 def chatBody(scenario: Scenario, content: Content, usage: Usage, ids: Ids) -> dict[str, Any]:

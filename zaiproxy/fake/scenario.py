@@ -148,6 +148,9 @@ class Scenario:
     @ivar model: the model name reported.
     @ivar msgPrefix: Anthropic message ids start with C{msg_}.
     @ivar stopReason: overrides the final C{stop_reason} / C{finish_reason}.
+    @ivar done: end an OpenAI stream with C{data: [DONE]}, as Z.AI does;
+        C{false} ends it after the C{finish_reason} chunk (and the usage
+        chunk of C{usage=start}), a complete answer all the same.
     """
 
     mode: str = attrs.field(default="ok", validator=_oneOf(MODES))
@@ -173,6 +176,7 @@ class Scenario:
     model: str = attrs.field(default="glm-4.7", validator=_code)
     msgPrefix: bool = attrs.field(default=True, validator=_isBool)
     stopReason: str = attrs.field(default="", validator=_isStr)
+    done: bool = attrs.field(default=True, validator=_isBool)
 
     @property
     def effectiveAfter(self) -> int:
