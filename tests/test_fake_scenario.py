@@ -227,3 +227,28 @@ def test_formatAgainstBase(scenario: Scenario, base: Scenario) -> None:
     """
     spec = formatScenario(scenario, base)
     assert parseScenario(spec, base) == scenario
+
+
+def test_helpListsEveryModeAndKey() -> None:
+    """
+    C{python -m zaiproxy.fake --help} lists every mode and every scenario
+    key with its default, as README says.
+    """
+    import subprocess
+    import sys
+
+    import attrs
+
+    from zaiproxy.fake.scenario import MODES, Scenario
+
+    result = subprocess.run(
+        [sys.executable, "-m", "zaiproxy.fake", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "Modes: " + ", ".join(sorted(MODES)) + "." in text
+    for field in attrs.fields(Scenario):
+        assert f"\n  {field.name} (default " in text, field.name
+    assert "\n  mode (default ok)\n" in text
+    assert "\n  after (default none)\n" in text
+    assert "[default: ]" not in text

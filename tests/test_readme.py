@@ -125,3 +125,53 @@ def test_serviceInstallMatchesTheRepository() -> None:
     assert f"``StateDirectory={value(service, 'StateDirectory')}``" in section
     assert f"``TimeoutStopSec={value(service, 'TimeoutStopSec')}``" in section
     assert f"``RestartPreventExitStatus={value(service, 'RestartPreventExitStatus')}``" in section
+
+
+def _portTaken(port: int) -> bool:
+    import socket
+
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_keylessDemoRunsPastedAsOneBlock(tmp_path: Path) -> None:
+    """
+    "Try it without a key", pasted into bash as one block (with this venv's
+    bin folder for .venv/bin/), streams a whole answer through the proxy,
+    and neither daemon logs a warning or an error; the limiter's state file
+    defaults into the state folder of a fresh HOME.
+    """
+    import os
+    import subprocess
+    import sys
+
+    if _portTaken(8080) or _portTaken(9999):
+        message = "the demo's ports 8080 and 9999 must be free"
+        if os.environ.get("CI"):
+            raise AssertionError(message)
+        import pytest
+
+        pytest.skip(message)
+    section = README.split("Try it without a key\n~~~~~~~~~~~~~~~~~~~~\n", 1)[1].split("\n\nAny request", 1)[
+        0
+    ]
+    [block] = re.findall(r"::\n\n((?:    .*\n?)+)", section)
+    script = "\n".join(line[4:] for line in block.splitlines())
+    script = script.replace(".venv/bin/", str(Path(sys.executable).parent) + "/")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    result = subprocess.run(
+        ["bash", "-c", script + "\nkill %1 %2\nwait\n"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    out = result.stdout
+    assert out.count("event: content_block_delta") == 20, out[-3000:]
+    assert "event: message_stop" in out
+    assert 'zai_proxy_requests_total{method="POST",path="/v1/messages",status_code="200"' in out
+    problems = [line for line in out.splitlines() if re.search(r"#(warn|error|critical)\]|Traceback", line)]
+    assert problems == [], problems
+    assert "Connection refused" not in result.stderr
+    assert f"state file={tmp_path}/.local/state/zaiproxy/ceiling.json," in out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote, unquote
@@ -29,6 +30,7 @@ __all__ = [
     "Scenario",
     "formatScenario",
     "parseScenario",
+    "scenarioHelp",
 ]
 
 #: Every behaviour the fake knows; see L{Scenario.mode}.
@@ -127,6 +129,7 @@ class Scenario:
         C{reset}: before the abort; ignored by C{hang}).
     @ivar split: write every frame in two or more pieces, C{splitDelay}
         seconds apart, cut at varying places.
+    @ivar splitDelay: seconds between the pieces of a split frame.
     @ivar code: Z.AI business code for C{error} and C{inband-error}.
     @ivar status: HTTP status for C{error}; 0 means from the code.
     @ivar envelope: C{native} (the endpoint's own), C{openai} or
@@ -269,3 +272,38 @@ def formatScenario(scenario: Scenario, base: Scenario = Scenario()) -> str:
         for name in _FIELDS
         if getattr(scenario, name) != getattr(base, name)
     )
+
+
+_IVAR = re.compile(r"@ivar (\w+): (.*?)(?=\n\s*@ivar |\Z)", re.DOTALL)
+_MARKUP = re.compile(r"[CL]\{([^}]*)\}")
+
+
+def scenarioHelp(width: int = 79) -> str:
+    """
+    Every scenario key with its default and meaning, and every mode, for
+    C{--help}: read from L{Scenario}'s own fields and docstring, so the
+    list cannot drift from what the parser accepts.
+    """
+    documented = {
+        name: " ".join(_MARKUP.sub(r"\1", text).split())
+        for name, text in _IVAR.findall(Scenario.__doc__ or "")
+    }
+    lines = [
+        "Scenario keys (--scenario and the x-fake-scenario header; key=value pairs",
+        "separated by spaces or commas; booleans true/false; strings percent-decoded):",
+        "",
+    ]
+    for field in attrs.fields(Scenario):
+        shown = "none" if field.default is None else _formatValue(field.default) or "(empty)"
+        lines.append(f"  {field.name} (default {shown})")
+        lines.extend(
+            textwrap.wrap(
+                documented[field.name],
+                width,
+                initial_indent="      ",
+                subsequent_indent="      ",
+                break_on_hyphens=False,
+            )
+        )
+    lines += ["", "Modes: " + ", ".join(sorted(MODES)) + "."]
+    return "\n".join(lines)

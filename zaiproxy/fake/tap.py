@@ -16,7 +16,7 @@ from twisted.application.service import IService, MultiService
 from twisted.python import usage
 from twisted.web.server import Site
 
-from .scenario import Scenario, parseScenario
+from .scenario import Scenario, parseScenario, scenarioHelp
 from .server import FakeZai
 
 __all__ = ["DEFAULT_LISTEN", "Options", "makeService"]
@@ -47,11 +47,15 @@ class Options(usage.Options):
         [
             "scenario",
             "s",
-            "",
+            None,
             "Default scenario spec, e.g. 'events=20 interval=0.05' or "
             "'mode=error code=1308' (key=value pairs separated by spaces or commas).",
         ],
     ]
+
+    def getUsage(self, width: int | None = None) -> str:
+        # The scenario language, listed after twistd's reflowed longdesc.
+        return super().getUsage(width) + "\n" + scenarioHelp() + "\n"
 
     def __init__(self) -> None:
         super().__init__()
