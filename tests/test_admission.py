@@ -87,7 +87,7 @@ def test_fairTurns() -> None:
     Waiting clients are served in turn: a burst from one client cannot
     starve another who arrived later.
     """
-    clock, admission, admitted, _ = make(rate=1.0)
+    clock, admission, _, _ = make(rate=1.0)
     result(admission.admit("warm"))  # the bucket is empty now
     order: list[str] = []
     for client in ["a"] * 5 + ["b", "c"]:

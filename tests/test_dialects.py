@@ -323,7 +323,8 @@ def test_inbandErrors() -> None:
     """
     reader = anthropic.StreamReader()
     [event] = EventParser().feed(
-        b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},"request_id":"r"}\n\n'
+        b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},'
+        b'"request_id":"r"}\n\n'
     )
     reader.event(event)
     assert (reader.error.code, reader.error.cls) == ("1310", "quota")

@@ -8,6 +8,7 @@ be stepped through exactly.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from typing import Any
 
 from twisted.internet.address import IPv4Address
@@ -75,7 +76,7 @@ class Exchange:
 
     @property
     def complete(self) -> bool:
-        head, _, rest = self.raw.partition(b"\r\n\r\n")
+        _, _, rest = self.raw.partition(b"\r\n\r\n")
         return dechunk(rest)[1]
 
     def status(self) -> int:
@@ -224,7 +225,7 @@ def test_batchesPerTurn() -> None:
         sizes.append(ex.record.bytesSent)
     assert Responder.batchSize <= sizes[0] < Responder.batchSize + 2000
     assert len(sizes) > 15
-    steps = [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    steps = [b - a for a, b in pairwise(sizes)]
     assert max(steps) < Responder.batchSize + 2000
     assert ex.body.count(b"text_delta") == 1000
     assert ex.result() == "completed"

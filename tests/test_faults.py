@@ -468,7 +468,8 @@ FAULTS = [
     Fault(
         "body over the limit (Content-Length)",
         raw(
-            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            b"anthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"
         ),
         Outcome(
             413,

@@ -186,7 +186,7 @@ def test_askedWaitWins(where: str) -> None:
     rig = Rig(maxRetries=1)
     spec = "mode=error code=1303 " + ("retryAfter=9" if "body" in where else "retryAfterHeader=7")
     rig.queue(spec, spec)
-    _, request, _, outcome = rig.forward()
+    _, request, _, _ = rig.forward()
     rig.advance(6.9)
     assert rig.upstream.calls == 1
     rig.advance(2.1 if "body" in where else 0.1)
@@ -217,7 +217,7 @@ def test_quotaNeverRetriedThenHeld(spec: str, reset: float) -> None:
     assert header(request, b"x-zai-error-class") == [b"quota"]
     assert header(request, b"retry-after") == [b"%d" % (reset - NOW)]
     rig.clock.advance(100)
-    _, again, exchange, outcome = rig.forward(CHAT)
+    _, again, _, outcome = rig.forward(CHAT)
     assert rig.upstream.calls == 1
     assert again.responseCode == 429
     assert header(again, b"retry-after") == [b"%d" % (reset - NOW - 100)]
@@ -333,7 +333,7 @@ def test_queueFullAndTimeout() -> None:
     rig = Rig(maxWorkers=1, maxQueue=1, queueTimeout=5.0)
     rig.queue("mode=hang")
     holder, _, _, _ = rig.forward()
-    waiter, waitingRequest, _, waiting = rig.forward(CHAT)
+    _, waitingRequest, _, waiting = rig.forward(CHAT)
     _, full, _, outcome = rig.forward(CHAT)
     assert outcome == [None] and full.responseCode == 429
     assert header(full, b"retry-after")

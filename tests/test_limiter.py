@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +180,7 @@ def test_lateWindowIsNotEvidence(logEvents: list[dict[str, Any]]) -> None:
     clock.advance(1.6 * WINDOW)
     rl.judge()
     assert (rl.rate, rl.ceiling, adjustments) == (40.0, 50.0, [])
-    assert [e for e in logEvents if "late" in e["log_format"]][0]["late"] == pytest.approx(0.6 * WINDOW)
+    assert next(e for e in logEvents if "late" in e["log_format"])["late"] == pytest.approx(0.6 * WINDOW)
     window(clock, rl, successes=600, frequency=600)
     assert rl.ceiling == pytest.approx(20.0)
 
@@ -214,7 +215,7 @@ def test_probeAfterCleanWindowsAndRaiseTheCeiling() -> None:
         window(clock, rl, successes=int(rl.rate * WINDOW))
         rates.append(rl.rate)
     assert rl.ceiling == pytest.approx(rates[-2], rel=0.01)
-    steps = [b / a - 1 for a, b in zip(rates, rates[1:])]
+    steps = [b / a - 1 for a, b in pairwise(rates)]
     assert steps == pytest.approx([0.06, 0.18, 0.5], rel=0.05)
     assert adjustments == ["probe"] * 4
 

@@ -52,7 +52,9 @@ def test_quickStartIsTwoCommands() -> None:
     commands = [b.strip() for b in blocks]
     assert len(commands) == 2
     run, test = commands
-    assert run.startswith("python3 -m venv .venv && .venv/bin/pip install -q -c requirements/constraints.txt . && ")
+    assert run.startswith(
+        "python3 -m venv .venv && .venv/bin/pip install -q -c requirements/constraints.txt . && "
+    )
     assert "twistd -n --pidfile= zaiproxy" in run
     assert test == (
         "python3 -m venv .venv && .venv/bin/pip install -q -c requirements/constraints.txt '.[test]'"

@@ -149,7 +149,8 @@ async def test_reloadAppliesLive(reactor: Any, running: Any, logEvents: list[dic
         (
             "info",
             "Reloaded configuration: client keys 1 (alice) -> 1 (bob); ADMIN_TOKEN changed; "
-            "RATE_LIMIT_INITIAL 10 -> 3; RATE_LIMIT_MIN 1 -> 2; RATE_LIMIT_MAX 100 -> 5; LOG_LEVEL info -> debug",
+            "RATE_LIMIT_INITIAL 10 -> 3; RATE_LIMIT_MIN 1 -> 2; RATE_LIMIT_MAX 100 -> 5; "
+            "LOG_LEVEL info -> debug",
         ),
         ("warn", "Reload: MAX_WORKERS changed; this needs a restart to take effect"),
     ]

@@ -10,7 +10,7 @@ from zaiproxy.dialects import Dialect
 from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 
 TARGETS = Targets.fromURLs("https://api.z.ai/api/anthropic", "https://api.z.ai/api/coding/paas/v4")
-A, O = Dialect.anthropic, Dialect.openai
+A, OA = Dialect.anthropic, Dialect.openai
 
 
 @pytest.mark.parametrize(
@@ -19,19 +19,19 @@ A, O = Dialect.anthropic, Dialect.openai
         (
             b"/v1/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
         (
             b"/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
         (
             b"/v1/chat/completions?x=1",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions?x=1",
         ),
         (
@@ -54,17 +54,17 @@ A, O = Dialect.anthropic, Dialect.openai
         (
             b"/api/paas/v4/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/paas/v4/chat/completions",
         ),
         (
             b"/api/coding/paas/v4/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
-        (b"/api/coding/paas/v4/models", "/v1/models", O, b"https://api.z.ai/api/coding/paas/v4/models"),
-        (b"/api/paas/v4/embeddings", "/api/paas/v4/*", O, b"https://api.z.ai/api/paas/v4/embeddings"),
+        (b"/api/coding/paas/v4/models", "/v1/models", OA, b"https://api.z.ai/api/coding/paas/v4/models"),
+        (b"/api/paas/v4/embeddings", "/api/paas/v4/*", OA, b"https://api.z.ai/api/paas/v4/embeddings"),
         (b"/v1/messages/", "/v1/*", A, b"https://api.z.ai/api/anthropic/v1/messages/"),
     ],
 )
@@ -147,6 +147,6 @@ def test_guessDialect() -> None:
     Refusals answer in the dialect the client most likely speaks.
     """
     assert guessDialect(b"/x", True) is A
-    assert guessDialect(b"/v1/chat/completions/x", False) is O
-    assert guessDialect(b"/api/paas/v4/x", False) is O
+    assert guessDialect(b"/v1/chat/completions/x", False) is OA
+    assert guessDialect(b"/api/paas/v4/x", False) is OA
     assert guessDialect(b"/whatever", False) is A

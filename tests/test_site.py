@@ -222,7 +222,8 @@ async def test_keepAliveAfterLocalResponse(reactor: Any, stack: Stack) -> None:
     client = await connect(
         stack,
         reactor,
-        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     await ended(client)
     assert client.raw.count(b"HTTP/1.1 200") == 2

@@ -104,7 +104,7 @@ def test_anySplitSameEvents(stream: bytes, cuts: list[int]) -> None:
     character, a field name), the events are the same.
     """
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parseAll(chunks) == parseAll([stream])
 
 
@@ -173,7 +173,7 @@ def test_framesAgreeWithLines(lines: list[bytes], cuts: list[int]) -> None:
     """
     stream = b"\n".join(lines) + b"\n"
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parseAll(chunks) == parseAll([stream.replace(b"\n", b"\r\n")])
 
 

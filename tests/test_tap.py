@@ -83,7 +83,8 @@ def test_help(tmp_path: Any) -> None:
         (
             {"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"},
             [],
-            "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off",
+            "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or "
+            "on/off",
         ),
         ({"ZAI_API_KEY": "k"}, ["--listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
         (
@@ -112,7 +113,8 @@ def test_help(tmp_path: Any) -> None:
                 "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef",
             },
             [],
-            "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1",
+            "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at "
+            "entry 1",
         ),
         ({"ZAI_API_KEY": "k"}, ["--admin-listen", "tcp:notaport"], "zaiproxy: invalid --listen: "),
     ],

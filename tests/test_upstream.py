@@ -101,7 +101,7 @@ async def test_requestReusesConnections(reactor: Any) -> None:
             assert response.code == 200
             await treq.content(response)
         assert len(fake.received) == 3
-        [(key, idle)] = upstream.pool._connections.items()
+        [(_, idle)] = upstream.pool._connections.items()
         assert len(idle) == 1
     finally:
         await upstream.close()

@@ -369,7 +369,8 @@ class Settings:
         "TOKEN_PRICES",
         parsePrices,
         "*=0.60/2.20/0.11/0",
-        "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million tokens; * is any other model.",
+        "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million "
+        "tokens; * is any other model.",
     )
     peakHours: tuple[float, float] = _setting(
         "PEAK_HOURS",
@@ -519,7 +520,8 @@ class Settings:
         "PROXY_API_KEYS_FILE",
         parseText,
         "",
-        "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied routes need one. Re-read on SIGHUP.",
+        "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied "
+        "routes need one. Re-read on SIGHUP.",
     )
     proxyApiKeys: tuple[ClientKey, ...] = _setting(
         "PROXY_API_KEYS",
@@ -532,10 +534,12 @@ class Settings:
         "ADMIN_TOKEN",
         parseSecret,
         "",
-        "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, /metrics is open and /admin/* answers loopback only.",
+        "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, "
+        "/metrics is open and /admin/* answers loopback only.",
         secret=True,
     )
-    logLevel: LogLevel = _setting(
+    # _setting returns an attrs field, not a shared value; ruff cannot tell that LogLevel is immutable.
+    logLevel: LogLevel = _setting(  # noqa: RUF009
         "LOG_LEVEL",
         parseLogLevel,
         "info",
@@ -683,8 +687,8 @@ def settingsTable() -> str:
     header = ("Variable", "Default", "Meaning")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     rule = " ".join("=" * width for width in widths)
-    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), rule]
-    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(), rule]
+    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append(rule)
     return "\n".join(lines)
 

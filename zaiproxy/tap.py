@@ -12,7 +12,7 @@ import gc
 import os
 import sys
 import textwrap
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from twisted.application.service import IService
 from twisted.logger import ILogObserver, Logger
@@ -49,7 +49,7 @@ class Options(usage.Options):
     """
 
     synopsis = "[--listen DESCRIPTION ...] [--admin-listen DESCRIPTION ...] [--config PATH]"
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "config",
             "c",

@@ -248,7 +248,7 @@ class UsageTap:
         wheres = [read(event) for event in events]
         if not any(wheres):
             return None
-        return self._inject(data, list(zip(events, wheres)))
+        return self._inject(data, list(zip(events, wheres, strict=True)))
 
     def _inject(self, data: bytes, injections: list[tuple[Event, str | None]]) -> list[Piece]:
         """

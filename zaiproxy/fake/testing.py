@@ -14,7 +14,7 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -160,7 +160,7 @@ class RawClient(Protocol):
         self.onRead(self)
         self._check()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lostReason = reason
         self._check(final=True)
         self.closed.callback(None)
