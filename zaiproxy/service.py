@@ -24,6 +24,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from zaiproxy import __version__
 from zaiproxy.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
@@ -42,6 +43,7 @@ from zaiproxy.routes import Targets
 from zaiproxy.settings import Settings
 from zaiproxy.site import InFlight, ProxySite
 from zaiproxy.tokens import Counting, loadCounter
+from zaiproxy.twistedprivate import forgetExitSignal
 from zaiproxy.upstream import Upstream
 
 __all__ = ["BuildInfo", "ProxyService"]
@@ -169,7 +171,7 @@ class ProxyService(MultiService):
             self.health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
         self.health.sections["token_counting"] = self.accounting.health
         self.health.sections["reload"] = self.reloader.snapshot
-        public = {
+        public: dict[bytes, Resource] = {
             b"/health": self.health,
             b"/readyz": ReadyResource(isDraining),
         }
@@ -471,7 +473,7 @@ class ProxyService(MultiService):
             closed = yield self._within(site.channels.whenEmpty(), _FLUSH_SECONDS)
             if not closed:
                 for channel in site.channels:
-                    channel.transport.abortConnection()
+                    channel.abortConnection()
         self.limiter.stop()
         if self.quota is not None:
             self.quota.stop()
@@ -480,8 +482,7 @@ class ProxyService(MultiService):
         self.log.info("Drained; stopped")
         # twistd re-raises a stopping signal after shutdown so that the exit
         # status says "killed by SIGTERM"; a completed drain is a clean exit.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        forgetExitSignal(self.reactor)
 
     @inlineCallbacks
     def _within(self, waiting: Deferred[None], seconds: float) -> Any:
