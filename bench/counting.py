@@ -615,7 +615,7 @@ def ratioRows(load: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     added = [on["proxyCpuPerRequestUs"] - off["proxyCpuPerRequestUs"] for on, off in rounds]
 
     def med(side: str, key: str) -> float:
-        return statistics.median(r[key] for r in load[side])
+        return float(statistics.median(r[key] for r in load[side]))
 
     return {
         "rps": {s: med(s, "rps") for s in SIDES},

@@ -510,7 +510,9 @@ def disturbance(result: dict[str, Any]) -> float:
     The largest share of a CPU that other processes or the host took
     during a wrk run, on the proxy's CPU or on the load generator's.
     """
-    return max(result["sutCpuOthers"], result["sutCpuSteal"], result["loadCpuOthers"], result["loadCpuSteal"])
+    return float(
+        max(result["sutCpuOthers"], result["sutCpuSteal"], result["loadCpuOthers"], result["loadCpuSteal"])
+    )
 
 
 def describeDisturbance(result: dict[str, Any]) -> str:

@@ -182,7 +182,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-_LEVELS = {
+_LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
     "warn": LogLevel.warn,
@@ -227,14 +227,15 @@ def parsePrices(text: str) -> tuple[tuple[str, tuple[float, float, float, float]
         match = _PRICE.match(entry)
         if match is None:
             raise ValueError(f"expected {what}")
+        model, inputPrice, outputPrice, readPrice, writePrice = match.groups()
         try:
-            prices = tuple(float(g) for g in match.groups()[1:])
+            prices = (float(inputPrice), float(outputPrice), float(readPrice), float(writePrice))
         except ValueError:
             raise ValueError(f"expected {what}") from None
-        entries.append((match.group(1).lower(), prices))
+        entries.append((model.lower(), prices))
     if not entries:
         raise ValueError(f"expected {what}")
-    return tuple(entries)  # type: ignore[return-value]
+    return tuple(entries)
 
 
 _HOUR = r"([01]?\d|2[0-4])(?::([0-5]\d))?"
