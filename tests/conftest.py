@@ -8,14 +8,16 @@ trial would).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
+from twisted.logger import ILogObserver
 from twisted.web.http_headers import Headers
 
 #: How long a test may take, after it returns, to finish closing its sockets.
@@ -105,7 +107,9 @@ class Stack:
 
     @property
     def port(self) -> int:
-        return self.proxy.ports[0].getHost().port  # type: ignore[no-any-return]
+        address = self.proxy.ports[0].getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -198,9 +202,11 @@ def logEvents() -> Iterator[list[dict[str, Any]]]:
     from twisted.logger import formatEvent, globalLogPublisher
 
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    # Any callable taking an event is an observer; the annotation wants the interface.
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(observer)
     for event in events:
         text = formatEvent(event) + repr(sorted(event.items(), key=lambda kv: kv[0]))
         failure = event.get("log_failure")
@@ -228,4 +234,5 @@ class MemoryUpstream:
             failed: Deferred[Any] = Deferred()
             failed.errback(ConnectionRefusedError())
             return failed
-        return self.agent.request(method, url, headers, body)
+        response: Deferred[Any] = self.agent.request(method, url, headers, body)
+        return response

@@ -130,7 +130,7 @@ async def leaveMidStream(reactor: Any, port: int) -> str:
         await client.when(lambda c: b"event: content_block_delta" in c.raw)
     except ConnectionError:
         return "closed before the first delta"
-    client.transport.abortConnection()
+    client.connection.abortConnection()
     await ended(client)
     return ""
 

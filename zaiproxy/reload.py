@@ -146,8 +146,8 @@ class Reloader:
             before, after = getattr(old, attribute), getattr(new, attribute)
             if before != after:
                 changes.append(f"{env} {before:g} -> {after:g}")
-        # Through object: mypy-zope takes an ILogObserver for something that
-        # can never be an instance of a class implementing it.
+        # Through object: mypy-zope finds isinstance on "ILogObserver | None"
+        # never true.
         current: object = service.observer
         observer = current if isinstance(current, LevelFilteringObserver) else None
         if new.logLevel != old.logLevel:
