@@ -8,7 +8,7 @@ trial would).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import pytest
 import pytest_twisted
@@ -19,6 +19,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.logger import ILogObserver
 from twisted.web.http_headers import Headers
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
 
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0
@@ -236,3 +238,21 @@ class MemoryUpstream:
             return failed
         response: Deferred[Any] = self.agent.request(method, url, headers, body)
         return response
+
+
+class RequestDouble(DummyRequest):
+    """
+    twisted.web's L{DummyRequest}, with the attributes the proxy's code sets
+    or reads declared.
+    """
+
+    content: IO[bytes]
+    # DummyRequest's untyped __init__ makes mypy infer None; setResponseCode sets an int.
+    responseCode: int | None  # type: ignore[assignment]
+
+    def asRequest(self) -> Request:
+        """
+        This double where the code under test expects twisted.web's
+        L{Request} (it has the parts that code uses).
+        """
+        return cast(Request, self)

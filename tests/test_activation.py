@@ -23,7 +23,7 @@ from twisted.internet import task
 
 from zaiproxy.activation import InheritedSocket, ListenChoice, Listener, chooseListeners, inheritedSockets
 from zaiproxy.fake import FakeZai
-from zaiproxy.fake.testing import RawClient, rawRequest, startFake
+from zaiproxy.fake.testing import RawClient, portOf, rawRequest, startFake
 from zaiproxy.service import ProxyService
 from zaiproxy.settings import loadSettings
 
@@ -258,7 +258,7 @@ async def test_restartOnHeldSocket(reactor: Any, opened: list[Any]) -> None:
         opened.append(start)
         choice = chooseListeners(reactor, ["tcp:8080"], environ, PID, start)
         proxies.append(await _proxy(reactor, upstream.url("/api/anthropic"), choice.listen))
-        assert proxies[0].ports[0].getHost().port == port
+        assert portOf(proxies[0].ports[0]) == port
         # Adopting closed the passed descriptor; the proxy uses its own copy.
         assert not _isOpen(start)
         first = await rawRequest(reactor, port, b"POST", b"/v1/messages", ANTHROPIC, BODY)

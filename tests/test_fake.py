@@ -87,11 +87,12 @@ async def call(
     if scenario is not None:
         allHeaders["x-fake-scenario"] = scenario
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    requestHeaders: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in allHeaders.items()}
     response = await http.request(
         method,
         fake.url(path),
         data=data,
-        headers={k: [v] for k, v in allHeaders.items()},
+        headers=requestHeaders,
         unbuffered=True,
     )
     content = await treq.content(response)

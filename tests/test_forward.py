@@ -11,10 +11,9 @@ import json
 from typing import Any
 
 import pytest
-from conftest import MemoryUpstream
+from conftest import MemoryUpstream, RequestDouble
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.web.test.requesthelper import DummyRequest
 
 from zaiproxy.dialects import Dialect
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -44,7 +43,7 @@ class Rig:
         self.agent = RequestTraversalAgent(self.fake)
         self.upstream = MemoryUpstream(self.agent)
         self.metrics = Metrics("test", "0")
-        settings = dict(
+        settings: dict[str, Any] = dict(
             initial=100.0,
             minimum=1.0,
             maximum=1000.0,
@@ -82,12 +81,12 @@ class Rig:
             self.agent.flush()
             self.clock.advance(0)
 
-    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, DummyRequest, Exchange, list[Any]]:
-        request = DummyRequest([b""])
+    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, RequestDouble, Exchange, list[Any]]:
+        request = RequestDouble([b""])
         request.method = b"POST"
         request.content = io.BytesIO(BODY)
         exchange = Exchange(method="POST", route=route.label, startedAt=self.clock.seconds())
-        forwarder = Forwarder(self.context, request, route, exchange, "source-01")
+        forwarder = Forwarder(self.context, request.asRequest(), route, exchange, "source-01")
         outcome: list[Any] = []
         forwarder.start().addBoth(outcome.append)
         self.pump()
@@ -107,11 +106,11 @@ class Rig:
         return self.metrics.registry.get_sample_value(name, {"variant": "test", **labels})
 
 
-def header(request: DummyRequest, name: bytes) -> list[bytes]:
-    return request.responseHeaders.getRawHeaders(name, [])
+def header(request: RequestDouble, name: bytes) -> list[bytes]:
+    return list(request.responseHeaders.getRawHeaders(name, []))
 
 
-def written(request: DummyRequest) -> Any:
+def written(request: RequestDouble) -> Any:
     return json.loads(b"".join(request.written))
 
 

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from zaiproxy.admission import NotAdmitted
+from zaiproxy.admission import NotAdmitted, Permit
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.zai_errors import ZaiError
 
@@ -24,7 +24,7 @@ WINDOW = 30.0
 
 
 def settings(**changes: Any) -> LimiterSettings:
-    base = dict(
+    base: dict[str, Any] = dict(
         initial=10.0,
         minimum=1.0,
         maximum=50.0,
@@ -141,6 +141,7 @@ def test_quietStretchesAreNotMeasured() -> None:
         clock, rl, _ = limiter(initial=40.0)
         clock.advance(start * WINDOW)
         permit = rl.admission.admit("client").result
+        assert isinstance(permit, Permit)
         for outcome in ["success"] * 150 + ["frequency"] * 50:
             rl.record(outcome)
         clock.advance(0.2 * WINDOW)
@@ -157,6 +158,7 @@ def test_callsUnderWayKeepTheNextWindowBusy() -> None:
     """
     clock, rl, _ = limiter(initial=40.0)
     held = rl.admission.admit("client").result
+    assert isinstance(held, Permit)
     clock.advance(WINDOW)
     rl.judge()
     clock.advance(0.5 * WINDOW)
@@ -310,7 +312,9 @@ def test_quotaHold() -> None:
     rl.holdQuota(ZaiError("1310", "quota"))
     assert rl.quotaHeld() is None
     rl.holdQuota(ZaiError("1308", "quota", resetAt=1000 + 3600))
-    until, error = rl.quotaHeld()
+    held = rl.quotaHeld()
+    assert held is not None
+    until, error = held
     assert (until, error.code) == (4600, "1308")
     clock.advance(3600)
     assert rl.quotaHeld() is None

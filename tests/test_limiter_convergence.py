@@ -19,10 +19,12 @@ import pytest_twisted
 from conftest import Stack
 from treq.client import HTTPClient
 from twisted.internet import task
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.client import Agent, HTTPConnectionPool
 
 BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
+
+JSON_HEADERS: dict[bytes | str, list[bytes | str]] = {"content-type": ["application/json"]}
 
 
 class ScaledClock:
@@ -30,7 +32,7 @@ class ScaledClock:
     Time running C{k} times faster than the reactor's.
     """
 
-    def __init__(self, reactor: Any, k: float) -> None:
+    def __init__(self, reactor: IReactorTime, k: float) -> None:
         self._reactor = reactor
         self._k = k
         self._origin = reactor.seconds()
@@ -64,7 +66,7 @@ class Load:
         self._loop.start(1.0 / self._rate, now=True)
 
     def _send(self) -> None:
-        sent = self._client.post(self._url, data=BODY, headers={"content-type": ["application/json"]})
+        sent = self._client.post(self._url, data=BODY, headers=JSON_HEADERS)
         sent.addCallback(lambda response: response.content())
         sent.addErrback(lambda failure: None)
         self.outstanding.add(sent)

@@ -23,7 +23,7 @@ from zaiproxy.quota import QuotaError, QuotaPoller, QuotaWindow, parseQuota
 KEY = "quota-key.SECRET"
 
 
-def document(*limits: dict[str, Any], **top: Any) -> bytes:
+def document(*limits: object, **top: Any) -> bytes:
     return json.dumps(
         {"code": 200, "success": True, "data": {"level": "max", "limits": list(limits)}, **top}
     ).encode()

@@ -11,17 +11,15 @@ import io
 import json
 import socket
 from collections.abc import Callable
-from typing import IO, Any, cast
+from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, MemoryUpstream, Stack
+from conftest import UPSTREAM_KEY, MemoryUpstream, RequestDouble, Stack
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.web.server import Request
-from twisted.web.test.requesthelper import DummyRequest
 
 from zaiproxy.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.dialects import Dialect
@@ -540,16 +538,11 @@ async def test_quotaHeldLocally(reactor: Any, makeStack: Any) -> None:
 # -- a stream's opening, sent before the usage tap is made ----------------------
 
 
-class PushRequest(DummyRequest):
+class PushRequest(RequestDouble):
     """
     A L{DummyRequest} that takes a push producer (the relay) as
     twisted.web does, rather than pulling from it in a loop.
     """
-
-    # Set by the rig and by the relay; DummyRequest does not declare them.
-    content: IO[bytes]
-    # DummyRequest's untyped __init__ makes mypy infer None; setResponseCode sets an int.
-    responseCode: int | None  # type: ignore[assignment]
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self.producer = producer
@@ -614,8 +607,7 @@ class OpeningRig:
             method="POST", route=self.route.label, startedAt=self.clock.seconds(), model="glm-4.7"
         )
         body = RequestBody(self.request.content) if counted else None
-        # PushRequest stands in for twisted.web's Request (the parts Relay uses).
-        self.relay = Relay(cast(Request, self.request), self.route, exchange, self.context, InFlight(), body)
+        self.relay = Relay(self.request.asRequest(), self.route, exchange, self.context, InFlight(), body)
         self.relay.start()
         if pump:
             self.pump()

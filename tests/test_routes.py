@@ -76,6 +76,12 @@ def test_forward(uri: bytes, label: str, dialect: Dialect, url: bytes) -> None:
     assert resolve(uri, TARGETS) == Forward(label, dialect, url)
 
 
+def forwardedTo(path: bytes, targets: Targets) -> bytes:
+    route = resolve(path, targets)
+    assert isinstance(route, Forward)
+    return route.url
+
+
 def test_originOfTarget() -> None:
     """
     Paths naming Z.AI's prefixes go to the origin of ZAI_TARGET_URL, however
@@ -83,11 +89,11 @@ def test_originOfTarget() -> None:
     """
     targets = Targets.fromURLs("http://127.0.0.1:8999/api/anthropic/", "http://127.0.0.1:8999/x")
     assert (
-        resolve(b"/api/anthropic/v1/messages", targets).url
+        forwardedTo(b"/api/anthropic/v1/messages", targets)
         == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
     )
-    assert resolve(b"/v1/messages", targets).url == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
-    assert resolve(b"/chat/completions", targets).url == b"http://127.0.0.1:8999/x/chat/completions"
+    assert forwardedTo(b"/v1/messages", targets) == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
+    assert forwardedTo(b"/chat/completions", targets) == b"http://127.0.0.1:8999/x/chat/completions"
 
 
 @pytest.mark.parametrize("path", [b"/metrics", b"/health", b"/readyz"])

@@ -92,6 +92,7 @@ async def test_drainClosesIdleConnections(reactor: Any, stack: Stack) -> None:
     client = await endpoint.connect(
         ClientFactory.forProtocol(lambda: RawClient(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))
     )
+    assert isinstance(client, RawClient)
     await client.when(lambda c: c.raw.endswith(b'{"status":"ready"}'))
     assert not client.closed.called
     started = reactor.seconds()

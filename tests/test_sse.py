@@ -90,6 +90,7 @@ def test_recordedStreams() -> None:
     assert [e.name for e in events][:2] == [b"message_start", b"ping"]
     assert events[-1].name == b"message_stop"
     for event in events:
+        assert event.name is not None
         assert json.loads(event.data)["type"] == event.name.decode()
     chat = parseAll([STREAMS[1]])
     assert chat[-1] == Event(None, b"[DONE]")

@@ -229,9 +229,9 @@ async def answered(reactor: Any, client: RawClient) -> tuple[int, str]:
     return response.status, json.loads(response.body)["type"]
 
 
-async def stopped(reactor: Any, process: Any, collect: _Collect) -> tuple[int, int | None]:
+async def stopped(reactor: Any, process: Any, collect: _Collect) -> tuple[int | None, int | None]:
     process.signalProcess("TERM")
-    return await collect.ended.addTimeout(STEP, reactor)  # type: ignore[no-any-return]
+    return await collect.ended.addTimeout(STEP, reactor)
 
 
 def messages(collect: _Collect) -> list[str]:

@@ -136,7 +136,8 @@ class _Collect(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.out = bytearray()
         self.err = bytearray()
-        self.ended: defer.Deferred[int] = defer.Deferred()
+        # (exit code, signal): one of them is None.
+        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.out += data

@@ -165,7 +165,7 @@ class Upstream:
         self.cooperator = task.Cooperator(scheduler=_scheduler(reactor), started=True)
 
     def request(
-        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
+        self, method: bytes, url: bytes, headers: Headers | None, body: IBodyProducer | None
     ) -> Deferred[IResponse]:
         """
         Send one request; the Deferred fires with the response at its headers.

@@ -12,6 +12,7 @@ from typing import Any
 
 import attrs
 from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
@@ -132,6 +133,15 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
             return bytes(body), False
         body += data[start : start + size]
         position = start + size + 2
+
+
+def portOf(listening: IListeningPort) -> int:
+    """
+    The TCP port number C{listening} is bound to.
+    """
+    address = listening.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address))
+    return address.port
 
 
 def delayedCalls(clock: Clock) -> list[DelayedCall]:
