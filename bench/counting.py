@@ -337,8 +337,9 @@ def _chinese(rng: random.Random, size: int) -> str:
     while n < size:
         sentence = "".join(rng.choice(_CHINESE) for _ in range(rng.randint(4, 14)))
         if rng.random() < 0.3:
-            sentence += "，" + "".join(rng.choice(_CHINESE) for _ in range(rng.randint(3, 8)))
-        sentence += rng.choice("。。。？！")
+            # Chinese text takes the full-width comma, question and exclamation marks.
+            sentence += "，" + "".join(rng.choice(_CHINESE) for _ in range(rng.randint(3, 8)))  # noqa: RUF001
+        sentence += rng.choice("。。。？！")  # noqa: RUF001
         parts.append(sentence)
         n += len(sentence)
     return "".join(parts)
@@ -547,7 +548,8 @@ def tokensPhase(run: Run, results: dict[str, Any]) -> None:
             )
             one, two = both[f"{name} 1 thread"], both[f"{name} 2 threads"]
             speedups = [
-                t["tokensPerWallSecond"] / o["tokensPerWallSecond"] for o, t in zip(one["rows"], two["rows"])
+                t["tokensPerWallSecond"] / o["tokensPerWallSecond"]
+                for o, t in zip(one["rows"], two["rows"], strict=True)
             ]
             results[name] = {
                 "one": one,
@@ -607,13 +609,13 @@ def ratioRows(load: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     Per round, on/off of req/s and of CPU per request (the two sides of one
     round ran back to back), and their medians and ranges.
     """
-    rounds = list(zip(load["on"], load["off"]))
+    rounds = list(zip(load["on"], load["off"], strict=True))
     rps = [on["rps"] / off["rps"] for on, off in rounds]
     cpu = [on["proxyCpuPerRequestUs"] / off["proxyCpuPerRequestUs"] for on, off in rounds]
     added = [on["proxyCpuPerRequestUs"] - off["proxyCpuPerRequestUs"] for on, off in rounds]
 
     def med(side: str, key: str) -> float:
-        return statistics.median(r[key] for r in load[side])
+        return float(statistics.median(r[key] for r in load[side]))
 
     return {
         "rps": {s: med(s, "rps") for s in SIDES},
@@ -699,7 +701,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
     if treeEnd == tree:
         endText = ", the same at the end"
     else:
-        endText = f"; at the end: commit {treeEnd['commit']}, changes {treeEnd['changed']} (digest {treeEnd['digest']})"
+        endText = (
+            f"; at the end: commit {treeEnd['commit']}, changes {treeEnd['changed']} "
+            f"(digest {treeEnd['digest']})"
+        )
     lines = [
         f"# zaiproxy: the cost of token accounting, {facts['date']}",
         "",
@@ -717,9 +722,9 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         P = R["proxies"]
         lines += [
             f"Setup: two proxies started together "
-            f"({'once for the whole run' if args.same_processes else 'anew every round'}), identical (LOG_LEVEL=info, "
-            f"{', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}: the rate limiter out of the way, admission "
-            f"still runs; other settings default{''.join(', ' + e for e in args.env)}) "
+            f"({'once for the whole run' if args.same_processes else 'anew every round'}), identical "
+            f"(LOG_LEVEL=info, {', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())}: the rate limiter out "
+            f"of the way, admission still runs; other settings default{''.join(', ' + e for e in args.env)}) "
             + (
                 'and both with TOKEN_COUNTING_ENABLED=false (--control: an A/A run, "on" is a second "off"; '
                 "what it finds is the bench's own noise)"
@@ -727,10 +732,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 else 'except TOKEN_COUNTING_ENABLED=true ("on") / false ("off")'
             )
             + f", both pinned to CPU {SUT_CPU}; the fake (bench/fakeserver.py), wrk and "
-            f"the TTFB client on CPU {LOAD_CPU}; loopback. {args.rounds} rounds; in each, every answer kind is "
-            f"measured on one proxy then the other (the order swaps every round), never both at once. wrk: one "
-            f"thread, {args.connections} connections, {args.duration:g} s after a {args.warmup:g} s warm-up, "
-            f"~1 KB POST bodies.",
+            f"the TTFB client on CPU {LOAD_CPU}; loopback. {args.rounds} rounds; in each, every answer kind "
+            "is measured on one proxy then the other (the order swaps every round), never both at once. "
+            f"wrk: one thread, {args.connections} connections, {args.duration:g} s after a {args.warmup:g} "
+            "s warm-up, ~1 KB POST bodies.",
             "",
         ]
         # Only answer kinds with at least one complete on/off pair (a run
@@ -749,8 +754,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             lines += [
                 f"## Throughput and proxy CPU at {args.connections} connections",
                 "",
-                "Medians over the rounds; the on/off ratios are taken round by round (the two runs of a round "
-                "were back to back) and their median and range are shown.",
+                "Medians over the rounds; the on/off ratios are taken round by round (the two runs of a "
+                "round were back to back) and their median and range are shown.",
                 "",
                 "| answer | req/s on | req/s off | on/off req/s (range) | CPU us/req on | CPU us/req off | "
                 "on/off CPU (range) | added us/req (range) | p50 ms on / off | p99 ms on / off |",
@@ -770,7 +775,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 "",
                 "Proxy share of its core (median): "
                 + "; ".join(
-                    f"{mode} {ratios[mode]['core']['on'] * 100:.0f}% on / {ratios[mode]['core']['off'] * 100:.0f}% off"
+                    f"{mode} {ratios[mode]['core']['on'] * 100:.0f}% on / "
+                    f"{ratios[mode]['core']['off'] * 100:.0f}% off"
                     for mode in modes
                 )
                 + ". Below 100%, the proxy and the fake take turns and req/s understates a CPU difference; "
@@ -782,8 +788,9 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                     ok = ratios[mode]["rpsRatio"] >= TARGET_THROUGHPUT_RATIO
                     summary.append(
                         f"| throughput on/off, {MODE_TEXT[mode]} | >= {TARGET_THROUGHPUT_RATIO} | "
-                        f"{ratios[mode]['rpsRatio']:.3f} (rounds {fmtRange(ratios[mode]['rpsRatios'], '.3f')}); "
-                        f"CPU/request on/off {ratios[mode]['cpuRatio']:.3f} | {verdict(ok)} |"
+                        f"{ratios[mode]['rpsRatio']:.3f} (rounds "
+                        f"{fmtRange(ratios[mode]['rpsRatios'], '.3f')}); CPU/request on/off "
+                        f"{ratios[mode]['cpuRatio']:.3f} | {verdict(ok)} |"
                     )
             interference = max(ratios[m]["maxOthers"] for m in modes)
             steal = max(ratios[m]["maxSteal"] for m in modes)
@@ -792,34 +799,39 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             attempts = sum(ratios[m]["attempts"] for m in modes)
             runs = sum(ratios[m]["runs"] for m in modes)
             lines += [
-                "Round by round (interference: the largest share of CPU 0 or CPU 1 taken by other processes or the "
-                "host during the run kept, on / off):",
+                "Round by round (interference: the largest share of CPU 0 or CPU 1 taken by other processes "
+                "or the host during the run kept, on / off):",
                 "",
-                "| answer | round | req/s on | req/s off | on/off | CPU us/req on | CPU us/req off | on/off | interference |",
+                "| answer | round | req/s on | req/s off | on/off | CPU us/req on | CPU us/req off | on/off "
+                "| interference |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for mode in modes:
-                for i, (on, off) in enumerate(zip(P["load"][mode]["on"], P["load"][mode]["off"])):
+                for i, (on, off) in enumerate(
+                    zip(P["load"][mode]["on"], P["load"][mode]["off"], strict=True)
+                ):
                     lines.append(
-                        f"| {mode} | {i + 1} | {on['rps']:.0f} | {off['rps']:.0f} | {on['rps'] / off['rps']:.3f} | "
-                        f"{on['proxyCpuPerRequestUs']:.0f} | {off['proxyCpuPerRequestUs']:.0f} | "
+                        f"| {mode} | {i + 1} | {on['rps']:.0f} | {off['rps']:.0f} | "
+                        f"{on['rps'] / off['rps']:.3f} | {on['proxyCpuPerRequestUs']:.0f} | "
+                        f"{off['proxyCpuPerRequestUs']:.0f} | "
                         f"{on['proxyCpuPerRequestUs'] / off['proxyCpuPerRequestUs']:.3f} | "
                         f"{disturbance(on) * 100:.0f}% / {disturbance(off) * 100:.0f}% |"
                     )
             lines += [
                 "",
                 f"Interference in the runs kept: on CPU {SUT_CPU} (the proxies) other processes up to "
-                f"{interference * 100:.0f}%, host steal up to {steal * 100:.0f}%; on CPU {LOAD_CPU} (wrk, the fake) other "
-                f"processes up to {loadInterference * 100:.0f}%, host steal up to {loadSteal * 100:.0f}%. {attempts} wrk "
-                f"runs for {runs} kept (a run above 5% is measured again, up to --retries times); the run waited for a "
-                f"quiet machine {run.quietWaits} times.",
+                f"{interference * 100:.0f}%, host steal up to {steal * 100:.0f}%; on CPU {LOAD_CPU} (wrk, "
+                f"the fake) other processes up to {loadInterference * 100:.0f}%, host steal up to "
+                f"{loadSteal * 100:.0f}%. {attempts} wrk runs for {runs} kept (a run above 5% is measured "
+                f"again, up to --retries times); the run waited for a quiet machine {run.quietWaits} times.",
                 "",
             ]
         lines += [
-            f"Proxy RSS at start: on {P['rssStart']['on'] / 2**20:.1f} MiB, off {P['rssStart']['off'] / 2**20:.1f} MiB "
-            f"(the difference is mostly the cl100k_base encoding)"
+            f"Proxy RSS at start: on {P['rssStart']['on'] / 2**20:.1f} MiB, off "
+            f"{P['rssStart']['off'] / 2**20:.1f} MiB (the difference is mostly the cl100k_base encoding)"
             + (
-                f"; at the end: on {P['rssEnd']['on'] / 2**20:.1f} MiB, off {P['rssEnd']['off'] / 2**20:.1f} MiB."
+                f"; at the end: on {P['rssEnd']['on'] / 2**20:.1f} MiB, off "
+                f"{P['rssEnd']['off'] / 2**20:.1f} MiB."
                 if "rssEnd" in P
                 else "."
             ),
@@ -871,16 +883,19 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             ]
             for i, x in enumerate(perRound):
                 lines.append(
-                    f"| {i + 1} | {x['on'][0] * 1e3:.3f} | {x['off'][0] * 1e3:.3f} | {(x['on'][0] - x['off'][0]) * 1e3:+.3f} | "
-                    f"{x['on'][1] * 1e3:.3f} | {x['off'][1] * 1e3:.3f} | {(x['on'][1] - x['off'][1]) * 1e3:+.3f} |"
+                    f"| {i + 1} | {x['on'][0] * 1e3:.3f} | {x['off'][0] * 1e3:.3f} | "
+                    f"{(x['on'][0] - x['off'][0]) * 1e3:+.3f} | {x['on'][1] * 1e3:.3f} | "
+                    f"{x['off'][1] * 1e3:.3f} | {(x['on'][1] - x['off'][1]) * 1e3:+.3f} |"
                 )
             lines += [
-                f"| all ({len(pooled['on'])} / {len(pooled['off'])}) | {p50['on'] * 1e3:.3f} | {p50['off'] * 1e3:.3f} | "
-                f"{added * 1e3:+.3f} | {p99['on'] * 1e3:.3f} | {p99['off'] * 1e3:.3f} | {(p99['on'] - p99['off']) * 1e3:+.3f} |",
+                f"| all ({len(pooled['on'])} / {len(pooled['off'])}) | {p50['on'] * 1e3:.3f} | "
+                f"{p50['off'] * 1e3:.3f} | {added * 1e3:+.3f} | {p99['on'] * 1e3:.3f} | "
+                f"{p99['off'] * 1e3:.3f} | {(p99['on'] - p99['off']) * 1e3:+.3f} |",
                 "",
                 f"Added p50 with counting on: {added * 1e3:+.3f} ms over all streams (95% bootstrap interval "
-                f"{lo * 1e3:+.3f} to {hi * 1e3:+.3f} ms); round by round {fmtRange([d * 1e3 for d in diffs], '+.3f')} ms. "
-                f"For scale: the p50 of the counting-off proxy alone moved by {spreadOff * 1e3:.3f} ms between rounds.",
+                f"{lo * 1e3:+.3f} to {hi * 1e3:+.3f} ms); round by round "
+                f"{fmtRange([d * 1e3 for d in diffs], '+.3f')} ms. For scale: the p50 of the counting-off "
+                f"proxy alone moved by {spreadOff * 1e3:.3f} ms between rounds.",
                 "",
                 f"Paired: on - off of the two streams of each pair, sent back to back, cancels what drifts "
                 f"within a round (the machine, the fake). Its median per round: "
@@ -902,8 +917,9 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             summary.append(
                 f"| added TTFB with counting on | no measurable difference | paired, mean over rounds "
                 f"{statistics.fmean(roundPaired) * 1e3 if roundPaired else float('nan'):+.3f} ms "
-                f"(95% interval {plo * 1e3:+.3f} to {phi * 1e3:+.3f}); p50 on - p50 off {added * 1e3:+.3f} ms "
-                f"(interval {lo * 1e3:+.3f} to {hi * 1e3:+.3f}; rounds {fmtRange([d * 1e3 for d in diffs], '+.3f')}) | "
+                f"(95% interval {plo * 1e3:+.3f} to {phi * 1e3:+.3f}); p50 on - p50 off {added * 1e3:+.3f} "
+                f"ms (interval {lo * 1e3:+.3f} to {hi * 1e3:+.3f}; rounds "
+                f"{fmtRange([d * 1e3 for d in diffs], '+.3f')}) | "
                 f"{verdict(not measurable)}{'' if not measurable else ' (the paired interval excludes 0)'} |"
             )
     if "tokens" in R:
@@ -913,14 +929,15 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
         lines += [
             "## Tokens counted per CPU-second (in-process tiktoken)",
             "",
-            f"Counter: `loadCounter({{}})` gave {K['load']['counter']}, loaded in {K['load']['wall'] * 1e3:.0f} ms "
-            f"({K['load']['cpu'] * 1e3:.0f} ms CPU), +{K['load']['rss'] / 2**20:.1f} MiB RSS"
-            f"{'; problems: ' + '; '.join(K['load']['problems']) if K['load']['problems'] else ''}.",
+            f"Counter: `loadCounter({{}})` gave {K['load']['counter']}, loaded in "
+            f"{K['load']['wall'] * 1e3:.0f} ms ({K['load']['cpu'] * 1e3:.0f} ms CPU), "
+            f"+{K['load']['rss'] / 2**20:.1f} MiB "
+            f"RSS{'; problems: ' + '; '.join(K['load']['problems']) if K['load']['problems'] else ''}.",
             f"Corpus: {C['chars']:,} characters ({C['bytes']:,} bytes UTF-8, sha256 {C['sha256']}), built "
-            f"deterministically (seeded) from English prose, Python code, JSON tool calls and Chinese, in shuffled "
-            f"1-4 K blocks: {mix} of the characters. CPU is `time.process_time()` (all threads); single-threaded "
-            f"runs pinned to CPU {SUT_CPU}, medians of {args.token_reps} runs (the three kinds interleaved), each "
-            f"after a quiet machine.",
+            "deterministically (seeded) from English prose, Python code, JSON tool calls and Chinese, in "
+            f"shuffled 1-4 K blocks: {mix} of the characters. CPU is `time.process_time()` (all threads); "
+            f"single-threaded runs pinned to CPU {SUT_CPU}, medians of {args.token_reps} runs (the three "
+            "kinds interleaved), each after a quiet machine.",
             "",
             "| what | texts | tokens | M tokens / CPU-s (range) | M chars / CPU-s | chars per token |",
             "|---|---:|---:|---:|---:|---:|",
@@ -946,14 +963,15 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 K["inline"]["texts"],
             ),
             "",
-            f"A 20-character count costs {K['short']['perCallUs']:.1f} us of CPU per call; cut into 20-character pieces "
-            f"the corpus gives {K['short']['tokens'] / K['big']['tokens']:.2f}x the tokens of the whole text "
-            f"(the proxy counts the accumulated text once, not delta by delta).",
+            f"A 20-character count costs {K['short']['perCallUs']:.1f} us of CPU per call; cut into "
+            f"20-character pieces the corpus gives {K['short']['tokens'] / K['big']['tokens']:.2f}x the "
+            "tokens of the whole text (the proxy counts the accumulated text once, not delta by delta).",
             "",
-            "Two threads at once (two long-lived threads, warmed up, free to use both CPUs; each counts every "
-            "text; tokens per wall-second is the throughput, tokens per CPU-second the efficiency):",
+            "Two threads at once (two long-lived threads, warmed up, free to use both CPUs; each counts "
+            "every text; tokens per wall-second is the throughput, tokens per CPU-second the efficiency):",
             "",
-            "| texts | threads | M tokens / wall-s | M tokens / CPU-s | 2 threads / 1, wall (range over runs) |",
+            "| texts | threads | M tokens / wall-s | M tokens / CPU-s | 2 threads / 1, wall (range over "
+            "runs) |",
             "|---|---:|---:|---:|---:|",
         ]
         for name, label in (
@@ -970,13 +988,13 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 )
         lines += [
             "",
-            f"Each of the {len(K['threadsBig']['speedups'])} runs per row counts the texts twice per thread; one- and "
-            f"two-thread runs alternate. The ratio is taken run by run.",
+            f"Each of the {len(K['threadsBig']['speedups'])} runs per row counts the texts twice per "
+            "thread; one- and two-thread runs alternate. The ratio is taken run by run.",
             "",
         ]
         summary.append(
-            f"| tokens counted per CPU-second (report) | - | {K['big']['tokensPerCpuSecond'] / 1e6:.2f} M one big text; "
-            f"{K['short']['tokensPerCpuSecond'] / 1e6:.2f} M in 20-char texts; 2 threads "
+            f"| tokens counted per CPU-second (report) | - | {K['big']['tokensPerCpuSecond'] / 1e6:.2f} M "
+            f"one big text; {K['short']['tokensPerCpuSecond'] / 1e6:.2f} M in 20-char texts; 2 threads "
             f"{K['threadsBig']['speedup']:.2f}x "
             f"one on 64 K texts | |"
         )
@@ -990,7 +1008,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             expected = 2 * args.connections * len(args.modes) * args.rounds
             statuses = scanned["statuses"]
             lines.append(
-                f"- `{path.relative_to(ROOT)}`: access-log statuses {statuses}; {len(scanned['bad'])} warn/error lines"
+                f"- `{path.relative_to(ROOT)}`: access-log statuses {statuses}; {len(scanned['bad'])} "
+                "warn/error lines"
             )
             for line in scanned["bad"][:5]:
                 lines.append(f"  - `{line[:200]}`")
@@ -1003,8 +1022,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
                 )
             elif statuses.get("499"):
                 lines.append(
-                    f"  - the {statuses['499']} 499s are wrk closing its connections with requests in flight as "
-                    f"each run ends (up to {expected} expected)"
+                    f"  - the {statuses['499']} 499s are wrk closing its connections with requests in "
+                    f"flight as each run ends (up to {expected} expected)"
                 )
             if scanned["bad"]:
                 run.problems.append(f"{name} ({side}): {len(scanned['bad'])} warn/error lines in its log")
@@ -1029,8 +1048,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float, treeEn
             "",
             *(
                 [
-                    "**Control run (--control): counting is off in both proxies, so any verdict below is the bench's "
-                    "own noise, not a cost.**",
+                    "**Control run (--control): counting is off in both proxies, so any verdict below is "
+                    "the bench's own noise, not a cost.**",
                     "",
                 ]
                 if args.control
@@ -1151,8 +1170,9 @@ def main() -> int:
     treeEnd = treeState()
     if treeEnd != run.treeAtStart:
         run.problem(
-            f"the code changed during the run: commit {run.treeAtStart['commit']} / {run.treeAtStart['digest']} at "
-            f"the start, {treeEnd['commit']} / {treeEnd['digest']} at the end (both proxies loaded theirs at the start)"
+            f"the code changed during the run: commit {run.treeAtStart['commit']} / "
+            f"{run.treeAtStart['digest']} at the start, {treeEnd['commit']} / {treeEnd['digest']} at the "
+            "end (both proxies loaded theirs at the start)"
         )
     resultsPath.write_text(json.dumps(run.results, indent=2, default=str))
     try:
@@ -1166,7 +1186,8 @@ def main() -> int:
                 "",
                 *[f"- {p}" for p in run.problems],
                 "",
-                f"(no full report from partial results: {e!r}; raw figures in {resultsPath.relative_to(ROOT)})",
+                f"(no full report from partial results: {e!r}; raw figures in "
+                f"{resultsPath.relative_to(ROOT)})",
                 "",
             ]
         )

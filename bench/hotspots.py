@@ -322,14 +322,15 @@ def main() -> int:
             f"Command: `.venv/bin/python bench/hotspots.py{''.join(' ' + a for a in sys.argv[1:])}`",
             "",
             f"Code: commit {tree['commit']}; uncommitted changes under zaiproxy/: {tree['changed']} "
-            f"(digest {tree['digest']}). Proxy settings as in bench/run.py (LOG_LEVEL=info, token counting default)"
-            f"{''.join(', ' + e for e in args.env)}; wrk POSTs ~1 KB bodies answered "
+            f"(digest {tree['digest']}). Proxy settings as in bench/run.py (LOG_LEVEL=info, token counting "
+            f"default){''.join(', ' + e for e in args.env)}; wrk POSTs ~1 KB bodies answered "
             f"{'with the fake' + chr(39) + 's default SSE stream (5 deltas)' if args.stream else 'in JSON'}.",
             "",
             f"py-spy record --rate {args.rate} --nolineno for {args.duration:g} s: {samples} busy samples "
             f"(idle samples are not recorded: the proxy was busy in about {busy * 100:.0f}% of them). "
             f"Under profiling: {result['rps']:.0f} req/s, {result['errors']} wrk errors, proxy CPU "
-            f"{cpu / max(result['requests'], 1) * 1e6:.0f} us/request. Raw stacks: `{output.relative_to(ROOT)}`.",
+            f"{cpu / max(result['requests'], 1) * 1e6:.0f} us/request. Raw stacks: "
+            f"`{output.relative_to(ROOT)}`.",
             "",
             table,
             "",

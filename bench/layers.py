@@ -108,11 +108,11 @@ def pairedRun(
     before = [cpuSeconds(r.pid) for r in relays]
     procs = [startWrk(url, connections, run.args.duration, run.script) for url, _ in (agent, other)]
     results = [wrkResult(proc, run.args.duration + 60) for proc in procs]
-    cpu = [cpuSeconds(r.pid) - b for r, b in zip(relays, before)]
+    cpu = [cpuSeconds(r.pid) - b for r, b in zip(relays, before, strict=True)]
     for result in results:
         if result["errors"]:
             run.problem(f"paired run: {result['errors']} wrk errors {result['errorLines']}")
-    perRequest = [c / max(r["requests"], 1) * 1e6 for c, r in zip(cpu, results)]
+    perRequest = [c / max(r["requests"], 1) * 1e6 for c, r in zip(cpu, results, strict=True)]
     run.say(
         f"  agent {perRequest[0]:5.0f} us/req {results[0]['rps']:5.0f} req/s | "
         f"other {perRequest[1]:5.0f} us/req {results[1]['rps']:5.0f} req/s | "
@@ -203,7 +203,7 @@ def main() -> int:
         """
         Round by round: this variant minus the plain agent.
         """
-        return sorted(r[c][key] - a[c][key] for r, a in zip(results[kind], results["agent"]))
+        return sorted(r[c][key] - a[c][key] for r, a in zip(results[kind], results["agent"], strict=True))
 
     def spread(values: list[float]) -> str:
         return f"{median(values):+.0f} us" + (
@@ -215,12 +215,15 @@ def main() -> int:
         f"## treq layers on a minimal relay, {facts['date']}",
         "",
         f"Command: `{command}` ({time.monotonic() - started:.0f} s; {args.rounds} round(s), "
-        f"{'medians' if args.rounds > 1 else 'single runs'}; wrk {args.duration:g} s after {args.warmup:g} s warm-up).",
+        f"{'medians' if args.rounds > 1 else 'single runs'}; wrk {args.duration:g} s after {args.warmup:g} "
+        "s warm-up).",
         "",
-        f"Machine: {facts['nproc']} CPUs, {facts['cpu']}; Python {facts['python']}, Twisted {facts['twisted']}, "
-        f"treq {facts['treq']}; relays on CPU {SUT_CPU}, fake (bench/fakeserver.py) and wrk on CPU {LOAD_CPU}.",
+        f"Machine: {facts['nproc']} CPUs, {facts['cpu']}; Python {facts['python']}, Twisted "
+        f"{facts['twisted']}, treq {facts['treq']}; relays on CPU {SUT_CPU}, fake (bench/fakeserver.py) and "
+        f"wrk on CPU {LOAD_CPU}.",
         "",
-        "| client | req/s, 32 conns | relay CPU us/req, 32 conns | relay % of core | p50 ms, 1 conn | p99 ms, 1 conn | relay CPU us/req, 1 conn |",
+        "| client | req/s, 32 conns | relay CPU us/req, 32 conns | relay % of core | p50 ms, 1 conn | p99 "
+        "ms, 1 conn | relay CPU us/req, 1 conn |",
         "|---|---:|---:|---:|---:|---:|---:|",
         f"| direct to the fake | {med('direct', 32, 'rps'):.0f} | | | {med('direct', 1, 'p50') / 1000:.3f} | "
         f"{med('direct', 1, 'p99') / 1000:.3f} | |",
@@ -244,7 +247,9 @@ def main() -> int:
         cpu32 = paired(kind, 32, "relayCpuPerRequestUs")
         cpu1 = paired(kind, 1, "relayCpuPerRequestUs")
         p50 = paired(kind, 1, "p50")
-        slower = median([a[32]["rps"] / r[32]["rps"] for r, a in zip(results[kind], results["agent"])])
+        slower = median(
+            [a[32]["rps"] / r[32]["rps"] for r, a in zip(results[kind], results["agent"], strict=True)]
+        )
         lines.append(
             f"- {kind}: CPU {spread(cpu32)} a request at 32 connections, {spread(cpu1)} at 1 connection; "
             f"p50 at 1 connection {spread(p50)}; throughput at 32 connections {slower:.2f}x lower."
@@ -255,7 +260,8 @@ def main() -> int:
         f"Paired (both relays loaded at once by two wrk processes, {args.pair_connections} connections each, "
         f"sharing CPU {SUT_CPU}; {args.pairs} runs of {args.duration:g} s per variant):",
         "",
-        "| variant | agent CPU us/req | variant CPU us/req | difference us/req (median) | runs: min to max | variant/agent req/s |",
+        "| variant | agent CPU us/req | variant CPU us/req | difference us/req (median) | runs: min to max "
+        "| variant/agent req/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     pairedVerdicts: list[str] = []
@@ -264,17 +270,17 @@ def main() -> int:
             continue
         diffs = sorted(b - a for a, b, _, _ in runs)
         lines.append(
-            f"| {kind} | {median([a for a, _, _, _ in runs]):.0f} | {median([b for _, b, _, _ in runs]):.0f} | "
-            f"{median(diffs):+.0f} | {diffs[0]:+.0f} to {diffs[-1]:+.0f} | "
-            f"{median([rb / ra for _, _, ra, rb in runs]):.2f} |"
+            f"| {kind} | {median([a for a, _, _, _ in runs]):.0f} | "
+            f"{median([b for _, b, _, _ in runs]):.0f} | {median(diffs):+.0f} | {diffs[0]:+.0f} to "
+            f"{diffs[-1]:+.0f} | {median([rb / ra for _, _, ra, rb in runs]):.2f} |"
         )
         pairedVerdicts.append(f"{kind} {median(diffs):+.0f} us")
     errors = sum(r[c]["errors"] for runs in results.values() for r in runs for c in (1, 32))
     lines += [
         "",
         f"Reference (perf-baselines.md, same kind of relays): agent {REFERENCE_US['agent']} us, treq "
-        f"{REFERENCE_US['treq']} us CPU/request, a {REFERENCE_US['treq'] - REFERENCE_US['agent']} us difference. "
-        f"zaiproxy/upstream.py says 0.2 ms; measured here: solo runs (CPU at 32 connections) "
+        f"{REFERENCE_US['treq']} us CPU/request, a {REFERENCE_US['treq'] - REFERENCE_US['agent']} us "
+        "difference. zaiproxy/upstream.py says 0.2 ms; measured here: solo runs (CPU at 32 connections) "
         f"{', '.join(verdicts)}; paired runs {', '.join(pairedVerdicts) or 'not run'}.",
         "",
         f"wrk errors across all runs (socket errors + non-2xx): {errors}."

@@ -101,7 +101,7 @@ def sender(kind: str, url: str) -> Send:
             "POST",
             url,
             headers=headers,
-            data=BytesProducer(body),  # type: ignore[arg-type]
+            data=BytesProducer(body),
             unbuffered=True,
             allow_redirects=False,
         )

@@ -510,7 +510,9 @@ def disturbance(result: dict[str, Any]) -> float:
     The largest share of a CPU that other processes or the host took
     during a wrk run, on the proxy's CPU or on the load generator's.
     """
-    return max(result["sutCpuOthers"], result["sutCpuSteal"], result["loadCpuOthers"], result["loadCpuSteal"])
+    return float(
+        max(result["sutCpuOthers"], result["sutCpuSteal"], result["loadCpuOthers"], result["loadCpuSteal"])
+    )
 
 
 def describeDisturbance(result: dict[str, Any]) -> str:
@@ -1074,23 +1076,29 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
             f"change ran the new code"
         )
     env = ", ".join(f"{k}={v}" for k, v in run.proxyEnv.items())
+    fakeText = (
+        "twistd zaiproxy-fake"
+        if args.fake == "twistd"
+        else "bench/fakeserver.py: the zaiproxy-fake service without its access log and request record"
+    )
     lines = [
         f"# zaiproxy benchmark, {facts['date']}",
         "",
         f"Command: `{command}` ({elapsed:.0f} s)",
         "",
         f"Machine: {facts['nproc']} CPUs, {facts['cpu']}, Linux {facts['kernel']}; Python {facts['python']}, "
-        f"Twisted {facts['twisted']}, treq {facts['treq']}, {facts['wrk']}; load average at start {facts['loadavg']}.",
+        f"Twisted {facts['twisted']}, treq {facts['treq']}, {facts['wrk']}; load average at start "
+        f"{facts['loadavg']}.",
         "",
         f"Code: commit {tree['commit']}; uncommitted changes under zaiproxy/: {tree['changed']} "
         f"(digest {tree['digest']}) at the start"
         f"{', the same at the end' if treeEnd == tree else ', DIFFERENT at the end (see problems)'}.",
         "",
         f"Setup: proxy pinned to CPU {SUT_CPU}; wrk, the fake upstream "
-        f"({'twistd zaiproxy-fake' if args.fake == 'twistd' else 'bench/fakeserver.py: the zaiproxy-fake service without its access log and request record'})"
-        f" and the clients pinned to CPU {LOAD_CPU}; loopback; proxy with LOG_LEVEL=info (the default; its stdout "
-        f"to a file), {', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())} (the rate limiter out of the way; "
-        f"admission still runs), other settings default{'; ' + env if env else ''}. "
+        f"({fakeText})"
+        f" and the clients pinned to CPU {LOAD_CPU}; loopback; proxy with LOG_LEVEL=info (the default; its "
+        f"stdout to a file), {', '.join(f'{k}={v}' for k, v in LIMITS_ENV.items())} (the rate limiter out "
+        f"of the way; admission still runs), other settings default{'; ' + env if env else ''}. "
         f"wrk runs: {args.duration:g} s after a {args.warmup:g} s warm-up, "
         f"one thread, ~1 KB JSON POST bodies answered with ~290-byte JSON.",
         "",
@@ -1102,7 +1110,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
             "",
             f"Medians of {L['rounds']} rounds; each round runs direct and proxied back to back.",
             "",
-            "| connections | direct p50 ms | proxy p50 ms | added p50 ms | direct p99 ms | proxy p99 ms | added p99 ms |",
+            "| connections | direct p50 ms | proxy p50 ms | added p50 ms | direct p99 ms | proxy p99 ms | "
+            "added p99 ms |",
             "|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for c in (1, 32):
@@ -1114,20 +1123,24 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
         added = (L["proxy1"]["p50"] - L["direct1"]["p50"]) / 1000
         lines += [
             "",
-            f"Target: added p50 < {TARGET_ADDED_P50_MS:g} ms at 1 connection: {added:.3f} ms, {verdict(added < TARGET_ADDED_P50_MS)}.",
+            f"Target: added p50 < {TARGET_ADDED_P50_MS:g} ms at 1 connection: {added:.3f} ms, "
+            f"{verdict(added < TARGET_ADDED_P50_MS)}.",
             "",
             "## Throughput at 32 connections",
             "",
-            "| | req/s (median) | req/s (range) | proxy CPU us/request | proxy % of one core | fake CPU us/request |",
+            "| | req/s (median) | req/s (range) | proxy CPU us/request | proxy % of one core | fake CPU "
+            "us/request |",
             "|---|---:|---:|---:|---:|---:|",
         ]
         d, p = L["direct32"], L["proxy32"]
         lines.append(
-            f"| direct | {d['rps']:.0f} | {d['rpsMin']:.0f}-{d['rpsMax']:.0f} | | | {d['fakeCpuPerRequestUs']:.0f} |"
+            f"| direct | {d['rps']:.0f} | {d['rpsMin']:.0f}-{d['rpsMax']:.0f} | | | "
+            f"{d['fakeCpuPerRequestUs']:.0f} |"
         )
         lines.append(
-            f"| via proxy | {p['rps']:.0f} | {p['rpsMin']:.0f}-{p['rpsMax']:.0f} | {p['proxyCpuPerRequestUs']:.0f} | "
-            f"{p['proxyCore'] * 100:.0f}% | {p['fakeCpuPerRequestUs']:.0f} |"
+            f"| via proxy | {p['rps']:.0f} | {p['rpsMin']:.0f}-{p['rpsMax']:.0f} | "
+            f"{p['proxyCpuPerRequestUs']:.0f} | {p['proxyCore'] * 100:.0f}% | "
+            f"{p['fakeCpuPerRequestUs']:.0f} |"
         )
         p1 = L["proxy1"]
         ceiling = 1e6 / p["proxyCpuPerRequestUs"] if p["proxyCpuPerRequestUs"] else 0
@@ -1135,9 +1148,10 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
             "",
             f"Proxy/direct: {p['rps'] / d['rps']:.2f}. At 1 connection the proxy spent "
             f"{p1['proxyCpuPerRequestUs']:.0f} us of CPU per request. At 32 connections, if the proxy's core "
-            f"were its only limit, {p['proxyCpuPerRequestUs']:.0f} us/request would allow about {ceiling:.0f} req/s. "
-            f"The proxy costs {p['proxyCpuPerRequestUs'] / p['fakeCpuPerRequestUs']:.2f}x the fake's CPU per request "
-            f"(a ratio that moves less than either number when the machine's speed drifts).",
+            f"were its only limit, {p['proxyCpuPerRequestUs']:.0f} us/request would allow about "
+            f"{ceiling:.0f} req/s. The proxy costs "
+            f"{p['proxyCpuPerRequestUs'] / p['fakeCpuPerRequestUs']:.2f}x the fake's CPU per request (a "
+            "ratio that moves less than either number when the machine's speed drifts).",
             f"Proxy RSS {mb(L['rssStart'])} MiB at start, {mb(L['rssEnd'])} MiB after "
             f"{L['proxy1']['requests'] + L['proxy32']['requests']} measured requests (plus warm-ups).",
             "",
@@ -1181,13 +1195,14 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
             f"opened 100 at a time; all streaming after {S['secondsToAllStreaming'] or float('nan'):.1f} s; "
             f"{S['fdsAll']} open fds in the proxy then (limit {S['fdLimit']}).",
             "",
-            "| idle RSS MiB | RSS, all streaming, MiB | peak (VmHWM) MiB | per stream KiB | after MiB | completed |",
+            "| idle RSS MiB | RSS, all streaming, MiB | peak (VmHWM) MiB | per stream KiB | after MiB | "
+            "completed |",
             "|---:|---:|---:|---:|---:|---:|",
-            f"| {mb(S['idleRss'])} | {mb(S['allRss'])} | {mb(peak)} | {perStream:.1f} | {mb(S['afterRss'])} | "
-            f"{S['ok']} / {S['count']} |",
+            f"| {mb(S['idleRss'])} | {mb(S['allRss'])} | {mb(peak)} | {perStream:.1f} | {mb(S['afterRss'])} "
+            f"| {S['ok']} / {S['count']} |",
             "",
-            f"Target: RSS < {TARGET_STREAMS_RSS_MB:g} MB with {S['count']} streams: peak {peak / MIB:.1f} MiB "
-            f"= {peak / 1e6:.1f} MB, "
+            f"Target: RSS < {TARGET_STREAMS_RSS_MB:g} MB with {S['count']} streams: peak {peak / MIB:.1f} "
+            f"MiB = {peak / 1e6:.1f} MB, "
             f"{verdict(peak < TARGET_STREAMS_RSS_MB * 1e6 and S['ok'] == S['count'])}"
             f"{'' if S['ok'] == S['count'] else ' (not every stream completed)'}.",
             "",
@@ -1197,7 +1212,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
         lines += [
             f"## RSS across one large stream (`{B['scenario']}`)",
             "",
-            "| reader | MB | MB/s | RSS before MiB | max during MiB | after MiB | max - before MiB | proxy CPU s |",
+            "| reader | MB | MB/s | RSS before MiB | max during MiB | after MiB | max - before MiB | proxy "
+            "CPU s |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         d = B["direct"]
@@ -1205,8 +1221,8 @@ def report(run: Run, facts: dict[str, str], command: str, elapsed: float) -> str
         for name, label in (("fast", "via proxy, fast"), ("slow", "via proxy, slow")):
             x = B[name]
             lines.append(
-                f"| {label} | {x.get('bytes', 0) / 1e6:.1f} | {x.get('mbps', 0):.1f} | {mb(x['rssBefore'])} | "
-                f"{mb(x['rssPeak'])} | {mb(x['rssAfter'])} | {mb(x['rssPeak'] - x['rssBefore'])} | "
+                f"| {label} | {x.get('bytes', 0) / 1e6:.1f} | {x.get('mbps', 0):.1f} | {mb(x['rssBefore'])} "
+                f"| {mb(x['rssPeak'])} | {mb(x['rssAfter'])} | {mb(x['rssPeak'] - x['rssBefore'])} | "
                 f"{x['proxyCpu']:.2f} |"
             )
         growth = max(B[n]["rssPeak"] - B[n]["rssBefore"] for n in ("fast", "slow"))

@@ -11,21 +11,25 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import IO, Any, cast
 
 import pytest
 import pytest_twisted
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
+from twisted.internet.address import IPv4Address
 from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import ILogObserver
 from twisted.web.http_headers import Headers
-from zope.interface import implementer
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyRequest
 
 # Fail a test whose log holds a complaint of Twisted's own (see the module).
 from twistedcomplaints import twistedComplaints  # noqa: F401
+from zope.interface import implementer
 
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0
@@ -114,7 +118,9 @@ class Stack:
 
     @property
     def port(self) -> int:
-        return self.proxy.ports[0].getHost().port  # type: ignore[no-any-return]
+        address = self.proxy.ports[0].getHost()
+        assert isinstance(address, IPv4Address)
+        return address.port
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -231,9 +237,11 @@ def logEvents() -> Iterator[list[dict[str, Any]]]:
     from twisted.logger import formatEvent, globalLogPublisher
 
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    # Any callable taking an event is an observer; the annotation wants the interface.
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(observer)
     for event in events:
         text = formatEvent(event) + repr(sorted(event.items(), key=lambda kv: kv[0]))
         failure = event.get("log_failure")
@@ -261,7 +269,8 @@ class MemoryUpstream:
             failed: Deferred[Any] = Deferred()
             failed.errback(ConnectionRefusedError())
             return failed
-        return self.agent.request(method, url, headers, body)
+        response: Deferred[Any] = self.agent.request(method, url, headers, body)
+        return response
 
 
 @implementer(IReactorTime)
@@ -333,3 +342,21 @@ class HeapClock:
             heapq.heappop(self._heap)
             call.called = 1
             call.func(*call.args, **call.kw)
+
+
+class RequestDouble(DummyRequest):
+    """
+    twisted.web's L{DummyRequest}, with the attributes the proxy's code sets
+    or reads declared.
+    """
+
+    content: IO[bytes]
+    # DummyRequest's untyped __init__ makes mypy infer None; setResponseCode sets an int.
+    responseCode: int | None  # type: ignore[assignment]
+
+    def asRequest(self) -> Request:
+        """
+        This double where the code under test expects twisted.web's
+        L{Request} (it has the parts that code uses).
+        """
+        return cast(Request, self)

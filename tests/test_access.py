@@ -10,13 +10,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Stack
+from conftest import RequestDouble, Stack
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource
-from twisted.web.test.requesthelper import DummyRequest
 
 from zaiproxy.access import AdminGate, Credentials, isLoopbackAddress
-from zaiproxy.fake.testing import RawResponse, rawRequest
+from zaiproxy.fake.testing import RawResponse, portOf, rawRequest
 
 TOKEN = "admin-token-5e1f2a"
 
@@ -32,11 +31,11 @@ class Inner(Resource):
 
 def gate(token: str, presented: bytes | None, host: str, loopbackOnly: bool) -> tuple[int, bytes, Inner, Any]:
     inner = Inner()
-    request = DummyRequest([b""])
+    request = RequestDouble([b""])
     request.client = (IPv6Address if ":" in host else IPv4Address)("TCP", host, 5555)
     if presented is not None:
         request.requestHeaders.setRawHeaders(b"authorization", [presented])
-    body = AdminGate(inner, Credentials(None, token), loopbackOnly).render(request)
+    body = AdminGate(inner, Credentials(None, token), loopbackOnly).render(request.asRequest())
     return request.responseCode or 200, body, inner, request
 
 
@@ -86,14 +85,14 @@ def test_tokenChangesLive() -> None:
     inner = Inner()
     credentials = Credentials(None, "")
     resource = AdminGate(inner, credentials, loopbackOnly=True)
-    request = DummyRequest([b""])
+    request = RequestDouble([b""])
     request.client = IPv4Address("TCP", "127.0.0.1", 1)
-    resource.render(request)
+    resource.render(request.asRequest())
     assert inner.calls == 1
     credentials.adminToken = TOKEN
-    request = DummyRequest([b""])
+    request = RequestDouble([b""])
     request.client = IPv4Address("TCP", "127.0.0.1", 1)
-    resource.render(request)
+    resource.render(request.asRequest())
     assert (request.responseCode, inner.calls) == (401, 1)
 
 
@@ -154,7 +153,7 @@ async def test_adminListen(reactor: Any, makeStack: Any) -> None:
     /health and /readyz and forwards nothing.
     """
     stack: Stack = await makeStack(adminListen=["tcp:0:interface=127.0.0.1"])
-    admin = stack.proxy.adminPorts[0].getHost().port
+    admin = portOf(stack.proxy.adminPorts[0])
     assert admin != stack.port
     for method, path in ((b"GET", b"/metrics"), (b"POST", b"/admin/reset-rate-limit")):
         response = await call(reactor, stack.port, method, path)
@@ -185,7 +184,7 @@ async def test_adminListenWithToken(reactor: Any, makeStack: Any) -> None:
     Both together: the admin port asks for the token too.
     """
     stack: Stack = await makeStack(adminListen=["tcp:0:interface=127.0.0.1"], ADMIN_TOKEN=TOKEN)
-    admin = stack.proxy.adminPorts[0].getHost().port
+    admin = portOf(stack.proxy.adminPorts[0])
     assert (await call(reactor, admin, b"GET", b"/metrics")).status == 401
     bearer = [(b"authorization", b"Bearer " + TOKEN.encode())]
     assert (await call(reactor, admin, b"GET", b"/metrics", bearer)).status == 200

@@ -336,7 +336,7 @@ async def test_partialUsageOnDisconnect(reactor: Any, makeStack: Any) -> None:
     stack = await makeStack("events=50 interval=0.05")
     client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", ANTHROPIC, ANTHROPIC_BODY)
     await client.when(lambda c: c.raw.count(b"event: content_block_delta") >= 3)
-    client.transport.abortConnection()
+    client.connection.abortConnection()
     await stack.fake.received[0].done
     await settled(reactor)
     assert stack.sample("zai_proxy_token_usage_source_total", source="partial", variant="production") == 1

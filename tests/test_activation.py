@@ -23,7 +23,7 @@ from twisted.internet import task
 
 from zaiproxy.activation import InheritedSocket, ListenChoice, Listener, chooseListeners, inheritedSockets
 from zaiproxy.fake import FakeZai
-from zaiproxy.fake.testing import RawClient, rawRequest, startFake
+from zaiproxy.fake.testing import RawClient, portOf, rawRequest, startFake
 from zaiproxy.service import ProxyService
 from zaiproxy.settings import loadSettings
 
@@ -43,7 +43,7 @@ def placeAt(sockets: list[Any]) -> int:
         if all(not _isOpen(fd) for fd in wanted):
             break
         start += len(sockets) + 1
-    for fd, s in zip(wanted, sockets):
+    for fd, s in zip(wanted, sockets, strict=True):
         os.dup2(s if isinstance(s, int) else s.fileno(), fd, inheritable=False)
     return start
 
@@ -104,7 +104,7 @@ def test_familiesAndNames(opened: list[Any]) -> None:
     names them in order.
     """
     four = listening(opened)
-    unix = listening(opened, socket.AF_UNIX, "\0zaiproxy-test-%d" % os.getpid())
+    unix = listening(opened, socket.AF_UNIX, f"\0zaiproxy-test-{os.getpid()}")
     start = placeAt([four, unix])
     opened.extend([start, start + 1])
     environ = {"LISTEN_PID": str(PID), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "web:local"}
@@ -197,7 +197,8 @@ def test_inheritedWinOverListen(opened: list[Any]) -> None:
     assert listener.description == f"systemd:domain=INET:index=0 (fd {start}, zaiproxy)"
     assert (listener.endpoint.fileno, listener.endpoint.addressFamily) == (start, socket.AF_INET)  # type: ignore[attr-defined]
     assert choice.notes == (
-        "Socket activation: listening on 1 socket(s) passed by systemd (LISTEN_FDS=2) instead of --listen tcp:8080",
+        "Socket activation: listening on 1 socket(s) passed by systemd (LISTEN_FDS=2) instead of --listen "
+        "tcp:8080",
     )
     assert choice.warnings == (
         f"Ignoring systemd:domain=INET:index=1 (fd {start + 1}, other) passed by systemd: "
@@ -258,7 +259,7 @@ async def test_restartOnHeldSocket(reactor: Any, opened: list[Any]) -> None:
         opened.append(start)
         choice = chooseListeners(reactor, ["tcp:8080"], environ, PID, start)
         proxies.append(await _proxy(reactor, upstream.url("/api/anthropic"), choice.listen))
-        assert proxies[0].ports[0].getHost().port == port
+        assert portOf(proxies[0].ports[0]) == port
         # Adopting closed the passed descriptor; the proxy uses its own copy.
         assert not _isOpen(start)
         first = await rawRequest(reactor, port, b"POST", b"/v1/messages", ANTHROPIC, BODY)

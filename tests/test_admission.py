@@ -4,6 +4,8 @@ Tests for L{zaiproxy.admission}, on a L{task.Clock}: no sleeping.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
@@ -13,7 +15,7 @@ from zaiproxy.admission import Admission, Permit, QueueFull, QueueTimeout
 
 def make(
     rate: float = 1.0, concurrency: int = 10, maxQueue: int = 100, queueTimeout: float = 60.0
-) -> tuple[Clock, Admission, list, list]:
+) -> tuple[Clock, Admission, list[tuple[str, float]], list[str]]:
     clock = Clock()
     admitted: list[tuple[str, float]] = []
     rejected: list[str] = []
@@ -30,7 +32,7 @@ def make(
 
 
 def result(d):  # type: ignore[no-untyped-def]
-    out: list = []
+    out: list[Any] = []
     d.addBoth(out.append)
     return out[0] if out else None
 
@@ -87,7 +89,7 @@ def test_fairTurns() -> None:
     Waiting clients are served in turn: a burst from one client cannot
     starve another who arrived later.
     """
-    clock, admission, admitted, _ = make(rate=1.0)
+    clock, admission, _, _ = make(rate=1.0)
     result(admission.admit("warm"))  # the bucket is empty now
     order: list[str] = []
     for client in ["a"] * 5 + ["b", "c"]:

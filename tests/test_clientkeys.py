@@ -6,6 +6,7 @@ client keys enforced through the real proxy, with the official SDKs.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from collections.abc import Callable
@@ -190,18 +191,16 @@ def test_lookupComparesEveryEntry(monkeypatch: Any) -> None:
     A lookup compares the presented key's digest with every stored digest,
     with hmac.compare_digest, whichever entry matches.
     """
-    import zaiproxy.clientkeys as module
-
     keys, _ = buildClientKeys(parseInlineKeys(f"alice:{ALICE},bob:{BOB},carol:{CAROL}"), None)
     assert keys is not None
     calls: list[tuple[bytes, bytes]] = []
-    real = module.hmac.compare_digest
+    real = hmac.compare_digest
 
     def counting(a: bytes, b: bytes) -> bool:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr(module.hmac, "compare_digest", counting)
+    monkeypatch.setattr("zaiproxy.clientkeys.hmac.compare_digest", counting)
     for key, name in ((ALICE, "alice"), (CAROL, "carol"), ("nobody", None)):
         calls.clear()
         assert keys.lookup(key.encode()) == name
@@ -245,14 +244,18 @@ async def test_sdksWithBothHeaderStyles(reactor: Any, makeStack: Any, tmp_path: 
             message = client.messages.create(
                 model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
             )
-            texts.append(message.content[0].text)
+            [block] = message.content
+            assert isinstance(block, anthropic.types.TextBlock)
+            texts.append(block.text)
         with anthropic.Anthropic(
             base_url=stack.url(""), api_key=None, auth_token=BOB, max_retries=0
         ) as client:
             message = client.messages.create(
                 model="glm-4.7", max_tokens=16, messages=[{"role": "user", "content": "hi"}]
             )
-            texts.append(message.content[0].text)
+            [block] = message.content
+            assert isinstance(block, anthropic.types.TextBlock)
+            texts.append(block.text)
         with openai.OpenAI(base_url=stack.url("/v1"), api_key=BOB, max_retries=0) as client:
             completion = client.chat.completions.create(
                 model="glm-4.7", messages=[{"role": "user", "content": "hi"}]
@@ -310,6 +313,7 @@ async def test_sdkAuthenticationError(
     with pytest.raises(errorClass) as raised:
         await inThread(call)
     error = raised.value
+    assert isinstance(error, (anthropic.AuthenticationError, openai.AuthenticationError))
     assert error.status_code == 401
     reason = "unknown" if key else "missing"
     if dialect == "anthropic":
@@ -325,6 +329,7 @@ async def test_sdkAuthenticationError(
             },
         }
     else:
+        assert isinstance(error, openai.AuthenticationError)
         assert error.code == "invalid_api_key"
         assert error.type == "authentication_error"
     assert stack.fake.received == []

@@ -59,7 +59,7 @@ from zaiproxy.fake import parseScenario, usageFor  # noqa: E402
 from zaiproxy.fake.chat import chatStream  # noqa: E402
 from zaiproxy.fake.content import contentFor, idsFor  # noqa: E402
 from zaiproxy.fake.messages import messageStream  # noqa: E402
-from zaiproxy.sse import EventParser  # noqa: E402
+from zaiproxy.sse import Event, EventParser  # noqa: E402
 from zaiproxy.tokens import Usage  # noqa: E402
 
 CLAUDE_CODE_REQUEST = {
@@ -242,7 +242,7 @@ def test_usageFrom() -> None:
     }
 
 
-def stream(spec: str, dialect: str) -> list:
+def stream(spec: str, dialect: str) -> list[Event]:
     scenario = parseScenario(spec)
     body = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
     frames = (messageStream if dialect == "anthropic" else chatStream)(
@@ -323,14 +323,17 @@ def test_inbandErrors() -> None:
     """
     reader = anthropic.StreamReader()
     [event] = EventParser().feed(
-        b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},"request_id":"r"}\n\n'
+        b'event: error\ndata: {"error":{"code":"1310","message":"Weekly/Monthly Limit Exhausted"},'
+        b'"request_id":"r"}\n\n'
     )
     reader.event(event)
+    assert reader.error is not None
     assert (reader.error.code, reader.error.cls) == ("1310", "quota")
-    reader = openai.StreamReader()
+    chatReader = openai.StreamReader()
     [event] = EventParser().feed(b'data: {"error":{"code":"1305","message":"busy"}}\n\n')
-    reader.event(event)
-    assert (reader.error.code, reader.error.cls) == ("1305", "frequency")
+    chatReader.event(event)
+    assert chatReader.error is not None
+    assert (chatReader.error.code, chatReader.error.cls) == ("1305", "frequency")
 
 
 def test_injection() -> None:

@@ -48,8 +48,8 @@ async def test_metrics(reactor: Any, stack: Stack) -> None:
     ):
         assert family in text, family
     assert (
-        'zai_proxy_requests_total{method="POST",path="/v1/messages",status_code="200",variant="production"} 1.0'
-        in text
+        'zai_proxy_requests_total{method="POST",path="/v1/messages",'
+        'status_code="200",variant="production"} 1.0' in text
     )
     assert (
         'zai_proxy_build_info{build_time="unknown",commit="unknown",variant="production",version="0.1.0"} 1.0'

@@ -60,7 +60,7 @@ def test_readMissingFile(tmp_path: pytest.TempPathFactory) -> None:
     A missing file is a one-line error naming it.
     """
     path = f"{tmp_path}/absent.env"
-    with pytest.raises(EnvironmentFileError, match="cannot read config file .*absent.env"):
+    with pytest.raises(EnvironmentFileError, match=r"cannot read config file .*absent\.env"):
         readEnvironmentFile(path)
 
 

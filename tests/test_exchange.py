@@ -7,10 +7,11 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from typing import Any, cast
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
 from zaiproxy.exchange import MAX_LOGGED_PATH, Exchange, Reporter, loggedPath, sniffModel
 from zaiproxy.metrics import Metrics
@@ -59,8 +60,10 @@ def test_reporter() -> None:
     clock = Clock()
     metrics = Metrics("test", "1.0")
     reporter = Reporter(metrics, clock)
-    events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    events: list[dict[str, Any]] = []
+    # Any callable taking an event is an observer; the annotation wants the interface.
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     try:
         exchange = Exchange(
             method="POST", route="/v1/messages", startedAt=0.0, requestBytes=10, model="glm-4.7"
@@ -72,7 +75,7 @@ def test_reporter() -> None:
         exchange.responseBytes = 300
         reporter.finished(exchange)
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     sample = metrics.registry.get_sample_value
     labels = {"method": "POST", "path": "/v1/messages", "variant": "test"}
     assert sample("zai_proxy_requests_total", {**labels, "status_code": "200"}) == 1

@@ -87,11 +87,12 @@ async def call(
     if scenario is not None:
         allHeaders["x-fake-scenario"] = scenario
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    requestHeaders: dict[bytes | str, list[bytes | str]] = {k: [v] for k, v in allHeaders.items()}
     response = await http.request(
         method,
         fake.url(path),
         data=data,
-        headers={k: [v] for k, v in allHeaders.items()},
+        headers=requestHeaders,
         unbuffered=True,
     )
     content = await treq.content(response)
@@ -791,8 +792,7 @@ async def test_backpressure(reactor: Any, serve: Serve) -> None:
     events, size = 20000, 1000
     fake = await serve(defaults=Scenario(events=events, deltaSize=size))
     client = await rawRequest(reactor, fake.port, **streamRequest(CHAT))
-    assert client.transport is not None
-    client.transport.pauseProducing()
+    client.connection.pauseProducing()
     record = await fake.fake.whenReceived(1)
 
     # Wait until the fake stops making progress.
@@ -806,7 +806,7 @@ async def test_backpressure(reactor: Any, serve: Serve) -> None:
     assert 0 < stalledAt < events * size
     assert not record.done.called
 
-    client.transport.resumeProducing()
+    client.connection.resumeProducing()
     await client.closed
     body = client.response().body
     assert body.count(b'"content":"') == events + 1

@@ -8,9 +8,11 @@ be stepped through exactly.
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 from typing import Any
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionLost
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -19,7 +21,7 @@ from twisted.web.server import Site
 
 from zaiproxy.fake import FakeZai, ReceivedRequest, Scenario
 from zaiproxy.fake.responder import Responder
-from zaiproxy.fake.testing import dechunk
+from zaiproxy.fake.testing import dechunk, delayedCalls
 
 NOW = 1767225600.0
 MESSAGES = b"/api/anthropic/v1/messages"
@@ -60,7 +62,11 @@ class Exchange:
 
     @property
     def raw(self) -> bytes:
-        return self.transport.value()
+        data: bytes = self.transport.value()
+        return data
+
+    def disconnected(self) -> bool:
+        return self.transport.disconnected
 
     @property
     def started(self) -> bool:
@@ -73,9 +79,10 @@ class Exchange:
             return dechunk(rest)[0]
         return rest
 
-    @property
+    # complete() and disconnected() are calls, not properties: mypy would keep
+    # a narrowed "not ex.complete" across the clock moving on.
     def complete(self) -> bool:
-        head, _, rest = self.raw.partition(b"\r\n\r\n")
+        _, _, rest = self.raw.partition(b"\r\n\r\n")
         return dechunk(rest)[1]
 
     def status(self) -> int:
@@ -92,18 +99,20 @@ class Exchange:
         Do what a TCP transport does when its buffer fills: pause the
         producer registered with it (the HTTP channel).
         """
+        assert self.transport.producer is not None
         self.transport.producer.pauseProducing()
 
     def resume(self) -> None:
+        assert self.transport.producer is not None
         self.transport.producer.resumeProducing()
 
 
-def fakeCalls(clock: Clock) -> list[Any]:
+def fakeCalls(clock: Clock) -> list[DelayedCall]:
     """
     The clock's delayed calls that belong to the fake (not twisted.web's
     idle timeout).
     """
-    return [c for c in clock.getDelayedCalls() if isinstance(getattr(c.func, "__self__", None), Responder)]
+    return [c for c in delayedCalls(clock) if isinstance(getattr(c.func, "__self__", None), Responder)]
 
 
 def runNextTurn(clock: Clock) -> None:
@@ -137,11 +146,11 @@ def test_intervalPacing() -> None:
     assert ex.body.count(b"text_delta") == 1
     clock.advance(0.001)
     assert ex.body.count(b"text_delta") == 2
-    assert not ex.complete
+    assert not ex.complete()
     clock.advance(1.0)
     assert ex.body.count(b"text_delta") == 3
     assert ex.body.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
-    assert ex.complete
+    assert ex.complete()
     assert ex.result() == "completed"
     assert fakeCalls(clock) == []
     assert fake.inFlight == 0
@@ -157,7 +166,7 @@ def test_openaiIntervalPacing() -> None:
     assert ex.body.count(b'"content":"hello "') == 1
     clock.advance(0.5)
     assert ex.body.endswith(b"data: [DONE]\n\n")
-    assert ex.complete
+    assert ex.complete()
 
 
 def test_firstByteDelay() -> None:
@@ -180,9 +189,9 @@ def test_firstByteDelayThenReset() -> None:
     """
     fake, clock = makeFake(defaults=Scenario(mode="reset", firstByteDelay=1.0))
     ex = Exchange(fake, clock)
-    assert not ex.transport.disconnected
+    assert not ex.disconnected()
     clock.advance(1.0)
-    assert ex.transport.disconnected
+    assert ex.disconnected()
     assert ex.raw == b""
     assert ex.record.abortedByFake
     ex.disconnect()
@@ -197,7 +206,7 @@ def test_splitDelay() -> None:
     ex = Exchange(fake, clock, CHAT)
     assert ex.started
     steps = 1
-    while not ex.complete:
+    while not ex.complete():
         # between two steps the client always holds part of a frame
         assert not ex.body.endswith(b"\n\n")
         before = len(ex.raw)
@@ -224,7 +233,7 @@ def test_batchesPerTurn() -> None:
         sizes.append(ex.record.bytesSent)
     assert Responder.batchSize <= sizes[0] < Responder.batchSize + 2000
     assert len(sizes) > 15
-    steps = [b - a for a, b in zip(sizes, sizes[1:], strict=False)]
+    steps = [b - a for a, b in pairwise(sizes)]
     assert max(steps) < Responder.batchSize + 2000
     assert ex.body.count(b"text_delta") == 1000
     assert ex.result() == "completed"
@@ -260,7 +269,7 @@ def test_pauseDuringInterval() -> None:
     assert ex.body.count(b'"content":"hello "') == 1
     ex.resume()
     clock.advance(0)
-    assert ex.complete
+    assert ex.complete()
 
 
 def test_disconnectCancelsTimers() -> None:
@@ -321,7 +330,7 @@ def test_stallMid() -> None:
     assert fakeCalls(clock) == []
     clock.advance(1000)
     assert ex.body.count(b"text_delta") == 2
-    assert not ex.complete
+    assert not ex.complete()
     ex.disconnect()
     assert ex.result() == "disconnected"
 
@@ -333,13 +342,13 @@ def test_resetMid() -> None:
     fake, clock = makeFake(defaults=Scenario(mode="reset-mid", after=1))
     ex = Exchange(fake, clock, CHAT)
     # The abort waits two reactor turns for the writes to leave.
-    assert not ex.transport.disconnected
+    assert not ex.disconnected()
     runNextTurn(clock)
-    assert not ex.transport.disconnected
+    assert not ex.disconnected()
     runNextTurn(clock)
-    assert ex.transport.disconnected
+    assert ex.disconnected()
     assert ex.body.count(b'"content":"hello "') == 1
-    assert not ex.complete
+    assert not ex.complete()
     assert ex.record.abortedByFake
 
 

@@ -63,7 +63,13 @@ async def withOpenAI(fake: RunningFake, use: Callable[[openai.OpenAI], T], key: 
     return await deferToThread(run)
 
 
-USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+#: The same question in each SDK's typed message shape.
+ANTHROPIC_USER: list[anthropic.types.MessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris?"}
+]
+OPENAI_USER: list[openai.types.chat.ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris?"}
+]
 
 
 def expectedUsage(fake: RunningFake, scenario: Scenario) -> Any:
@@ -84,7 +90,7 @@ async def test_anthropicStream(fake: RunningFake) -> None:
         with client.messages.stream(
             model="claude-x-1",
             max_tokens=1000,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANTHROPIC_USER,
             extra_headers={"x-fake-scenario": "events=4 thinking=true tool=true cacheRead=9"},
             extra_query={"beta": "true"},
         ) as stream:
@@ -118,7 +124,7 @@ async def test_anthropicRawEvents(fake: RunningFake) -> None:
         with client.messages.create(
             model="claude-haiku",
             max_tokens=10,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANTHROPIC_USER,
             stream=True,
             extra_headers={"x-fake-scenario": "usage=start events=2 msgPrefix=false"},
         ) as events:
@@ -151,10 +157,10 @@ async def test_anthropicCreate(fake: RunningFake) -> None:
         message = client.messages.create(
             model="claude-x-1",
             max_tokens=10,
-            messages=USER,  # type: ignore[arg-type]
+            messages=ANTHROPIC_USER,
             extra_headers={"x-fake-scenario": "stopReason=model_context_window_exceeded"},
         )
-        counted = client.messages.count_tokens(model="claude-x-1", messages=USER)  # type: ignore[arg-type]
+        counted = client.messages.count_tokens(model="claude-x-1", messages=ANTHROPIC_USER)
         models = [m.id for m in client.models.list()]
         return message, counted, models
 
@@ -196,7 +202,7 @@ async def test_anthropicErrors(
             client.messages.create(
                 model="claude",
                 max_tokens=10,
-                messages=USER,  # type: ignore[arg-type]
+                messages=ANTHROPIC_USER,
                 stream=True,
                 extra_headers={"x-fake-scenario": spec},
             )
@@ -215,7 +221,7 @@ async def test_anthropicAuthError(fake: RunningFake) -> None:
 
     def use(client: anthropic.Anthropic) -> None:
         with pytest.raises(anthropic.AuthenticationError):
-            client.messages.create(model="claude", max_tokens=1, messages=USER)  # type: ignore[arg-type]
+            client.messages.create(model="claude", max_tokens=1, messages=ANTHROPIC_USER)
 
     await withAnthropic(fake, use, key="wrong")
 
@@ -231,7 +237,7 @@ async def test_anthropicInbandError(fake: RunningFake) -> None:
             with client.messages.stream(
                 model="claude",
                 max_tokens=10,
-                messages=USER,  # type: ignore[arg-type]
+                messages=ANTHROPIC_USER,
                 extra_headers={"x-fake-scenario": "mode=inband-error code=1310"},
             ) as stream:
                 for _ in stream:
@@ -258,7 +264,7 @@ async def test_openaiStream(fake: RunningFake) -> None:
     def use(client: openai.OpenAI) -> list[Any]:
         stream = client.chat.completions.create(
             model="glm-4.7",
-            messages=USER,  # type: ignore[arg-type]
+            messages=OPENAI_USER,
             stream=True,
             extra_headers={"x-fake-scenario": "events=3 thinking=true tool=true cacheRead=4"},
         )
@@ -296,7 +302,7 @@ async def test_openaiCreate(fake: RunningFake) -> None:
     def use(client: openai.OpenAI) -> Any:
         completion = client.chat.completions.create(
             model="glm-4.7",
-            messages=USER,  # type: ignore[arg-type]
+            messages=OPENAI_USER,
             extra_headers={"x-fake-scenario": "tool=true"},
         )
         return completion, [m.id for m in client.models.list()]
@@ -328,7 +334,7 @@ async def test_openaiErrors(fake: RunningFake, spec: str, errorClass: type[Excep
         with pytest.raises(errorClass) as info:
             client.chat.completions.create(
                 model="glm-4.7",
-                messages=USER,  # type: ignore[arg-type]
+                messages=OPENAI_USER,
                 stream=True,
                 extra_headers={"x-fake-scenario": spec},
             )
@@ -351,7 +357,7 @@ async def test_openaiInbandError(fake: RunningFake) -> None:
         with pytest.raises(openai.APIError) as info:
             stream = client.chat.completions.create(
                 model="glm-4.7",
-                messages=USER,  # type: ignore[arg-type]
+                messages=OPENAI_USER,
                 stream=True,
                 extra_headers={"x-fake-scenario": "mode=inband-error code=1305 after=2"},
             )
@@ -375,6 +381,6 @@ async def test_openaiAuthError(fake: RunningFake) -> None:
 
     def use(client: openai.OpenAI) -> None:
         with pytest.raises(openai.AuthenticationError):
-            client.chat.completions.create(model="glm-4.7", messages=USER)  # type: ignore[arg-type]
+            client.chat.completions.create(model="glm-4.7", messages=OPENAI_USER)
 
     await withOpenAI(fake, use, key="wrong")

@@ -139,7 +139,7 @@ async def leaveBeforeHeaders(stack: Stack, reactor: Any) -> RawClient:
     record = await stack.fake.whenReceived(1)
     await sleep(reactor, 0.1)
     left = reactor.seconds()
-    client.transport.abortConnection()
+    client.connection.abortConnection()
     await ended(client)
     assert await record.done == "disconnected"
     assert record.disconnectedAt - left < 0.1
@@ -155,7 +155,7 @@ async def leaveMidStream(stack: Stack, reactor: Any) -> RawClient:
     await client.when(lambda c: c.raw.count(b"event: content_block_delta") >= 2)
     record = stack.fake.received[0]
     left = reactor.seconds()
-    client.transport.abortConnection()
+    client.connection.abortConnection()
     await ended(client)
     assert await record.done == "disconnected"
     assert record.disconnectedAt - left < 0.1
@@ -171,7 +171,7 @@ async def trickleHeaders(stack: Stack, reactor: Any) -> RawClient:
     for _ in range(30):
         if client.closed.called:
             break
-        client.transport.write(b"X-Slow: a\r\n")
+        client.connection.write(b"X-Slow: a\r\n")
         await sleep(reactor, 0.1)
     await ended(client)
     assert 0.45 < reactor.seconds() - started < 1.5
@@ -193,7 +193,7 @@ async def chunkedOverLimit(stack: Stack, reactor: Any) -> RawClient:
     )
     await sleep(reactor, 0.1)
     assert client.raw == b""
-    client.transport.write(b"400\r\n" + b"y" * 1024 + b"\r\n")
+    client.connection.write(b"400\r\n" + b"y" * 1024 + b"\r\n")
     await ended(client)
     return client
 
@@ -211,13 +211,15 @@ async def slowReader(stack: Stack, reactor: Any) -> RawClient:
     client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", ANTHROPIC, messagesBody())
     # A small receive buffer, so the kernel does not read on the client's
     # behalf for megabytes.
-    client.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    client.connection.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
     await client.when(lambda c: c.received > 1_000_000)
     # The proxy's socket to the fake, under the relay's body transport.
     (relay,) = stack.proxy.inFlight
-    upstream = relay.transport._producer
+    # deliverBody's TransportProxyProducer, wrapping the socket.
+    proxyProducer: Any = relay.transport
+    upstream = proxyProducer._producer
     assert isinstance(upstream, tcp.Client) and upstream.getPeer().port == stack.upstream.port
-    client.transport.pauseProducing()
+    client.connection.pauseProducing()
     record = stack.fake.received[0]
     stalled = await settled(reactor, lambda: record.bytesSent)
     await sleep(reactor, 0.3)
@@ -230,15 +232,18 @@ async def slowReader(stack: Stack, reactor: Any) -> RawClient:
     # (64 KiB, plus a held partial event) landed after that.
     (channel,) = stack.proxy.site.channels
     transport = channel.transport
+    # None first: mypy-zope finds isinstance on "ITransport | None" never true.
+    assert transport is not None
+    assert isinstance(transport, tcp.Server)
     assert transport.producerPaused
     assert len(transport.dataBuffer) + transport._tempDataLen < transport.bufferSize + 2 * 65536
 
     def readSlowly(c: RawClient) -> None:
-        c.transport.pauseProducing()
-        reactor.callLater(0.002, c.transport.resumeProducing)
+        c.connection.pauseProducing()
+        reactor.callLater(0.002, c.connection.resumeProducing)
 
     client.onRead = readSlowly
-    client.transport.resumeProducing()
+    client.connection.resumeProducing()
     await ended(client)
     return client
 
@@ -501,7 +506,8 @@ FAULTS = [
     Fault(
         "body over the limit (Content-Length)",
         raw(
-            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n"
+            b"anthropic-version: 2023-06-01\r\nContent-Length: 1025\r\n\r\n"
         ),
         Outcome(
             413,

@@ -11,10 +11,9 @@ import json
 from typing import Any
 
 import pytest
-from conftest import MemoryUpstream
+from conftest import MemoryUpstream, RequestDouble
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.web.test.requesthelper import DummyRequest
 
 from zaiproxy.dialects import Dialect
 from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
@@ -45,7 +44,7 @@ class Rig:
         self.agent = RequestTraversalAgent(self.fake)
         self.upstream = MemoryUpstream(self.agent)
         self.metrics = Metrics("test", "0")
-        settings = dict(
+        settings: dict[str, Any] = dict(
             initial=100.0,
             minimum=1.0,
             maximum=1000.0,
@@ -83,12 +82,12 @@ class Rig:
             self.agent.flush()
             self.clock.advance(0)
 
-    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, DummyRequest, Exchange, list[Any]]:
-        request = DummyRequest([b""])
+    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, RequestDouble, Exchange, list[Any]]:
+        request = RequestDouble([b""])
         request.method = b"POST"
         request.content = io.BytesIO(BODY)
         exchange = Exchange(method="POST", route=route.label, startedAt=self.clock.seconds())
-        forwarder = Forwarder(self.context, request, route, exchange, "source-01")
+        forwarder = Forwarder(self.context, request.asRequest(), route, exchange, "source-01")
         outcome: list[Any] = []
         forwarder.start().addBoth(outcome.append)
         self.pump()
@@ -108,11 +107,11 @@ class Rig:
         return self.metrics.registry.get_sample_value(name, {"variant": "test", **labels})
 
 
-def header(request: DummyRequest, name: bytes) -> list[bytes]:
-    return request.responseHeaders.getRawHeaders(name, [])
+def header(request: RequestDouble, name: bytes) -> list[bytes]:
+    return list(request.responseHeaders.getRawHeaders(name, []))
 
 
-def written(request: DummyRequest) -> Any:
+def written(request: RequestDouble) -> Any:
     return json.loads(b"".join(request.written))
 
 
@@ -187,7 +186,7 @@ def test_askedWaitWins(where: str) -> None:
     rig = Rig(maxRetries=1)
     spec = "mode=error code=1303 " + ("retryAfter=9" if "body" in where else "retryAfterHeader=7")
     rig.queue(spec, spec)
-    _, request, _, outcome = rig.forward()
+    _, request, _, _ = rig.forward()
     rig.advance(6.9)
     assert rig.upstream.calls == 1
     rig.advance(2.1 if "body" in where else 0.1)
@@ -218,7 +217,7 @@ def test_quotaNeverRetriedThenHeld(spec: str, reset: float) -> None:
     assert header(request, b"x-zai-error-class") == [b"quota"]
     assert header(request, b"retry-after") == [b"%d" % (reset - NOW)]
     rig.clock.advance(100)
-    _, again, exchange, outcome = rig.forward(CHAT)
+    _, again, _, outcome = rig.forward(CHAT)
     assert rig.upstream.calls == 1
     assert again.responseCode == 429
     assert header(again, b"retry-after") == [b"%d" % (reset - NOW - 100)]
@@ -379,7 +378,7 @@ def test_queueFullAndTimeout() -> None:
     rig = Rig(maxWorkers=1, maxQueue=1, queueTimeout=5.0)
     rig.queue("mode=hang")
     holder, _, _, _ = rig.forward()
-    waiter, waitingRequest, _, waiting = rig.forward(CHAT)
+    _, waitingRequest, _, waiting = rig.forward(CHAT)
     _, full, _, outcome = rig.forward(CHAT)
     assert outcome == [None] and full.responseCode == 429
     assert header(full, b"retry-after")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from conftest import HeapClock
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from zaiproxy.admission import NotAdmitted
+from zaiproxy.admission import NotAdmitted, Permit
 from zaiproxy.limiter import LimiterSettings, RateLimiter
 from zaiproxy.zai_errors import ZaiError
 
@@ -24,7 +25,7 @@ WINDOW = 30.0
 
 
 def settings(**changes: Any) -> LimiterSettings:
-    base = dict(
+    base: dict[str, Any] = dict(
         initial=10.0,
         minimum=1.0,
         maximum=50.0,
@@ -141,6 +142,7 @@ def test_quietStretchesAreNotMeasured() -> None:
         clock, rl, _ = limiter(initial=40.0)
         clock.advance(start * WINDOW)
         permit = rl.admission.admit("client").result
+        assert isinstance(permit, Permit)
         for outcome in ["success"] * 150 + ["frequency"] * 50:
             rl.record(outcome)
         clock.advance(0.2 * WINDOW)
@@ -157,6 +159,7 @@ def test_callsUnderWayKeepTheNextWindowBusy() -> None:
     """
     clock, rl, _ = limiter(initial=40.0)
     held = rl.admission.admit("client").result
+    assert isinstance(held, Permit)
     clock.advance(WINDOW)
     rl.judge()
     clock.advance(0.5 * WINDOW)
@@ -180,7 +183,7 @@ def test_lateWindowIsNotEvidence(logEvents: list[dict[str, Any]]) -> None:
     clock.advance(1.6 * WINDOW)
     rl.judge()
     assert (rl.rate, rl.ceiling, adjustments) == (40.0, 50.0, [])
-    assert [e for e in logEvents if "late" in e["log_format"]][0]["late"] == pytest.approx(0.6 * WINDOW)
+    assert next(e for e in logEvents if "late" in e["log_format"])["late"] == pytest.approx(0.6 * WINDOW)
     window(clock, rl, successes=600, frequency=600)
     assert rl.ceiling == pytest.approx(20.0)
 
@@ -215,7 +218,7 @@ def test_probeAfterCleanWindowsAndRaiseTheCeiling() -> None:
         window(clock, rl, successes=int(rl.rate * WINDOW))
         rates.append(rl.rate)
     assert rl.ceiling == pytest.approx(rates[-2], rel=0.01)
-    steps = [b / a - 1 for a, b in zip(rates, rates[1:])]
+    steps = [b / a - 1 for a, b in pairwise(rates)]
     assert steps == pytest.approx([0.06, 0.18, 0.5], rel=0.05)
     assert adjustments == ["probe"] * 4
 
@@ -310,7 +313,9 @@ def test_quotaHold() -> None:
     rl.holdQuota(ZaiError("1310", "quota"))
     assert rl.quotaHeld() is None
     rl.holdQuota(ZaiError("1308", "quota", resetAt=1000 + 3600))
-    until, error = rl.quotaHeld()
+    held = rl.quotaHeld()
+    assert held is not None
+    until, error = held
     assert (until, error.code) == (4600, "1308")
     clock.advance(3600)
     assert rl.quotaHeld() is None

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import io
 import json
+from typing import Any, cast
 
-from twisted.logger import Logger, LogLevel, LogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 
 from zaiproxy.logs import LINE, LineLogger, buildObserver
 
 
-def emit(fmt: str, level: LogLevel = LogLevel.info, namespace: str = "zaiproxy.test", **kw: object) -> dict:
+def emit(
+    fmt: str, level: LogLevel = LogLevel.info, namespace: str = "zaiproxy.test", **kw: object
+) -> dict[str, Any]:
     return {
         "log_format": fmt,
         "log_level": level,
@@ -145,9 +148,11 @@ def test_lineLogger() -> None:
     L{LineLogger} emits the event Twisted's L{Logger} would, and an invalid
     level still goes Twisted's way (reported, not emitted).
     """
-    events: list[dict] = []
-    fast = LineLogger(namespace="zaiproxy.test", observer=events.append)
-    plain = Logger(namespace="zaiproxy.test", observer=events.append)
+    events: list[dict[str, Any]] = []
+    # Any callable taking an event is an observer; the annotation wants the interface.
+    observer = cast(ILogObserver, events.append)
+    fast = LineLogger(namespace="zaiproxy.test", observer=observer)
+    plain = Logger(namespace="zaiproxy.test", observer=observer)
     fast.info(LINE, line="a line", status=200)
     plain.info(LINE, line="a line", status=200)
     mine, theirs = events

@@ -23,7 +23,7 @@ from zaiproxy.quota import QuotaError, QuotaPoller, QuotaWindow, parseQuota
 KEY = "quota-key.SECRET"
 
 
-def document(*limits: dict[str, Any], **top: Any) -> bytes:
+def document(*limits: object, **top: Any) -> bytes:
     return json.dumps(
         {"code": 200, "success": True, "data": {"level": "max", "limits": list(limits)}, **top}
     ).encode()
@@ -197,7 +197,7 @@ async def test_pollerLimitsTheAnswer(reactor: Any, polled: Any) -> None:
     """
     An answer over QUOTA_MAX_RESPONSE_BYTES is an error, not read whole.
     """
-    fake, poller, metrics = polled
+    _, poller, metrics = polled
     poller._maxBytes = 100
     await poller.poll()
     assert poller.lastOutcome == "error" and poller.sample is None

@@ -134,8 +134,10 @@ async def test_rateLimitErrorReachesSDK(reactor: Any, makeStack: Any, dialect: s
         await inThread(call)
     # Z.AI's error body, as the SDK parsed it (never the exception's text,
     # whose wording changes between SDK releases).
-    assert raised.value.status_code == 429
-    body = raised.value.body
+    error = raised.value
+    assert isinstance(error, (anthropic.RateLimitError, openai.RateLimitError))
+    assert error.status_code == 429
+    body = error.body
     assert isinstance(body, dict)
     # Z.AI's Anthropic route puts the code in error.type; the OpenAI SDK
     # hands over the inner error object.
@@ -171,7 +173,9 @@ async def test_brokenStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect: st
     errorClass = anthropic.APIStatusError if dialect == "anthropic" else openai.APIError
     with pytest.raises(errorClass) as raised:
         await inThread(call)
-    body = raised.value.body
+    error = raised.value
+    assert isinstance(error, (anthropic.APIStatusError, openai.APIError))
+    body = error.body
     assert isinstance(body, dict), body
     # The OpenAI SDK hands over the inner error object.
     message = body["error"]["message"] if dialect == "anthropic" else body["message"]
@@ -209,7 +213,9 @@ async def test_truncatedStreamRaisesInSDK(reactor: Any, makeStack: Any, dialect:
     errorClass = anthropic.APIStatusError if dialect == "anthropic" else openai.APIError
     with pytest.raises(errorClass) as raised:
         await inThread(call)
-    body = raised.value.body
+    error = raised.value
+    assert isinstance(error, (anthropic.APIStatusError, openai.APIError))
+    body = error.body
     assert isinstance(body, dict), body
     message = body["error"]["message"] if dialect == "anthropic" else body["message"]
     assert message == "the upstream ended the stream before the answer was complete"
@@ -239,8 +245,10 @@ async def test_proxyErrorsParseInSDK(reactor: Any, makeStack: Any) -> None:
     with pytest.raises(anthropic.InternalServerError) as raised:
         await inThread(call)
     assert raised.value.status_code == 504
-    assert raised.value.body["error"]["type"] == "api_error"
-    assert "sent no response within 0.3 s" in raised.value.body["error"]["message"]
+    body = raised.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["type"] == "api_error"
+    assert "sent no response within 0.3 s" in body["error"]["message"]
 
 
 @pytest_twisted.ensureDeferred

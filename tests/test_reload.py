@@ -22,7 +22,7 @@ from twisted.internet import task
 from twisted.logger import LogLevel
 
 from zaiproxy.fake import FakeZai, parseScenario
-from zaiproxy.fake.testing import RawResponse, RunningFake, rawRequest, startFake
+from zaiproxy.fake.testing import RawResponse, RunningFake, portOf, rawRequest, startFake
 from zaiproxy.logs import buildObserver
 from zaiproxy.service import ProxyService
 from zaiproxy.settings import loadSettings
@@ -102,7 +102,7 @@ async def call(
     reactor: Any, proxy: ProxyService, key: str | None, path: bytes = b"/v1/messages"
 ) -> RawResponse:
     headers = [(b"x-api-key", key.encode())] if key else []
-    client = await rawRequest(reactor, proxy.ports[0].getHost().port, b"POST", path, headers, MESSAGES)
+    client = await rawRequest(reactor, portOf(proxy.ports[0]), b"POST", path, headers, MESSAGES)
     await client.closed.addErrback(lambda f: None)
     return client.response()
 
@@ -150,7 +150,8 @@ async def test_reloadAppliesLive(reactor: Any, running: Any, logEvents: list[dic
         (
             "info",
             "Reloaded configuration: client keys 1 (alice) -> 1 (bob); ADMIN_TOKEN changed; "
-            "RATE_LIMIT_INITIAL 10 -> 3; RATE_LIMIT_MIN 1 -> 2; RATE_LIMIT_MAX 100 -> 5; LOG_LEVEL info -> debug",
+            "RATE_LIMIT_INITIAL 10 -> 3; RATE_LIMIT_MIN 1 -> 2; RATE_LIMIT_MAX 100 -> 5; "
+            "LOG_LEVEL info -> debug",
         ),
         ("warn", "Reload: MAX_WORKERS changed; this needs a restart to take effect"),
     ]
@@ -344,10 +345,11 @@ async def test_sighupReloadsRealProcess(reactor: Any, upstream: RunningFake, tmp
     )
 
     async def status(key: str) -> int:
+        keyHeader: dict[bytes | str, bytes | str] = {"x-api-key": key}
         response = await treq.post(
             f"http://127.0.0.1:{port}/v1/messages",
             data=MESSAGES,
-            headers={"x-api-key": key},
+            headers=keyHeader,
             persistent=False,
         )
         await response.content()

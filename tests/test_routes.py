@@ -10,7 +10,7 @@ from zaiproxy.dialects import Dialect
 from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 
 TARGETS = Targets.fromURLs("https://api.z.ai/api/anthropic", "https://api.z.ai/api/coding/paas/v4")
-A, O = Dialect.anthropic, Dialect.openai
+A, OA = Dialect.anthropic, Dialect.openai
 
 
 @pytest.mark.parametrize(
@@ -19,19 +19,19 @@ A, O = Dialect.anthropic, Dialect.openai
         (
             b"/v1/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
         (
             b"/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
         (
             b"/v1/chat/completions?x=1",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions?x=1",
         ),
         (
@@ -54,17 +54,17 @@ A, O = Dialect.anthropic, Dialect.openai
         (
             b"/api/paas/v4/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/paas/v4/chat/completions",
         ),
         (
             b"/api/coding/paas/v4/chat/completions",
             "/v1/chat/completions",
-            O,
+            OA,
             b"https://api.z.ai/api/coding/paas/v4/chat/completions",
         ),
-        (b"/api/coding/paas/v4/models", "/v1/models", O, b"https://api.z.ai/api/coding/paas/v4/models"),
-        (b"/api/paas/v4/embeddings", "/api/paas/v4/*", O, b"https://api.z.ai/api/paas/v4/embeddings"),
+        (b"/api/coding/paas/v4/models", "/v1/models", OA, b"https://api.z.ai/api/coding/paas/v4/models"),
+        (b"/api/paas/v4/embeddings", "/api/paas/v4/*", OA, b"https://api.z.ai/api/paas/v4/embeddings"),
         (b"/v1/messages/", "/v1/*", A, b"https://api.z.ai/api/anthropic/v1/messages/"),
     ],
 )
@@ -76,6 +76,12 @@ def test_forward(uri: bytes, label: str, dialect: Dialect, url: bytes) -> None:
     assert resolve(uri, TARGETS) == Forward(label, dialect, url)
 
 
+def forwardedTo(path: bytes, targets: Targets) -> bytes:
+    route = resolve(path, targets)
+    assert isinstance(route, Forward)
+    return route.url
+
+
 def test_originOfTarget() -> None:
     """
     Paths naming Z.AI's prefixes go to the origin of ZAI_TARGET_URL, however
@@ -83,11 +89,11 @@ def test_originOfTarget() -> None:
     """
     targets = Targets.fromURLs("http://127.0.0.1:8999/api/anthropic/", "http://127.0.0.1:8999/x")
     assert (
-        resolve(b"/api/anthropic/v1/messages", targets).url
+        forwardedTo(b"/api/anthropic/v1/messages", targets)
         == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
     )
-    assert resolve(b"/v1/messages", targets).url == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
-    assert resolve(b"/chat/completions", targets).url == b"http://127.0.0.1:8999/x/chat/completions"
+    assert forwardedTo(b"/v1/messages", targets) == b"http://127.0.0.1:8999/api/anthropic/v1/messages"
+    assert forwardedTo(b"/chat/completions", targets) == b"http://127.0.0.1:8999/x/chat/completions"
 
 
 @pytest.mark.parametrize("path", [b"/metrics", b"/health", b"/readyz"])
@@ -147,6 +153,6 @@ def test_guessDialect() -> None:
     Refusals answer in the dialect the client most likely speaks.
     """
     assert guessDialect(b"/x", True) is A
-    assert guessDialect(b"/v1/chat/completions/x", False) is O
-    assert guessDialect(b"/api/paas/v4/x", False) is O
+    assert guessDialect(b"/v1/chat/completions/x", False) is OA
+    assert guessDialect(b"/api/paas/v4/x", False) is OA
     assert guessDialect(b"/whatever", False) is A

@@ -12,6 +12,7 @@ import pytest
 import pytest_twisted
 import treq
 from conftest import Stack
+from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory
@@ -93,6 +94,7 @@ async def test_drainClosesIdleConnections(reactor: Any, stack: Stack) -> None:
     client = await endpoint.connect(
         ClientFactory.forProtocol(lambda: RawClient(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"))
     )
+    assert isinstance(client, RawClient)
     await client.when(lambda c: c.raw.endswith(b'{"status":"ready"}'))
     assert not client.closed.called
     started = reactor.seconds()
@@ -231,7 +233,9 @@ async def test_drainGraceKeepsListening(reactor: Any) -> None:
     settings, _ = loadSettings({"ZAI_API_KEY": "k", "RATE_LIMIT_STATE_FILE": "off", "DRAIN_GRACE": "0.5"})
     service = ProxyService(reactor, settings, ["tcp:0:interface=127.0.0.1"])
     service.startService()
-    port = service.ports[0].getHost().port
+    host = service.ports[0].getHost()
+    assert isinstance(host, IPv4Address)
+    port = host.port
     stopping = service.stopService()
     ready = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
     assert (ready.code, await ready.content()) == (503, b'{"status":"draining"}')

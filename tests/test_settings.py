@@ -137,9 +137,9 @@ def test_missingKey() -> None:
     """
     Without ZAI_API_KEY the error names it.
     """
-    with pytest.raises(SettingsError, match="^ZAI_API_KEY is required but not set$"):
+    with pytest.raises(SettingsError, match=r"^ZAI_API_KEY is required but not set$"):
         loadSettings({})
-    with pytest.raises(SettingsError, match="^ZAI_API_KEY is required"):
+    with pytest.raises(SettingsError, match=r"^ZAI_API_KEY is required"):
         loadSettings({"ZAI_API_KEY": "  "})
 
 

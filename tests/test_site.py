@@ -110,7 +110,7 @@ async def test_chunkedUploadOverLimit(reactor: Any, makeStack: Any) -> None:
     )
     await task.deferLater(reactor, 0.1, lambda: None)
     assert client.raw == b""
-    client.transport.write(b"200\r\n" + b"y" * 512 + b"\r\n" + b"1\r\nz\r\n")
+    client.connection.write(b"200\r\n" + b"y" * 512 + b"\r\n" + b"1\r\nz\r\n")
     await ended(client)
     status, body = error(client)
     assert status == 413
@@ -150,7 +150,7 @@ async def test_slowHeaders(reactor: Any, makeStack: Any) -> None:
     for _ in range(20):
         if client.closed.called:
             break
-        client.transport.write(b"X-Slow: a\r\n")
+        client.connection.write(b"X-Slow: a\r\n")
         await task.deferLater(reactor, 0.1, lambda: None)
     await ended(client)
     assert 0.45 < reactor.seconds() - started < 1.5
@@ -222,7 +222,8 @@ async def test_keepAliveAfterLocalResponse(reactor: Any, stack: Stack) -> None:
     client = await connect(
         stack,
         reactor,
-        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
     await ended(client)
     assert client.raw.count(b"HTTP/1.1 200") == 2

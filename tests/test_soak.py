@@ -130,7 +130,7 @@ async def leaveMidStream(reactor: Any, port: int) -> str:
         await client.when(lambda c: b"event: content_block_delta" in c.raw)
     except ConnectionError:
         return "closed before the first delta"
-    client.transport.abortConnection()
+    client.connection.abortConnection()
     await ended(client)
     return ""
 
@@ -235,9 +235,10 @@ async def run(reactor: Any, port: int, count: int, offset: int = 0) -> Counter[s
         if problem:
             failures[f"{kind.__name__}: {problem}"] += 1
 
-    await defer.gatherResults(
-        [semaphore.run(lambda i=i: defer.ensureDeferred(one(i))) for i in range(count)], consumeErrors=True
-    )
+    def start(i: int) -> defer.Deferred[None]:
+        return defer.ensureDeferred(one(i))
+
+    await defer.gatherResults([semaphore.run(start, i) for i in range(count)], consumeErrors=True)
     return failures
 
 

@@ -90,6 +90,7 @@ def test_recordedStreams() -> None:
     assert [e.name for e in events][:2] == [b"message_start", b"ping"]
     assert events[-1].name == b"message_stop"
     for event in events:
+        assert event.name is not None
         assert json.loads(event.data)["type"] == event.name.decode()
     chat = parseAll([STREAMS[1]])
     assert chat[-1] == Event(None, b"[DONE]")
@@ -104,7 +105,7 @@ def test_anySplitSameEvents(stream: bytes, cuts: list[int]) -> None:
     character, a field name), the events are the same.
     """
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parseAll(chunks) == parseAll([stream])
 
 
@@ -173,7 +174,7 @@ def test_framesAgreeWithLines(lines: list[bytes], cuts: list[int]) -> None:
     """
     stream = b"\n".join(lines) + b"\n"
     points = sorted({c % (len(stream) + 1) for c in cuts})
-    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)])]
+    chunks = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
     assert parseAll(chunks) == parseAll([stream.replace(b"\n", b"\r\n")])
 
 

@@ -80,7 +80,9 @@ def verifiable(tmp: Path) -> list[Path]:
         text = (UNITS / unit).read_text()
         copy = tmp / unit
         copy.write_text(text.replace(INSTALLED_TWISTD, TWISTD))
-        changed = [(a, b) for a, b in zip(text.splitlines(), copy.read_text().splitlines()) if a != b]
+        changed = [
+            (a, b) for a, b in zip(text.splitlines(), copy.read_text().splitlines(), strict=True) if a != b
+        ]
         if unit == "zaiproxy.service":
             assert changed == [
                 (f"ExecStart={INSTALLED_TWISTD} {ARGUMENTS}", f"ExecStart={TWISTD} {ARGUMENTS}")
@@ -134,7 +136,7 @@ def test_sandboxExposure(tmp_path: Path) -> None:
     at most 2.0 out of 10), where the offline review exists (systemd 250+).
     """
     service, _ = verifiable(tmp_path)
-    status, output = analyze("security", "--offline=true", "--no-pager", str(service), cwd=tmp_path)
+    _, output = analyze("security", "--offline=true", "--no-pager", str(service), cwd=tmp_path)
     if "--offline" in output and "unrecognized" in output:
         pytest.skip("this systemd-analyze has no offline security review")
     match = re.search(r"Overall exposure level for zaiproxy\.service: ([0-9.]+) (\w+)", output)
@@ -233,9 +235,9 @@ async def answered(reactor: Any, client: RawClient) -> tuple[int, str]:
     return response.status, json.loads(response.body)["type"]
 
 
-async def stopped(reactor: Any, process: Any, collect: _Collect) -> tuple[int, int | None]:
+async def stopped(reactor: Any, process: Any, collect: _Collect) -> tuple[int | None, int | None]:
     process.signalProcess("TERM")
-    return await collect.ended.addTimeout(STEP, reactor)  # type: ignore[no-any-return]
+    return await collect.ended.addTimeout(STEP, reactor)
 
 
 def messages(collect: _Collect) -> list[str]:
@@ -289,14 +291,14 @@ async def test_restartRefusesNoConnection(reactor: Any) -> None:
     for log in (firstLog, secondLog):
         lines = messages(log)
         assert (
-            f"Socket activation: listening on 1 socket(s) passed by systemd (LISTEN_FDS=1) instead of --listen {listen}"
-            in lines
+            "Socket activation: listening on 1 socket(s) passed by systemd (LISTEN_FDS=1) instead of "
+            f"--listen {listen}" in lines
         )
         assert (
-            f"Z.AI proxy listening on 127.0.0.1:{port} (systemd:domain=INET:index=0 (fd 3, zaiproxy)); metrics at /metrics"
-            in lines
+            f"Z.AI proxy listening on 127.0.0.1:{port} (systemd:domain=INET:index=0 (fd 3, zaiproxy)); "
+            "metrics at /metrics" in lines
         )
-        assert not any("listening on 127.0.0.1:%d" % other in line for line in lines)
+        assert not any(f"listening on 127.0.0.1:{other}" in line for line in lines)
         assert log.err.decode() == ""
 
 
@@ -388,6 +390,6 @@ async def test_systemdSocketActivate(reactor: Any) -> None:
     )
     assert bound.group(1) in (f"[::]:{port}", f"0.0.0.0:{port}")
     assert (
-        f"Z.AI proxy listening on {where} (systemd:domain={domain}:index=0 (fd 3, zaiproxy)); metrics at /metrics"
-        in messages(collect)
+        f"Z.AI proxy listening on {where} (systemd:domain={domain}:index=0 (fd 3, zaiproxy)); metrics at "
+        "/metrics" in messages(collect)
     )

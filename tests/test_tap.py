@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -92,7 +92,8 @@ def test_help(tmp_path: Any) -> None:
         (
             {"ZAI_API_KEY": "k", "TOKEN_COUNTING_ENABLED": "off-ish"},
             [],
-            "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or on/off",
+            "zaiproxy: TOKEN_COUNTING_ENABLED='off-ish' is not valid: expected true/false, 1/0, yes/no or "
+            "on/off",
         ),
         (
             {"ZAI_API_KEY": "k"},
@@ -131,7 +132,8 @@ def test_help(tmp_path: Any) -> None:
                 "PROXY_API_KEYS": "alice:alice-key-0123456789abcdef,alice:other-key-0123456789abcdef",
             },
             [],
-            "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at entry 1",
+            "zaiproxy: PROXY_API_KEYS=(hidden) is not valid: entry 2: the name 'alice' is already used at "
+            "entry 1",
         ),
         (
             {"ZAI_API_KEY": "k"},
@@ -157,7 +159,8 @@ class _Collect(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.out = bytearray()
         self.err = bytearray()
-        self.ended: defer.Deferred[int] = defer.Deferred()
+        # (exit code, signal): one of them is None.
+        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
 
     def outReceived(self, data: bytes) -> None:
         self.out += data

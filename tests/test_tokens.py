@@ -33,7 +33,7 @@ CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.t
 TEXTS = [
     "Hello, world!",
     "The quick brown fox jumps over the lazy dog.",
-    "你好，世界！今天天气很好，我们去公园散步吧。",
+    "你好，世界！今天天气很好，我们去公园散步吧。",  # noqa: RUF001 - Chinese punctuation is full-width
     "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
     "🎉🚀👩‍💻 emoji and ZWJ sequences 🏳️‍🌈",
     '{"model": "glm-4.7", "messages": [{"role": "user", "content": "hi"}], "stream": true}',

@@ -492,13 +492,14 @@ def test_aWholeStreamInOneChunkReadsLikeItsFrames(dialect: Dialect, scenario: st
         )
     whole, each = Tapped(dialect), Tapped(dialect)
     added = [[whole.tap.feed(b"".join(frames))], [each.tap.feed(data) for data in frames]]
-    for group, t in zip(added, (whole, each)):
+    for group, t in zip(added, (whole, each), strict=True):
         group.append(t.tap.endStream())
         t.tap.settle(True)
 
     def written(group: list[Any], frames: list[bytes]) -> bytes:
         out: list[bytes] = []
-        for data, pieces in zip(frames, group):
+        # The group's last entry is endStream's, written after the frames.
+        for data, pieces in zip(frames, group[:-1], strict=True):
             if pieces is None:
                 out.append(data)
                 continue

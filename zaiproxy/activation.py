@@ -37,7 +37,7 @@ __all__ = ["InheritedSocket", "ListenChoice", "Listener", "chooseListeners", "in
 #: The first descriptor systemd passes (SD_LISTEN_FDS_START).
 LISTEN_FDS_START = 3
 
-_DOMAINS = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
+_DOMAINS: dict[int, str] = {socket.AF_INET: "INET", socket.AF_INET6: "INET6", socket.AF_UNIX: "UNIX"}
 
 
 @frozen

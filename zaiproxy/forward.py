@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
+
+# RequestNotSent is public (documented, raised to Agent users) but twisted.web.client
+# imports it from _newclient without listing it in __all__.
+from twisted.web.client import (  # type: ignore[attr-defined]
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
@@ -39,7 +41,7 @@ from zaiproxy.exchange import CLIENT_CLOSED, Exchange
 from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
 from zaiproxy.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
 from zaiproxy.routes import Forward
-from zaiproxy.upstream import DiscardBody, bodyProducerFor
+from zaiproxy.upstream import BodyProtocol, DiscardBody, bodyProducerFor
 from zaiproxy.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
 
 if TYPE_CHECKING:
@@ -78,7 +80,7 @@ _NO_RESPONSE: list[tuple[Callable[[Failure], Any], int, str, str]] = [
 _PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
 
 
-class _ErrorBody(Protocol):
+class _ErrorBody(BodyProtocol):
     """
     Read an error answer whole (bounded), to classify it before deciding.
     """
@@ -93,7 +95,7 @@ class _ErrorBody(Protocol):
             self._chunks.append(data[: MAX_ERROR_BODY - self._size])
             self._size += len(data)
             if self._size >= MAX_ERROR_BODY:
-                self.transport.stopProducing()
+                self.producer.stopProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._done(b"".join(self._chunks), self._size > MAX_ERROR_BODY)
@@ -166,7 +168,7 @@ class Forwarder:
         self._cancelled = why
         self._cancelTimer()
         if self._errorBody is not None and self._errorBody.transport is not None:
-            self._errorBody.transport.stopProducing()
+            self._errorBody.producer.stopProducing()
         elif self._waiting is not None:
             self._waiting.cancel()
         else:
@@ -212,10 +214,12 @@ class Forwarder:
             self._stopped()
             return
         failure.trap(NotAdmitted)
-        retryAfter = math.ceil(failure.value.retryAfter)
+        refusal = failure.value
+        assert isinstance(refusal, NotAdmitted)
+        retryAfter = math.ceil(refusal.retryAfter)
         self._request.setHeader(b"retry-after", b"%d" % (retryAfter,))
-        if failure.check(QueueTimeout):
-            waited = failure.value.waited
+        if isinstance(refusal, QueueTimeout):
+            waited = refusal.waited
             errorType = "queue_timeout"
             message = (
                 f"waited {waited:g} s in the proxy's queue without being admitted; retry after {retryAfter} s"
@@ -267,7 +271,7 @@ class Forwarder:
         self._timer = None
         self._timedOut = True
         if self._errorBody is not None and self._errorBody.transport is not None:
-            self._errorBody.transport.stopProducing()
+            self._errorBody.producer.stopProducing()
         elif self._waiting is not None:
             self._waiting.cancel()
 

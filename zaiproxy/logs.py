@@ -201,7 +201,7 @@ class LevelFilteringObserver:
         return rank
 
     def __call__(self, event: dict[str, Any]) -> None:
-        rank = _RANK.get(event.get("log_level"))  # type: ignore[arg-type]
+        rank = _RANK.get(event.get("log_level"))
         namespace = event.get("log_namespace")
         if rank is None or not namespace:
             return

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
-from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import PotentialDataLoss, ResponseDone
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
@@ -45,7 +45,7 @@ from zaiproxy.headers import clientResponseHeaders
 from zaiproxy.limiter import RateLimiter
 from zaiproxy.routes import Forward
 from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
-from zaiproxy.upstream import DiscardBody, DrainBody, Upstream
+from zaiproxy.upstream import BodyProtocol, DiscardBody, DrainBody, Upstream
 from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ class RelayContext:
 
 
 @implementer(IPushProducer)
-class Relay(Protocol):
+class Relay(BodyProtocol):
     """
     Forwards one request and relays its response.
 
@@ -335,7 +335,7 @@ class Relay(Protocol):
             # must still end both sides.
             self._bug(Failure())
             if self.transport is not None and self._ended is None:
-                self.transport.stopProducing()
+                self.producer.stopProducing()
 
     def _sendOpening(self) -> None:
         """
@@ -433,11 +433,11 @@ class Relay(Protocol):
     def _holdUpstream(self) -> None:
         self._cancelIdleTimer()
         if self._ended is None and self.transport is not None:
-            self.transport.pauseProducing()
+            self.producer.pauseProducing()
 
     def _resumeUpstream(self) -> None:
         if self._ended is None and self.transport is not None and not self._clientPaused:
-            self.transport.resumeProducing()
+            self.producer.resumeProducing()
             self._startIdleTimer()
 
     # -- the end of the response --------------------------------------------
@@ -482,10 +482,12 @@ class Relay(Protocol):
                 self._endBody(self._tap.endBody())
                 return
             self._emit(pieces)
+            # _emit may set _waiting or end the response: mypy keeps the
+            # narrowing above across the call.
             if self._waiting is not None or self._done:
                 # Still counting; or counted at once, and the release
                 # (L{_released}) has ended the response already.
-                return
+                return  # type: ignore[unreachable]
         self._unregister()
         self._request.finish()
         self._finished(self._exchange.status, complete=True)
@@ -565,16 +567,16 @@ class Relay(Protocol):
         # Silence while the client is the slow side is not upstream idleness.
         self._clientPaused = True
         self._cancelIdleTimer()
-        self.transport.pauseProducing()
+        self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._clientPaused = False
         if self._waiting is None:
             self._startIdleTimer()
-            self.transport.resumeProducing()
+            self.producer.resumeProducing()
 
     def stopProducing(self) -> None:
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
     def _startIdleTimer(self) -> None:
         if self._idleTimer is None and not self._done and self._ended is None:
@@ -589,7 +591,7 @@ class Relay(Protocol):
     def _idleTimeout(self) -> None:
         self._idleTimer = None
         self._idleTimedOut = True
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
     def _unregister(self) -> None:
         if self._registered:
@@ -608,7 +610,7 @@ class Relay(Protocol):
         if not self._answered and self._forwarder is not None:
             self._forwarder.cancel("client")
         elif self.transport is not None and self._ended is None:
-            self.transport.stopProducing()
+            self.producer.stopProducing()
 
     def shutdown(self) -> None:
         """
@@ -620,7 +622,7 @@ class Relay(Protocol):
         if not self._answered and self._forwarder is not None:
             self._forwarder.cancel("shutdown")
         elif self.transport is not None and self._ended is None:
-            self.transport.stopProducing()
+            self.producer.stopProducing()
 
     def _finished(self, status: int, complete: bool = False) -> None:
         if self._done:

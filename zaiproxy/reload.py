@@ -146,7 +146,10 @@ class Reloader:
             before, after = getattr(old, attribute), getattr(new, attribute)
             if before != after:
                 changes.append(f"{env} {before:g} -> {after:g}")
-        observer = service.observer if isinstance(service.observer, LevelFilteringObserver) else None
+        # Through object: mypy-zope finds isinstance on "ILogObserver | None"
+        # never true.
+        current: object = service.observer
+        observer = current if isinstance(current, LevelFilteringObserver) else None
         if new.logLevel != old.logLevel:
             changes.append(
                 f"LOG_LEVEL {old.logLevel.name} -> {new.logLevel.name}"

@@ -97,12 +97,15 @@ class ProxyResource(Resource):
             if exchange.keyName is None:
                 self._unauthorized(request, exchange, route.dialect, "unknown" if presented else "missing")
                 return NOT_DONE_YET
-        exchange.model = sniffModel(request.content)
+        # The whole body was read before render: twisted.web only drops it later.
+        content = request.content
+        assert content is not None
+        exchange.model = sniffModel(content)
         body = None
         accounting = context.accounting
         if accounting is not None and route.label in accounting.countedRoutes:
             # Kept now: twisted.web drops its copy when the client leaves.
-            body = RequestBody(request.content)
+            body = RequestBody(content)
         Relay(request, route, exchange, context, self._inFlight, body).start()
         return NOT_DONE_YET
 

@@ -12,7 +12,6 @@ upstream's path are refused before they reach it.
 from __future__ import annotations
 
 import re
-from typing import Union
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import attrs
@@ -96,7 +95,7 @@ class Refuse:
     label: str
 
 
-Route = Union[Forward, Local, Refuse]
+Route = Forward | Local | Refuse
 
 
 def _label(tail: bytes, fallback: str) -> str:

@@ -21,11 +21,12 @@ from twisted.application.service import MultiService, Service
 from twisted.internet import defer, endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.failure import Failure
+from twisted.web.resource import Resource
 
 from zaiproxy import __version__
 from zaiproxy.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
@@ -44,6 +45,7 @@ from zaiproxy.routes import Targets
 from zaiproxy.settings import Settings
 from zaiproxy.site import InFlight, ProxySite
 from zaiproxy.tokens import Counting, loadCounter
+from zaiproxy.twistedprivate import forgetExitSignal
 from zaiproxy.upstream import Upstream
 
 __all__ = ["BuildInfo", "ProxyService"]
@@ -171,7 +173,7 @@ class ProxyService(MultiService):
             self.health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
         self.health.sections["token_counting"] = self.accounting.health
         self.health.sections["reload"] = self.reloader.snapshot
-        public = {
+        public: dict[bytes, Resource] = {
             b"/health": self.health,
             b"/readyz": ReadyResource(isDraining),
         }
@@ -445,6 +447,7 @@ class ProxyService(MultiService):
             failure = outcome[0]
             if failure.check(CannotListenError):
                 error = failure.value
+                assert isinstance(error, CannotListenError)
                 if isinstance(error.port, int):
                     where = f"{error.interface or '*'}:{error.port}"
                 else:  # a UNIX socket's path
@@ -520,7 +523,7 @@ class ProxyService(MultiService):
             closed = yield self._within(site.channels.whenEmpty(), _FLUSH_SECONDS)
             if not closed:
                 for channel in site.channels:
-                    channel.transport.abortConnection()
+                    channel.abortConnection()
         self.limiter.stop()
         if self.quota is not None:
             self.quota.stop()
@@ -529,8 +532,7 @@ class ProxyService(MultiService):
         self.log.info("Drained; stopped")
         # twistd re-raises a stopping signal after shutdown so that the exit
         # status says "killed by SIGTERM"; a completed drain is a clean exit.
-        if getattr(self.reactor, "_exitSignal", None) is not None:
-            self.reactor._exitSignal = None
+        forgetExitSignal(self.reactor)
 
     @inlineCallbacks
     def _within(self, waiting: Deferred[None], seconds: float) -> Any:

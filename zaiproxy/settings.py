@@ -196,7 +196,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-_LEVELS = {
+_LEVELS: dict[str, LogLevel] = {
     "debug": LogLevel.debug,
     "info": LogLevel.info,
     "warn": LogLevel.warn,
@@ -241,14 +241,15 @@ def parsePrices(text: str) -> tuple[tuple[str, tuple[float, float, float, float]
         match = _PRICE.match(entry)
         if match is None:
             raise ValueError(f"expected {what}")
+        model, inputPrice, outputPrice, readPrice, writePrice = match.groups()
         try:
-            prices = tuple(float(g) for g in match.groups()[1:])
+            prices = (float(inputPrice), float(outputPrice), float(readPrice), float(writePrice))
         except ValueError:
             raise ValueError(f"expected {what}") from None
-        entries.append((match.group(1).lower(), prices))
+        entries.append((model.lower(), prices))
     if not entries:
         raise ValueError(f"expected {what}")
-    return tuple(entries)  # type: ignore[return-value]
+    return tuple(entries)
 
 
 _HOUR = r"([01]?\d|2[0-4])(?::([0-5]\d))?"
@@ -383,7 +384,8 @@ class Settings:
         "TOKEN_PRICES",
         parsePrices,
         "*=0.60/2.20/0.11/0",
-        "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million tokens; * is any other model.",
+        "Prices for the estimated-cost metric: model=input/output/cache_read/cache_write in USD per million "
+        "tokens; * is any other model.",
     )
     peakHours: tuple[float, float] = _setting(
         "PEAK_HOURS",
@@ -534,7 +536,8 @@ class Settings:
         "PROXY_API_KEYS_FILE",
         parseText,
         "",
-        "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied routes need one. Re-read on SIGHUP.",
+        "File of client keys, one name:key (or name:sha256:<hex>) per line; when keys are set, proxied "
+        "routes need one. Re-read on SIGHUP.",
     )
     proxyApiKeys: tuple[ClientKey, ...] = _setting(
         "PROXY_API_KEYS",
@@ -547,10 +550,12 @@ class Settings:
         "ADMIN_TOKEN",
         parseSecret,
         "",
-        "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, /metrics is open and /admin/* answers loopback only.",
+        "When set, /metrics and /admin/* require Authorization: Bearer <token>, from loopback too; unset, "
+        "/metrics is open and /admin/* answers loopback only.",
         secret=True,
     )
-    logLevel: LogLevel = _setting(
+    # _setting returns an attrs field, not a shared value; ruff cannot tell that LogLevel is immutable.
+    logLevel: LogLevel = _setting(  # noqa: RUF009
         "LOG_LEVEL",
         parseLogLevel,
         "info",
@@ -730,8 +735,8 @@ def settingsTable() -> str:
     header = ("Variable", "Default", "Meaning")
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
     rule = " ".join("=" * width for width in widths)
-    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), rule]
-    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(), rule]
+    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append(rule)
     return "\n".join(lines)
 

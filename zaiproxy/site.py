@@ -12,10 +12,11 @@ length is first known and each chunk arrives.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, server
@@ -47,8 +48,17 @@ class ProxyRequest(server.Request):
     _received = 0
     _rejected = False
 
+    @property
+    def proxyChannel(self) -> ProxyChannel:
+        """
+        The channel, as the L{ProxyChannel} that L{ProxySite} always builds.
+        """
+        channel = self.channel
+        assert isinstance(channel, ProxyChannel)
+        return channel
+
     def gotLength(self, length: int | None) -> None:
-        channel: ProxyChannel = self.channel
+        channel = self.proxyChannel
         limit = channel.site.maxRequestBytes
         if length is not None and length > limit:
             self._rejected = True
@@ -62,10 +72,11 @@ class ProxyRequest(server.Request):
         if self._rejected:
             return
         self._received += len(data)
-        limit = self.channel.site.maxRequestBytes
+        channel = self.proxyChannel
+        limit = channel.site.maxRequestBytes
         if self._received > limit:
             self._rejected = True
-            self.channel.reject(413, f"request body exceeds the limit of {limit} bytes")
+            channel.reject(413, f"request body exceeds the limit of {limit} bytes")
             return
         super().handleContentChunk(data)
 
@@ -82,12 +93,13 @@ class ProxyRequest(server.Request):
         traversal (which splits and unquotes every path segment, and answers
         C{OPTIONS *} on its own) would only cost time.
         """
-        self.site = self.channel.site
+        site = self.proxyChannel.site
+        self.site = site
         self.prepath = []
         self.postpath = []
-        self.setHeader(b"date", self.site.date())
+        self.setHeader(b"date", site.date())
         try:
-            body = self.site.resource.render(self)
+            body = site.resource.render(self)
         except Exception:
             self.processingFailed(Failure())
             return
@@ -145,7 +157,7 @@ class ProxyChannel(http.HTTPChannel):
             # it can read our answer instead of getting a reset.
             self._lingered += len(data)
             if self._lingered > _LINGER_BYTES:
-                self.transport.abortConnection()
+                self.abortConnection()
             return
         if self._awaitingHeaders and self._headerTimer is None and data:
             self._headerTimer = self.callLater(self.site.headerTimeout, self._headersTooSlow)
@@ -177,7 +189,7 @@ class ProxyChannel(http.HTTPChannel):
         super().requestDone(request)
         self._awaitingHeaders = True
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancelHeaderTimer()
         if self._lingerTimer is not None and self._lingerTimer.active():
             self._lingerTimer.cancel()
@@ -240,7 +252,15 @@ class ProxyChannel(http.HTTPChannel):
             loseWrite()
         else:
             self.transport.loseConnection()
-        self._lingerTimer = self.callLater(_LINGER_SECONDS, self.transport.abortConnection)
+        self._lingerTimer = self.callLater(_LINGER_SECONDS, self.abortConnection)
+
+    def abortConnection(self) -> None:
+        """
+        Close the connection at once, dropping whatever is unsent.
+        """
+        # Every stream transport a server protocol is given (TCP, Unix,
+        # TLS) has abortConnection; Protocol types it as ITransport | None.
+        cast(ITCPTransport, self.transport).abortConnection()
 
 
 _T = TypeVar("_T")
@@ -307,13 +327,17 @@ class ProxySite(server.Site):
         self._onRejected = onRejected
         self.noisy = False
 
-    def buildProtocol(self, addr: Any) -> ProxyChannel:
+    # Twisted's annotation names only the protocol-negotiating wrapper that
+    # HTTPFactory builds; the proxy builds a plain HTTP/1.1 channel.
+    def buildProtocol(self, addr: Any) -> ProxyChannel:  # type: ignore[override]
         channel = ProxyChannel()
         channel.factory = self
         channel.site = self
         channel.requestFactory = self.requestFactory
-        channel.callLater = self.reactor.callLater
-        channel.timeOut = self.timeOut
+        # As HTTPFactory.buildProtocol does: the channel's timers run on the
+        # site's reactor, and a float timeout (TimeoutMixin says int) works.
+        channel.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
+        channel.timeOut = self.timeOut  # type: ignore[assignment]
         return channel
 
     _dateSecond = -1

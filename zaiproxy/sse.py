@@ -40,8 +40,9 @@ _BOM = b"\xef\xbb\xbf"
 
 _decoder = json.JSONDecoder()
 _decode = _decoder.raw_decode
-#: JSON's own whitespace (not str.isspace's), as json.loads skips it.
-_WHITESPACE = re.compile(r"[ \t\n\r]*").match
+#: Only JSON's own whitespace (not str.isspace's) to the end, as json.loads
+#: allows after a document.
+_TRAILING_WHITESPACE = re.compile(r"[ \t\n\r]*\Z").match
 
 
 def readJSON(data: bytes) -> Any:
@@ -58,7 +59,7 @@ def readJSON(data: bytes) -> Any:
         document, end = _decode(text)
     except ValueError:
         return json.loads(data)
-    if end != len(text) and _WHITESPACE(text, end).end() != len(text):
+    if end != len(text) and _TRAILING_WHITESPACE(text, end) is None:
         return json.loads(data)
     return document
 

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import textwrap
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 from twisted.application.service import IService
 from twisted.logger import ILogObserver, Logger
@@ -56,7 +56,7 @@ class Options(usage.Options):
     """
 
     synopsis = "[--listen DESCRIPTION ...] [--admin-listen DESCRIPTION ...] [--config PATH]"
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "config",
             "c",

@@ -13,26 +13,28 @@ jar that refuses every cookie.
 from __future__ import annotations
 
 from http.cookiejar import DefaultCookiePolicy
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from treq.client import HTTPClient
 from treq.cookies import IndexableCookieJar
 from twisted.internet import task
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IConsumer, IPushProducer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
+from twisted.web.client import BrowserLikePolicyForHTTPS, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, IResponse
 from zope.interface import implementer
 
-__all__ = ["BytesProducer", "DiscardBody", "DrainBody", "Upstream", "bodyProducerFor"]
+from zaiproxy.twistedprivate import TargetCachingAgent
+
+__all__ = ["BodyProtocol", "BytesProducer", "DiscardBody", "DrainBody", "Upstream", "bodyProducerFor"]
 
 # Below Z.AI's (and most load balancers') keep-alive timeout, so the proxy
 # closes an idle connection before the far end does and never sends a
 # request into a socket that is being closed.
-_CACHED_CONNECTION_TIMEOUT = 50.0
+_CACHED_CONNECTION_TIMEOUT = 50
 
 
 @implementer(IBodyProducer)
@@ -81,16 +83,30 @@ def bodyProducerFor(content: IO[bytes], cooperator: task.Cooperator) -> IBodyPro
     return FileBodyProducer(content, cooperator=cooperator)
 
 
-class DiscardBody(Protocol):
+class BodyProtocol(Protocol):
+    """
+    A protocol for L{IResponse.deliverBody}, with its transport as the
+    producer it is.
+    """
+
+    @property
+    def producer(self) -> IPushProducer:
+        # deliverBody connects the protocol to a transport that provides
+        # IPushProducer (IResponse.deliverBody says so); Protocol types it
+        # ITransport | None, so the type is restated here, unchecked.
+        return cast(IPushProducer, self.transport)
+
+
+class DiscardBody(BodyProtocol):
     """
     A body nobody will read: close the connection rather than download it.
     """
 
     def connectionMade(self) -> None:
-        self.transport.stopProducing()
+        self.producer.stopProducing()
 
 
-class DrainBody(Protocol):
+class DrainBody(BodyProtocol):
     """
     A short body to read and drop, so its connection returns to the pool.
     """
@@ -130,52 +146,6 @@ class EndpointCache:
         return endpoint
 
 
-class _Agent(Agent):
-    """
-    An Agent that parses each upstream URL once.
-
-    L{Agent.request} re-parses and re-validates the URL, recomputes the
-    Host value and copies the headers to add it, on every request (5% of the
-    proxy's CPU at 32 connections); the relay only ever sends to a handful
-    of URLs. This leans on Agent's internal C{_requestWithEndpoint}, which
-    the relay tests exercise on every run.
-    """
-
-    _MAX_TARGETS = 512
-
-    def _init(self, *args: Any, **kwargs: Any) -> None:
-        # Agent's constructors (both) end here.
-        super()._init(*args, **kwargs)  # type: ignore[misc]
-        self._targets: dict[bytes, tuple[Any, Any, Any, bytes, bytes]] = {}
-
-    def request(
-        self,
-        method: bytes,
-        uri: bytes,
-        headers: Headers | None = None,
-        bodyProducer: IBodyProducer | None = None,
-    ) -> Deferred[IResponse]:
-        target = self._targets.get(uri)
-        if target is None:
-            parsed = URI.fromBytes(uri)
-            endpoint = self._getEndpoint(parsed)
-            target = (
-                (parsed.scheme, parsed.host, parsed.port),
-                endpoint,
-                parsed,
-                parsed.originForm,
-                self._computeHostValue(parsed.scheme, parsed.host, parsed.port),
-            )
-            if len(self._targets) < self._MAX_TARGETS:
-                self._targets[uri] = target
-        key, endpoint, parsed, path, host = target
-        if headers is None:
-            headers = Headers()
-        if not headers.hasHeader(b"host"):
-            headers.setRawHeaders(b"host", [host])
-        return self._requestWithEndpoint(key, endpoint, method, parsed, headers, bodyProducer, path)
-
-
 class Upstream:
     """
     The pool, the agent the relay uses, and a treq client for the rest.
@@ -185,7 +155,7 @@ class Upstream:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = poolSize
         self.pool.cachedConnectionTimeout = _CACHED_CONNECTION_TIMEOUT
-        self.agent = _Agent.usingEndpointFactory(
+        self.agent: TargetCachingAgent = TargetCachingAgent.usingEndpointFactory(
             reactor, EndpointCache(reactor, connectTimeout), pool=self.pool
         )
         self.client = HTTPClient(
@@ -195,7 +165,7 @@ class Upstream:
         self.cooperator = task.Cooperator(scheduler=_scheduler(reactor), started=True)
 
     def request(
-        self, method: bytes, url: bytes, headers: Headers, body: IBodyProducer | None
+        self, method: bytes, url: bytes, headers: Headers | None, body: IBodyProducer | None
     ) -> Deferred[IResponse]:
         """
         Send one request; the Deferred fires with the response at its headers.
@@ -207,7 +177,8 @@ class Upstream:
         Close idle pooled connections; in-flight ones close as they finish.
         """
         self.cooperator.stop()
-        return self.pool.closeCachedConnections()
+        closed: Deferred[None] = self.pool.closeCachedConnections()
+        return closed
 
 
 def _scheduler(reactor: IReactorTime) -> Any:

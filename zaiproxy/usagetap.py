@@ -81,6 +81,10 @@ def readsLater(chunk: bytes) -> bool:
     return b"message_start" not in chunk or b'"usage":{' in chunk or b'"usage": {' in chunk
 
 
+def _deltaWithUsage(usage: Usage, event: Event) -> bytes:
+    return anthropic.frameWithUsage(event, "delta", usage)
+
+
 class RequestBody:
     """
     The request body, still readable after twisted.web closes the request's
@@ -178,7 +182,8 @@ class UsageTap:
         """
         An error Z.AI reported inside the answer's stream, if any.
         """
-        return self._reader.error
+        error: ZaiError | None = self._reader.error
+        return error
 
     # -- streams ------------------------------------------------------------
 
@@ -248,7 +253,7 @@ class UsageTap:
         wheres = [read(event) for event in events]
         if not any(wheres):
             return None
-        return self._inject(data, list(zip(events, wheres)))
+        return self._inject(data, list(zip(events, wheres, strict=True)))
 
     def _inject(self, data: bytes, injections: list[tuple[Event, str | None]]) -> list[Piece]:
         """
@@ -272,19 +277,19 @@ class UsageTap:
                     # Z.AI's own shape: zeros now, the numbers in message_delta.
                     replacement = anthropic.frameWithUsage(event, "start", Usage())
                 elif where == "delta":
-                    replacement = self._estimated().addCallback(
-                        lambda usage, event=event: anthropic.frameWithUsage(event, "delta", usage)
-                    )
+                    replacement = self._estimated().addCallback(_deltaWithUsage, event)
                 elif self._askedForUsage():
-                    replacement = self._estimated().addCallback(
-                        lambda usage, frame=frame: self._reader.usageChunk(usage) + frame
-                    )
+                    replacement = self._estimated().addCallback(self._withUsageChunk, frame)
                 else:
                     # Counted at the end all the same (see settle).
                     continue
                 self._injected = True
             pieces.append(replacement)
         return pieces
+
+    def _withUsageChunk(self, usage: Usage, frame: bytes) -> bytes:
+        chunk: bytes = self._reader.usageChunk(usage)
+        return chunk + frame
 
     def endStream(self) -> list[Piece]:
         """

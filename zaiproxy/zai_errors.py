@@ -133,7 +133,8 @@ def _stamp(value: Any) -> float | None:
         if match is None:
             return None
         try:
-            parsed = datetime(*(int(g) for g in match.groups()))
+            year, month, day, hour, minute, second = (int(g) for g in match.groups())
+            parsed = datetime(year, month, day, hour, minute, second)
         except ValueError:
             return None
     if parsed.tzinfo is None:

@@ -12,7 +12,7 @@ responder that performs the actions. Scripts are lazy iterators so that a
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Union
+from itertools import pairwise
 
 import attrs
 
@@ -103,7 +103,7 @@ class Stall:
     """
 
 
-Action = Union[Headers, Write, Wait, Finish, Abort, Stall]
+Action = Headers | Write | Wait | Finish | Abort | Stall
 
 
 def _multibyteStarts(data: bytes) -> list[int]:
@@ -141,7 +141,7 @@ def splitFrame(data: bytes, number: int) -> list[bytes]:
     if not positions:
         positions = [size // 2]
     bounds = [0, *positions, size]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in pairwise(bounds)]
 
 
 def _delay(seconds: float) -> Iterator[Action]:

@@ -194,7 +194,7 @@ class FakeZai(Resource):
         self,
         clock: IReactorTime,
         apiKey: str | None = None,
-        defaults: Scenario = Scenario(),
+        defaults: Scenario = Scenario(),  # noqa: B008 - a frozen attrs value: sharing it is safe
     ) -> None:
         """
         @param clock: schedules pacing and supplies the time for ids, usage

@@ -9,7 +9,7 @@ benchmarks, demos and end-to-end tests of the proxy.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
@@ -37,7 +37,7 @@ class Options(usage.Options):
         "and /api/coding/paas/v4/. A request's x-fake-scenario header (the same "
         "spec syntax as --scenario) overrides the defaults for that request."
     )
-    optParameters = [
+    optParameters: ClassVar[list[list[str | None]]] = [
         [
             "api-key",
             "k",

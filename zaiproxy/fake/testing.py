@@ -11,10 +11,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet import tcp
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.base import DelayedCall
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, IReactorTime
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.server import Site
 from zope.interface import implementer
@@ -131,6 +135,25 @@ def dechunk(data: bytes) -> tuple[bytes, bool]:
         position = start + size + 2
 
 
+def portOf(listening: IListeningPort) -> int:
+    """
+    The TCP port number C{listening} is bound to.
+    """
+    address = listening.getHost()
+    assert isinstance(address, (IPv4Address, IPv6Address))
+    return address.port
+
+
+def delayedCalls(clock: Clock) -> list[DelayedCall]:
+    """
+    The clock's pending calls as the L{DelayedCall}s they are (C{Clock}
+    declares L{IDelayedCall}, which has no C{func} to look at).
+    """
+    calls = [call for call in clock.getDelayedCalls() if isinstance(call, DelayedCall)]
+    assert len(calls) == len(clock.getDelayedCalls())
+    return calls
+
+
 class RawClient(Protocol):
     """
     Send one request and record the answer exactly as the reads came.
@@ -150,6 +173,16 @@ class RawClient(Protocol):
         self.onRead: Callable[[RawClient], None] = lambda client: None
         self._waiters: list[tuple[Callable[[RawClient], bool], Deferred[None]]] = []
 
+    @property
+    def connection(self) -> tcp.Client:
+        """
+        The TCP connection (the tests pause, resume and abort it).
+        """
+        # None first: mypy-zope finds isinstance on "ITransport | None" never true.
+        assert self.transport is not None
+        assert isinstance(self.transport, tcp.Client)
+        return self.transport
+
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.transport.write(self._request)
@@ -160,7 +193,7 @@ class RawClient(Protocol):
         self.onRead(self)
         self._check()
 
-    def connectionLost(self, reason: Failure = Failure(Exception())) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.lostReason = reason
         self._check(final=True)
         self.closed.callback(None)
