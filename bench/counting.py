@@ -18,7 +18,7 @@ other processes on CPU 0 is measured again (run.py's C{measure}). Sections:
 - time to the first SSE event, sequential streams on new connections,
   alternating between the two proxies request by request;
 - tokens counted per CPU-second (C{time.process_time}), in-process, with
-  C{zaiproxy.tokens.loadCounter}, on a deterministic ~1 MB mixed corpus
+  C{zaiproxy.usage.tokens.loadCounter}, on a deterministic ~1 MB mixed corpus
   (English prose, Python code, JSON, Chinese): one big text, ~20-character
   pieces (an SSE delta), C{INLINE_CHARS} pieces through C{Counting.count},
   and two threads at once (tiktoken releases the GIL).
@@ -471,7 +471,7 @@ def _measureWorks(
 
 
 def tokensPhase(run: Run, results: dict[str, Any]) -> None:
-    from zaiproxy.tokens import INLINE_CHARS, Counting, loadCounter
+    from zaiproxy.usage.tokens import INLINE_CHARS, Counting, loadCounter
 
     args = run.args
     os.sched_setaffinity(0, {SUT_CPU})

@@ -1,7 +1,7 @@
 """
 Does treq cost ~0.2 ms a request on the relay path? zaiproxy forwards on a
 plain twisted L{Agent} over a persistent pool rather than through
-L{treq.client.HTTPClient} (see zaiproxy/upstream.py) on the strength of that
+L{treq.client.HTTPClient} (see zaiproxy/relay/upstream.py) on the strength of that
 claim; this measures it instead of taking it on trust.
 
 Two minimal relays (bench/minirelay.py) that differ only in their HTTP
@@ -280,7 +280,7 @@ def main() -> int:
         "",
         f"Reference (perf-baselines.md, same kind of relays): agent {REFERENCE_US['agent']} us, treq "
         f"{REFERENCE_US['treq']} us CPU/request, a {REFERENCE_US['treq'] - REFERENCE_US['agent']} us "
-        "difference. zaiproxy/upstream.py says 0.2 ms; measured here: solo runs (CPU at 32 connections) "
+        "difference. relay/upstream.py says 0.2 ms; measured here: solo runs (CPU at 32 connections) "
         f"{', '.join(verdicts)}; paired runs {', '.join(pairedVerdicts) or 'not run'}.",
         "",
         f"wrk errors across all runs (socket errors + non-2xx): {errors}."

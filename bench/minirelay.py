@@ -38,7 +38,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from zaiproxy.upstream import BytesProducer
+from zaiproxy.relay.upstream import BytesProducer
 
 Send = Callable[[bytes, Headers], "Deferred[Any]"]
 

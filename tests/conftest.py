@@ -97,10 +97,10 @@ import attrs  # noqa: E402
 from treq.client import HTTPClient  # noqa: E402
 from twisted.web.client import Agent, HTTPConnectionPool  # noqa: E402
 
+from zaiproxy.config.settings import loadSettings  # noqa: E402
 from zaiproxy.fake import FakeZai, parseScenario  # noqa: E402
 from zaiproxy.fake.testing import RunningFake, startFake  # noqa: E402
 from zaiproxy.service import ProxyService  # noqa: E402
-from zaiproxy.settings import loadSettings  # noqa: E402
 
 #: The upstream key the proxy injects in tests; it must never reach a client.
 UPSTREAM_KEY = "zai-upstream-SECRET-7f3a9"
@@ -217,7 +217,8 @@ def loadCounterOnce(monkeypatch: pytest.MonkeyPatch) -> None:
     cl100k_base takes 0.3 s, and the suite builds hundreds of proxies.
     (The counter keeps no state; L{tests.test_tokens} tests the loading.)
     """
-    from zaiproxy import service, tokens
+    from zaiproxy import service
+    from zaiproxy.usage import tokens
 
     def load(environ: Any) -> tuple[Any, list[str]]:
         key = tuple(sorted(environ.items()))
@@ -252,7 +253,7 @@ def logEvents() -> Iterator[list[dict[str, Any]]]:
 
 class MemoryUpstream:
     """
-    The relay's view of Z.AI (L{zaiproxy.upstream.Upstream}) over an
+    The relay's view of Z.AI (L{zaiproxy.relay.upstream.Upstream}) over an
     in-memory agent; it can also refuse connections.
     """
 

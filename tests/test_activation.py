@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.activation}: which sockets the proxy listens on.
+Tests for L{zaiproxy.config.activation}: which sockets the proxy listens on.
 
 The descriptors are real sockets, moved to consecutive descriptor numbers
 the way systemd passes them; the end-to-end tests serve real requests over
@@ -21,11 +21,17 @@ import pytest_twisted
 from conftest import UPSTREAM_KEY
 from twisted.internet import task
 
-from zaiproxy.activation import InheritedSocket, ListenChoice, Listener, chooseListeners, inheritedSockets
+from zaiproxy.config.activation import (
+    InheritedSocket,
+    ListenChoice,
+    Listener,
+    chooseListeners,
+    inheritedSockets,
+)
+from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RawClient, portOf, rawRequest, startFake
 from zaiproxy.service import ProxyService
-from zaiproxy.settings import loadSettings
 
 PID = 4242
 ANTHROPIC = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]

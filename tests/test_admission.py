@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.admission}, on a L{task.Clock}: no sleeping.
+Tests for L{zaiproxy.limits.admission}, on a L{task.Clock}: no sleeping.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from zaiproxy.admission import Admission, Permit, QueueFull, QueueTimeout
+from zaiproxy.limits.admission import Admission, Permit, QueueFull, QueueTimeout
 
 
 def make(

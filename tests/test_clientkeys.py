@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.clientkeys}: parsing key lists and files, lookup; and
+Tests for L{zaiproxy.front.clientkeys}: parsing key lists and files, lookup; and
 client keys enforced through the real proxy, with the official SDKs.
 """
 
@@ -20,16 +20,16 @@ from conftest import UPSTREAM_KEY, Stack
 from twisted.internet import task, threads
 from twisted.web.http_headers import Headers
 
-from zaiproxy.admission import clientBucket
-from zaiproxy.clientkeys import (
+from zaiproxy.config.settings import SettingsError, loadSettings
+from zaiproxy.fake.testing import rawRequest
+from zaiproxy.front.clientkeys import (
     ClientKeysError,
     buildClientKeys,
     parseInlineKeys,
     presentedKeys,
     readKeyFile,
 )
-from zaiproxy.fake.testing import rawRequest
-from zaiproxy.settings import SettingsError, loadSettings
+from zaiproxy.limits.admission import clientBucket
 
 T = TypeVar("T")
 
@@ -200,7 +200,7 @@ def test_lookupComparesEveryEntry(monkeypatch: Any) -> None:
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("zaiproxy.clientkeys.hmac.compare_digest", counting)
+    monkeypatch.setattr("zaiproxy.front.clientkeys.hmac.compare_digest", counting)
     for key, name in ((ALICE, "alice"), (CAROL, "carol"), ("nobody", None)):
         calls.clear()
         assert keys.lookup(key.encode()) == name
@@ -341,7 +341,7 @@ async def test_sdkAuthenticationError(
         == 1
     )
     assert stack.sample("zai_proxy_client_auth_failures_total", reason=reason, variant="production") == 1
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
     assert [(e["status"], e["client"], e["peer"], e["errorType"]) for e in access] == [
         (401, "unauthorized", "127.0.0.1", "unauthorized")
     ]
@@ -412,7 +412,7 @@ async def test_keyNameIsLabelLogAndFairnessKey(
     assert order == ["a1", "a2", "b1", "a3"]
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="alice") == 3
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="bob") == 1
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
     assert sorted((e["client"], e["peer"]) for e in access) == [("alice", "127.0.0.1")] * 3 + [
         ("bob", "127.0.0.1")
     ]
@@ -428,7 +428,7 @@ async def test_withoutKeysBehaviourStays(reactor: Any, stack: Stack, logEvents: 
     client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", [], MESSAGES)
     await client.closed.addErrback(lambda f: None)
     assert client.response().status == 200
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
     assert [(e["client"], e["peer"]) for e in access] == [("127.0.0.1", "127.0.0.1")]
     assert " client=" not in access[0]["line"]
     bucket = clientBucket("127.0.0.1")

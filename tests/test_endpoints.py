@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.endpoints}: /metrics, /health and /readyz.
+Tests for L{zaiproxy.front.endpoints}: /metrics, /health and /readyz.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """
-Tests for L{zaiproxy.envfile}: systemd's EnvironmentFile syntax.
+Tests for L{zaiproxy.config.envfile}: systemd's EnvironmentFile syntax.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from zaiproxy.envfile import EnvironmentFileError, parseEnvironmentFile, readEnvironmentFile
+from zaiproxy.config.envfile import EnvironmentFileError, parseEnvironmentFile, readEnvironmentFile
 
 
 @pytest.mark.parametrize(

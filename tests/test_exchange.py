@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.exchange}.
+Tests for L{zaiproxy.observe.exchange}.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
-from zaiproxy.exchange import MAX_LOGGED_PATH, Exchange, Reporter, loggedPath, sniffModel
-from zaiproxy.metrics import Metrics
+from zaiproxy.observe.exchange import MAX_LOGGED_PATH, Exchange, Reporter, loggedPath, sniffModel
+from zaiproxy.observe.metrics import Metrics
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_reporter() -> None:
     assert sample("zai_proxy_time_to_first_byte_seconds_sum", labels) == 0.5
     assert sample("zai_proxy_request_size_bytes_sum", labels) == 10
     assert sample("zai_proxy_response_size_bytes_sum", {**labels, "status_code": "200"}) == 300
-    access = [e for e in events if e.get("log_namespace") == "zaiproxy.access"]
+    access = [e for e in events if e.get("log_namespace") == "zaiproxy.front.access"]
     assert len(access) == 1
     event = access[0]
     assert event["log_level"] is LogLevel.info

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.forward}: the seed's retry and error-class contract,
+Tests for L{zaiproxy.relay.forward}: the seed's retry and error-class contract,
 row by row, deterministically: the real fake Z.AI behind treq's in-memory
 agent, every wait on a L{task.Clock}, nothing sleeps.
 """
@@ -16,14 +16,14 @@ from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
 from zaiproxy.fake import FakeZai, parseScenario
-from zaiproxy.forward import Forwarder
-from zaiproxy.limiter import LimiterSettings, RateLimiter
-from zaiproxy.metrics import Metrics
-from zaiproxy.relay import RelayContext
-from zaiproxy.routes import Forward
-from zaiproxy.upstream import DiscardBody
+from zaiproxy.front.routes import Forward
+from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
+from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange, Reporter
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.relay.forward import Forwarder
+from zaiproxy.relay.relay import RelayContext
+from zaiproxy.relay.upstream import DiscardBody
 
 KEY = "upstream-key"
 MESSAGES = Forward("/v1/messages", Dialect.anthropic, b"http://zai.test/api/anthropic/v1/messages")

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.headers}.
+Tests for L{zaiproxy.relay.headers}.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.web.http_headers import Headers
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
+from zaiproxy.relay.headers import clientResponseHeaders, upstreamRequestHeaders
 
 
 def claudeCodeHeaders() -> Headers:

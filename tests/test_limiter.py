@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.limiter}: every adaptation rule on a L{task.Clock},
+Tests for L{zaiproxy.limits.limiter}: every adaptation rule on a L{task.Clock},
 persistence, the quota hold, and a convergence simulation against a model
 upstream of hidden capacity.
 """
@@ -17,9 +17,9 @@ from conftest import HeapClock
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
-from zaiproxy.admission import NotAdmitted, Permit
-from zaiproxy.limiter import LimiterSettings, RateLimiter
-from zaiproxy.zai_errors import ZaiError
+from zaiproxy.limits.admission import NotAdmitted, Permit
+from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
+from zaiproxy.limits.zai_errors import ZaiError
 
 WINDOW = 30.0
 

@@ -29,10 +29,10 @@ from twisted.internet import task
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake import FakeZai
-from zaiproxy.resource import ProxyResource
+from zaiproxy.front.resource import ProxyResource
 from zaiproxy.service import ProxyService
-from zaiproxy.settings import loadSettings
 
 BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
 

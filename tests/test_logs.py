@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.logs}.
+Tests for L{zaiproxy.observe.logs}.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, cast
 
 from twisted.logger import ILogObserver, Logger, LogLevel, LogPublisher
 
-from zaiproxy.logs import LINE, LineLogger, buildObserver
+from zaiproxy.observe.logs import LINE, LineLogger, buildObserver
 
 
 def emit(

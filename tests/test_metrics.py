@@ -1,12 +1,12 @@
 """
-Tests for L{zaiproxy.metrics}: the seed's names, types, labels and buckets.
+Tests for L{zaiproxy.observe.metrics}: the seed's names, types, labels and buckets.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from zaiproxy.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Metrics, methodLabel
+from zaiproxy.observe.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Metrics, methodLabel
 
 # The Go seed's table (seed inventory section 8.1).
 SEED = {

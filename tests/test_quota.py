@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.quota}: the quota document as the seed read it, and
+Tests for L{zaiproxy.observe.quota}: the quota document as the seed read it, and
 the observe-only poller against the fake's quota endpoint.
 """
 
@@ -17,8 +17,8 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.server import DEFAULT_QUOTA
 from zaiproxy.fake.testing import startFake
-from zaiproxy.metrics import Metrics
-from zaiproxy.quota import QuotaError, QuotaPoller, QuotaWindow, parseQuota
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.observe.quota import QuotaError, QuotaPoller, QuotaWindow, parseQuota
 
 KEY = "quota-key.SECRET"
 

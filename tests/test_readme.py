@@ -12,8 +12,8 @@ from pathlib import Path
 import docutils.core
 import docutils.nodes
 
-from zaiproxy.metrics import Metrics
-from zaiproxy.settings import settingsTable
+from zaiproxy.config.settings import settingsTable
+from zaiproxy.observe.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.rst").read_text(encoding="utf-8")
@@ -22,7 +22,7 @@ README = (ROOT / "README.rst").read_text(encoding="utf-8")
 def test_settingsTableIsTheSchema() -> None:
     """
     The table between the markers is generated from the settings schema
-    (regenerate it with C{python -m zaiproxy.settings}).
+    (regenerate it with C{python -m zaiproxy.config.settings}).
     """
     inside = README.split(".. settings-table-start\n\n", 1)[1].split("\n\n.. settings-table-end", 1)[0]
     assert inside == settingsTable()
@@ -87,7 +87,7 @@ def test_serviceInstallMatchesTheRepository() -> None:
     """
     from test_systemd import value
 
-    from zaiproxy.settings import loadSettings
+    from zaiproxy.config.settings import loadSettings
 
     section = README.split("Running as a service\n--------------------\n", 1)[1].split(
         "How the code is laid out\n", 1

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.relay}, over real sockets: the fake Z.AI on one
+Tests for L{zaiproxy.relay.relay}, over real sockets: the fake Z.AI on one
 loopback port, the proxy on another, and raw or treq clients. A stream's
 opening, which is about reactor turns, runs on a clock instead: the fake
 behind treq's in-memory agent.
@@ -21,17 +21,17 @@ from twisted.internet import task
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from zaiproxy.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.dialects import Dialect
-from zaiproxy.exchange import Exchange, Reporter
 from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, delayedCalls, rawRequest
-from zaiproxy.metrics import Metrics
-from zaiproxy.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay, RelayContext
-from zaiproxy.routes import Forward
-from zaiproxy.site import InFlight
-from zaiproxy.tokens import Counting, FallbackCounter
-from zaiproxy.usagetap import RequestBody
+from zaiproxy.front.routes import Forward
+from zaiproxy.front.site import InFlight
+from zaiproxy.observe.exchange import Exchange, Reporter
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.relay.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay, RelayContext
+from zaiproxy.usage.accounting import Accounting, ModelLabels, Pricing
+from zaiproxy.usage.tap import RequestBody
+from zaiproxy.usage.tokens import Counting, FallbackCounter
 
 ANTHROPIC = [
     (b"content-type", b"application/json"),

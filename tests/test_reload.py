@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.reload}: what a reload changes live, what it reports
+Tests for L{zaiproxy.config.reload}: what a reload changes live, what it reports
 as needing a restart, that a bad file changes nothing; and a real SIGHUP
 to a real C{twistd zaiproxy} process.
 """
@@ -21,11 +21,11 @@ from test_tap import TWISTD, _Collect, baseEnvironment, freePort
 from twisted.internet import task
 from twisted.logger import LogLevel
 
+from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import RawResponse, RunningFake, portOf, rawRequest, startFake
-from zaiproxy.logs import buildObserver
+from zaiproxy.observe.logs import buildObserver
 from zaiproxy.service import ProxyService
-from zaiproxy.settings import loadSettings
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-fedcba9876543210"
@@ -108,7 +108,7 @@ async def call(
 
 
 def messages(
-    events: list[dict[str, Any]], namespace: str = "zaiproxy.reload.Reloader"
+    events: list[dict[str, Any]], namespace: str = "zaiproxy.config.reload.Reloader"
 ) -> list[tuple[str, str]]:
     from twisted.logger import formatEvent
 
@@ -186,7 +186,7 @@ async def test_reloadSeesFileGivenToSystemdToo(reactor: Any, upstream: RunningFa
     """
     files = Files(tmp_path, upstream)
     files.write(f"alice:{ALICE}\n", RATE_LIMIT_MIN="1", RATE_LIMIT_MAX="100", LOG_LEVEL="info")
-    from zaiproxy.envfile import readEnvironmentFile
+    from zaiproxy.config.envfile import readEnvironmentFile
 
     environ = {**readEnvironmentFile(files.config), "ZAI_API_KEY": UPSTREAM_KEY, "RATE_LIMIT_MIN": "2"}
     settings, _ = loadSettings(environ, files.config)
@@ -273,7 +273,7 @@ def test_limiterBoundsKeepLearnedCeiling(reactor: Any) -> None:
     A learned ceiling is only clamped into the new bounds; a rate below the
     new minimum rises to it.
     """
-    from zaiproxy.limiter import LimiterSettings, RateLimiter
+    from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
 
     limiter = RateLimiter(
         reactor,

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.retry}: the seed's retry and error-class contract.
+Tests for L{zaiproxy.limits.retry}: the seed's retry and error-class contract.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from email.utils import format_datetime
 
 import pytest
 
-from zaiproxy.retry import NETWORK, backoff, parseRetryAfter, retryWait, zaiHeaders
-from zaiproxy.zai_errors import ZaiError
+from zaiproxy.limits.retry import NETWORK, backoff, parseRetryAfter, retryWait, zaiHeaders
+from zaiproxy.limits.zai_errors import ZaiError
 
 
 def low(a: float, b: float) -> float:

@@ -17,9 +17,9 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.protocol import ClientFactory
 
+from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake.testing import RawClient, rawRequest
 from zaiproxy.service import ProxyService
-from zaiproxy.settings import loadSettings
 
 STREAM = b'{"model":"glm-4.7","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 

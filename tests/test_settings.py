@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.settings}.
+Tests for L{zaiproxy.config.settings}.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 import pytest
 from twisted.logger import LogLevel
 
-from zaiproxy.settings import (
+from zaiproxy.config.settings import (
     Settings,
     SettingsError,
     environmentTemplate,
@@ -207,10 +207,10 @@ def test_etcTemplateListsEverySetting() -> None:
     """
     from pathlib import Path
 
-    from zaiproxy.envfile import parseEnvironmentFile
+    from zaiproxy.config.envfile import parseEnvironmentFile
 
     text = (Path(__file__).parent.parent / "etc" / "zaiproxy.env").read_text()
-    # Regenerate it with: python -m zaiproxy.settings --env > etc/zaiproxy.env
+    # Regenerate it with: python -m zaiproxy.config.settings --env > etc/zaiproxy.env
     assert text == environmentTemplate() + "\n"
     lines = text.splitlines()
     for spec in settingSpecs():

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.site}: what happens to bad or slow requests before
+Tests for L{zaiproxy.front.site}: what happens to bad or slow requests before
 any resource sees them, over real sockets.
 """
 
@@ -252,7 +252,7 @@ def test_inFlight() -> None:
     """
     from twisted.internet.defer import CancelledError
 
-    from zaiproxy.site import InFlight
+    from zaiproxy.front.site import InFlight
 
     tracked: InFlight[str] = InFlight()
     assert tracked.whenEmpty().called

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.sse}: event boundaries, and the incremental parser
+Tests for L{zaiproxy.dialects.sse}: event boundaries, and the incremental parser
 (proved with hypothesis: any cut of a stream gives the same events, and no
 bytes make it raise).
 """
@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from zaiproxy.dialects.sse import Event, EventParser, framesMentioning, keptData, lastEventEnd, readJSON
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.sse import Event, EventParser, framesMentioning, keptData, lastEventEnd, readJSON
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,10 @@ from test_tap import TWISTD, _Collect, baseEnvironment, freePort
 from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
 
+from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RawClient, rawRequest, startFake
 from zaiproxy.service import _CUT_SECONDS, _FLUSH_SECONDS
-from zaiproxy.settings import loadSettings
 
 ROOT = Path(__file__).parent.parent
 UNITS = ROOT / "systemd"

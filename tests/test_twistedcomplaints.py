@@ -41,7 +41,7 @@ def test_twistedWarns():
 
 
 def test_proxyLogsErrors():
-    log = Logger(namespace="zaiproxy.relay")
+    log = Logger(namespace="zaiproxy.relay.relay")
     log.error("an upstream error the test provoked")
     try:
         1 / 0
@@ -103,7 +103,7 @@ def _event(namespace: str, level: LogLevel, failure: Any = None) -> dict[str, An
         ("twisted.web.server", LogLevel.info, True, True),
         ("log_legacy", LogLevel.error, False, True),
         ("zaiproxy", LogLevel.critical, True, False),
-        ("zaiproxy.relay.Relay", LogLevel.error, True, False),
+        ("zaiproxy.relay.relay.Relay", LogLevel.error, True, False),
         ("zaiproxy.fake.server", LogLevel.warn, False, False),
         ("zaiproxyish", LogLevel.warn, False, True),
     ],

@@ -17,8 +17,8 @@ from twisted.internet import base
 from twisted.internet.task import Clock
 from twisted.web.client import URI, Agent, HTTPConnectionPool
 
+from zaiproxy.relay.upstream import EndpointCache
 from zaiproxy.twistedprivate import TargetCachingAgent, forgetExitSignal
-from zaiproxy.upstream import EndpointCache
 
 #: Each private Agent method TargetCachingAgent calls or overrides, with the
 #: parameters it passes, in order.

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.upstream}.
+Tests for L{zaiproxy.relay.upstream}.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import startFake
-from zaiproxy.upstream import BytesProducer, Upstream, bodyProducerFor
+from zaiproxy.relay.upstream import BytesProducer, Upstream, bodyProducerFor
 
 
 def test_bytesProducer() -> None:

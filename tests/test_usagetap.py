@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.usagetap}: which answers are read, which opening
+Tests for L{zaiproxy.usage.tap}: which answers are read, which opening
 chunks may be sent before they are read, the request body kept for
 counting, and what the tap makes of a stream read late or at once.
 
@@ -18,17 +18,17 @@ import pytest
 from twisted.internet import task
 from twisted.logger import formatEvent
 
-from zaiproxy.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.dialects import Dialect, anthropic, openai
-from zaiproxy.exchange import Exchange
+from zaiproxy.dialects.sse import EventParser
 from zaiproxy.fake import parseScenario, usageFor
 from zaiproxy.fake.chat import chatStream
 from zaiproxy.fake.content import contentFor, idsFor
 from zaiproxy.fake.messages import messageStream
-from zaiproxy.metrics import Metrics
-from zaiproxy.sse import EventParser
-from zaiproxy.tokens import Counting, FallbackCounter
-from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.observe.exchange import Exchange
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.usage.accounting import Accounting, ModelLabels, Pricing
+from zaiproxy.usage.tap import COUNTED_ROUTES, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.usage.tokens import Counting, FallbackCounter
 
 PROMPT = json.dumps(
     {"model": "glm-4.7", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
@@ -430,7 +430,7 @@ def test_nestedUsageKeyIsNotTheMessagesUsage(logEvents: list[dict[str, Any]]) ->
     )
     assert readsLater(odd)
     t.tap.readRelayed([odd])
-    warnings = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
+    warnings = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.usage.tokens"]
     assert warnings == ["a relayed event lacked usage that could no longer be added"]
 
 

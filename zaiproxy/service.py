@@ -3,7 +3,7 @@
 The proxy as a service: builds the pieces, listens, and drains on stop.
 
 SIGHUP (under twistd) reloads the config file and the key file
-(L{zaiproxy.reload}).
+(L{zaiproxy.config.reload}).
 
 Stopping (SIGTERM) closes the listeners first, lets the streams in flight
 finish for up to C{DRAIN_TIMEOUT}, cuts the rest with an error event, and
@@ -29,24 +29,24 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from zaiproxy import __version__
-from zaiproxy.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
-from zaiproxy.accounting import Accounting, ModelLabels, Price, Pricing
-from zaiproxy.activation import Listener
-from zaiproxy.clientkeys import buildClientKeys
-from zaiproxy.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
-from zaiproxy.exchange import Reporter
-from zaiproxy.limiter import LimiterSettings, RateLimiter
-from zaiproxy.metrics import Metrics
-from zaiproxy.quota import QuotaPoller
-from zaiproxy.relay import Relay, RelayContext
-from zaiproxy.reload import Reloader
-from zaiproxy.resource import ProxyResource
-from zaiproxy.routes import Targets
-from zaiproxy.settings import Settings
-from zaiproxy.site import InFlight, ProxySite
-from zaiproxy.tokens import Counting, loadCounter
+from zaiproxy.config.activation import Listener
+from zaiproxy.config.reload import Reloader
+from zaiproxy.config.settings import Settings
+from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
+from zaiproxy.front.clientkeys import buildClientKeys
+from zaiproxy.front.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
+from zaiproxy.front.resource import ProxyResource
+from zaiproxy.front.routes import Targets
+from zaiproxy.front.site import InFlight, ProxySite
+from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
+from zaiproxy.observe.exchange import Reporter
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.observe.quota import QuotaPoller
+from zaiproxy.relay.relay import Relay, RelayContext
+from zaiproxy.relay.upstream import Upstream
 from zaiproxy.twistedprivate import forgetExitSignal
-from zaiproxy.upstream import Upstream
+from zaiproxy.usage.accounting import Accounting, ModelLabels, Price, Pricing
+from zaiproxy.usage.tokens import Counting, loadCounter
 
 __all__ = ["BuildInfo", "ProxyService"]
 
@@ -210,7 +210,7 @@ class ProxyService(MultiService):
             onRejected=adminRoot.rejected,
         )
         # Parsed now, so a bad --listen stops start-up with a clear error.
-        # A Listener is a socket passed by systemd (zaiproxy.activation).
+        # A Listener is a socket passed by systemd (zaiproxy.config.activation).
         self._endpoints = [
             (item.description, item.endpoint)
             if isinstance(item, Listener)

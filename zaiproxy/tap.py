@@ -21,9 +21,9 @@ from twisted.python import usage
 from twisted.python.logfile import LogFile
 
 from zaiproxy import __version__
-from zaiproxy.activation import chooseListeners
-from zaiproxy.logs import buildObserver
-from zaiproxy.settings import Settings, SettingsError, loadSettings, settingSpecs
+from zaiproxy.config.activation import chooseListeners
+from zaiproxy.config.settings import Settings, SettingsError, loadSettings, settingSpecs
+from zaiproxy.observe.logs import buildObserver
 
 __all__ = ["Options", "makeService"]
 
@@ -148,7 +148,7 @@ def makeService(options: Options) -> IService:
     environ = dict(os.environ)
     from twisted.internet import reactor
 
-    from zaiproxy.clientkeys import ClientKeysError
+    from zaiproxy.front.clientkeys import ClientKeysError
     from zaiproxy.service import BuildInfo, ProxyService
 
     try:

@@ -11,9 +11,9 @@ import json
 import re
 from typing import Any
 
-from zaiproxy.sse import Event, framesMentioning, keptData, readJSON
-from zaiproxy.tokens import OutputText, Usage
-from zaiproxy.zai_errors import ZaiError, errorFromJSON
+from zaiproxy.dialects.sse import Event, framesMentioning, keptData, readJSON
+from zaiproxy.limits.zai_errors import ZaiError, errorFromJSON
+from zaiproxy.usage.tokens import OutputText, Usage
 
 __all__ = [
     "StreamReader",

@@ -12,15 +12,15 @@ from typing import Any
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from zaiproxy.access import Credentials
-from zaiproxy.clientkeys import UNAUTHORIZED, presentedKeys
 from zaiproxy.dialects import Dialect, respondWithError
-from zaiproxy.exchange import Exchange, loggedPath, sniffModel
-from zaiproxy.metrics import methodLabel
-from zaiproxy.relay import Relay, RelayContext
-from zaiproxy.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
-from zaiproxy.site import InFlight
-from zaiproxy.usagetap import RequestBody
+from zaiproxy.front.access import Credentials
+from zaiproxy.front.clientkeys import UNAUTHORIZED, presentedKeys
+from zaiproxy.front.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.front.site import InFlight
+from zaiproxy.observe.exchange import Exchange, loggedPath, sniffModel
+from zaiproxy.observe.metrics import methodLabel
+from zaiproxy.relay.relay import Relay, RelayContext
+from zaiproxy.usage.tap import RequestBody
 
 __all__ = ["ProxyResource"]
 

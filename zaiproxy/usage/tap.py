@@ -23,21 +23,21 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
-from zaiproxy.exchange import Exchange
-from zaiproxy.logs import LineLogger
-from zaiproxy.sse import Event, EventParser, readJSON
-from zaiproxy.tokens import OutputText, Usage
-from zaiproxy.zai_errors import ZaiError
+from zaiproxy.dialects.sse import Event, EventParser, readJSON
+from zaiproxy.limits.zai_errors import ZaiError
+from zaiproxy.observe.exchange import Exchange
+from zaiproxy.observe.logs import LineLogger
+from zaiproxy.usage.tokens import OutputText, Usage
 
 if TYPE_CHECKING:
-    from zaiproxy.accounting import Accounting
+    from zaiproxy.usage.accounting import Accounting
 
 __all__ = ["COUNTED_ROUTES", "MAX_BODY_BYTES", "Piece", "RequestBody", "UsageTap", "answerKind", "readsLater"]
 
 #: A JSON answer larger than this is relayed without accounting.
 MAX_BODY_BYTES = 8 << 20
 
-_log = LineLogger(namespace="zaiproxy.tokens")
+_log = LineLogger(namespace="zaiproxy.usage.tokens")
 
 #: What the tap gives the relay to write: bytes now, or bytes once counted.
 Piece = Union[bytes, "Deferred[bytes]"]

@@ -22,12 +22,12 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from zaiproxy.dialects import Dialect, dialectModule
-from zaiproxy.exchange import Exchange
-from zaiproxy.logs import LINE, LineLogger
-from zaiproxy.metrics import Metrics
-from zaiproxy.tokens import Counting, Usage
-from zaiproxy.usagetap import COUNTED_ROUTES, RequestBody
-from zaiproxy.zai_errors import ZaiError
+from zaiproxy.limits.zai_errors import ZaiError
+from zaiproxy.observe.exchange import Exchange
+from zaiproxy.observe.logs import LINE, LineLogger
+from zaiproxy.observe.metrics import Metrics
+from zaiproxy.usage.tap import COUNTED_ROUTES, RequestBody
+from zaiproxy.usage.tokens import Counting, Usage
 
 __all__ = [
     "KNOWN_MODELS",
@@ -80,7 +80,7 @@ INLINE_BODY_BYTES = 16 << 10
 _CLAUDE = re.compile(r"(claude-[a-z0-9.-]{1,60}|opus|sonnet|haiku)\Z")
 _SUFFIX = re.compile(r"\[[^\]]*\]\Z")
 
-_log = LineLogger(namespace="zaiproxy.tokens")
+_log = LineLogger(namespace="zaiproxy.usage.tokens")
 
 
 class ModelLabels:

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.logger import LogLevel
 
-from zaiproxy.clientkeys import ClientKey, parseInlineKeys
-from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
+from zaiproxy.config.envfile import EnvironmentFileError, readEnvironmentFile
+from zaiproxy.front.clientkeys import ClientKey, parseInlineKeys
 
 __all__ = [
     "SettingSpec",

@@ -35,17 +35,17 @@ from twisted.web.client import (  # type: ignore[attr-defined]
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from zaiproxy.admission import NotAdmitted, Permit, QueueTimeout
 from zaiproxy.dialects import respondWithError
-from zaiproxy.exchange import CLIENT_CLOSED, Exchange
-from zaiproxy.headers import clientResponseHeaders, upstreamRequestHeaders
-from zaiproxy.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
-from zaiproxy.routes import Forward
-from zaiproxy.upstream import BodyProtocol, DiscardBody, bodyProducerFor
-from zaiproxy.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
+from zaiproxy.front.routes import Forward
+from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout
+from zaiproxy.limits.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
+from zaiproxy.limits.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
+from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange
+from zaiproxy.relay.headers import clientResponseHeaders, upstreamRequestHeaders
+from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, bodyProducerFor
 
 if TYPE_CHECKING:
-    from zaiproxy.relay import RelayContext
+    from zaiproxy.relay.relay import RelayContext
 
 __all__ = ["MAX_ERROR_BODY", "Forwarder"]
 

@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.logger import Logger
 
-from zaiproxy.clientkeys import ClientKeys, ClientKeysError, buildClientKeys
-from zaiproxy.envfile import EnvironmentFileError, readEnvironmentFile
-from zaiproxy.logs import LevelFilteringObserver
-from zaiproxy.settings import SettingsError, loadSettings, settingSpecs
+from zaiproxy.config.envfile import EnvironmentFileError, readEnvironmentFile
+from zaiproxy.config.settings import SettingsError, loadSettings, settingSpecs
+from zaiproxy.front.clientkeys import ClientKeys, ClientKeysError, buildClientKeys
+from zaiproxy.observe.logs import LevelFilteringObserver
 
 if TYPE_CHECKING:
     from zaiproxy.service import ProxyService

@@ -345,7 +345,7 @@ class Metrics:
         child.observe(seconds)
 
     def zaiError(self, cls: str, code: str | None) -> None:
-        from zaiproxy.zai_errors import codeLabel
+        from zaiproxy.limits.zai_errors import codeLabel
 
         self.zaiErrors.labels(cls, codeLabel(code), self.variant).inc()
 

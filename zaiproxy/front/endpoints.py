@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_endpoints -*-
 """
 What the proxy answers itself: C{/metrics}, C{/health}, C{/readyz} and
-C{/admin/reset-rate-limit} (who may reach them: L{zaiproxy.access}).
+C{/admin/reset-rate-limit} (who may reach them: L{zaiproxy.front.access}).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 
 from zaiproxy.dialects import Dialect, errorBody
-from zaiproxy.metrics import Metrics
+from zaiproxy.observe.metrics import Metrics
 
 __all__ = ["AdminResetResource", "HealthResource", "MetricsResource", "ReadyResource"]
 
@@ -105,7 +105,7 @@ class AdminResetResource(Resource):
     """
     C{POST /admin/reset-rate-limit}: forget what the limiter learned.
 
-    The seed left it open to anyone; here L{zaiproxy.access.AdminGate}
+    The seed left it open to anyone; here L{zaiproxy.front.access.AdminGate}
     decides who reaches it.
     """
 

@@ -36,20 +36,20 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from zaiproxy.accounting import Accounting
-from zaiproxy.admission import clientBucket
 from zaiproxy.dialects import respondWithError, streamEnded, streamErrorEvent
-from zaiproxy.exchange import CLIENT_CLOSED, Exchange, Reporter
-from zaiproxy.forward import Forwarder
-from zaiproxy.headers import clientResponseHeaders
-from zaiproxy.limiter import RateLimiter
-from zaiproxy.routes import Forward
-from zaiproxy.sse import MAX_PARTIAL_EVENT, lastEventEnd
-from zaiproxy.upstream import BodyProtocol, DiscardBody, DrainBody, Upstream
-from zaiproxy.usagetap import Piece, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.dialects.sse import MAX_PARTIAL_EVENT, lastEventEnd
+from zaiproxy.front.routes import Forward
+from zaiproxy.limits.admission import clientBucket
+from zaiproxy.limits.limiter import RateLimiter
+from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange, Reporter
+from zaiproxy.relay.forward import Forwarder
+from zaiproxy.relay.headers import clientResponseHeaders
+from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, DrainBody, Upstream
+from zaiproxy.usage.accounting import Accounting
+from zaiproxy.usage.tap import Piece, RequestBody, UsageTap, answerKind, readsLater
 
 if TYPE_CHECKING:
-    from zaiproxy.site import InFlight
+    from zaiproxy.front.site import InFlight
 
 __all__ = ["Relay", "RelayContext"]
 

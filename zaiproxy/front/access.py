@@ -19,8 +19,8 @@ import attrs
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
-from zaiproxy.clientkeys import ClientKeys
 from zaiproxy.dialects import Dialect, errorBody
+from zaiproxy.front.clientkeys import ClientKeys
 
 __all__ = ["AdminGate", "AdminRoot", "Credentials", "fromLoopback", "isLoopbackAddress"]
 

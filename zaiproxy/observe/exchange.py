@@ -16,8 +16,8 @@ from typing import IO, Any
 import attrs
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.logs import LINE, LineLogger
-from zaiproxy.metrics import Metrics
+from zaiproxy.observe.logs import LINE, LineLogger
+from zaiproxy.observe.metrics import Metrics
 
 __all__ = ["CLIENT_CLOSED", "MAX_LOGGED_PATH", "Exchange", "Reporter", "loggedPath", "sniffModel"]
 
@@ -126,7 +126,7 @@ class Exchange:
 
 
 # Module level: as a class attribute Logger would rename itself after the class.
-_accessLog = LineLogger(namespace="zaiproxy.access")
+_accessLog = LineLogger(namespace="zaiproxy.front.access")
 
 
 class Reporter:

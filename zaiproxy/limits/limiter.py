@@ -43,8 +43,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from zaiproxy.admission import Admission
-from zaiproxy.zai_errors import ZaiError
+from zaiproxy.limits.admission import Admission
+from zaiproxy.limits.zai_errors import ZaiError
 
 __all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter"]
 
@@ -64,7 +64,7 @@ LATE_WINDOW = 0.5
 @attrs.frozen
 class LimiterSettings:
     """
-    The limiter's settings (the seed's names, in L{zaiproxy.settings}).
+    The limiter's settings (the seed's names, in L{zaiproxy.config.settings}).
     """
 
     initial: float

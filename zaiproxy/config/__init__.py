@@ -1,0 +1,4 @@
+"""
+Settings: the schema, the environment file, SIGHUP reloads, and socket
+activation.
+"""
