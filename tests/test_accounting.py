@@ -169,7 +169,7 @@ async def test_anthropicReportedUsage(
     assert sample(stack, "cache_read") == 7
     assert sample(stack, "cache_write") == 0
     assert stack.sample("zai_proxy_token_usage_source_total", source="reported", variant="production") == 1
-    lines = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.usage.tokens"]
+    lines = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.tokens"]
     assert len(lines) == 1
     assert lines[0]["line"] == (
         f"Token usage: input={expected.inputTokens}, output={expected.outputTokens}, "

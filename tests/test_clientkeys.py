@@ -341,7 +341,7 @@ async def test_sdkAuthenticationError(
         == 1
     )
     assert stack.sample("zai_proxy_client_auth_failures_total", reason=reason, variant="production") == 1
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert [(e["status"], e["client"], e["peer"], e["errorType"]) for e in access] == [
         (401, "unauthorized", "127.0.0.1", "unauthorized")
     ]
@@ -412,7 +412,7 @@ async def test_keyNameIsLabelLogAndFairnessKey(
     assert order == ["a1", "a2", "b1", "a3"]
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="alice") == 3
     assert stack.sample("zai_proxy_rate_limit_wait_seconds_count", variant="production", client="bob") == 1
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert sorted((e["client"], e["peer"]) for e in access) == [("alice", "127.0.0.1")] * 3 + [
         ("bob", "127.0.0.1")
     ]
@@ -428,7 +428,7 @@ async def test_withoutKeysBehaviourStays(reactor: Any, stack: Stack, logEvents: 
     client = await rawRequest(reactor, stack.port, b"POST", b"/v1/messages", [], MESSAGES)
     await client.closed.addErrback(lambda f: None)
     assert client.response().status == 200
-    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
+    access = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert [(e["client"], e["peer"]) for e in access] == [("127.0.0.1", "127.0.0.1")]
     assert " client=" not in access[0]["line"]
     bucket = clientBucket("127.0.0.1")

@@ -56,11 +56,11 @@ import pytest  # noqa: E402
 
 from zaiproxy.dialects import addUsage, anthropic, openai  # noqa: E402
 from zaiproxy.dialects.sse import Event, EventParser  # noqa: E402
+from zaiproxy.dialects.usage import Usage  # noqa: E402
 from zaiproxy.fake import parseScenario, usageFor  # noqa: E402
 from zaiproxy.fake.chat import chatStream  # noqa: E402
 from zaiproxy.fake.content import contentFor, idsFor  # noqa: E402
 from zaiproxy.fake.messages import messageStream  # noqa: E402
-from zaiproxy.usage.tokens import Usage  # noqa: E402
 
 CLAUDE_CODE_REQUEST = {
     "model": "claude-sonnet-5",

@@ -15,14 +15,15 @@ from conftest import MemoryUpstream, RequestDouble
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 
-from zaiproxy.dialects import Dialect
+from zaiproxy.dialects import Dialect, errorBody
 from zaiproxy.fake import FakeZai, parseScenario
-from zaiproxy.front.routes import Forward
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
-from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange, Reporter
 from zaiproxy.observe.metrics import Metrics
-from zaiproxy.relay.forward import Forwarder
-from zaiproxy.relay.relay import RelayContext
+from zaiproxy.observe.record import CLIENT_CLOSED
+from zaiproxy.observe.reporter import Reporter
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.forward import Answer, Forwarder, Gone, PassOn, Refusal, Stream, Trail
+from zaiproxy.relay.routes import Forward
 from zaiproxy.relay.upstream import DiscardBody
 
 KEY = "upstream-key"
@@ -58,19 +59,18 @@ class Rig:
             stateFile=None,
             stateMaxAge=3600.0,
         )
-        settings.update(limits)
+        settings.update(limits, quotaHold=quotaHold)
         self.limiter = RateLimiter(self.clock, LimiterSettings(**settings))
         self.waits: list[float] = []
         self.context = RelayContext(
             clock=self.clock,
             upstream=self.upstream,  # type: ignore[arg-type]
-            reporter=Reporter(self.metrics, self.clock),
+            reporter=Reporter(self.metrics),
             apiKey=KEY.encode(),
             firstByteTimeout=300.0,
             idleTimeout=120.0,
             limiter=self.limiter,
             maxRetries=maxRetries,
-            quotaHold=quotaHold,
             jitter=lambda a, b: a,  # jitter at its lower bound, as the seed's tests forced it
         )
 
@@ -82,16 +82,15 @@ class Rig:
             self.agent.flush()
             self.clock.advance(0)
 
-    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, RequestDouble, Exchange, list[Any]]:
+    def forward(self, route: Forward = MESSAGES) -> tuple[Forwarder, Seen, Trail, list[Any]]:
         request = RequestDouble([b""])
         request.method = b"POST"
         request.content = io.BytesIO(BODY)
-        exchange = Exchange(method="POST", route=route.label, startedAt=self.clock.seconds())
-        forwarder = Forwarder(self.context, request.asRequest(), route, exchange, "source-01")
+        forwarder = Forwarder(self.context, request.asRequest(), route, "source-01")
         outcome: list[Any] = []
         forwarder.start().addBoth(outcome.append)
         self.pump()
-        return forwarder, request, exchange, outcome
+        return forwarder, Seen(outcome, route), forwarder.trail, outcome
 
     def advance(self, seconds: float) -> None:
         """
@@ -107,12 +106,59 @@ class Rig:
         return self.metrics.registry.get_sample_value(name, {"variant": "test", **labels})
 
 
-def header(request: RequestDouble, name: bytes) -> list[bytes]:
-    return list(request.responseHeaders.getRawHeaders(name, []))
+class Seen:
+    """
+    What the client is told of the forwarder's answer (once there is
+    one): its status, headers and error body, as the relay writes them.
+    """
+
+    def __init__(self, outcome: list[Any], route: Forward) -> None:
+        self._outcome = outcome
+        self._route = route
+
+    @property
+    def answer(self) -> Answer:
+        [answer] = self._outcome
+        assert isinstance(answer, Stream | PassOn | Refusal | Gone)
+        return answer
+
+    @property
+    def responseCode(self) -> int:
+        answer = self.answer
+        if isinstance(answer, Stream | PassOn):
+            code: int = answer.response.code
+            return code
+        return answer.status if isinstance(answer, Refusal) else CLIENT_CLOSED
+
+    def header(self, name: bytes) -> list[bytes]:
+        answer = self.answer
+        added = [value for key, value in getattr(answer, "headers", ()) if key == name]
+        if added or not isinstance(answer, PassOn):
+            return added
+        return list(answer.response.headers.getRawHeaders(name, []))
+
+    def body(self) -> Any:
+        answer = self.answer
+        if isinstance(answer, PassOn):
+            return json.loads(answer.body)
+        assert isinstance(answer, Refusal)
+        return json.loads(errorBody(self._route.dialect, answer.status, answer.message, answer.code))
 
 
-def written(request: RequestDouble) -> Any:
-    return json.loads(b"".join(request.written))
+def header(seen: Seen, name: bytes) -> list[bytes]:
+    return seen.header(name)
+
+
+def written(seen: Seen) -> Any:
+    return seen.body()
+
+
+def answeredHere(outcome: list[Any]) -> bool:
+    """
+    Whether the forwarder answered with an error (its own or Z.AI's)
+    rather than a response to relay.
+    """
+    return len(outcome) == 1 and isinstance(outcome[0], PassOn | Refusal)
 
 
 def test_successRelayed() -> None:
@@ -122,7 +168,7 @@ def test_successRelayed() -> None:
     rig = Rig()
     rig.queue("")
     _, _, _, outcome = rig.forward()
-    assert outcome[0].code == 200
+    assert outcome[0].response.code == 200
     assert rig.upstream.calls == 1
 
 
@@ -144,15 +190,15 @@ def test_retriedThenSucceeds(code: str, waits: list[float], limiterOutcome: str 
     """
     rig = Rig()
     rig.queue(f"mode=error code={code} status=429", f"mode=error code={code} status=429", "")
-    _, _, _, outcome = rig.forward()
+    forwarder, _, _, outcome = rig.forward()
     assert outcome == []
     for wait in waits:
         rig.advance(wait)
-    assert outcome[0].code == 200
+    assert outcome[0].response.code == 200
     assert rig.waits == waits
     assert rig.upstream.calls == 3
-    assert rig.sample("zai_proxy_retry_attempts_total", reason="retry") == 2
-    assert rig.sample("zai_proxy_retry_attempts_total", reason="429") == 2
+    assert forwarder.trail.retries == ("429", "429")
+    assert forwarder.trail.upstreamErrors == ("429", "429")
     counts = (rig.limiter._frequency, rig.limiter._concurrency)
     assert counts == {"frequency": (2, 0), "concurrency": (0, 2), None: (0, 0)}[limiterOutcome]
 
@@ -164,17 +210,16 @@ def test_retriesRunOut() -> None:
     """
     rig = Rig(maxRetries=2)
     rig.queue(*["mode=error code=1303 retryAfter=2.5"] * 3)
-    _, request, exchange, outcome = rig.forward()
+    _, request, _, outcome = rig.forward()
     rig.advance(2.5)
     rig.advance(2.5)
-    assert outcome == [None]
+    assert answeredHere(outcome)
     assert rig.upstream.calls == 3
     assert request.responseCode == 429
     assert written(request)["error"]["type"] == "1303"
     assert header(request, b"x-zai-error-class") == [b"frequency"]
     assert header(request, b"x-zai-error-code") == [b"1303"]
     assert header(request, b"retry-after") == [b"3"]
-    assert exchange.status == 429
 
 
 @pytest.mark.parametrize("where", ["retry_after in the body", "Retry-After header"])
@@ -227,7 +272,7 @@ def test_quotaNeverRetriedThenHeld(spec: str, reset: float) -> None:
     rig.clock.advance(reset - rig.clock.seconds())
     rig.queue("")
     _, _, _, outcome = rig.forward()
-    assert outcome[0].code == 200
+    assert outcome[0].response.code == 200
 
 
 def test_quotaHoldOff() -> None:
@@ -268,11 +313,12 @@ def test_passThroughUnretried(spec: str, status: int) -> None:
     """
     rig = Rig()
     rig.queue(spec)
-    _, request, _, outcome = rig.forward()
-    assert outcome == [None]
+    _, request, trail, outcome = rig.forward()
+    assert answeredHere(outcome)
     assert rig.upstream.calls == 1
     assert request.responseCode == status
-    assert rig.sample("zai_proxy_retry_attempts_total", reason="retry") is None
+    assert trail.retries == ()
+    assert trail.upstreamErrors == (str(status),)
 
 
 def test_connectionErrorsRetried() -> None:
@@ -283,15 +329,15 @@ def test_connectionErrorsRetried() -> None:
     rig = Rig(maxRetries=2)
     rig.upstream.refuse = 1
     rig.queue("")
-    _, _, _, outcome = rig.forward()
+    _, _, trail, outcome = rig.forward()
     rig.advance(0.5)
-    assert outcome[0].code == 200
-    assert rig.sample("zai_proxy_retry_attempts_total", reason="network_error") == 1
+    assert outcome[0].response.code == 200
+    assert trail.retries == ("network_error",)
     rig.upstream.refuse = 3
     _, request, _, outcome = rig.forward()
     rig.advance(0.5)
     rig.advance(1.0)
-    assert outcome == [None] and request.responseCode == 502
+    assert answeredHere(outcome) and request.responseCode == 502
 
 
 @pytest.mark.parametrize("maxWorkers", [1, 2])
@@ -304,24 +350,25 @@ def test_networkRetryKeepsItsOwnSlot(maxWorkers: int) -> None:
     rig = Rig(maxRetries=2, maxWorkers=maxWorkers, queueTimeout=120.0)
     rig.upstream.refuse = 1
     rig.queue("")
-    first, _, _, outcome = rig.forward()
+    _, _, _, outcome = rig.forward()
     assert rig.limiter.admission.inFlight == 1
     rig.advance(0.5)
-    assert outcome[0].code == 200
+    assert outcome[0].response.code == 200
     assert rig.upstream.calls == 2
     assert rig.limiter.admission.queued == 0
-    outcome[0].deliverBody(DiscardBody())
-    first.done("none")
+    outcome[0].response.deliverBody(DiscardBody())
+    outcome[0].permit.release()
     assert rig.limiter.admission.inFlight == 0
 
     rig.upstream.refuse = 3
-    forwarder, request, exchange, outcome = rig.forward()
+    _, request, trail, outcome = rig.forward()
     rig.advance(0.5)
     rig.advance(1.0)
-    assert outcome == [None] and request.responseCode == 502
-    assert exchange.errorType == "upstream_connection"
+    assert answeredHere(outcome) and request.responseCode == 502
+    assert trail.errorType == "upstream_connection"
     assert rig.upstream.calls == 5
-    forwarder.done("none")
+    # An answer of the forwarder's own gave its slot back.
+    assert rig.limiter.admission.inFlight == 0
     rig.pump()
 
 
@@ -335,7 +382,7 @@ def test_throttledRetryGivesItsSlotBack() -> None:
     _, _, _, outcome = rig.forward()
     assert outcome == [] and rig.limiter.admission.inFlight == 0
     rig.advance(2.0)
-    assert outcome[0].code == 200
+    assert outcome[0].response.code == 200
     assert rig.limiter.admission.inFlight == 1
 
 
@@ -345,9 +392,9 @@ def test_clientLeavesDuringBackoff() -> None:
     """
     rig = Rig()
     rig.queue("mode=error code=1303", "")
-    forwarder, _, exchange, outcome = rig.forward()
+    forwarder, _, _, outcome = rig.forward()
     forwarder.cancel("client")
-    assert outcome == [None] and exchange.status == CLIENT_CLOSED
+    assert len(outcome) == 1 and isinstance(outcome[0], Gone)
     rig.advance(10)
     assert rig.upstream.calls == 1
     assert rig.clock.getDelayedCalls() == []
@@ -360,11 +407,11 @@ def test_clientLeavesWhileQueued() -> None:
     rig = Rig(maxWorkers=1)
     rig.queue("mode=hang", "")
     first, _, _, _ = rig.forward()
-    second, _, exchange, outcome = rig.forward()
+    second, _, _, outcome = rig.forward()
     assert rig.limiter.admission.queued == 1
     second.cancel("client")
     assert rig.limiter.admission.queued == 0
-    assert outcome == [None] and exchange.status == CLIENT_CLOSED
+    assert len(outcome) == 1 and isinstance(outcome[0], Gone)
     first.cancel("client")
     rig.pump()
     assert rig.limiter.admission.inFlight == 0
@@ -380,12 +427,12 @@ def test_queueFullAndTimeout() -> None:
     holder, _, _, _ = rig.forward()
     _, waitingRequest, _, waiting = rig.forward(CHAT)
     _, full, _, outcome = rig.forward(CHAT)
-    assert outcome == [None] and full.responseCode == 429
+    assert answeredHere(outcome) and full.responseCode == 429
     assert header(full, b"retry-after")
     assert set(written(full)) == {"error"}
     assert written(full)["error"]["message"].startswith("the proxy's queue is full")
     rig.clock.advance(5.0)
-    assert waiting == [None] and waitingRequest.responseCode == 429
+    assert answeredHere(waiting) and waitingRequest.responseCode == 429
     assert header(waitingRequest, b"retry-after")
     # A wait that timed out says so; it is not a full queue.
     assert written(waitingRequest)["error"]["message"].startswith(
@@ -406,18 +453,22 @@ def test_shutdownDuringBackoff() -> None:
     rig.queue("mode=error code=1305", "")
     forwarder, request, _, outcome = rig.forward()
     forwarder.cancel("shutdown")
-    assert outcome == [None] and request.responseCode == 503
+    assert answeredHere(outcome) and request.responseCode == 503
     assert rig.clock.getDelayedCalls() == []
 
 
-def test_doneReleasesAndReports() -> None:
+def test_streamHoldsItsSlot() -> None:
     """
-    The relayed answer's outcome reaches the limiter and frees the slot.
+    An answer to relay carries its admission slot, which the relay gives
+    back at the end; nothing is told to the limiter before then.
     """
     rig = Rig()
     rig.queue("")
-    forwarder, _, _, _ = rig.forward()
+    _, _, _, outcome = rig.forward()
+    [answer] = outcome
+    assert isinstance(answer, Stream) and answer.permit is not None
     assert rig.limiter.admission.inFlight == 1
-    forwarder.done("success")
+    assert rig.limiter._successes == 0
+    answer.response.deliverBody(DiscardBody())
+    answer.permit.release()
     assert rig.limiter.admission.inFlight == 0
-    assert rig.limiter._successes == 1

@@ -17,9 +17,9 @@ from conftest import HeapClock
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
+from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.admission import NotAdmitted, Permit
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
-from zaiproxy.limits.zai_errors import ZaiError
 
 WINDOW = 30.0
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from zaiproxy.observe.metrics import DURATION_BUCKETS, SIZE_BUCKETS, Metrics, methodLabel
+from zaiproxy.observe.record import Record
 
 # The Go seed's table (seed inventory section 8.1).
 SEED = {
@@ -25,7 +26,17 @@ def test_seedNamesTypesAndLabels() -> None:
     Every seed metric exists with the seed's type and label names.
     """
     metrics = Metrics("production", "1.2.3")
-    metrics.requestFinished("POST", "/v1/messages", 200, 0.1, 10, 20)
+    metrics.requestFinished(
+        Record(
+            method="POST",
+            route="/v1/messages",
+            status=200,
+            startedAt=0.0,
+            duration=0.1,
+            requestBytes=10,
+            responseBytes=20,
+        )
+    )
     metrics.upstreamError("429")
     families = {f.name: f for f in metrics.registry.collect()}
     for name, (kind, labels) in SEED.items():
@@ -42,7 +53,7 @@ def test_buckets() -> None:
     assert DURATION_BUCKETS == (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
     assert SIZE_BUCKETS == (100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9)
     metrics = Metrics("production", "1")
-    metrics.requestFinished("GET", "/v1/models", 200, 0.2, 0, 0)
+    metrics.requestFinished(Record(method="GET", route="/v1/models", status=200, startedAt=0.0, duration=0.2))
     bounds = [
         s.labels["le"]
         for f in metrics.registry.collect()

@@ -24,13 +24,15 @@ from twisted.python.failure import Failure
 from zaiproxy.dialects import Dialect
 from zaiproxy.fake import FakeZai, parseScenario, usageFor
 from zaiproxy.fake.testing import FrozenClock, RawClient, delayedCalls, rawRequest
-from zaiproxy.front.routes import Forward
 from zaiproxy.front.site import InFlight
-from zaiproxy.observe.exchange import Exchange, Reporter
 from zaiproxy.observe.metrics import Metrics
-from zaiproxy.relay.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay, RelayContext
+from zaiproxy.observe.record import Exchange
+from zaiproxy.observe.reporter import Reporter
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.relay import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER, Relay
+from zaiproxy.relay.routes import Forward
 from zaiproxy.usage.accounting import Accounting, ModelLabels, Pricing
-from zaiproxy.usage.tap import RequestBody
+from zaiproxy.usage.body import RequestBody
 from zaiproxy.usage.tokens import Counting, FallbackCounter
 
 ANTHROPIC = [
@@ -588,7 +590,6 @@ class OpeningRig:
         self.metrics = Metrics("test", "0")
         accounting = Accounting(
             self.clock,
-            self.metrics,
             Counting(self.clock, FallbackCounter()),
             ModelLabels([], "glm-4"),
             Pricing({}),
@@ -596,7 +597,7 @@ class OpeningRig:
         self.context = RelayContext(
             clock=self.clock,
             upstream=MemoryUpstream(self.agent),  # type: ignore[arg-type]
-            reporter=Reporter(self.metrics, self.clock),
+            reporter=Reporter(self.metrics),
             apiKey=UPSTREAM_KEY.encode(),
             firstByteTimeout=300.0,
             idleTimeout=120.0,

@@ -208,7 +208,7 @@ async def test_refusedPathInAccessLog(
     client = await rawRequest(reactor, stack.port, b"GET", target, [])
     await ended(client)
     assert client.response().status == 404
-    [line] = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.front.access"]
+    [line] = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert line.startswith("GET unknown 404 ")
     assert line.endswith(f" model=- path={shown}")
     assert len(shown) <= 200

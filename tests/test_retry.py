@@ -9,8 +9,8 @@ from email.utils import format_datetime
 
 import pytest
 
+from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.retry import NETWORK, backoff, parseRetryAfter, retryWait, zaiHeaders
-from zaiproxy.limits.zai_errors import ZaiError
 
 
 def low(a: float, b: float) -> float:

@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.front.routes}: the routing table, as a pure function.
+Tests for L{zaiproxy.relay.routes}: the routing table, as a pure function.
 """
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.front.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.relay.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 
 TARGETS = Targets.fromURLs("https://api.z.ai/api/anthropic", "https://api.z.ai/api/coding/paas/v4")
 A, OA = Dialect.anthropic, Dialect.openai

@@ -430,7 +430,7 @@ async def test_soak(reactor: Any, tmp_path: Path) -> None:
         assert CLIENT_KEY not in text, f"a client key is in {name}"
     assert output["proxy.err"] == ""
     records = [json.loads(line) for line in output["proxy.out"].splitlines()]
-    access = Counter(r["status"] for r in records if r["namespace"] == "zaiproxy.front.access")
+    access = Counter(r["status"] for r in records if r["namespace"] == "zaiproxy.access")
     # One access line per request, with its status (the probes of /readyz
     # are not logged; the two checks at the end answered 200).
     assert access == expectedStatuses(WARMUP + SOAK) + Counter({200: 2})

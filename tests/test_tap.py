@@ -253,7 +253,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     messages = [r["message"] for r in records]
     assert any(m.startswith("Draining: 1 request(s) in flight") for m in messages)
     assert "Draining: /readyz answers 503; listeners close in 1 s" in messages
-    access = [r for r in records if r["namespace"] == "zaiproxy.front.access"]
+    access = [r for r in records if r["namespace"] == "zaiproxy.access"]
     # Probes of the local endpoints are not logged (they would flood the log).
     assert [(r["method"], r["route"], r["status"], r["model"]) for r in access] == [
         ("POST", "/v1/messages", 200, "glm-4.7")

@@ -15,13 +15,12 @@ import pytest
 import pytest_twisted
 import tiktoken
 
+from zaiproxy.dialects.usage import OutputText, Usage
 from zaiproxy.usage.tokens import (
     INLINE_CHARS,
     Counting,
     FallbackCounter,
-    OutputText,
     TiktokenCounter,
-    Usage,
     _bundledFile,
     loadCounter,
 )

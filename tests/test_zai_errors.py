@@ -1,5 +1,5 @@
 """
-Tests for L{zaiproxy.limits.zai_errors}: both envelopes, codes, classes, reset
+Tests for L{zaiproxy.dialects.zai_errors}: both envelopes, codes, classes, reset
 times (naive stamps are Beijing time) and retry hints.
 """
 
@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from zaiproxy.limits.zai_errors import MAX_ERROR_BYTES, ZaiError, codeLabel, parseError
+from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, codeLabel, parseError
 
 
 def epoch(text: str) -> float:

@@ -14,7 +14,7 @@ stops at that moment loses the tail of the stream.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -36,13 +36,14 @@ from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, isLoopbackA
 from zaiproxy.front.clientkeys import buildClientKeys
 from zaiproxy.front.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.front.resource import ProxyResource
-from zaiproxy.front.routes import Targets
 from zaiproxy.front.site import InFlight, ProxySite
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
-from zaiproxy.observe.exchange import Reporter
 from zaiproxy.observe.metrics import Metrics
 from zaiproxy.observe.quota import QuotaPoller
-from zaiproxy.relay.relay import Relay, RelayContext
+from zaiproxy.observe.reporter import Reporter
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.relay import Relay
+from zaiproxy.relay.routes import Targets
 from zaiproxy.relay.upstream import Upstream
 from zaiproxy.twistedprivate import forgetExitSignal
 from zaiproxy.usage.accounting import Accounting, ModelLabels, Price, Pricing
@@ -113,22 +114,17 @@ class ProxyService(MultiService):
         clientKeys, keyWarnings = buildClientKeys(settings.proxyApiKeys, settings.proxyApiKeysFile or None)
         self._warnings += keyWarnings
         self.credentials = Credentials(clientKeys, settings.adminToken)
-        build = build or BuildInfo()
-        self.build = build
-
+        self.build = build = build or BuildInfo()
         self.metrics = metrics or Metrics(
             settings.deploymentVariant, build.version, build.commit, build.buildTime
         )
         self.upstream = Upstream(reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize)
-        self.reporter = Reporter(self.metrics, reactor)
+        self.reporter = Reporter(self.metrics)
         self.accounting = self._buildAccounting(reactor, settings)
         self.limiter = self._buildLimiter(limiterClock or reactor, settings)
         self.inFlight: InFlight[Relay] = InFlight()
-        self.metrics.inFlight.set_function(lambda: len(self.inFlight))
-        self.metrics.clientKeys.labels(settings.deploymentVariant).set_function(
-            lambda: len(self.credentials.clientKeys or ())
-        )
-        self.metrics.configReloadTime.labels(settings.deploymentVariant).set(0)
+        self.metrics.watchInFlight(lambda: len(self.inFlight))
+        self.metrics.watchClientKeys(lambda: len(self.credentials.clientKeys or ()))
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
         self.context = RelayContext(
             clock=reactor,
@@ -140,12 +136,46 @@ class ProxyService(MultiService):
             accounting=self.accounting,
             limiter=self.limiter,
             maxRetries=settings.maxRetries,
-            quotaHold=settings.quotaHold,
         )
-        isDraining = lambda: self.draining  # noqa: E731
-        self.health = HealthResource(
+        self.quota = self._buildQuota(reactor, settings)
+        self._buildSites(reactor, settings, list(adminListen or []))
+        # Parsed now, so a bad --listen stops start-up with a clear error.
+        # A Listener is a socket passed by systemd (zaiproxy.config.activation).
+        self._endpoints = [
+            (item.description, item.endpoint)
+            if isinstance(item, Listener)
+            else (item, endpoints.serverFromString(reactor, item))
+            for item in listen
+        ]
+        self._adminEndpoints = [
+            (description, endpoints.serverFromString(reactor, description))
+            for description in adminListen or []
+        ]
+        self.ports: list[IListeningPort] = []
+        self.adminPorts: list[IListeningPort] = []
+
+    def _buildQuota(self, reactor: Any, settings: Settings) -> QuotaPoller | None:
+        if not settings.quotaPollEnabled:
+            return None
+        return QuotaPoller(
+            reactor,
+            self.upstream.client,
+            settings.zaiQuotaBaseURL,
+            settings.zaiApiKey,
+            interval=settings.quotaPollInterval,
+            timeout=settings.quotaPollTimeout,
+            staleAfter=settings.quotaStaleAfter,
+            maxBytes=settings.quotaMaxResponseBytes,
+            metrics=self.metrics,
+        )
+
+    def _buildHealth(self, settings: Settings, isDraining: Callable[[], bool]) -> HealthResource:
+        """
+        C{/health}: what is configured, and each piece's own snapshot.
+        """
+        health = HealthResource(
             {
-                "version": build.version,
+                "version": self.build.version,
                 "variant": settings.deploymentVariant,
                 "upstream": {
                     "anthropic": settings.zaiTargetURL,
@@ -154,25 +184,23 @@ class ProxyService(MultiService):
             },
             isDraining,
         )
-        self.health.sections["rate_limit"] = self.limiter.snapshot
-        self.quota: QuotaPoller | None = None
-        if settings.quotaPollEnabled:
-            self.quota = QuotaPoller(
-                reactor,
-                self.upstream.client,
-                settings.zaiQuotaBaseURL,
-                settings.zaiApiKey,
-                interval=settings.quotaPollInterval,
-                timeout=settings.quotaPollTimeout,
-                staleAfter=settings.quotaStaleAfter,
-                maxBytes=settings.quotaMaxResponseBytes,
-                metrics=self.metrics,
-            )
-            self.health.sections["quota"] = self.quota.snapshot
+        health.sections["rate_limit"] = self.limiter.snapshot
+        if self.quota is not None:
+            health.sections["quota"] = self.quota.snapshot
         else:
-            self.health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
-        self.health.sections["token_counting"] = self.accounting.health
-        self.health.sections["reload"] = self.reloader.snapshot
+            health.sections["quota"] = lambda: {"enabled": False, "fresh": False}
+        health.sections["token_counting"] = self.accounting.health
+        health.sections["reload"] = self.reloader.snapshot
+        return health
+
+    def _buildSites(self, reactor: Any, settings: Settings, adminListen: list[str]) -> None:
+        """
+        The resource trees and sites of the proxy port and the admin port;
+        without an admin port, C{/metrics} and C{/admin/*} stay on the
+        proxy's (behind the admin gate).
+        """
+        isDraining = lambda: self.draining  # noqa: E731
+        self.health = self._buildHealth(settings, isDraining)
         public: dict[bytes, Resource] = {
             b"/health": self.health,
             b"/readyz": ReadyResource(isDraining),
@@ -183,7 +211,6 @@ class ProxyService(MultiService):
                 AdminResetResource(self.limiter), self.credentials, loopbackOnly=True
             ),
         }
-        adminListen = list(adminListen or [])
         self.resource = ProxyResource(
             self.targets,
             self.context,
@@ -209,19 +236,6 @@ class ProxyService(MultiService):
             idleTimeout=settings.clientIdleTimeout,
             onRejected=adminRoot.rejected,
         )
-        # Parsed now, so a bad --listen stops start-up with a clear error.
-        # A Listener is a socket passed by systemd (zaiproxy.config.activation).
-        self._endpoints = [
-            (item.description, item.endpoint)
-            if isinstance(item, Listener)
-            else (item, endpoints.serverFromString(reactor, item))
-            for item in listen
-        ]
-        self._adminEndpoints = [
-            (description, endpoints.serverFromString(reactor, description)) for description in adminListen
-        ]
-        self.ports: list[IListeningPort] = []
-        self.adminPorts: list[IListeningPort] = []
 
     def _buildAccounting(self, reactor: Any, settings: Settings) -> Accounting:
         """
@@ -232,11 +246,10 @@ class ProxyService(MultiService):
         if settings.tokenCountingEnabled:
             environ = {"TIKTOKEN_CACHE_DIR": settings.tiktokenCacheDir} if settings.tiktokenCacheDir else {}
             counter, self._counterProblems = loadCounter(environ)
-            counting = Counting(
-                reactor,
-                counter,
-                observe=self.metrics.tokenCountDuration.labels(settings.deploymentVariant).observe,
-            )
+            observe = self.metrics.tokenizer(counter.name, counter.encoding)
+            counting = Counting(reactor, counter, observe=observe)
+        else:
+            self.metrics.tokenizer("disabled", "none")
         start, end = settings.peakHours
         pricing = Pricing(
             prices={model: Price(*prices) for model, prices in settings.tokenPrices},
@@ -246,11 +259,10 @@ class ProxyService(MultiService):
             peakMultiplier=settings.peakMultiplier,
         )
         labels = ModelLabels(settings.modelLabels, settings.tokenizerModel)
-        return Accounting(reactor, self.metrics, counting, labels, pricing)
+        return Accounting(reactor, counting, labels, pricing)
 
     def _buildLimiter(self, clock: Any, settings: Settings) -> RateLimiter:
-        metrics = self.metrics
-        variant = settings.deploymentVariant
+        reporter = self.reporter
         limiter = RateLimiter(
             clock,
             LimiterSettings(
@@ -266,19 +278,13 @@ class ProxyService(MultiService):
                 queueTimeout=settings.queueTimeout,
                 stateFile=settings.rateLimitStateFile,
                 stateMaxAge=settings.rateLimitStateMaxAge,
+                quotaHold=settings.quotaHold,
             ),
-            onAdjust=lambda direction: metrics.rateLimitAdjustments.labels(direction, variant).inc(),
-            onAdmitted=lambda client, waited: metrics.rateLimitWait.labels(variant, client).observe(waited),
-            onRejected=lambda client: metrics.rateLimitRejections.labels(variant, client).inc(),
+            onAdjust=reporter.rateAdjusted,
+            onAdmitted=reporter.admitted,
+            onRejected=reporter.refused,
         )
-        metrics.rateLimitRate.labels(variant).set_function(lambda: limiter.rate)
-        metrics.rateLimitCeiling.labels(variant).set_function(lambda: limiter.ceiling)
-        metrics.maxWorkers.labels(variant).set(settings.maxWorkers)
-        metrics.concurrencyLimit.labels(variant).set_function(lambda: limiter.limit)
-        metrics.workerUtilization.labels(variant).set_function(
-            lambda: limiter.admission.inFlight / max(1, limiter.admission.limit)
-        )
-        metrics.queueLength.labels(variant).set_function(lambda: limiter.admission.queued)
+        self.metrics.watchLimiter(limiter, settings.maxWorkers)
         return limiter
 
     def setServiceParent(self, parent: Any) -> None:

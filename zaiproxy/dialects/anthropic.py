@@ -12,8 +12,8 @@ import re
 from typing import Any
 
 from zaiproxy.dialects.sse import Event, framesMentioning, keptData, readJSON
-from zaiproxy.limits.zai_errors import ZaiError, errorFromJSON
-from zaiproxy.usage.tokens import OutputText, Usage
+from zaiproxy.dialects.usage import OutputText, Usage
+from zaiproxy.dialects.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
     "StreamReader",

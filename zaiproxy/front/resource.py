@@ -15,12 +15,13 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zaiproxy.dialects import Dialect, respondWithError
 from zaiproxy.front.access import Credentials
 from zaiproxy.front.clientkeys import UNAUTHORIZED, presentedKeys
-from zaiproxy.front.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 from zaiproxy.front.site import InFlight
-from zaiproxy.observe.exchange import Exchange, loggedPath, sniffModel
 from zaiproxy.observe.metrics import methodLabel
-from zaiproxy.relay.relay import Relay, RelayContext
-from zaiproxy.usage.tap import RequestBody
+from zaiproxy.observe.record import Exchange, loggedPath, sniffModel
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.relay import Relay
+from zaiproxy.relay.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.usage.body import RequestBody
 
 __all__ = ["ProxyResource"]
 
@@ -87,7 +88,7 @@ class ProxyResource(Resource):
             )
             exchange.responseBytes = respondWithError(request, exchange.dialect, route.status, route.message)
             exchange.status = route.status
-            context.reporter.finished(exchange)
+            context.reporter.finished(exchange.freeze(context.clock.seconds()))
             return NOT_DONE_YET
         exchange.dialect = route.dialect
         keys = self._credentials.clientKeys
@@ -116,6 +117,7 @@ class ProxyResource(Resource):
         """
         exchange.keyName = UNAUTHORIZED
         exchange.errorType = UNAUTHORIZED
+        exchange.authFailure = reason
         exchange.status = 401
         if reason == "missing":
             message = "this proxy needs a client key: send it as x-api-key or Authorization: Bearer"
@@ -125,24 +127,24 @@ class ProxyResource(Resource):
         exchange.responseBytes = respondWithError(
             request, dialect, 401, message, "invalid_api_key" if dialect is Dialect.openai else None
         )
-        reporter = self._context.reporter
-        reporter.metrics.clientAuthFailure(reason)
-        reporter.finished(exchange)
+        clock = self._context.clock
+        self._context.reporter.finished(exchange.freeze(clock.seconds()))
 
     def rejected(self, method: bytes, path: bytes, status: int, bodyBytes: int) -> None:
         """
         Report a request the HTTP channel refused before it got here.
         """
         route = resolve(path or b"/", self._targets)
+        now = self._context.clock.seconds()
         exchange = Exchange(
             method=methodLabel(method),
             route=route.label,
-            startedAt=self._context.clock.seconds(),
+            startedAt=now,
             status=status,
             responseBytes=bodyBytes,
             path=loggedPath(path or b"/"),
         )
-        self._context.reporter.finished(exchange)
+        self._context.reporter.finished(exchange.freeze(now))
 
 
 def _peer(request: Request) -> str:

@@ -23,7 +23,7 @@ from twisted.web import http, server
 from twisted.web.http import datetimeToString
 
 from zaiproxy.dialects import errorBody
-from zaiproxy.front.routes import guessDialect
+from zaiproxy.relay.routes import guessDialect
 
 __all__ = ["ProxyChannel", "ProxyRequest", "ProxySite"]
 

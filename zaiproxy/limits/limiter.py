@@ -43,8 +43,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.admission import Admission
-from zaiproxy.limits.zai_errors import ZaiError
 
 __all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter"]
 
@@ -79,6 +79,8 @@ class LimiterSettings:
     queueTimeout: float
     stateFile: str | None
     stateMaxAge: float
+    #: Answer quota 429s locally until Z.AI's stated reset (QUOTA_HOLD).
+    quotaHold: bool = True
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -145,6 +147,35 @@ class RateLimiter:
         )
 
     # -- outcomes -----------------------------------------------------------
+
+    def observe(self, error: ZaiError | None) -> None:
+        """
+        How a model call Z.AI answered went: C{None} for a success, else
+        the error of its 429 (or of its stream, at 200). This is the one
+        place Z.AI's error classes become the limiter's outcomes.
+        """
+        if error is None:
+            self.record("success")
+        elif error.cls in ("frequency", "unknown"):
+            self.record("frequency")
+        elif error.cls == "concurrency":
+            self.record("concurrency", self.admission.inFlight)
+        elif error.cls == "quota" and self.settings.quotaHold:
+            self.holdQuota(error)
+
+    @property
+    def inFlight(self) -> int:
+        """
+        Model calls holding a slot now.
+        """
+        return self.admission.inFlight
+
+    @property
+    def queued(self) -> int:
+        """
+        Model calls waiting for a slot now.
+        """
+        return self.admission.queued
 
     def record(self, outcome: str, inFlight: int | None = None) -> None:
         """

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
-from zaiproxy.limits.zai_errors import ZaiError
+from zaiproxy.dialects.zai_errors import ZaiError
 
 __all__ = [
     "NETWORK",

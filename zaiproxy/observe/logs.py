@@ -71,7 +71,7 @@ def _failureText(event: dict[str, Any]) -> str | None:
 
 def formatText(event: dict[str, Any]) -> str:
     """
-    C{2026-11-23T05:40:00.123Z [zaiproxy.front.access#info] message}, plus the
+    C{2026-11-23T05:40:00.123Z [zaiproxy.access#info] message}, plus the
     traceback of a logged failure.
     """
     level = event.get("log_level", LogLevel.info)

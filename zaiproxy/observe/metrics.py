@@ -10,7 +10,8 @@ the raw path, and C{method} is one of a fixed set.
 from __future__ import annotations
 
 import platform
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple, Protocol
 
 import prometheus_client
 from prometheus_client import (
@@ -24,7 +25,10 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
-__all__ = ["DURATION_BUCKETS", "SIZE_BUCKETS", "Metrics", "methodLabel"]
+from zaiproxy.dialects.zai_errors import codeLabel
+from zaiproxy.observe.record import Billed, Record
+
+__all__ = ["DURATION_BUCKETS", "METRICS", "SIZE_BUCKETS", "Metrics", "methodLabel"]
 
 # The seed exports no *_created series; neither do we.
 prometheus_client.disable_created_metrics()
@@ -47,11 +51,327 @@ def methodLabel(method: bytes) -> str:
     return text if text in _METHODS else "OTHER"
 
 
+class _Spec(NamedTuple):
+    """
+    One metric: the attribute that holds it, its type, the Go zai-proxy's
+    name, labels and buckets, and its help text.
+    """
+
+    attribute: str
+    kind: type[Counter] | type[Gauge] | type[Histogram]
+    name: str
+    labels: tuple[str, ...]
+    help: str
+    buckets: tuple[float, ...] | None = None
+
+    def make(self, registry: CollectorRegistry) -> Any:
+        if self.buckets is None:
+            return self.kind(self.name, self.help, self.labels, registry=registry)
+        return Histogram(self.name, self.help, self.labels, buckets=self.buckets, registry=registry)
+
+
+#: Every metric the proxy exports. Requests and bytes, then tokens and cost
+#: (the Go zai-proxy's section 8.2), admission and retries (8.1), the quota
+#: poller, client keys and reloads.
+METRICS = (
+    _Spec(
+        "requests",
+        Counter,
+        "zai_proxy_requests",
+        ("method", "path", "status_code", "variant"),
+        "Requests handled, by route and status.",
+    ),
+    _Spec(
+        "requestDuration",
+        Histogram,
+        "zai_proxy_request_duration_seconds",
+        ("method", "path", "status_code", "variant"),
+        "Time from request to the end of the response.",
+        DURATION_BUCKETS,
+    ),
+    _Spec(
+        "requestSize",
+        Histogram,
+        "zai_proxy_request_size_bytes",
+        ("method", "path", "variant"),
+        "Request body size.",
+        SIZE_BUCKETS,
+    ),
+    _Spec(
+        "responseSize",
+        Histogram,
+        "zai_proxy_response_size_bytes",
+        ("method", "path", "status_code", "variant"),
+        "Response body bytes written to the client.",
+        SIZE_BUCKETS,
+    ),
+    _Spec(
+        "timeToFirstByte",
+        Histogram,
+        "zai_proxy_time_to_first_byte_seconds",
+        ("method", "path", "variant"),
+        "Time from request to the first response body byte sent to the client.",
+        TTFB_BUCKETS,
+    ),
+    _Spec(
+        "concurrentRequests",
+        Gauge,
+        "zai_proxy_concurrent_requests",
+        ("variant",),
+        "Proxied requests in flight.",
+    ),
+    _Spec(
+        "upstreamErrors",
+        Counter,
+        "zai_proxy_upstream_errors",
+        ("error_type", "variant"),
+        "Upstream failures, by kind.",
+    ),
+    _Spec(
+        "buildInfo",
+        Gauge,
+        "zai_proxy_build_info",
+        ("version", "variant", "commit", "build_time"),
+        "Build information (always 1).",
+    ),
+    _Spec(
+        "tokens",
+        Counter,
+        "zai_proxy_tokens",
+        ("direction", "model", "variant", "pricing_tier"),
+        "Tokens billed (as Z.AI reports them, else estimated).",
+    ),
+    _Spec(
+        "estimatedCost",
+        Counter,
+        "zai_proxy_estimated_cost_usd",
+        ("direction", "model", "variant", "pricing_tier"),
+        "Estimated cost in USD, from the configured prices.",
+    ),
+    _Spec(
+        "tokenCountDuration",
+        Histogram,
+        "zai_proxy_token_count_duration_seconds",
+        ("variant",),
+        "Time spent counting tokens locally.",
+        TOKEN_COUNT_BUCKETS,
+    ),
+    _Spec(
+        "tokenRate",
+        Histogram,
+        "zai_proxy_token_rate",
+        ("direction", "model", "variant"),
+        "Output tokens per second of generation.",
+        TOKEN_RATE_BUCKETS,
+    ),
+    _Spec(
+        "tokenCounter",
+        Gauge,
+        "zai_proxy_tokenizer_info",
+        ("counter", "encoding", "variant"),
+        "Which local token counter is active (always 1).",
+    ),
+    _Spec(
+        "usageSource",
+        Counter,
+        "zai_proxy_token_usage_source",
+        ("source", "variant"),
+        "Model answers by where their token numbers came from: reported by Z.AI, "
+        "estimated locally, or partial (the answer was cut short).",
+    ),
+    _Spec(
+        "zaiErrors",
+        Counter,
+        "zai_proxy_zai_errors",
+        ("class", "code", "variant"),
+        "Z.AI business errors, by class and code.",
+    ),
+    _Spec(
+        "rateLimitRate",
+        Gauge,
+        "zai_proxy_rate_limit_requests_per_second",
+        ("variant",),
+        "The limiter's current rate.",
+    ),
+    _Spec(
+        "rateLimitCeiling",
+        Gauge,
+        "zai_proxy_rate_limit_ceiling_requests_per_second",
+        ("variant",),
+        "The limiter's estimate of Z.AI's capacity for this key.",
+    ),
+    _Spec(
+        "rateLimitWait",
+        Histogram,
+        "zai_proxy_rate_limit_wait_seconds",
+        ("variant", "client"),
+        "Time a model call waited for admission.",
+        WAIT_BUCKETS,
+    ),
+    _Spec(
+        "rateLimitAdjustments",
+        Counter,
+        "zai_proxy_rate_limit_adjustments",
+        ("direction", "variant"),
+        "Limiter adjustments, by direction.",
+    ),
+    _Spec(
+        "rateLimitRejections",
+        Counter,
+        "zai_proxy_rate_limit_rejections",
+        ("variant", "client"),
+        "Calls refused by the proxy's queue (full or timed out).",
+    ),
+    _Spec(
+        "retryAttempts",
+        Counter,
+        "zai_proxy_retry_attempts",
+        ("reason", "variant"),
+        "Retries, by reason (and all of them under retry).",
+    ),
+    _Spec("maxWorkers", Gauge, "zai_proxy_max_workers", ("variant",), "MAX_WORKERS."),
+    _Spec(
+        "concurrencyLimit",
+        Gauge,
+        "zai_proxy_concurrency_limit",
+        ("variant",),
+        "The current limit of model calls in flight (adaptive).",
+    ),
+    _Spec(
+        "workerUtilization",
+        Gauge,
+        "zai_proxy_worker_utilization_ratio",
+        ("variant",),
+        "Model calls in flight over the current limit.",
+    ),
+    _Spec(
+        "quotaUsage",
+        Gauge,
+        "zai_proxy_quota_usage_ratio",
+        ("window", "limit_type", "variant"),
+        "Share of a quota window used.",
+    ),
+    _Spec(
+        "quotaRemaining",
+        Gauge,
+        "zai_proxy_quota_remaining_ratio",
+        ("window", "limit_type", "variant"),
+        "Share of a quota window left.",
+    ),
+    _Spec(
+        "quotaReset",
+        Gauge,
+        "zai_proxy_quota_reset_time_seconds",
+        ("window", "limit_type", "variant"),
+        "When a quota window resets (Unix time).",
+    ),
+    _Spec(
+        "quotaSampleAge",
+        Gauge,
+        "zai_proxy_quota_sample_age_seconds",
+        ("variant",),
+        "Age of the last good quota sample.",
+    ),
+    _Spec("quotaPolls", Counter, "zai_proxy_quota_poll", ("result", "variant"), "Quota polls, by result."),
+    _Spec(
+        "clientAuthFailures",
+        Counter,
+        "zai_proxy_client_auth_failures",
+        ("reason", "variant"),
+        "Proxied requests refused with 401: no client key (missing) or not a configured one (unknown).",
+    ),
+    _Spec(
+        "clientKeys",
+        Gauge,
+        "zai_proxy_client_keys",
+        ("variant",),
+        "Client keys in force (0: the proxy is open).",
+    ),
+    _Spec(
+        "configReloads",
+        Counter,
+        "zai_proxy_config_reloads",
+        ("result", "variant"),
+        "Configuration reloads (SIGHUP), by result.",
+    ),
+    _Spec(
+        "configReloadTime",
+        Gauge,
+        "zai_proxy_config_last_reload_timestamp_seconds",
+        ("variant",),
+        "When the configuration was last reloaded successfully (Unix time; 0: never).",
+    ),
+    _Spec(
+        "queueLength",
+        Gauge,
+        "zai_proxy_rate_limit_queue_length",
+        ("variant",),
+        "Model calls waiting for admission.",
+    ),
+)
+
+
+class LimiterGauges(Protocol):
+    """
+    What the limiter shows to the gauges, read at each scrape.
+    """
+
+    @property
+    def rate(self) -> float: ...
+    @property
+    def ceiling(self) -> float: ...
+    @property
+    def limit(self) -> int: ...
+    @property
+    def inFlight(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+
+
 class Metrics:
     """
     The proxy's metrics on their own registry (one per proxy, so tests that
     start several proxies in one process do not share counters).
+
+    The attributes are the metrics of L{METRICS}, by their C{attribute};
+    the methods are what the reporter and the long-lived pieces (the
+    limiter, the quota poller, reloads) record.
     """
+
+    requests: Counter
+    requestDuration: Histogram
+    requestSize: Histogram
+    responseSize: Histogram
+    timeToFirstByte: Histogram
+    concurrentRequests: Gauge
+    upstreamErrors: Counter
+    buildInfo: Gauge
+    tokens: Counter
+    estimatedCost: Counter
+    tokenCountDuration: Histogram
+    tokenRate: Histogram
+    tokenCounter: Gauge
+    usageSource: Counter
+    zaiErrors: Counter
+    rateLimitRate: Gauge
+    rateLimitCeiling: Gauge
+    rateLimitWait: Histogram
+    rateLimitAdjustments: Counter
+    rateLimitRejections: Counter
+    retryAttempts: Counter
+    maxWorkers: Gauge
+    concurrencyLimit: Gauge
+    workerUtilization: Gauge
+    quotaUsage: Gauge
+    quotaRemaining: Gauge
+    quotaReset: Gauge
+    quotaSampleAge: Gauge
+    quotaPolls: Counter
+    clientAuthFailures: Counter
+    clientKeys: Gauge
+    configReloads: Counter
+    configReloadTime: Gauge
+    queueLength: Gauge
 
     def __init__(
         self,
@@ -68,60 +388,8 @@ class Metrics:
             PlatformCollector(registry=registry, platform=platform)
             GCCollector(registry=registry)
         self.registry = registry
-        r = registry
-
-        self.requests = Counter(
-            "zai_proxy_requests",
-            "Requests handled, by route and status.",
-            ["method", "path", "status_code", "variant"],
-            registry=r,
-        )
-        self.requestDuration = Histogram(
-            "zai_proxy_request_duration_seconds",
-            "Time from request to the end of the response.",
-            ["method", "path", "status_code", "variant"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
-        )
-        self.requestSize = Histogram(
-            "zai_proxy_request_size_bytes",
-            "Request body size.",
-            ["method", "path", "variant"],
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-        self.responseSize = Histogram(
-            "zai_proxy_response_size_bytes",
-            "Response body bytes written to the client.",
-            ["method", "path", "status_code", "variant"],
-            buckets=SIZE_BUCKETS,
-            registry=r,
-        )
-        self.timeToFirstByte = Histogram(
-            "zai_proxy_time_to_first_byte_seconds",
-            "Time from request to the first response body byte sent to the client.",
-            ["method", "path", "variant"],
-            buckets=TTFB_BUCKETS,
-            registry=r,
-        )
-        self.concurrentRequests = Gauge(
-            "zai_proxy_concurrent_requests",
-            "Proxied requests in flight.",
-            ["variant"],
-            registry=r,
-        )
-        self.upstreamErrors = Counter(
-            "zai_proxy_upstream_errors",
-            "Upstream failures, by kind.",
-            ["error_type", "variant"],
-            registry=r,
-        )
-        self.buildInfo = Gauge(
-            "zai_proxy_build_info",
-            "Build information (always 1).",
-            ["version", "variant", "commit", "build_time"],
-            registry=r,
-        )
+        for spec in METRICS:
+            setattr(self, spec.attribute, spec.make(registry))
         self.buildInfo.labels(version, variant, commit, buildTime).set(1)
         self.inFlight = self.concurrentRequests.labels(variant)
         # labels() validates and locks on every call: keep the children of
@@ -132,186 +400,13 @@ class Metrics:
         self._rateChildren: dict[str, Any] = {}
         self._tokenChildren: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
-        # Tokens and cost (seed section 8.2).
-        tokenLabels = ["direction", "model", "variant", "pricing_tier"]
-        self.tokens = Counter(
-            "zai_proxy_tokens",
-            "Tokens billed (as Z.AI reports them, else estimated).",
-            tokenLabels,
-            registry=r,
-        )
-        self.estimatedCost = Counter(
-            "zai_proxy_estimated_cost_usd",
-            "Estimated cost in USD, from the configured prices.",
-            tokenLabels,
-            registry=r,
-        )
-        self.tokenCountDuration = Histogram(
-            "zai_proxy_token_count_duration_seconds",
-            "Time spent counting tokens locally.",
-            ["variant"],
-            buckets=TOKEN_COUNT_BUCKETS,
-            registry=r,
-        )
-        self.tokenRate = Histogram(
-            "zai_proxy_token_rate",
-            "Output tokens per second of generation.",
-            ["direction", "model", "variant"],
-            buckets=TOKEN_RATE_BUCKETS,
-            registry=r,
-        )
-        self.tokenCounter = Gauge(
-            "zai_proxy_tokenizer_info",
-            "Which local token counter is active (always 1).",
-            ["counter", "encoding", "variant"],
-            registry=r,
-        )
-        self.usageSource = Counter(
-            "zai_proxy_token_usage_source",
-            "Model answers by where their token numbers came from: reported by Z.AI, "
-            "estimated locally, or partial (the answer was cut short).",
-            ["source", "variant"],
-            registry=r,
-        )
-        self.zaiErrors = Counter(
-            "zai_proxy_zai_errors",
-            "Z.AI business errors, by class and code.",
-            ["class", "code", "variant"],
-            registry=r,
-        )
+    # -- per request (from the reporter) -----------------------------------------
 
-        # Admission, adaptation and retries (seed section 8.1).
-        self.rateLimitRate = Gauge(
-            "zai_proxy_rate_limit_requests_per_second",
-            "The limiter's current rate.",
-            ["variant"],
-            registry=r,
-        )
-        self.rateLimitCeiling = Gauge(
-            "zai_proxy_rate_limit_ceiling_requests_per_second",
-            "The limiter's estimate of Z.AI's capacity for this key.",
-            ["variant"],
-            registry=r,
-        )
-        self.rateLimitWait = Histogram(
-            "zai_proxy_rate_limit_wait_seconds",
-            "Time a model call waited for admission.",
-            ["variant", "client"],
-            buckets=WAIT_BUCKETS,
-            registry=r,
-        )
-        self.rateLimitAdjustments = Counter(
-            "zai_proxy_rate_limit_adjustments",
-            "Limiter adjustments, by direction.",
-            ["direction", "variant"],
-            registry=r,
-        )
-        self.rateLimitRejections = Counter(
-            "zai_proxy_rate_limit_rejections",
-            "Calls refused by the proxy's queue (full or timed out).",
-            ["variant", "client"],
-            registry=r,
-        )
-        self.retryAttempts = Counter(
-            "zai_proxy_retry_attempts",
-            "Retries, by reason (and all of them under retry).",
-            ["reason", "variant"],
-            registry=r,
-        )
-        self.maxWorkers = Gauge(
-            "zai_proxy_max_workers",
-            "MAX_WORKERS.",
-            ["variant"],
-            registry=r,
-        )
-        self.concurrencyLimit = Gauge(
-            "zai_proxy_concurrency_limit",
-            "The current limit of model calls in flight (adaptive).",
-            ["variant"],
-            registry=r,
-        )
-        self.workerUtilization = Gauge(
-            "zai_proxy_worker_utilization_ratio",
-            "Model calls in flight over the current limit.",
-            ["variant"],
-            registry=r,
-        )
-        # The quota poller (seed section 8.2), observe only.
-        quotaLabels = ["window", "limit_type", "variant"]
-        self.quotaUsage = Gauge(
-            "zai_proxy_quota_usage_ratio",
-            "Share of a quota window used.",
-            quotaLabels,
-            registry=r,
-        )
-        self.quotaRemaining = Gauge(
-            "zai_proxy_quota_remaining_ratio",
-            "Share of a quota window left.",
-            quotaLabels,
-            registry=r,
-        )
-        self.quotaReset = Gauge(
-            "zai_proxy_quota_reset_time_seconds",
-            "When a quota window resets (Unix time).",
-            quotaLabels,
-            registry=r,
-        )
-        self.quotaSampleAge = Gauge(
-            "zai_proxy_quota_sample_age_seconds",
-            "Age of the last good quota sample.",
-            ["variant"],
-            registry=r,
-        )
-        self.quotaPolls = Counter(
-            "zai_proxy_quota_poll",
-            "Quota polls, by result.",
-            ["result", "variant"],
-            registry=r,
-        )
-        # Client keys and reloads.
-        self.clientAuthFailures = Counter(
-            "zai_proxy_client_auth_failures",
-            "Proxied requests refused with 401: no client key (missing) or not a configured one (unknown).",
-            ["reason", "variant"],
-            registry=r,
-        )
-        self.clientKeys = Gauge(
-            "zai_proxy_client_keys",
-            "Client keys in force (0: the proxy is open).",
-            ["variant"],
-            registry=r,
-        )
-        self.configReloads = Counter(
-            "zai_proxy_config_reloads",
-            "Configuration reloads (SIGHUP), by result.",
-            ["result", "variant"],
-            registry=r,
-        )
-        self.configReloadTime = Gauge(
-            "zai_proxy_config_last_reload_timestamp_seconds",
-            "When the configuration was last reloaded successfully (Unix time; 0: never).",
-            ["variant"],
-            registry=r,
-        )
-        self.queueLength = Gauge(
-            "zai_proxy_rate_limit_queue_length",
-            "Model calls waiting for admission.",
-            ["variant"],
-            registry=r,
-        )
-
-    def requestFinished(
-        self,
-        method: str,
-        path: str,
-        status: int,
-        duration: float,
-        requestBytes: int,
-        responseBytes: int,
-    ) -> None:
+    def requestFinished(self, record: Record) -> None:
         """
         Record one finished request (proxied, local or refused).
         """
+        method, path, status = record.method, record.route, record.status
         key = (method, path, status)
         children = self._requestChildren.get(key)
         if children is None:
@@ -324,9 +419,18 @@ class Metrics:
             )
         requests, durations, requestSizes, responseSizes = children
         requests.inc()
-        durations.observe(duration)
-        requestSizes.observe(requestBytes)
-        responseSizes.observe(responseBytes)
+        durations.observe(record.duration)
+        requestSizes.observe(record.requestBytes)
+        responseSizes.observe(record.responseBytes)
+        if record.ttfb is not None:
+            self._firstByte(method, path, record.ttfb)
+
+    def _firstByte(self, method: str, path: str, seconds: float) -> None:
+        key = (method, path)
+        child = self._firstByteChildren.get(key)
+        if child is None:
+            child = self._firstByteChildren[key] = self.timeToFirstByte.labels(method, path, self.variant)
+        child.observe(seconds)
 
     def clientAuthFailure(self, reason: str) -> None:
         """
@@ -337,26 +441,35 @@ class Metrics:
     def upstreamError(self, errorType: str) -> None:
         self.upstreamErrors.labels(errorType, self.variant).inc()
 
-    def firstByte(self, method: str, path: str, seconds: float) -> None:
-        key = (method, path)
-        child = self._firstByteChildren.get(key)
-        if child is None:
-            child = self._firstByteChildren[key] = self.timeToFirstByte.labels(method, path, self.variant)
-        child.observe(seconds)
-
     def zaiError(self, cls: str, code: str | None) -> None:
-        from zaiproxy.limits.zai_errors import codeLabel
-
         self.zaiErrors.labels(cls, codeLabel(code), self.variant).inc()
 
     def retried(self, reason: str) -> None:
+        """
+        One retry, counted as the Go zai-proxy did: under C{retry} and its reason.
+        """
         self.retryAttempts.labels("retry", self.variant).inc()
         self.retryAttempts.labels(reason, self.variant).inc()
 
-    def tokensUsed(self, direction: str, model: str, tier: str, tokens: int, cost: float) -> None:
+    def billed(self, billed: Billed) -> None:
         """
-        Count C{tokens} (and their cost) of one direction.
+        One answer's tokens and cost, by direction, and where they came from.
         """
+        model, tier = billed.model, billed.tier
+        for direction, tokens in billed.usage.directions().items():
+            if tokens > 0:
+                self._tokensUsed(direction, model, tier, tokens, billed.costs.get(direction, 0.0))
+        child = self._usageChildren.get(billed.source)
+        if child is None:
+            child = self._usageChildren[billed.source] = self.usageSource.labels(billed.source, self.variant)
+        child.inc()
+        if billed.outputRate is not None:
+            rate = self._rateChildren.get(model)
+            if rate is None:
+                rate = self._rateChildren[model] = self.tokenRate.labels("output", model, self.variant)
+            rate.observe(billed.outputRate)
+
+    def _tokensUsed(self, direction: str, model: str, tier: str, tokens: int, cost: float) -> None:
         key = (direction, model, tier)
         children = self._tokenChildren.get(key)
         if children is None:
@@ -369,20 +482,51 @@ class Metrics:
         if cost > 0:
             children[1].inc(cost)
 
-    def usageRecorded(self, source: str, model: str, outputRate: float | None) -> None:
+    # -- the long-lived pieces -------------------------------------------------
+
+    def watchInFlight(self, count: Callable[[], int]) -> None:
+        self.inFlight.set_function(count)
+
+    def watchLimiter(self, limiter: LimiterGauges, maxWorkers: int) -> None:
         """
-        One answer's usage was recorded from C{source}; C{outputRate} is
-        its output tokens per second of generation, if known.
+        The limiter's gauges, read from it at each scrape.
         """
-        child = self._usageChildren.get(source)
-        if child is None:
-            child = self._usageChildren[source] = self.usageSource.labels(source, self.variant)
-        child.inc()
-        if outputRate is not None:
-            rate = self._rateChildren.get(model)
-            if rate is None:
-                rate = self._rateChildren[model] = self.tokenRate.labels("output", model, self.variant)
-            rate.observe(outputRate)
+        v = self.variant
+        self.rateLimitRate.labels(v).set_function(lambda: limiter.rate)
+        self.rateLimitCeiling.labels(v).set_function(lambda: limiter.ceiling)
+        self.maxWorkers.labels(v).set(maxWorkers)
+        self.concurrencyLimit.labels(v).set_function(lambda: limiter.limit)
+        self.workerUtilization.labels(v).set_function(lambda: limiter.inFlight / max(1, limiter.limit))
+        self.queueLength.labels(v).set_function(lambda: limiter.queued)
+
+    def rateLimitAdjustment(self, direction: str) -> None:
+        self.rateLimitAdjustments.labels(direction, self.variant).inc()
+
+    def admissionWait(self, client: str, waited: float) -> None:
+        self.rateLimitWait.labels(self.variant, client).observe(waited)
+
+    def admissionRefused(self, client: str) -> None:
+        self.rateLimitRejections.labels(self.variant, client).inc()
+
+    def tokenizer(self, counter: str, encoding: str) -> Callable[[float], None]:
+        """
+        Show which token counter is active; return what times its counts.
+        """
+        self.tokenCounter.labels(counter, encoding, self.variant).set(1)
+        observe: Callable[[float], None] = self.tokenCountDuration.labels(self.variant).observe
+        return observe
+
+    def watchClientKeys(self, count: Callable[[], int]) -> None:
+        self.clientKeys.labels(self.variant).set_function(count)
+        self.configReloadTime.labels(self.variant).set(0)
+
+    def reloaded(self, result: str, at: float | None = None) -> None:
+        """
+        A reload ended with C{result}; C{at} is when, if it succeeded.
+        """
+        self.configReloads.labels(result, self.variant).inc()
+        if at is not None:
+            self.configReloadTime.labels(self.variant).set(at)
 
     def exposition(self, accept: bytes | None) -> tuple[bytes, str]:
         """

@@ -7,17 +7,23 @@ A L{Forwarder} waits for the limiter's admission, sends the request, and
 reads error answers whole (they are small) to learn Z.AI's code: a "slow
 down" 429 is retried after a backoff (admitted again each time), a quota
 429 puts the limiter on hold and goes to the client with its reset time,
-anything else passes through unchanged. What it hands the relay is a
-response whose body is to be streamed, or nothing when it has answered the
-client itself. Every wait ends at once when the client leaves.
+anything else passes through unchanged. Every wait ends at once when the
+client leaves.
+
+It never writes to the client: what it hands the relay is an L{Answer}, a
+value (a response to stream, Z.AI's error to pass on, a refusal of our own,
+or word that the client is gone), and the relay writes it. What happened
+on the way (waits, failed attempts, retries) is kept in a L{Trail} for
+the request's record.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import attrs
 from twisted.internet import error as netError
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
@@ -35,19 +41,25 @@ from twisted.web.client import (  # type: ignore[attr-defined]
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from zaiproxy.dialects import respondWithError
-from zaiproxy.front.routes import Forward
+from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
 from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout
 from zaiproxy.limits.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
-from zaiproxy.limits.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
-from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange
-from zaiproxy.relay.headers import clientResponseHeaders, upstreamRequestHeaders
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.headers import upstreamRequestHeaders
+from zaiproxy.relay.routes import Forward
 from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, bodyProducerFor
 
-if TYPE_CHECKING:
-    from zaiproxy.relay.relay import RelayContext
-
-__all__ = ["MAX_ERROR_BODY", "Forwarder"]
+__all__ = [
+    "MAX_ERROR_BODY",
+    "PACED_ROUTES",
+    "Answer",
+    "Forwarder",
+    "Gone",
+    "PassOn",
+    "Refusal",
+    "Stream",
+    "Trail",
+]
 
 #: An error body is read whole up to this size (Z.AI's are tiny).
 MAX_ERROR_BODY = 1 << 20
@@ -77,7 +89,76 @@ _NO_RESPONSE: list[tuple[Callable[[Failure], Any], int, str, str]] = [
     ),
 ]
 
-_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
+#: The model calls: paced by the limiter, and their streams end with a
+#: last event of their own.
+PACED_ROUTES = frozenset(["/v1/messages", "/v1/chat/completions"])
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+@attrs.frozen
+class Stream:
+    """
+    An answer to relay as it arrives; C{permit} is the admission slot it
+    holds until it ends (L{None} for calls the limiter does not pace).
+    """
+
+    response: IResponse
+    permit: Permit | None = None
+
+
+@attrs.frozen
+class PassOn:
+    """
+    Z.AI's error answer, read whole, to pass on unchanged but for
+    C{headers} (the X-Zai-* headers of a 429).
+    """
+
+    response: IResponse
+    body: bytes
+    headers: Headers = ()
+
+
+@attrs.frozen
+class Refusal:
+    """
+    An error answer of the proxy's own, in the client's dialect.
+    """
+
+    status: int
+    message: str
+    code: str | None = None
+    headers: Headers = ()
+
+
+@attrs.frozen
+class Gone:
+    """
+    The client left before an answer: nothing to write.
+    """
+
+
+Answer = Stream | PassOn | Refusal | Gone
+
+
+@attrs.define
+class Trail:
+    """
+    What happened on the way to an answer, for the request's record.
+
+    @ivar errorType: the last failure (upstream or the proxy's queue).
+    @ivar upstreamErrors: one per failed attempt.
+    """
+
+    queueWait: float = 0.0
+    errorType: str | None = None
+    upstreamErrors: tuple[str, ...] = ()
+    zaiErrors: tuple[tuple[str, str | None], ...] = ()
+    retries: tuple[str, ...] = ()
+
+    def failed(self, errorType: str) -> None:
+        self.errorType = errorType
+        self.upstreamErrors += (errorType,)
 
 
 class _ErrorBody(BodyProtocol):
@@ -113,18 +194,21 @@ class Forwarder:
         context: RelayContext,
         request: Request,
         route: Forward,
-        exchange: Exchange,
         client: str,
         wantsResponse: Callable[[int], bool] = lambda code: False,
     ) -> None:
+        """
+        @param client: who the request is from, for the fair queue.
+        @param wantsResponse: whether an error status is relayed as it is
+            (count_tokens' 404, answered locally from it).
+        """
         self._context = context
         self._wantsResponse = wantsResponse
         self._request = request
         self._route = route
-        self._exchange = exchange
         self._client = client
-        self._limiter = context.limiter if route.label in ("/v1/messages", "/v1/chat/completions") else None
-        self._result: Deferred[IResponse | None] = Deferred()
+        self._limiter = context.limiter if route.label in PACED_ROUTES else None
+        self._result: Deferred[Answer] = Deferred()
         self._waiting: Deferred[Any] | None = None
         self._timer: IDelayedCall | None = None
         self._errorBody: _ErrorBody | None = None
@@ -132,17 +216,16 @@ class Forwarder:
         self._retries = 0
         self._timedOut = False
         self._cancelled: str | None = None
-        self.retried = False
+        self.trail = Trail()
 
-    # -- the outcome -----------------------------------------------------------
+    # -- the answer ------------------------------------------------------------
 
-    def start(self) -> Deferred[IResponse | None]:
+    def start(self) -> Deferred[Answer]:
         """
-        A response to relay, or L{None} if the client was answered here (or
-        left); C{exchange.status} says which.
+        The answer, once there is one; it never fails.
         """
         limiter = self._limiter
-        if limiter is not None and self._context.quotaHold:
+        if limiter is not None:
             held = limiter.quotaHeld()
             if held is not None:
                 self._quotaHeld(*held)
@@ -150,14 +233,11 @@ class Forwarder:
         self._admit()
         return self._result
 
-    def _answered(self, status: int) -> None:
-        self._exchange.status = status
-        self._releasePermit()
+    def _answer(self, answer: Answer) -> None:
+        if not isinstance(answer, Stream):
+            self._releasePermit()
         if not self._result.called:
-            self._result.callback(None)
-
-    def _relay(self, response: IResponse) -> None:
-        self._result.callback(response)
+            self._result.callback(answer)
 
     def cancel(self, why: str) -> None:
         """
@@ -176,17 +256,9 @@ class Forwarder:
 
     def _stopped(self) -> None:
         if self._cancelled == "client":
-            self._answered(CLIENT_CLOSED)
+            self._answer(Gone())
         else:
-            self._fail(503, None, "the proxy is shutting down; retry")
-
-    def done(self, outcome: str, inFlight: int | None = None) -> None:
-        """
-        The relayed answer ended: tell the limiter how it went.
-        """
-        if self._limiter is not None and outcome != "none":
-            self._limiter.record(outcome, inFlight)
-        self._releasePermit()
+            self._refuse(503, None, "the proxy is shutting down; retry")
 
     def _releasePermit(self) -> None:
         if self._permit is not None:
@@ -205,7 +277,7 @@ class Forwarder:
     def _admitted(self, permit: Permit) -> None:
         self._waiting = None
         self._permit = permit
-        self._exchange.queueWait += permit.waited
+        self.trail.queueWait += permit.waited
         self._attempt()
 
     def _notAdmitted(self, failure: Failure) -> None:
@@ -217,34 +289,32 @@ class Forwarder:
         refusal = failure.value
         assert isinstance(refusal, NotAdmitted)
         retryAfter = math.ceil(refusal.retryAfter)
-        self._request.setHeader(b"retry-after", b"%d" % (retryAfter,))
         if isinstance(refusal, QueueTimeout):
-            waited = refusal.waited
             errorType = "queue_timeout"
             message = (
-                f"waited {waited:g} s in the proxy's queue without being admitted; retry after {retryAfter} s"
+                f"waited {refusal.waited:g} s in the proxy's queue without being admitted; "
+                f"retry after {retryAfter} s"
             )
         else:
             errorType, message = "queue_full", f"the proxy's queue is full; retry after {retryAfter} s"
-        self._fail(429, errorType, message, keepHeaders=True)
+        # The proxy's own refusal, not an upstream error.
+        self.trail.errorType = errorType
+        self._refuse(429, None, message, headers=((b"retry-after", b"%d" % (retryAfter,)),))
 
     def _quotaHeld(self, until: float, error: ZaiError) -> None:
         """
         Z.AI said the quota is gone until a stated time: answer that here,
         without spending a request upstream.
         """
-        request = self._request
-        now = self._context.clock.seconds()
-        for name, value in zaiHeaders(error, now, upstreamRetryAfter=False):
-            request.setHeader(name, value)
-        reset = dict(zaiHeaders(error, now, False)).get(b"x-zai-rate-limit-reset", b"").decode()
-        self._fail(
+        headers = zaiHeaders(error, self._context.clock.seconds(), upstreamRetryAfter=False)
+        reset = dict(headers).get(b"x-zai-rate-limit-reset", b"").decode()
+        self._refuse(
             429,
             None,
             f"Z.AI's usage limit is reached (code {error.code}); it resets at {reset}. "
             "The proxy answers this itself until then.",
             code=error.code,
-            keepHeaders=True,
+            headers=tuple(headers),
         )
 
     # -- attempts -----------------------------------------------------------------
@@ -288,7 +358,7 @@ class Forwarder:
             self._stopped()
             return
         if self._timedOut:
-            self._fail(
+            self._refuse(
                 504,
                 "first_byte_timeout",
                 f"the upstream sent no response within {self._context.firstByteTimeout:g} s",
@@ -298,7 +368,7 @@ class Forwarder:
             if test(failure):
                 if errorType == "upstream_connection" and self._retry(NETWORK, "network_error"):
                     return
-                self._fail(status, errorType, message)
+                self._refuse(status, errorType, message)
                 return
         if not failure.check(
             netError.ConnectionClosed, netError.ConnectError, CancelledError, *_CONNECTION_ERRORS
@@ -306,7 +376,7 @@ class Forwarder:
             self.log.failure("upstream request to {route} failed", failure=failure, route=self._route.label)
         if self._retry(NETWORK, "network_error"):
             return
-        self._fail(502, "upstream_connection", "the upstream closed the connection before responding")
+        self._refuse(502, "upstream_connection", "the upstream closed the connection before responding")
 
     def _gotResponse(self, response: IResponse) -> None:
         self._waiting = None
@@ -317,7 +387,7 @@ class Forwarder:
             return
         if response.code < 400 or self._wantsResponse(response.code):
             self._cancelTimer()
-            self._relay(response)
+            self._answer(Stream(response, self._permit))
             return
         # An error: read it whole (the first-byte timer still runs) to learn
         # Z.AI's code before deciding.
@@ -331,10 +401,34 @@ class Forwarder:
             self._stopped()
             return
         if self._timedOut:
-            self._fail(504, "first_byte_timeout", "the upstream's error answer did not arrive in time")
+            self._refuse(504, "first_byte_timeout", "the upstream's error answer did not arrive in time")
             return
-        context = self._context
+        error = self._readError(response, body, oversized)
         code = response.code
+        self._releasePermit()
+        self.trail.failed(str(code))
+        if code == 429 and error.cls == "quota":
+            self.log.warn(
+                "429 quota exhausted (code {code}): not retrying, returning reset metadata", code=error.code
+            )
+        elif code == 429 and self._limiter is not None:
+            asked = parseRetryAfter(
+                response.headers.getRawHeaders(b"retry-after", [None])[0], self._context.clock.seconds()
+            )
+            if self._retry(error.cls, "429", asked, error.retryAfter, error):
+                return
+            if error.cls != "configuration":
+                self.log.warn("429 {cls} (code {code}), max retries exceeded", cls=error.cls, code=error.code)
+        headers: Headers = ()
+        if code == 429:
+            upstreamRetryAfter = response.headers.hasHeader(b"retry-after")
+            headers = tuple(zaiHeaders(error, self._context.clock.seconds(), upstreamRetryAfter))
+        self._answer(PassOn(response, body, headers))
+
+    def _readError(self, response: IResponse, body: bytes, oversized: bool) -> ZaiError:
+        """
+        Z.AI's error code, class and hints; a 429's goes to the limiter.
+        """
         if oversized:
             self.log.warn(
                 "An error answer of {route} over {limit} bytes was cut to that size",
@@ -345,30 +439,10 @@ class Forwarder:
             parseError(body) if not oversized and len(body) <= MAX_ERROR_BYTES else ZaiError(None, "unknown")
         )
         if error.code is not None:
-            context.reporter.zaiError(error)
-        limiter = self._limiter
-        if limiter is not None and code == 429:
-            if error.cls in ("frequency", "unknown"):
-                limiter.record("frequency")
-            elif error.cls == "concurrency":
-                limiter.record("concurrency", limiter.admission.inFlight)
-        self._releasePermit()
-        context.reporter.upstreamError(str(code))
-        if code == 429 and error.cls == "quota":
-            if limiter is not None and context.quotaHold:
-                limiter.holdQuota(error)
-            self.log.warn(
-                "429 quota exhausted (code {code}): not retrying, returning reset metadata", code=error.code
-            )
-        elif code == 429 and limiter is not None:
-            asked = parseRetryAfter(
-                response.headers.getRawHeaders(b"retry-after", [None])[0], context.clock.seconds()
-            )
-            if self._retry(error.cls, "429", asked, error.retryAfter, error):
-                return
-            if error.cls != "configuration":
-                self.log.warn("429 {cls} (code {code}), max retries exceeded", cls=error.cls, code=error.code)
-        self._passThrough(response, body, error if code == 429 else None)
+            self.trail.zaiErrors += ((error.cls, error.code),)
+        if self._limiter is not None and response.code == 429:
+            self._limiter.observe(error)
+        return error
 
     def _retry(
         self,
@@ -388,8 +462,7 @@ class Forwarder:
         if wait is None:
             return False
         self._retries += 1
-        self.retried = True
-        context.reporter.retry(reason)
+        self.trail.retries += (reason,)
         self.log.info(
             "{what}, retrying (attempt {attempt}/{attempts}) after {wait:.2f}s",
             what=f"429 {cls} (code {error.code})" if error is not None else "Upstream connection failed",
@@ -411,51 +484,24 @@ class Forwarder:
         else:
             self._admit()
 
-    # -- answers made here ----------------------------------------------------------
-
-    def _passThrough(self, response: IResponse, body: bytes, error: ZaiError | None) -> None:
-        """
-        Z.AI's error answer, unchanged (plus the X-Zai-* headers on a 429).
-        """
-        request = self._request
-        request.setResponseCode(response.code, response.phrase or _PHRASES.get(response.code))
-        for name, values in clientResponseHeaders(response.headers):
-            request.responseHeaders.setRawHeaders(name, values)
-        if not response.headers.hasHeader(b"server"):
-            request.responseHeaders.removeHeader(b"server")
-        if error is not None:
-            upstreamRetryAfter = response.headers.hasHeader(b"retry-after")
-            for name, value in zaiHeaders(error, self._context.clock.seconds(), upstreamRetryAfter):
-                request.setHeader(name, value)
-        self._exchange.errorType = str(response.code)
-        request.setHeader(b"content-length", b"%d" % (len(body),))
-        if request.method != b"HEAD":
-            request.write(body)
-            self._exchange.responseBytes = len(body)
-        request.finish()
-        self._answered(response.code)
-
-    def _fail(
+    def _refuse(
         self,
         status: int,
         errorType: str | None,
         message: str,
         code: str | None = None,
-        keepHeaders: bool = False,
+        headers: Headers = (),
     ) -> None:
-        request = self._request
+        """
+        Answer with an error of our own; C{errorType} names an upstream
+        failure, if that is what it is.
+        """
         if errorType is not None:
-            self._exchange.errorType = errorType
-            if errorType not in ("queue_full", "queue_timeout"):
-                self._context.reporter.upstreamError(errorType)
+            self.trail.failed(errorType)
         if self._cancelled == "client":
-            self._answered(CLIENT_CLOSED)
+            self._answer(Gone())
             return
-        if not keepHeaders:
-            for name in (b"retry-after",):
-                request.responseHeaders.removeHeader(name)
-        self._exchange.responseBytes = respondWithError(request, self._route.dialect, status, message, code)
-        self._answered(status)
+        self._answer(Refusal(status, message, code, headers))
 
     def _bug(self, failure: Failure) -> None:
         self.log.failure("forwarding to {route} failed", failure=failure, route=self._route.label)

@@ -1,8 +1,13 @@
 # -*- test-case-name: tests.test_relay -*-
 """
 One request's journey: get an answer from Z.AI (L{Forwarder}: admission,
-attempts, retries), relay it chunk by chunk with backpressure, and stop the
-upstream as soon as the client leaves.
+attempts, retries), write it to the client, relaying a body chunk by chunk
+with backpressure, and stop the upstream as soon as the client leaves.
+
+The relay is the only writer to the client once a request is routed, and
+the only one to end it: when it is over, its L{Exchange} is frozen into a
+L{Record} and handed to the reporter, once. Its phases and the moves
+between them are in L{zaiproxy.relay.states}.
 
 A L{Relay} is the body protocol of the upstream response and the push
 producer registered with the client's request, so a client that reads
@@ -21,13 +26,10 @@ work done before that poll would delay the client's first byte.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -36,22 +38,20 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from zaiproxy.dialects import respondWithError, streamEnded, streamErrorEvent
-from zaiproxy.dialects.sse import MAX_PARTIAL_EVENT, lastEventEnd
-from zaiproxy.front.routes import Forward
-from zaiproxy.limits.admission import clientBucket
-from zaiproxy.limits.limiter import RateLimiter
-from zaiproxy.observe.exchange import CLIENT_CLOSED, Exchange, Reporter
-from zaiproxy.relay.forward import Forwarder
+from zaiproxy.dialects import respondWithError, streamErrorEvent
+from zaiproxy.limits.admission import Permit, clientBucket
+from zaiproxy.observe.record import CLIENT_CLOSED, Billed, Exchange
+from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.events import StreamEvents
+from zaiproxy.relay.forward import PACED_ROUTES, Answer, Forwarder, Gone, PassOn, Refusal, Stream
 from zaiproxy.relay.headers import clientResponseHeaders
-from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, DrainBody, Upstream
-from zaiproxy.usage.accounting import Accounting
-from zaiproxy.usage.tap import Piece, RequestBody, UsageTap, answerKind, readsLater
+from zaiproxy.relay.routes import Forward
+from zaiproxy.relay.states import CUTS, Cut, Phase, checkMove
+from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, DrainBody
+from zaiproxy.usage.body import RequestBody
+from zaiproxy.usage.tap import AnswerKind, Piece, UsageTap, answerKind, readsLater
 
-if TYPE_CHECKING:
-    from zaiproxy.front.site import InFlight
-
-__all__ = ["Relay", "RelayContext"]
+__all__ = ["Relay"]
 
 #: Seconds after a stream's first chunk to read its opening burst, unless
 #: something reads it sooner. Twisted sends that chunk at its next poll; a
@@ -63,35 +63,23 @@ READ_OPENING_AFTER = 0.001
 MAX_UNREAD = 16
 MAX_UNREAD_BYTES = 4096
 
-#: The routes whose streams are model answers, with a last event of their
-#: own (see L{streamEnded}): one that ends without it was cut short.
-MODEL_ROUTES = frozenset(["/v1/messages", "/v1/chat/completions"])
+_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
 
 
-@attrs.frozen
-class RelayContext:
+class InFlight(Protocol):
     """
-    What every relay shares: the clock, the upstream, where results go, and
-    the timeouts.
+    Where relays in progress are kept, for the drain.
     """
 
-    clock: IReactorTime
-    upstream: Upstream
-    reporter: Reporter
-    apiKey: bytes = attrs.field(repr=False)
-    firstByteTimeout: float
-    idleTimeout: float
-    accounting: Accounting | None = None
-    limiter: RateLimiter | None = None
-    maxRetries: int = 0
-    quotaHold: bool = True
-    jitter: Callable[[float, float], float] = random.uniform
+    def add(self, item: Relay) -> None: ...
+
+    def discard(self, item: Relay) -> None: ...
 
 
 @implementer(IPushProducer)
 class Relay(BodyProtocol):
     """
-    Forwards one request and relays its response.
+    Forwards one request and writes its answer.
 
     Upstream data arrives in L{dataReceived} (this is the response's body
     protocol) and the client's transport pauses and resumes the upstream
@@ -107,7 +95,7 @@ class Relay(BodyProtocol):
         route: Forward,
         exchange: Exchange,
         context: RelayContext,
-        inFlight: InFlight[Relay],
+        inFlight: InFlight,
         body: RequestBody | None = None,
     ) -> None:
         """
@@ -120,42 +108,48 @@ class Relay(BodyProtocol):
         self._context = context
         self._inFlight = inFlight
         self._body = body
+        self._phase = Phase.FORWARDING
+        self._cut: Cut | None = None
+        self._forwarder: Forwarder | None = None
+        self._permit: Permit | None = None
+        self._relayed = False
+        self._kind = AnswerKind.NONE
         self._tap: UsageTap | None = None
-        # A stream's opening chunks, sent before the tap is made.
+        self._events: StreamEvents | None = None
+        # A stream's opening: its chunks, and the call that sends them.
+        self._opening: list[bytes] = []
+        self._openingCall: IDelayedCall | None = None
+        # Opening chunks sent before the tap is made, and the call that reads them.
         self._unread: list[bytes] = []
         self._readCall: IDelayedCall | None = None
-        # A stream's first chunks, until the call below relays them as one.
-        self._opened = False
-        self._opening: list[bytes] | None = None
-        self._openingCall: IDelayedCall | None = None
-        self._mode = "none"
-        self._forwarder: Forwarder | None = None
-        self._answered = False
-        self._idleTimer: IDelayedCall | None = None
-        self._sse = False
-        # A model answer's stream, and whether its last event was seen.
-        self._watchEnd = False
-        self._endSeen = False
-        self._truncated = False
-        self._partial = b""
+        # The piece being counted (HELD, or ENDING), and what waits behind it.
         self._waiting: Deferred[bytes] | None = None
         self._backlog: list[Piece] = []
         self._ended: Failure | None = None
-        self._endPieces = False
+        self._idleTimer: IDelayedCall | None = None
         self._clientPaused = False
-        self._clientGone = False
-        self._idleTimedOut = False
-        self._shutdown = False
         self._registered = False
-        self._done = False
         # notifyFinish() made after the client left never fires: ask first.
         request.notifyFinish().addErrback(self._clientLost)
+
+    def _moveTo(self, phase: Phase) -> None:
+        checkMove(self._phase, phase)
+        self._phase = phase
+
+    @property
+    def phase(self) -> Phase:
+        return self._phase
+
+    def _isDone(self) -> bool:
+        # A method: after a call that may end the relay, mypy would keep
+        # an earlier narrowing of the attribute.
+        return self._phase is Phase.DONE
 
     # -- forwarding ---------------------------------------------------------
 
     def start(self) -> None:
         """
-        Get an answer upstream, then relay it.
+        Get an answer upstream, then write it.
         """
         self._inFlight.add(self)
         exchange = self._exchange
@@ -163,79 +157,130 @@ class Relay(BodyProtocol):
             self._context,
             self._request,
             self._route,
-            exchange,
-            # Fairness by client key name, else by the seed's address buckets.
+            # Fairness by client key name, else by the Go zai-proxy's address buckets.
             exchange.keyName or clientBucket(exchange.client),
             wantsResponse=self._wantsResponse,
         )
-        self._forwarder.start().addCallbacks(self._gotResponse, self._bug).addErrback(self._bug)
+        self._forwarder.start().addCallback(self._gotAnswer).addErrback(self._bug)
 
     def _wantsResponse(self, code: int) -> bool:
         # count_tokens' 404 is answered locally from the relayed response.
-        return self._body is not None and answerKind(self._route.label, code, b"") == "local"
+        return self._body is not None and answerKind(self._route.label, code, b"") is AnswerKind.LOCAL
 
-    def _fail(self, status: int, errorType: str | None, message: str) -> None:
+    def _gotAnswer(self, answer: Answer) -> None:
+        assert self._forwarder is not None
+        trail = self._forwarder.trail
+        exchange = self._exchange
+        exchange.queueWait = trail.queueWait
+        exchange.errorType = trail.errorType
+        exchange.upstreamErrors = trail.upstreamErrors
+        exchange.zaiErrors = trail.zaiErrors
+        exchange.retries = trail.retries
+        if isinstance(answer, Stream):
+            self._permit = answer.permit
+            self._gotResponse(answer.response)
+        elif isinstance(answer, PassOn):
+            self._passOn(answer)
+        elif isinstance(answer, Refusal):
+            for name, value in answer.headers:
+                self._request.setHeader(name, value)
+            self._fail(answer.status, None, answer.message, answer.code)
+        else:
+            assert isinstance(answer, Gone)
+            self._finished(CLIENT_CLOSED)
+
+    def _fail(self, status: int, errorType: str | None, message: str, code: str | None = None) -> None:
+        """
+        End with an error of our own, in the client's dialect.
+        """
         if errorType is not None:
-            self._exchange.errorType = errorType
-            self._context.reporter.upstreamError(errorType)
-        self._exchange.responseBytes = respondWithError(self._request, self._route.dialect, status, message)
+            self._exchange.failed(errorType)
+        self._unregister()
+        self._exchange.responseBytes = respondWithError(
+            self._request, self._route.dialect, status, message, code
+        )
         self._finished(status)
 
-    # -- the response -------------------------------------------------------
-
-    def _gotResponse(self, response: IResponse | None) -> None:
-        self._answered = True
-        if response is None:
-            # The forwarder answered the client itself (or the client left).
-            self._finished(self._exchange.status)
-            return
-        if self._clientGone:
-            response.deliverBody(DiscardBody())
+    def _passOn(self, answer: PassOn) -> None:
+        """
+        Z.AI's error answer, unchanged (plus the X-Zai-* headers of a 429).
+        """
+        if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
         request = self._request
-        contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        sse = self._sse = contentType.lower().startswith(b"text/event-stream")
-        self._watchEnd = sse and 200 <= response.code < 300 and self._route.label in MODEL_ROUTES
-        if self._body is not None:
-            self._mode = answerKind(self._route.label, response.code, contentType)
-            if self._mode in ("body", "local"):
-                self._tapNow()
-        if self._mode == "local":
-            self._answerLocally(response)
-            return
-        request.setResponseCode(response.code, response.phrase)
-        headers = request.responseHeaders
+        response = answer.response
+        request.setResponseCode(response.code, response.phrase or _PHRASES.get(response.code))
+        self._copyHeaders(response)
+        for name, value in answer.headers:
+            request.setHeader(name, value)
+        request.setHeader(b"content-length", b"%d" % (len(answer.body),))
+        if request.method != b"HEAD":
+            self._send(answer.body)
+        request.finish()
+        self._finished(response.code)
+
+    def _copyHeaders(self, response: IResponse) -> None:
+        headers = self._request.responseHeaders
         for name, values in clientResponseHeaders(response.headers):
             headers.setRawHeaders(name, values)
         if not response.headers.hasHeader(b"server"):
             headers.removeHeader(b"server")
+
+    # -- the response -------------------------------------------------------
+
+    def _gotResponse(self, response: IResponse) -> None:
+        self._relayed = True
+        if self._cut is Cut.CLIENT_GONE:
+            response.deliverBody(DiscardBody())
+            self._finished(CLIENT_CLOSED)
+            return
+        contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
+        if self._body is not None:
+            self._kind = answerKind(self._route.label, response.code, contentType)
+        if self._kind is AnswerKind.LOCAL:
+            self._moveTo(Phase.COUNTING)
+            self._answerLocally(response)
+            return
+        if contentType.lower().startswith(b"text/event-stream"):
+            watchEnd = 200 <= response.code < 300 and self._route.label in PACED_ROUTES
+            self._events = StreamEvents(self._route.dialect, watchEnd)
+            self._moveTo(Phase.OPENING)
+        else:
+            self._moveTo(Phase.RELAYING)
+            if self._kind is AnswerKind.BODY:
+                self._tapNow()
+        self._writeHead(response)
+        response.deliverBody(self)
+
+    def _writeHead(self, response: IResponse) -> None:
+        request = self._request
+        request.setResponseCode(response.code, response.phrase)
+        self._copyHeaders(response)
         if (
-            self._mode != "body"
-            and not sse
+            self._kind is not AnswerKind.BODY
+            and self._events is None
             and response.length is not UNKNOWN_LENGTH
             and request.method != b"HEAD"
         ):
             # The body passes unchanged, so its length still holds.
-            headers.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
         self._exchange.status = response.code
         if response.code >= 400:
-            self._exchange.errorType = str(response.code)
-            self._context.reporter.upstreamError(str(response.code))
-        response.deliverBody(self)
+            self._exchange.failed(str(response.code))
 
     def _answerLocally(self, response: IResponse) -> None:
         """
         Z.AI does not serve count_tokens: read and drop its answer (keeping
         the connection for reuse) and count the prompt here.
         """
-        assert self._tap is not None
         response.deliverBody(DrainBody())
         self._exchange.status = 200
-        self._tap.localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(self._bug)
+        tap = self._tapNow()
+        tap.localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(self._bug)
 
     def _localCounted(self, body: bytes) -> None:
-        if self._clientGone:
+        if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
         request = self._request
@@ -248,10 +293,12 @@ class Relay(BodyProtocol):
 
     def _localFailed(self, failure: Failure) -> None:
         self.log.failure("counting tokens for count_tokens failed", failure=failure)
-        if self._clientGone:
+        if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
         self._fail(500, None, "count_tokens is not served upstream and could not be estimated")
+
+    # -- the body, from the upstream --------------------------------------------
 
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
@@ -263,68 +310,60 @@ class Relay(BodyProtocol):
             self._idleTimer.reset(self._context.idleTimeout)
         exchange = self._exchange
         if exchange.firstByteAt is None:
-            self._context.reporter.firstByte(exchange)
-        if self._mode == "body":
-            assert self._tap is not None
-            if not self._tap.hold(data):
-                # Too large to account for: pass it on as it came.
-                self._mode = "none"
-                self._send(self._tap.takeHeld())
-            return
-        if self._sse:
-            # Write whole events only, so an error event can always follow.
-            if self._partial:
-                data = self._partial + data
-            end = lastEventEnd(data)
-            if end != len(data):
-                if len(data) - end <= MAX_PARTIAL_EVENT:
-                    self._partial = data[end:]
-                    data = data[:end]
-                    if not data:
-                        return
-                else:
-                    self._partial = b""
+            exchange.firstByteAt = self._context.clock.seconds()
+        events = self._events
+        if events is None:
+            if self._kind is AnswerKind.BODY:
+                self._holdBody(data)
             else:
-                self._partial = b""
-            if self._watchEnd and not self._endSeen:
-                self._endSeen = streamEnded(self._route.dialect, data)
-            if self._opening is not None:
-                self._opening.append(data)
-                return
-            if not self._opened:
-                # The opening burst (every chunk of this reactor turn) goes
-                # out as one piece, just before the poll that sends it.
-                self._opened = True
-                self._opening = [data]
-                self._openingCall = self._context.clock.callLater(0, self._openingDue)
-                return
-            self._relayEvents(data)
+                self._send(data)
             return
-        self._send(data)
+        # Whole events only, so an error event can always follow.
+        data = events.whole(data)
+        if not data:
+            return
+        if self._phase is Phase.OPENING:
+            # The opening burst (every chunk of this reactor turn) goes out
+            # as one piece, just before the poll that sends it.
+            self._opening.append(data)
+            if self._openingCall is None:
+                self._openingCall = self._context.clock.callLater(0, self._openingDue)
+            return
+        self._relayEvents(data)
+
+    def _holdBody(self, data: bytes) -> None:
+        """
+        Keep a JSON answer whole (usage may have to be added to it).
+        """
+        assert self._tap is not None
+        if not self._tap.hold(data):
+            # Too large to account for: pass it on as it came.
+            self._kind = AnswerKind.NONE
+            self._send(self._tap.takeHeld())
 
     def _relayEvents(self, data: bytes) -> None:
         """
         Relay whole events, read by the tap first when they must be.
         """
-        if self._mode == "stream":
-            tap = self._tap
-            if tap is None:
-                if len(data) <= MAX_UNREAD_BYTES and len(self._unread) < MAX_UNREAD and readsLater(data):
-                    self._send(data)
-                    self._unread.append(data)
-                    if self._readCall is None:
-                        self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
-                    return
-                tap = self._tapNow()
-            pieces = tap.feed(data)
-            if pieces is None:
-                if self._waiting is None:
-                    self._send(data)
-                    return
-                pieces = [data]
-            self._emit(pieces)
+        if self._kind is not AnswerKind.STREAM:
+            self._send(data)
             return
-        self._send(data)
+        tap = self._tap
+        if tap is None:
+            if len(data) <= MAX_UNREAD_BYTES and len(self._unread) < MAX_UNREAD and readsLater(data):
+                self._send(data)
+                self._unread.append(data)
+                if self._readCall is None:
+                    self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
+                return
+            tap = self._tapNow()
+        pieces = tap.feed(data)
+        if pieces is None:
+            if self._waiting is None:
+                self._send(data)
+                return
+            pieces = [data]
+        self._emit(pieces)
 
     def _openingDue(self) -> None:
         self._openingCall = None
@@ -348,13 +387,14 @@ class Relay(BodyProtocol):
         call, self._openingCall = self._openingCall, None
         if call is not None and call.active():
             call.cancel()
-        opening, self._opening = self._opening, None
-        if not opening or self._done:
+        self._moveTo(Phase.RELAYING)
+        opening, self._opening = self._opening, []
+        if not opening:
             return
         data = b"".join(opening)
         if self._request.finished:
             # Answered already (an error of ours): read for usage only.
-            if self._mode == "stream":
+            if self._kind is AnswerKind.STREAM:
                 self._tapNow().feed(data)
             return
         self._relayEvents(data)
@@ -382,7 +422,7 @@ class Relay(BodyProtocol):
             self._readCall = None
         accounting = self._context.accounting
         assert accounting is not None and self._body is not None
-        tap = self._tap = UsageTap(accounting, self._route.dialect, self._exchange, self._body, self._mode)
+        tap = self._tap = UsageTap(accounting, self._route.dialect, self._exchange, self._body, self._kind)
         if self._unread:
             unread, self._unread = self._unread, []
             tap.readRelayed(unread)
@@ -393,29 +433,35 @@ class Relay(BodyProtocol):
         The tap, once everything relayed is read; L{None} if this answer is
         not read.
         """
-        if self._tap is None and self._mode != "stream":
+        if self._tap is None and self._kind is not AnswerKind.STREAM:
             return None
         return self._tapNow()
 
     # -- pieces that wait for a count ---------------------------------------
 
-    def _emit(self, pieces: list[Piece]) -> None:
+    def _emit(self, pieces: list[Piece]) -> bool:
         """
         Write C{pieces} in order; a piece still being counted holds back
-        everything after it, with the upstream paused.
+        everything after it, with the upstream paused (HELD). Say whether
+        all were written.
         """
         if self._waiting is not None:
             self._backlog.extend(pieces)
-            return
+            return False
         for index, piece in enumerate(pieces):
             if isinstance(piece, bytes):
                 self._send(piece)
                 continue
             self._waiting = piece
             self._backlog = list(pieces[index + 1 :])
-            self._holdUpstream()
+            if self._phase is Phase.RELAYING:
+                self._moveTo(Phase.HELD)
+                self._cancelIdleTimer()
+                if self._ended is None and self.transport is not None:
+                    self.producer.pauseProducing()
             piece.addErrback(self._pieceFailed).addCallback(self._released).addErrback(self._bug)
-            return
+            return False
+        return True
 
     def _pieceFailed(self, failure: Failure) -> bytes:
         self.log.failure("adding usage to a stream failed", failure=failure)
@@ -423,28 +469,26 @@ class Relay(BodyProtocol):
 
     def _released(self, data: bytes) -> None:
         self._waiting = None
+        if self._phase is Phase.DONE:
+            return
         self._send(data)
         backlog, self._backlog = self._backlog, []
-        self._emit(backlog)
-        if self._waiting is None:
-            self._resumeUpstream()
+        if not self._emit(backlog):
+            return
+        if self._phase is Phase.HELD:
+            self._moveTo(Phase.RELAYING)
+            if self._ended is None and self.transport is not None and not self._clientPaused:
+                self.producer.resumeProducing()
+                self._startIdleTimer()
             self._maybeEnd()
-
-    def _holdUpstream(self) -> None:
-        self._cancelIdleTimer()
-        if self._ended is None and self.transport is not None:
-            self.producer.pauseProducing()
-
-    def _resumeUpstream(self) -> None:
-        if self._ended is None and self.transport is not None and not self._clientPaused:
-            self.producer.resumeProducing()
-            self._startIdleTimer()
+        elif self._phase is Phase.ENDING:
+            self._endCleanly()
 
     # -- the end of the response --------------------------------------------
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancelIdleTimer()
-        if self._opening is not None:
+        if self._phase is Phase.OPENING:
             self._sendOpening()
         self._ended = reason
         self._maybeEnd()
@@ -454,52 +498,40 @@ class Relay(BodyProtocol):
         End the response once the upstream has ended and nothing waits.
         """
         reason = self._ended
-        if reason is None or self._waiting is not None or self._done:
+        if reason is None or self._phase is not Phase.RELAYING:
             return
-        if self._clientGone:
+        if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
-        clean = (
-            reason.check(ResponseDone, PotentialDataLoss) and not self._idleTimedOut and not self._shutdown
-        )
-        if not clean:
-            self._streamBroke()
+        if self._cut is None and not reason.check(ResponseDone, PotentialDataLoss):
+            self._cut = Cut.BROKEN
+        if self._cut is None and self._events is not None and self._events.cutShort():
+            self._cut = Cut.TRUNCATED
+        if self._cut is not None:
+            self._streamBroke(self._cut)
             return
-        if not self._endPieces:
-            if self._cutShort():
-                self._truncated = True
-                self._streamBroke()
-                return
-            self._endPieces = True
-            pieces: list[Piece] = []
-            if self._partial:
-                pieces.append(self._partial)
-                self._partial = b""
-            if self._mode == "stream":
-                pieces.extend(self._tapNow().endStream())
-            elif self._mode == "body":
-                assert self._tap is not None
-                self._endBody(self._tap.endBody())
-                return
-            self._emit(pieces)
-            # _emit may set _waiting or end the response: mypy keeps the
-            # narrowing above across the call.
-            if self._waiting is not None or self._done:
-                # Still counting; or counted at once, and the release
-                # (L{_released}) has ended the response already.
-                return  # type: ignore[unreachable]
+        self._moveTo(Phase.ENDING)
+        if self._kind is AnswerKind.BODY:
+            assert self._tap is not None
+            self._endBody(self._tap.endBody())
+            return
+        pieces: list[Piece] = []
+        if self._events is not None:
+            rest = self._events.rest()
+            if rest:
+                pieces.append(rest)
+        if self._kind is AnswerKind.STREAM:
+            pieces.extend(self._tapNow().endStream())
+        if self._emit(pieces):
+            self._endCleanly()
+
+    def _endCleanly(self) -> None:
+        if self._cut is Cut.CLIENT_GONE:
+            self._finished(CLIENT_CLOSED)
+            return
         self._unregister()
         self._request.finish()
         self._finished(self._exchange.status, complete=True)
-
-    def _cutShort(self) -> bool:
-        """
-        Whether a model answer's stream ended cleanly without its last event
-        (checked in a held half event too, which may lack its blank line).
-        """
-        if not self._watchEnd or self._endSeen:
-            return False
-        return not (self._partial and streamEnded(self._route.dialect, self._partial))
 
     def _endBody(self, piece: Piece) -> None:
         """
@@ -513,53 +545,41 @@ class Relay(BodyProtocol):
 
     def _bodyReady(self, body: bytes) -> None:
         self._waiting = None
-        if self._clientGone:
+        if self._phase is Phase.DONE:
+            return
+        if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
         request = self._request
         if request.method != b"HEAD":
             request.setHeader(b"content-length", b"%d" % (len(body),))
             self._send(body)
-        self._unregister()
-        request.finish()
-        self._finished(self._exchange.status, complete=True)
+        self._endCleanly()
 
-    def _streamBroke(self) -> None:
+    def _streamBroke(self, cut: Cut) -> None:
         """
         End a response the upstream did not finish, so the client can tell.
         """
-        if self._shutdown:
-            errorType, message = None, "the proxy is shutting down; the stream was cut"
-        elif self._idleTimedOut:
-            errorType = "idle_timeout"
-            message = f"the upstream sent nothing for {self._context.idleTimeout:g} s"
-        elif self._truncated:
-            errorType = "truncated"
-            message = "the upstream ended the stream before the answer was complete"
-        else:
-            errorType = "read_error"
-            message = "the upstream connection broke mid-response"
+        answer = CUTS[cut]
+        message = answer.message.format(idle=self._context.idleTimeout)
         request = self._request
-        exchange = self._exchange
         self._unregister()
         if not request.startedWriting:
             # Nothing sent yet: a plain error response is still possible.
-            status = 503 if errorType is None else 504 if errorType == "idle_timeout" else 502
-            self._fail(status, errorType, message)
+            self._fail(answer.status, answer.errorType, message)
             return
-        if errorType is not None:
-            exchange.errorType = errorType
-            self._context.reporter.upstreamError(errorType)
-        if self._sse:
+        if answer.errorType is not None:
+            self._exchange.failed(answer.errorType)
+        if self._events is not None:
             # Drop the half event; the error event starts on a boundary.
-            self._partial = b""
+            self._events.drop()
             self._send(streamErrorEvent(self._route.dialect, message))
             request.finish()
         else:
             # A JSON body cut short: make sure the client sees a truncated
             # response, never a falsely complete one.
             request.channel.forceAbortClient()
-        self._finished(exchange.status)
+        self._finished(self._exchange.status)
 
     # -- IPushProducer, for the client's side --------------------------------
 
@@ -571,7 +591,7 @@ class Relay(BodyProtocol):
 
     def resumeProducing(self) -> None:
         self._clientPaused = False
-        if self._waiting is None:
+        if self._phase is Phase.OPENING or self._phase is Phase.RELAYING:
             self._startIdleTimer()
             self.producer.resumeProducing()
 
@@ -579,7 +599,9 @@ class Relay(BodyProtocol):
         self.producer.stopProducing()
 
     def _startIdleTimer(self) -> None:
-        if self._idleTimer is None and not self._done and self._ended is None:
+        if self._idleTimer is not None or self._ended is not None:
+            return
+        if self._phase is Phase.OPENING or self._phase is Phase.RELAYING:
             self._idleTimer = self._context.clock.callLater(self._context.idleTimeout, self._idleTimeout)
 
     def _cancelIdleTimer(self) -> None:
@@ -590,13 +612,12 @@ class Relay(BodyProtocol):
 
     def _idleTimeout(self) -> None:
         self._idleTimer = None
-        self._idleTimedOut = True
-        self.producer.stopProducing()
+        self._cutShort(Cut.IDLE)
 
     def _unregister(self) -> None:
         if self._registered:
             self._registered = False
-            if not self._clientGone:
+            if self._cut is not Cut.CLIENT_GONE:
                 self._request.unregisterProducer()
 
     # -- endings ------------------------------------------------------------
@@ -605,75 +626,96 @@ class Relay(BodyProtocol):
         """
         The client went away: stop spending the user's quota at once.
         """
-        self._clientGone = True
         self._registered = False
-        if not self._answered and self._forwarder is not None:
-            self._forwarder.cancel("client")
-        elif self.transport is not None and self._ended is None:
-            self.producer.stopProducing()
+        self._cutShort(Cut.CLIENT_GONE)
 
     def shutdown(self) -> None:
         """
         Cut this relay short because the proxy is stopping.
         """
-        if self._done:
+        self._cutShort(Cut.SHUTDOWN)
+
+    def _cutShort(self, cut: Cut) -> None:
+        """
+        Stop whatever is under way upstream; the end follows from that.
+        The client leaving overrides any other reason.
+        """
+        if self._phase is Phase.DONE:
             return
-        self._shutdown = True
-        if not self._answered and self._forwarder is not None:
-            self._forwarder.cancel("shutdown")
+        if self._cut is None or cut is Cut.CLIENT_GONE:
+            self._cut = cut
+        if self._phase is Phase.FORWARDING:
+            if self._forwarder is not None:
+                self._forwarder.cancel("client" if cut is Cut.CLIENT_GONE else "shutdown")
         elif self.transport is not None and self._ended is None:
             self.producer.stopProducing()
 
     def _finished(self, status: int, complete: bool = False) -> None:
-        if self._done:
+        """
+        The response is over: tell the limiter, and report the request
+        (once its usage is counted, if it still is).
+        """
+        if self._phase is Phase.DONE:
             return
-        if self._opening is not None:
+        if self._phase is Phase.OPENING:
             # Still billed: read (and sent, if it still can be) first.
             self._sendOpening()
-        self._done = True
+            if self._isDone():
+                return
+        self._moveTo(Phase.DONE)
         self._cancelIdleTimer()
-        self._exchange.status = status
-        if self._forwarder is not None:
-            self._forwarder.done(*self._outcome(status))
+        exchange = self._exchange
+        exchange.status = status
+        tap = self._readTap() if self._body is not None else None
+        self._tellLimiter(status, tap)
         self._inFlight.discard(self)
-        self._context.reporter.finished(self._exchange)
-        if self._body is not None:
-            tap = self._readTap()
-            if tap is None:
+        endedAt = self._context.clock.seconds()
+        if tap is None:
+            if self._body is not None:
                 self._body.close()
-            else:
-                tap.settle(complete)
+            self._report(None, endedAt)
+            return
+        error = tap.inbandError()
+        if error is not None:
+            exchange.failed("inband_error")
+            exchange.zaiErrors += ((error.cls, error.code),)
+        tap.settle(complete).addCallback(self._report, endedAt).addErrback(self._reportFailed)
 
-    def _outcome(self, status: int) -> tuple[str, int | None]:
+    def _tellLimiter(self, status: int, tap: UsageTap | None) -> None:
         """
-        How the relayed answer went, for the limiter: Z.AI's in-band errors
-        at 200 count like its 429s.
+        Give back the admission slot, and tell the limiter how a relayed
+        model answer went (Z.AI's in-band errors at 200 count like its 429s).
         """
-        if not self._answered or not 200 <= status < 300:
-            return "none", None
-        tap = self._readTap()
-        error = tap.inbandError() if tap is not None else None
-        if error is None:
-            return "success", None
         limiter = self._context.limiter
-        if error.cls == "quota" and limiter is not None and self._context.quotaHold:
-            limiter.holdQuota(error)
-        if error.cls in ("frequency", "unknown"):
-            return "frequency", None
-        if error.cls == "concurrency":
-            return "concurrency", limiter.admission.inFlight if limiter is not None else None
-        return "none", None
+        if (
+            limiter is not None
+            and self._relayed
+            and self._route.label in PACED_ROUTES
+            and 200 <= status < 300
+        ):
+            # Before the slot is given back: a concurrency error is judged
+            # against the calls in flight with this one.
+            limiter.observe(tap.inbandError() if tap is not None else None)
+        if self._permit is not None:
+            self._permit.release()
+            self._permit = None
+
+    def _report(self, billed: Billed | None, endedAt: float) -> None:
+        self._context.reporter.finished(self._exchange.freeze(endedAt, billed))
+
+    def _reportFailed(self, failure: Failure) -> None:
+        self.log.failure("reporting {route} failed", failure=failure, route=self._route.label)
 
     def _bug(self, failure: Failure) -> None:
         """
         The last errback of every chain: a bug here must not hang the client.
         """
         self.log.failure("relay for {route} failed", failure=failure, route=self._route.label)
-        if self._done:
+        if self._phase is Phase.DONE:
             return
         self._unregister()
         request = self._request
-        if not self._clientGone:
+        if self._cut is not Cut.CLIENT_GONE:
             if not request.startedWriting:
                 self._exchange.responseBytes = respondWithError(
                     request, self._route.dialect, 500, "internal proxy error"

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_accounting -*-
 """
-Token accounting: what Z.AI bills for each answer, in metrics and a log line.
+Token accounting: what Z.AI bills for each answer (a L{Billed} value, which
+the reporter turns into metrics, a log line and a ledger row).
 
 Z.AI's reported usage is the truth; the local tiktoken estimate is used only
 where usage is missing, and only then is the prompt counted (counting every
@@ -22,12 +23,10 @@ import attrs
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from zaiproxy.dialects import Dialect, dialectModule
-from zaiproxy.limits.zai_errors import ZaiError
-from zaiproxy.observe.exchange import Exchange
-from zaiproxy.observe.logs import LINE, LineLogger
-from zaiproxy.observe.metrics import Metrics
-from zaiproxy.usage.tap import COUNTED_ROUTES, RequestBody
-from zaiproxy.usage.tokens import Counting, Usage
+from zaiproxy.dialects.usage import Usage
+from zaiproxy.observe.record import Billed, Exchange
+from zaiproxy.usage.body import COUNTED_ROUTES, RequestBody
+from zaiproxy.usage.tokens import Counting
 
 __all__ = [
     "KNOWN_MODELS",
@@ -79,8 +78,6 @@ INLINE_BODY_BYTES = 16 << 10
 
 _CLAUDE = re.compile(r"(claude-[a-z0-9.-]{1,60}|opus|sonnet|haiku)\Z")
 _SUFFIX = re.compile(r"\[[^\]]*\]\Z")
-
-_log = LineLogger(namespace="zaiproxy.usage.tokens")
 
 
 class ModelLabels:
@@ -196,22 +193,15 @@ class Accounting:
     def __init__(
         self,
         reactor: Any,
-        metrics: Metrics,
         counting: Counting | None,
         labels: ModelLabels,
         pricing: Pricing,
     ) -> None:
         self.reactor = reactor
-        self.metrics = metrics
         self.counting = counting
         self.labels = labels
         self.pricing = pricing
         self.countedRoutes = frozenset() if counting is None else COUNTED_ROUTES
-        variant = metrics.variant
-        if counting is None:
-            metrics.tokenCounter.labels("disabled", "none", variant).set(1)
-        else:
-            metrics.tokenCounter.labels(counting.counter.name, counting.counter.encoding, variant).set(1)
 
     def health(self) -> dict[str, Any]:
         if self.counting is None:
@@ -241,49 +231,24 @@ class Accounting:
         assert self.counting is not None
         return self.counting.count(texts)
 
-    # -- recording ----------------------------------------------------------
+    # -- billing ------------------------------------------------------------
 
-    def record(self, exchange: Exchange, usage: Usage, source: str, responseModel: str | None) -> None:
+    def bill(self, exchange: Exchange, usage: Usage, source: str, responseModel: str | None) -> Billed:
         """
-        Count one answer's tokens and cost, and log the seed's usage line.
+        One answer's tokens, priced at this moment's tier.
         """
-        metrics = self.metrics
         model = self.labels.label(exchange.model)
         now = self.reactor.seconds()
         tier = self.pricing.tier(now)
-        for direction, tokens in usage.directions().items():
-            if tokens > 0:
-                metrics.tokensUsed(
-                    direction, model, tier, tokens, self.pricing.cost(model, direction, tokens, tier)
-                )
+        pricing = self.pricing
+        costs = {
+            direction: pricing.cost(model, direction, tokens, tier)
+            for direction, tokens in usage.directions().items()
+            if tokens > 0
+        }
         outputRate = None
         if usage.output > 0 and exchange.firstByteAt is not None:
             generating = now - exchange.firstByteAt
             if generating > 0:
                 outputRate = usage.output / generating
-        metrics.usageRecorded(source, model, outputRate)
-        _log.info(
-            LINE,
-            line=(
-                f"Token usage: input={usage.input}, output={usage.output}, "
-                f"cache_read={usage.cacheRead}, cache_write={usage.cacheWrite}, "
-                f"source={source}, model={model}"
-            ),
-            input=usage.input,
-            output=usage.output,
-            cacheRead=usage.cacheRead,
-            cacheWrite=usage.cacheWrite,
-            source=source,
-            model=model,
-            requestedModel=exchange.model,
-            responseModel=responseModel,
-            route=exchange.route,
-        )
-
-    def inbandError(self, exchange: Exchange, error: ZaiError) -> None:
-        """
-        An error Z.AI reported inside a 200 stream: an upstream error too.
-        """
-        exchange.errorType = "inband_error"
-        self.metrics.upstreamError("inband_error")
-        self.metrics.zaiError(error.cls, error.code)
+        return Billed(usage, source, model, responseModel, tier, costs, outputRate)

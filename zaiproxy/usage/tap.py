@@ -12,58 +12,63 @@ while the answer goes on.
 
 from __future__ import annotations
 
-import io
+import enum
 import json
-import os
 import re
-import threading
-from typing import IO, TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
 from zaiproxy.dialects.sse import Event, EventParser, readJSON
-from zaiproxy.limits.zai_errors import ZaiError
-from zaiproxy.observe.exchange import Exchange
+from zaiproxy.dialects.usage import OutputText, Usage
+from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.observe.logs import LineLogger
-from zaiproxy.usage.tokens import OutputText, Usage
+from zaiproxy.observe.record import Billed, Exchange
+from zaiproxy.usage.accounting import Accounting
+from zaiproxy.usage.body import COUNT_TOKENS_ROUTE, RequestBody
 
-if TYPE_CHECKING:
-    from zaiproxy.usage.accounting import Accounting
-
-__all__ = ["COUNTED_ROUTES", "MAX_BODY_BYTES", "Piece", "RequestBody", "UsageTap", "answerKind", "readsLater"]
+__all__ = ["MAX_BODY_BYTES", "AnswerKind", "Piece", "UsageTap", "answerKind", "readsLater"]
 
 #: A JSON answer larger than this is relayed without accounting.
 MAX_BODY_BYTES = 8 << 20
 
-_log = LineLogger(namespace="zaiproxy.usage.tokens")
+_log = LineLogger(namespace="zaiproxy.tokens")
 
 #: What the tap gives the relay to write: bytes now, or bytes once counted.
 Piece = Union[bytes, "Deferred[bytes]"]
 
 _FRAME_ENDS = (b"\n\n", b"\r\n\r\n")
 
-#: The routes whose answers are model calls, to account for.
-COUNT_TOKENS_ROUTE = "/v1/messages/count_tokens"
-COUNTED_ROUTES = frozenset(["/v1/messages", "/v1/chat/completions", COUNT_TOKENS_ROUTE])
 
-
-def answerKind(route: str, code: int, contentType: bytes) -> str:
+class AnswerKind(enum.Enum):
     """
-    What an answer is to the tap: C{"stream"} (read as it passes),
-    C{"body"} (JSON, held to its end), C{"local"} (count_tokens that Z.AI
-    does not serve, answered here) or C{"none"} (not read: errors, other
-    types).
+    What an answer is to the tap.
+    """
+
+    #: An SSE stream, read as it passes.
+    STREAM = "stream"
+    #: A JSON answer, held to its end (usage may have to be added).
+    BODY = "body"
+    #: count_tokens, which Z.AI does not serve: answered here.
+    LOCAL = "local"
+    #: Not read: errors, other types, or a JSON answer too large to hold.
+    NONE = "none"
+
+
+def answerKind(route: str, code: int, contentType: bytes) -> AnswerKind:
+    """
+    What the answer of C{route} with this status and type is to the tap.
     """
     if route == COUNT_TOKENS_ROUTE:
-        return "local" if code in (404, 405) else "none"
+        return AnswerKind.LOCAL if code in (404, 405) else AnswerKind.NONE
     if not 200 <= code < 300:
-        return "none"
+        return AnswerKind.NONE
     contentType = contentType.lower()
     if contentType.startswith(b"text/event-stream"):
-        return "stream"
-    return "body" if b"json" in contentType else "none"
+        return AnswerKind.STREAM
+    return AnswerKind.BODY if b"json" in contentType else AnswerKind.NONE
 
 
 def readsLater(chunk: bytes) -> bool:
@@ -85,64 +90,6 @@ def _deltaWithUsage(usage: Usage, event: Event) -> bytes:
     return anthropic.frameWithUsage(event, "delta", usage)
 
 
-class RequestBody:
-    """
-    The request body, still readable after twisted.web closes the request's
-    own copy (a client that leaves is still billed for its prompt).
-
-    A temporary-file body is kept as a duplicate file descriptor and read
-    only if its tokens are needed; it is closed when the last reader (a
-    counting thread, perhaps) is done, never under it. A small body (made
-    on every counted request, before its first byte) is just its bytes.
-    """
-
-    _bytes: bytes | None = None
-    _fd: int | None = None
-
-    def __init__(self, content: IO[bytes]) -> None:
-        if type(content) is io.BytesIO:
-            self._bytes = content.getvalue()
-            self.size = len(self._bytes)
-            return
-        self._lock = threading.Lock()
-        self._readers = 0
-        self._closing = False
-        content.seek(0, 2)
-        self.size = content.tell()
-        content.seek(0)
-        self._fd = os.dup(content.fileno())
-
-    def read(self) -> bytes:
-        if self._bytes is not None:
-            return self._bytes
-        if self._fd is None:
-            return b""
-        with self._lock:
-            if self._fd is None or self._closing:
-                return b""
-            self._readers += 1
-            fd = self._fd
-        try:
-            return os.pread(fd, self.size, 0)
-        finally:
-            with self._lock:
-                self._readers -= 1
-                self._closeIfIdle()
-
-    def close(self) -> None:
-        if self._fd is None:
-            self._bytes = b""
-            return
-        with self._lock:
-            self._closing = True
-            self._closeIfIdle()
-
-    def _closeIfIdle(self) -> None:
-        if self._closing and self._readers == 0 and self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-
 class UsageTap:
     """
     Watches one exchange's answer for usage, and adds usage where it is
@@ -159,7 +106,7 @@ class UsageTap:
         dialect: Dialect,
         exchange: Exchange,
         body: RequestBody,
-        mode: str,
+        kind: AnswerKind,
     ) -> None:
         self._accounting = accounting
         self._dialect = dialect
@@ -168,7 +115,7 @@ class UsageTap:
         self._module = dialectModule(dialect)
         self._reader = self._module.StreamReader()
         self._parser = EventParser()
-        self._mode = mode
+        self._kind = kind
         self._output = self._reader.output
         self._estimate: Deferred[Usage] | None = None
         self._held: list[bytes] = []
@@ -176,7 +123,6 @@ class UsageTap:
         self._injected = False
         self._reported: Usage | None = None
         self._responseModel: str | None = None
-        self._settled = False
 
     def inbandError(self) -> ZaiError | None:
         """
@@ -330,7 +276,7 @@ class UsageTap:
         self._held.append(data)
         self._heldSize += len(data)
         if self._heldSize > MAX_BODY_BYTES:
-            self._mode = "none"
+            self._kind = AnswerKind.NONE
             return False
         return True
 
@@ -348,10 +294,10 @@ class UsageTap:
         try:
             document = readJSON(body)
         except ValueError:
-            self._mode = "none"
+            self._kind = AnswerKind.NONE
             return body
         if not isinstance(document, dict) or "error" in document:
-            self._mode = "none"
+            self._kind = AnswerKind.NONE
             return body
         if isinstance(document.get("model"), str):
             self._responseModel = document["model"]
@@ -403,43 +349,48 @@ class UsageTap:
 
     # -- the end ------------------------------------------------------------
 
-    def settle(self, complete: bool) -> None:
+    def settle(self, complete: bool) -> Deferred[Billed | None]:
         """
-        Record this answer's usage: as reported, else estimated (C{partial}
-        when it was cut short after it began), then let go of the body.
+        This answer's usage, billed: as reported, else estimated
+        (C{partial} when it was cut short after it began); then let go of
+        the body. Fires at once unless the estimate is still being counted,
+        and never fails (an error is logged and bills nothing).
 
-        Nothing is recorded for errors, count_tokens calls, or answers that
+        Nothing is billed for errors, count_tokens calls, or answers that
         never began (whether Z.AI bills a cancelled call is not known).
         """
-        if self._settled:
-            return
-        self._settled = True
-        accounting = self._accounting
-        exchange = self._exchange
-        reader = self._reader
-        if reader.error is not None:
-            accounting.inbandError(exchange, reader.error)
-        reported = self._reported or (reader.usage if reader.final else None)
-        model = self._responseModel or reader.model
-        began = exchange.firstByteAt is not None and self._mode in ("stream", "body")
-        if reported is not None:
-            accounting.record(exchange, reported, "reported", model)
-        elif began and not (reader.error is not None and not self._output):
-            source = "estimated" if complete else "partial"
-            # A real prompt count from an unfinished message_start still holds.
-            start = reader.usage or Usage()
-            self._estimated().addCallback(
-                lambda usage: accounting.record(
-                    exchange,
-                    Usage(start.input or usage.input, usage.output, start.cacheRead, start.cacheWrite),
-                    source,
-                    model,
-                )
-            ).addErrback(lambda f: _log.failure("recording usage failed", failure=f))
+        billed = self._bill(complete)
         if self._estimate is None:
             self._body.close()
         else:
             self._estimate.addBoth(_closeAfter(self._body))
+        return billed.addErrback(self._billFailed)
+
+    def _bill(self, complete: bool) -> Deferred[Billed | None]:
+        accounting = self._accounting
+        exchange = self._exchange
+        reader = self._reader
+        reported = self._reported or (reader.usage if reader.final else None)
+        model = self._responseModel or reader.model
+        began = exchange.firstByteAt is not None and self._kind in (AnswerKind.STREAM, AnswerKind.BODY)
+        if reported is not None:
+            return succeed(accounting.bill(exchange, reported, "reported", model))
+        if not began or (reader.error is not None and not self._output):
+            return succeed(None)
+        source = "estimated" if complete else "partial"
+        # A real prompt count from an unfinished message_start still holds.
+        start = reader.usage or Usage()
+        return self._estimated().addCallback(
+            lambda usage: accounting.bill(
+                exchange,
+                Usage(start.input or usage.input, usage.output, start.cacheRead, start.cacheWrite),
+                source,
+                model,
+            )
+        )
+
+    def _billFailed(self, failure: Failure) -> None:
+        _log.failure("recording usage failed", failure=failure)
 
 
 def _fanOut(target: Deferred[Any]) -> Any:
