@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RequestDouble, Stack
+from support.doubles import RequestDouble
+from support.stack import Stack
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web.resource import Resource
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import tiktoken
-from conftest import Stack
+from support.stack import Stack
 from twisted.internet import task
 
 from zaiproxy.dialects.sse import EventParser

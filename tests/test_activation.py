@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY
+from support.stack import UPSTREAM_KEY
 from twisted.internet import task
 
 from zaiproxy.config.activation import (

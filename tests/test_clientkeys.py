@@ -16,7 +16,7 @@ import anthropic
 import openai
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, Stack
+from support.stack import UPSTREAM_KEY, Stack
 from twisted.internet import task, threads
 from twisted.web.http_headers import Headers
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import UPSTREAM_KEY, Stack
+from support.stack import UPSTREAM_KEY, Stack
 
 from zaiproxy.fake.testing import rawRequest
 

@@ -21,9 +21,8 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, Stack
-from test_relay import ANTHROPIC, OPENAI, chatBody, ended, events, messagesBody, settled, sleep
-from test_site import connect
+from support.clients import ANTHROPIC, OPENAI, chatBody, connect, ended, events, messagesBody, settled, sleep
+from support.stack import UPSTREAM_KEY, Stack
 from twisted.internet import tcp
 
 from zaiproxy.fake import FakeZai, parseScenario

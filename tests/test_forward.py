@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import MemoryUpstream, RequestDouble
+from support.doubles import MemoryUpstream, RequestDouble
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 

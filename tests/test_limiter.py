@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import HeapClock
+from support.doubles import HeapClock
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 

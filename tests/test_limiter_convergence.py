@@ -21,8 +21,8 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, HeapClock, MemoryUpstream, Stack
-from test_relay import PushRequest
+from support.doubles import HeapClock, MemoryUpstream, PushRequest
+from support.stack import UPSTREAM_KEY, Stack
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task

@@ -85,7 +85,7 @@ def test_serviceInstallMatchesTheRepository() -> None:
     The VM install steps name files that exist and paths, units and a port
     that the units and the settings agree with.
     """
-    from test_systemd import value
+    from support.processes import value
 
     from zaiproxy.config.settings import loadSettings
 

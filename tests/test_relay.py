@@ -10,12 +10,13 @@ from __future__ import annotations
 import io
 import json
 import socket
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, MemoryUpstream, RequestDouble, Stack
+from support.clients import ANTHROPIC, OPENAI, chatBody, ended, events, messagesBody, settled, sleep
+from support.doubles import MemoryUpstream, PushRequest
+from support.stack import UPSTREAM_KEY, Stack
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
 from twisted.internet.error import ConnectionDone
@@ -35,63 +36,11 @@ from zaiproxy.usage.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.usage.body import RequestBody
 from zaiproxy.usage.tokens import Counting, FallbackCounter
 
-ANTHROPIC = [
-    (b"content-type", b"application/json"),
-    (b"anthropic-version", b"2023-06-01"),
-    (b"x-api-key", b"client-key"),
-]
-OPENAI = [(b"content-type", b"application/json"), (b"authorization", b"Bearer client-key")]
-
-
-def messagesBody(stream: bool = True, text: str = "hi") -> bytes:
-    return json.dumps(
-        {
-            "model": "glm-4.7",
-            "max_tokens": 100,
-            "stream": stream,
-            "messages": [{"role": "user", "content": text}],
-        }
-    ).encode()
-
-
-def chatBody(stream: bool = True) -> bytes:
-    return json.dumps(
-        {"model": "glm-4.7", "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-
-
-def events(body: bytes) -> list[tuple[str | None, str]]:
-    """
-    The (event, data) pairs of an SSE body; asserts it ends on a boundary.
-    """
-    assert body.endswith(b"\n\n"), body[-80:]
-    parsed = []
-    for frame in body.decode().split("\n\n")[:-1]:
-        name, data = None, []
-        for line in frame.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].strip())
-        parsed.append((name, "\n".join(data)))
-    return parsed
-
-
-async def sleep(reactor: Any, seconds: float) -> None:
-    await task.deferLater(reactor, seconds, lambda: None)
-
 
 async def proxied(
     stack: Stack, reactor: Any, path: bytes, body: bytes, headers: Any = ANTHROPIC, method: bytes = b"POST"
 ) -> RawClient:
     return await rawRequest(reactor, stack.port, method, path, headers, body)
-
-
-async def ended(client: RawClient) -> None:
-    """
-    Wait until the connection is closed (cleanly or not).
-    """
-    await client.closed.addErrback(lambda failure: None)
 
 
 def assertNoSecret(client: RawClient) -> None:
@@ -199,22 +148,6 @@ async def test_firstEventBeforeStreamEnds(reactor: Any, makeStack: Any) -> None:
 
 
 # -- backpressure and disconnects ---------------------------------------------
-
-
-async def settled(reactor: Any, read: Callable[[], int], step: float = 0.2, limit: float = 10.0) -> int:
-    """
-    Wait until C{read()} stops changing; return its value.
-    """
-    last = read()
-    waited = 0.0
-    while waited < limit:
-        await sleep(reactor, step)
-        waited += step
-        now = read()
-        if now == last:
-            return now
-        last = now
-    raise AssertionError("value kept changing")
 
 
 @pytest_twisted.ensureDeferred
@@ -543,24 +476,6 @@ async def test_quotaHeldLocally(reactor: Any, makeStack: Any) -> None:
 
 
 # -- a stream's opening, sent before the usage tap is made ----------------------
-
-
-class PushRequest(RequestDouble):
-    """
-    A L{DummyRequest} that takes a push producer (the relay) as
-    twisted.web does, rather than pulling from it in a loop.
-    """
-
-    def registerProducer(self, producer: Any, streaming: bool) -> None:
-        self.producer = producer
-
-    def unregisterProducer(self) -> None:
-        self.producer = None
-
-    @property
-    def startedWriting(self) -> bool:
-        # twisted.web's flag, which DummyRequest lacks.
-        return bool(self.written)
 
 
 def tapMade(rig: OpeningRig) -> bool:

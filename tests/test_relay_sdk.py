@@ -16,8 +16,8 @@ import anthropic
 import openai
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY, Stack
-from test_relay import sleep
+from support.clients import sleep
+from support.stack import UPSTREAM_KEY, Stack
 from twisted.internet import threads
 
 T = TypeVar("T")

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import UPSTREAM_KEY
-from test_tap import TWISTD, _Collect, baseEnvironment, freePort
+from support.processes import TWISTD, Collect, baseEnvironment, freePort
+from support.stack import UPSTREAM_KEY
 from twisted.internet import task
 from twisted.logger import LogLevel
 
@@ -325,7 +325,7 @@ async def test_sighupReloadsRealProcess(reactor: Any, upstream: RunningFake, tmp
     port = freePort()
     files = Files(tmp_path, upstream)
     files.write(f"alice:{ALICE}\n", LOG_FORMAT="json")
-    collect = _Collect()
+    collect = Collect()
     env = {**baseEnvironment(), "ZAI_API_KEY": UPSTREAM_KEY}
     process = reactor.spawnProcess(
         collect,

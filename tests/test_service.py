@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import Stack
+from support.stack import Stack
 from twisted.internet.address import IPv4Address
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError

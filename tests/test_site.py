@@ -10,23 +10,11 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import Stack
+from support.clients import connect
+from support.stack import Stack
 from twisted.internet import task
-from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import ClientFactory
 
 from zaiproxy.fake.testing import RawClient
-
-
-async def connect(stack: Stack, reactor: Any, data: bytes) -> RawClient:
-    """
-    Open a connection to the proxy and send C{data} (possibly an incomplete
-    request).
-    """
-    endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", stack.port)
-    client = await endpoint.connect(ClientFactory.forProtocol(lambda: RawClient(data)))
-    assert isinstance(client, RawClient)
-    return client
 
 
 async def ended(client: RawClient) -> None:

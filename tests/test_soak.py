@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from test_relay import chatBody, ended, events, messagesBody, sleep
-from test_tap import TWISTD, baseEnvironment, freePort
+from support.clients import chatBody, ended, events, messagesBody, sleep
+from support.processes import TWISTD, baseEnvironment, freePort
 from twisted.internet import defer
 
 from zaiproxy.fake.testing import RawClient, rawRequest

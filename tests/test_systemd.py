@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import UPSTREAM_KEY
-from test_tap import TWISTD, _Collect, baseEnvironment, freePort
+from support.processes import TWISTD, Collect, baseEnvironment, freePort, value
+from support.stack import UPSTREAM_KEY
 from twisted.internet import task
 from twisted.internet.error import ConnectionRefusedError
 
@@ -41,33 +41,9 @@ BODY = b'{"model":"glm-4.7","messages":[{"role":"user","content":"hi"}]}'
 STEP = 30.0
 
 
-def directives(path: Path) -> list[tuple[str, str, str]]:
-    """
-    A unit file as (section, key, value) in order (keys may repeat).
-    """
-    section = ""
-    found = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            continue
-        key, _, value = line.partition("=")
-        found.append((section, key.strip(), value.strip()))
-    return found
-
-
 #: The service's command line after the twistd path: settings from the same
 #: file systemd reads, so SIGHUP can re-read them.
 ARGUMENTS = "--nodaemon --pidfile= zaiproxy --listen tcp:8080 --config /etc/zaiproxy/zaiproxy.env"
-
-
-def value(path: Path, key: str) -> str:
-    values = [v for _, k, v in directives(path) if k == key]
-    assert len(values) == 1, (key, values)
-    return values[0]
 
 
 def verifiable(tmp: Path) -> list[Path]:
@@ -200,7 +176,7 @@ def heldSocket() -> socket.socket:
 
 def spawn(
     reactor: Any, held: socket.socket, upstream: str, listenPID: str | None, listen: str
-) -> tuple[Any, _Collect]:
+) -> tuple[Any, Collect]:
     """
     Start C{twistd zaiproxy} with C{held} as descriptor 3. C{listenPID}
     C{"$$"} sets LISTEN_PID to the process's own pid, as systemd does;
@@ -218,7 +194,7 @@ def spawn(
     if listenPID is not None:
         env.update(LISTEN_FDS="1", LISTEN_FDNAMES="zaiproxy")
     command = f'LISTEN_PID={listenPID} exec "$0" "$@"' if listenPID else 'exec "$0" "$@"'
-    collect = _Collect()
+    collect = Collect()
     process = reactor.spawnProcess(
         collect,
         "/bin/sh",
@@ -235,12 +211,12 @@ async def answered(reactor: Any, client: RawClient) -> tuple[int, str]:
     return response.status, json.loads(response.body)["type"]
 
 
-async def stopped(reactor: Any, process: Any, collect: _Collect) -> tuple[int | None, int | None]:
+async def stopped(reactor: Any, process: Any, collect: Collect) -> tuple[int | None, int | None]:
     process.signalProcess("TERM")
     return await collect.ended.addTimeout(STEP, reactor)
 
 
-def messages(collect: _Collect) -> list[str]:
+def messages(collect: Collect) -> list[str]:
     return [json.loads(line)["message"] for line in collect.out.decode().splitlines()]
 
 
@@ -367,7 +343,7 @@ async def test_systemdSocketActivate(reactor: Any) -> None:
     args = [tool, "-l", str(port), "--fdname=zaiproxy"]
     args += [f"--setenv={name}={value}" for name, value in settings.items()]
     args += [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", "tcp:0:interface=127.0.0.1"]
-    collect = _Collect()
+    collect = Collect()
     process = reactor.spawnProcess(collect, tool, args, env=env)
     try:
         for _ in range(100):

@@ -11,30 +11,18 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
-from conftest import UPSTREAM_KEY
-from twisted.internet import defer, protocol, task
+from support.processes import TWISTD, Collect, baseEnvironment, freePort
+from support.stack import UPSTREAM_KEY
+from twisted.internet import task
 
 from zaiproxy.config.settings import settingSpecs
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import rawRequest, startFake
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def baseEnvironment() -> dict[str, str]:
-    """
-    PATH, and PYTHONPATH if set: a work tree on it must run its own code in
-    twistd, not the installed copy's. DRAIN_GRACE=0: a process stops at
-    once unless its test is about the grace.
-    """
-    env = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
-    return {**env, "DRAIN_GRACE": "0"}
 
 
 def run(args: list[str], env: dict[str, str], cwd: str) -> subprocess.CompletedProcess[str]:
@@ -155,35 +143,6 @@ def test_badSettingsExit(tmp_path: Any, env: dict[str, str], args: list[str], me
     assert "Traceback" not in result.stdout + result.stderr
 
 
-class _Collect(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = bytearray()
-        self.err = bytearray()
-        # (exit code, signal): one of them is None.
-        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason: Any) -> None:
-        self.ended.callback((reason.value.exitCode, reason.value.signal))
-
-    def records(self) -> list[dict[str, Any]]:
-        """
-        The JSON log lines written to stdout (LOG_FORMAT=json).
-        """
-        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest_twisted.ensureDeferred
 async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     """
@@ -194,7 +153,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
     fake = FakeZai(reactor, apiKey=UPSTREAM_KEY, defaults=parseScenario("events=6 interval=0.25"))
     upstream = await startFake(reactor, fake)
     port = freePort()
-    collect = _Collect()
+    collect = Collect()
     env = {
         **baseEnvironment(),
         "ZAI_API_KEY": UPSTREAM_KEY,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest_twisted
 import treq
-from conftest import UPSTREAM_KEY
+from support.stack import UPSTREAM_KEY
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
 from twisted.web.client import FileBodyProducer

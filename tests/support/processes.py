@@ -1,0 +1,80 @@
+"""
+Running the real daemon: the twistd command, a clean environment, free
+ports, and collecting a child's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, protocol
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def baseEnvironment() -> dict[str, str]:
+    """
+    PATH, and PYTHONPATH if set: a work tree on it must run its own code in
+    twistd, not the installed copy's. DRAIN_GRACE=0: a process stops at
+    once unless its test is about the grace.
+    """
+    env = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
+    return {**env, "DRAIN_GRACE": "0"}
+
+
+class Collect(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.err = bytearray()
+        # (exit code, signal): one of them is None.
+        self.ended: defer.Deferred[tuple[int | None, int | None]] = defer.Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback((reason.value.exitCode, reason.value.signal))
+
+    def records(self) -> list[dict[str, Any]]:
+        """
+        The JSON log lines written to stdout (LOG_FORMAT=json).
+        """
+        return [json.loads(line) for line in self.out.decode().splitlines() if line.startswith("{")]
+
+
+def freePort() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def value(path: Path, key: str) -> str:
+    values = [v for _, k, v in directives(path) if k == key]
+    assert len(values) == 1, (key, values)
+    return values[0]
+
+
+def directives(path: Path) -> list[tuple[str, str, str]]:
+    """
+    A unit file as (section, key, value) in order (keys may repeat).
+    """
+    section = ""
+    found = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        found.append((section, key.strip(), value.strip()))
+    return found
