@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -19,7 +20,7 @@ from zaiproxy.observe.reporter import Reporter
 from zaiproxy.relay.upstream import Upstream
 from zaiproxy.usage.accounting import Accounting
 
-__all__ = ["RelayContext"]
+__all__ = ["InFlight", "RelayContext"]
 
 
 @attrs.frozen
@@ -43,3 +44,13 @@ class RelayContext:
     limiter: RateLimiter | None = None
     maxRetries: int = 0
     jitter: Callable[[float, float], float] = random.uniform
+
+
+class InFlight(Protocol):
+    """
+    Where relays in progress are kept, for the drain.
+    """
+
+    def add(self, item: Any) -> None: ...
+
+    def discard(self, item: Any) -> None: ...

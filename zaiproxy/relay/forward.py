@@ -44,6 +44,7 @@ from twisted.web.server import Request
 from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
 from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout
 from zaiproxy.limits.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
+from zaiproxy.observe.record import Exchange
 from zaiproxy.relay.context import RelayContext
 from zaiproxy.relay.headers import upstreamRequestHeaders
 from zaiproxy.relay.routes import Forward
@@ -159,6 +160,16 @@ class Trail:
     def failed(self, errorType: str) -> None:
         self.errorType = errorType
         self.upstreamErrors += (errorType,)
+
+    def copyTo(self, exchange: Exchange) -> None:
+        """
+        Put what happened on the way in the request's record.
+        """
+        exchange.queueWait = self.queueWait
+        exchange.errorType = self.errorType
+        exchange.upstreamErrors = self.upstreamErrors
+        exchange.zaiErrors = self.zaiErrors
+        exchange.retries = self.retries
 
 
 class _ErrorBody(BodyProtocol):

@@ -16,19 +16,13 @@ every chunk goes from one socket to the other in a single method call, but
 for a stream's opening: the chunks of its first upstream read go out as one
 write, just before the poll that sends them.
 
-When token counting is on, a L{UsageTap} reads the answer as it passes. It
-may hand back a piece that is still being counted (usage added to a stream
-that lacks it): everything after that piece waits, with the upstream paused,
-until it is ready. A stream's opening burst is sent before the tap is even
-made: Twisted sends what is written when the reactor next polls, so any
-work done before that poll would delay the client's first byte.
+When token counting is on, the answer is read for usage as it passes
+(L{zaiproxy.relay.reading}); a piece still being counted holds back the
+rest, with the upstream paused (L{zaiproxy.relay.pieces}).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,39 +35,19 @@ from zope.interface import implementer
 from zaiproxy.dialects import respondWithError, streamErrorEvent
 from zaiproxy.limits.admission import Permit, clientBucket
 from zaiproxy.observe.record import CLIENT_CLOSED, Billed, Exchange
-from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.answers import writeCounted, writeHead, writePassOn
+from zaiproxy.relay.context import InFlight, RelayContext
 from zaiproxy.relay.events import StreamEvents
 from zaiproxy.relay.forward import PACED_ROUTES, Answer, Forwarder, Gone, PassOn, Refusal, Stream
-from zaiproxy.relay.headers import clientResponseHeaders
+from zaiproxy.relay.pieces import PieceQueue
+from zaiproxy.relay.reading import UsageReading
 from zaiproxy.relay.routes import Forward
 from zaiproxy.relay.states import CUTS, Cut, Phase, checkMove
 from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, DrainBody
 from zaiproxy.usage.body import RequestBody
-from zaiproxy.usage.tap import AnswerKind, Piece, UsageTap, answerKind, readsLater
+from zaiproxy.usage.tap import AnswerKind, Piece, UsageTap, answerKind
 
 __all__ = ["Relay"]
-
-#: Seconds after a stream's first chunk to read its opening burst, unless
-#: something reads it sooner. Twisted sends that chunk at its next poll; a
-#: call due at once would run before that poll, delaying the first byte.
-READ_OPENING_AFTER = 0.001
-#: At most this many chunks wait for that read (each is held until then),
-#: none larger than MAX_UNREAD_BYTES: a burst larger than an opening (Z.AI's
-#: is under 1 KiB) is read as it comes.
-MAX_UNREAD = 16
-MAX_UNREAD_BYTES = 4096
-
-_PHRASES = {429: b"Too Many Requests", 529: b"Overloaded"}
-
-
-class InFlight(Protocol):
-    """
-    Where relays in progress are kept, for the drain.
-    """
-
-    def add(self, item: Relay) -> None: ...
-
-    def discard(self, item: Relay) -> None: ...
 
 
 @implementer(IPushProducer)
@@ -113,18 +87,13 @@ class Relay(BodyProtocol):
         self._forwarder: Forwarder | None = None
         self._permit: Permit | None = None
         self._relayed = False
-        self._kind = AnswerKind.NONE
-        self._tap: UsageTap | None = None
+        self._reading: UsageReading | None = None
         self._events: StreamEvents | None = None
         # A stream's opening: its chunks, and the call that sends them.
         self._opening: list[bytes] = []
         self._openingCall: IDelayedCall | None = None
-        # Opening chunks sent before the tap is made, and the call that reads them.
-        self._unread: list[bytes] = []
-        self._readCall: IDelayedCall | None = None
         # The piece being counted (HELD, or ENDING), and what waits behind it.
-        self._waiting: Deferred[bytes] | None = None
-        self._backlog: list[Piece] = []
+        self._pieces = PieceQueue(self._send, self._held, self._drained, self._bug)
         self._ended: Failure | None = None
         self._idleTimer: IDelayedCall | None = None
         self._clientPaused = False
@@ -139,6 +108,10 @@ class Relay(BodyProtocol):
     @property
     def phase(self) -> Phase:
         return self._phase
+
+    @property
+    def _kind(self) -> AnswerKind:
+        return AnswerKind.NONE if self._reading is None else self._reading.kind
 
     def _isDone(self) -> bool:
         # A method: after a call that may end the relay, mypy would keep
@@ -169,13 +142,7 @@ class Relay(BodyProtocol):
 
     def _gotAnswer(self, answer: Answer) -> None:
         assert self._forwarder is not None
-        trail = self._forwarder.trail
-        exchange = self._exchange
-        exchange.queueWait = trail.queueWait
-        exchange.errorType = trail.errorType
-        exchange.upstreamErrors = trail.upstreamErrors
-        exchange.zaiErrors = trail.zaiErrors
-        exchange.retries = trail.retries
+        self._forwarder.trail.copyTo(self._exchange)
         if isinstance(answer, Stream):
             self._permit = answer.permit
             self._gotResponse(answer.response)
@@ -202,30 +169,11 @@ class Relay(BodyProtocol):
         self._finished(status)
 
     def _passOn(self, answer: PassOn) -> None:
-        """
-        Z.AI's error answer, unchanged (plus the X-Zai-* headers of a 429).
-        """
         if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
-        request = self._request
-        response = answer.response
-        request.setResponseCode(response.code, response.phrase or _PHRASES.get(response.code))
-        self._copyHeaders(response)
-        for name, value in answer.headers:
-            request.setHeader(name, value)
-        request.setHeader(b"content-length", b"%d" % (len(answer.body),))
-        if request.method != b"HEAD":
-            self._send(answer.body)
-        request.finish()
-        self._finished(response.code)
-
-    def _copyHeaders(self, response: IResponse) -> None:
-        headers = self._request.responseHeaders
-        for name, values in clientResponseHeaders(response.headers):
-            headers.setRawHeaders(name, values)
-        if not response.headers.hasHeader(b"server"):
-            headers.removeHeader(b"server")
+        self._exchange.responseBytes = writePassOn(self._request, answer)
+        self._finished(answer.response.code)
 
     # -- the response -------------------------------------------------------
 
@@ -236,8 +184,12 @@ class Relay(BodyProtocol):
             self._finished(CLIENT_CLOSED)
             return
         contentType = response.headers.getRawHeaders(b"content-type", [b""])[0]
-        if self._body is not None:
-            self._kind = answerKind(self._route.label, response.code, contentType)
+        context = self._context
+        if self._body is not None and context.accounting is not None:
+            kind = answerKind(self._route.label, response.code, contentType)
+            self._reading = UsageReading(
+                context.clock, context.accounting, self._route.dialect, self._exchange, self._body, kind
+            )
         if self._kind is AnswerKind.LOCAL:
             self._moveTo(Phase.COUNTING)
             self._answerLocally(response)
@@ -248,26 +200,18 @@ class Relay(BodyProtocol):
             self._moveTo(Phase.OPENING)
         else:
             self._moveTo(Phase.RELAYING)
-            if self._kind is AnswerKind.BODY:
-                self._tapNow()
-        self._writeHead(response)
-        response.deliverBody(self)
-
-    def _writeHead(self, response: IResponse) -> None:
-        request = self._request
-        request.setResponseCode(response.code, response.phrase)
-        self._copyHeaders(response)
-        if (
+            if self._reading is not None and self._kind is AnswerKind.BODY:
+                self._reading.tap()
+        keepLength = (
             self._kind is not AnswerKind.BODY
             and self._events is None
             and response.length is not UNKNOWN_LENGTH
-            and request.method != b"HEAD"
-        ):
-            # The body passes unchanged, so its length still holds.
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % (response.length,)])
+        )
+        writeHead(self._request, response, keepLength)
         self._exchange.status = response.code
         if response.code >= 400:
             self._exchange.failed(str(response.code))
+        response.deliverBody(self)
 
     def _answerLocally(self, response: IResponse) -> None:
         """
@@ -276,19 +220,16 @@ class Relay(BodyProtocol):
         """
         response.deliverBody(DrainBody())
         self._exchange.status = 200
-        tap = self._tapNow()
-        tap.localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(self._bug)
+        assert self._reading is not None
+        self._reading.tap().localCount().addCallbacks(self._localCounted, self._localFailed).addErrback(
+            self._bug
+        )
 
     def _localCounted(self, body: bytes) -> None:
         if self._cut is Cut.CLIENT_GONE:
             self._finished(CLIENT_CLOSED)
             return
-        request = self._request
-        request.setResponseCode(200)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % (len(body),))
-        self._send(body)
-        request.finish()
+        self._exchange.responseBytes = writeCounted(self._request, body)
         self._finished(200, complete=True)
 
     def _localFailed(self, failure: Failure) -> None:
@@ -335,31 +276,23 @@ class Relay(BodyProtocol):
         """
         Keep a JSON answer whole (usage may have to be added to it).
         """
-        assert self._tap is not None
-        if not self._tap.hold(data):
+        assert self._reading is not None
+        held = self._reading.hold(data)
+        if held is not None:
             # Too large to account for: pass it on as it came.
-            self._kind = AnswerKind.NONE
-            self._send(self._tap.takeHeld())
+            self._send(held)
 
     def _relayEvents(self, data: bytes) -> None:
         """
         Relay whole events, read by the tap first when they must be.
         """
-        if self._kind is not AnswerKind.STREAM:
+        reading = self._reading
+        if reading is None or reading.kind is not AnswerKind.STREAM or reading.readLater(data):
             self._send(data)
             return
-        tap = self._tap
-        if tap is None:
-            if len(data) <= MAX_UNREAD_BYTES and len(self._unread) < MAX_UNREAD and readsLater(data):
-                self._send(data)
-                self._unread.append(data)
-                if self._readCall is None:
-                    self._readCall = self._context.clock.callLater(READ_OPENING_AFTER, self._readOpening)
-                return
-            tap = self._tapNow()
-        pieces = tap.feed(data)
+        pieces = reading.tap().feed(data)
         if pieces is None:
-            if self._waiting is None:
+            if not self._pieces.waiting:
                 self._send(data)
                 return
             pieces = [data]
@@ -394,8 +327,8 @@ class Relay(BodyProtocol):
         data = b"".join(opening)
         if self._request.finished:
             # Answered already (an error of ours): read for usage only.
-            if self._kind is AnswerKind.STREAM:
-                self._tapNow().feed(data)
+            if self._reading is not None and self._kind is AnswerKind.STREAM:
+                self._reading.tap().feed(data)
             return
         self._relayEvents(data)
 
@@ -403,78 +336,30 @@ class Relay(BodyProtocol):
         self._exchange.responseBytes += len(data)
         self._request.write(data)
 
-    # -- the usage tap --------------------------------------------------------
-
-    def _readOpening(self) -> None:
-        self._readCall = None
-        self._tapNow()
-
-    def _tapNow(self) -> UsageTap:
-        """
-        The usage tap, made now if it is not yet, having read what was
-        sent before it was made.
-        """
-        tap = self._tap
-        if tap is not None:
-            return tap
-        if self._readCall is not None:
-            self._readCall.cancel()
-            self._readCall = None
-        accounting = self._context.accounting
-        assert accounting is not None and self._body is not None
-        tap = self._tap = UsageTap(accounting, self._route.dialect, self._exchange, self._body, self._kind)
-        if self._unread:
-            unread, self._unread = self._unread, []
-            tap.readRelayed(unread)
-        return tap
-
-    def _readTap(self) -> UsageTap | None:
-        """
-        The tap, once everything relayed is read; L{None} if this answer is
-        not read.
-        """
-        if self._tap is None and self._kind is not AnswerKind.STREAM:
-            return None
-        return self._tapNow()
-
     # -- pieces that wait for a count ---------------------------------------
 
     def _emit(self, pieces: list[Piece]) -> bool:
         """
-        Write C{pieces} in order; a piece still being counted holds back
-        everything after it, with the upstream paused (HELD). Say whether
-        all were written.
+        Write C{pieces} in order; say whether all were written without
+        holding (if not, L{_drained} follows).
         """
-        if self._waiting is not None:
-            self._backlog.extend(pieces)
-            return False
-        for index, piece in enumerate(pieces):
-            if isinstance(piece, bytes):
-                self._send(piece)
-                continue
-            self._waiting = piece
-            self._backlog = list(pieces[index + 1 :])
-            if self._phase is Phase.RELAYING:
-                self._moveTo(Phase.HELD)
-                self._cancelIdleTimer()
-                if self._ended is None and self.transport is not None:
-                    self.producer.pauseProducing()
-            piece.addErrback(self._pieceFailed).addCallback(self._released).addErrback(self._bug)
-            return False
-        return True
+        return self._pieces.emit(pieces)
 
-    def _pieceFailed(self, failure: Failure) -> bytes:
-        self.log.failure("adding usage to a stream failed", failure=failure)
-        return b""
+    def _held(self) -> None:
+        """
+        A piece is being counted: while it is, the relay is HELD, with the
+        upstream paused.
+        """
+        if self._phase is Phase.RELAYING:
+            self._moveTo(Phase.HELD)
+            self._cancelIdleTimer()
+            if self._ended is None and self.transport is not None:
+                self.producer.pauseProducing()
 
-    def _released(self, data: bytes) -> None:
-        self._waiting = None
-        if self._phase is Phase.DONE:
-            return
-        self._send(data)
-        backlog, self._backlog = self._backlog, []
-        if not self._emit(backlog):
-            return
+    def _drained(self) -> None:
+        """
+        The held piece, and all behind it, are written.
+        """
         if self._phase is Phase.HELD:
             self._moveTo(Phase.RELAYING)
             if self._ended is None and self.transport is not None and not self._clientPaused:
@@ -511,17 +396,17 @@ class Relay(BodyProtocol):
             self._streamBroke(self._cut)
             return
         self._moveTo(Phase.ENDING)
-        if self._kind is AnswerKind.BODY:
-            assert self._tap is not None
-            self._endBody(self._tap.endBody())
+        reading = self._reading
+        if reading is not None and reading.kind is AnswerKind.BODY:
+            self._endBody(reading.tap().endBody())
             return
         pieces: list[Piece] = []
         if self._events is not None:
             rest = self._events.rest()
             if rest:
                 pieces.append(rest)
-        if self._kind is AnswerKind.STREAM:
-            pieces.extend(self._tapNow().endStream())
+        if reading is not None and reading.kind is AnswerKind.STREAM:
+            pieces.extend(reading.tap().endStream())
         if self._emit(pieces):
             self._endCleanly()
 
@@ -538,13 +423,15 @@ class Relay(BodyProtocol):
         Write a held JSON answer whole, with its (possibly new) length.
         """
         if not isinstance(piece, bytes):
-            self._waiting = piece
-            piece.addErrback(self._pieceFailed).addCallback(self._bodyReady).addErrback(self._bug)
+            piece.addErrback(self._bodyFailed).addCallback(self._bodyReady).addErrback(self._bug)
             return
         self._bodyReady(piece)
 
+    def _bodyFailed(self, failure: Failure) -> bytes:
+        self.log.failure("adding usage to an answer failed", failure=failure)
+        return b""
+
     def _bodyReady(self, body: bytes) -> None:
-        self._waiting = None
         if self._phase is Phase.DONE:
             return
         if self._cut is Cut.CLIENT_GONE:
@@ -663,10 +550,11 @@ class Relay(BodyProtocol):
             if self._isDone():
                 return
         self._moveTo(Phase.DONE)
+        self._pieces.stop()
         self._cancelIdleTimer()
         exchange = self._exchange
         exchange.status = status
-        tap = self._readTap() if self._body is not None else None
+        tap = self._reading.finished() if self._reading is not None else None
         self._tellLimiter(status, tap)
         self._inFlight.discard(self)
         endedAt = self._context.clock.seconds()
