@@ -33,18 +33,27 @@ from bench.streamclient import raiseNoFile
 OUT = ROOT / "bench" / "out"
 
 
-def commonParser(description: str, duration: float = 10.0, rounds: int = 3) -> argparse.ArgumentParser:
+def commonParser(
+    description: str, duration: float = 10.0, rounds: int = 3, load: bool = True
+) -> argparse.ArgumentParser:
     """
-    The options of every command that puts load on a proxy.
+    The options of every command; those of load runs unless C{load} is
+    false (the command drives its own clients).
     """
     parser = argparse.ArgumentParser(description=description)
     add = parser.add_argument
-    add("--duration", type=float, default=duration, help=f"seconds per measured load run ({duration:g})")
-    add("--warmup", type=float, default=2.0, help="seconds of warm-up before each (2)")
+    if load:
+        add("--duration", type=float, default=duration, help=f"seconds per measured load run ({duration:g})")
+        add("--warmup", type=float, default=2.0, help="seconds of warm-up before each (2)")
+        add("--retries", type=int, default=1, help="measure a run again if other processes disturbed it (1)")
+        add(
+            "--load",
+            choices=("auto", "wrk", "python"),
+            default="auto",
+            help="load generator (auto: wrk if found)",
+        )
     add("--rounds", type=int, default=rounds, help=f"rounds; medians reported ({rounds})")
-    add("--retries", type=int, default=1, help="measure a run again if other processes disturbed it (1)")
     add("--quiet-wait", type=float, default=60.0, help="wait up to this long for quiet CPUs (60; 0: never)")
-    add("--load", choices=("auto", "wrk", "python"), default="auto", help="load generator (auto: wrk if found)")
     add("--fake", choices=("quiet", "twistd"), default="quiet", help="bench/fakeserver.py or twistd's fake")
     add("--out", type=Path, default=OUT, help="where the report and raw JSON go (bench/out)")
     add(
@@ -75,7 +84,13 @@ class Session:
         self.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.out: Path = args.out
         tool = chooseTool(getattr(args, "load", "auto"))
-        plan = Plan(args.duration, args.warmup, args.retries, args.quiet_wait, tool)
+        plan = Plan(
+            getattr(args, "duration", 0.0),
+            getattr(args, "warmup", 0.0),
+            getattr(args, "retries", 0),
+            args.quiet_wait,
+            tool,
+        )
         self.harness = Harness(self.out, f"{name}-{self.stamp}", plan, Cpus.choose())
         self.env = proxyEnv(getattr(args, "env", []))
         self.command = f"python -m bench.{name}" + "".join(" " + a for a in sys.argv[1:])
@@ -119,7 +134,10 @@ class Session:
             cpus=self.harness.cpus,
             plan=self.harness.plan,
             env=self.env,
-            logs=tuple(checkLog(name, path, self.harness.expected499[name]) for name, path in self.harness.logs.items()),
+            logs=tuple(
+                checkLog(name, path, self.harness.expected499[name])
+                for name, path in self.harness.logs.items()
+            ),
             problems=tuple(self.harness.problems),
             quietWaits=self.harness.quietWaits,
         )
@@ -130,7 +148,9 @@ class Session:
         """
         path = self.out / f"{self.name}-{self.stamp}.md"
         path.write_text(markdown)
-        (self.out / f"{self.name}-{self.stamp}.json").write_text(json.dumps(toJson(data), indent=2, default=str))
+        (self.out / f"{self.name}-{self.stamp}.json").write_text(
+            json.dumps(toJson(data), indent=2, default=str)
+        )
         print(markdown)
         self.harness.say(f"report written to {path}")
         return path
@@ -178,10 +198,12 @@ def checkLog(name: str, path: Path, expected499: int) -> LogCheck:
         text = ""
     proxy = name.startswith("proxy")
     for line in text.splitlines():
-        access = re.search(r"\[zaiproxy\.access#\w+\] \S+ \S+ (\d{3}) ", line)
+        access = re.search(r"\[zaiproxy\.(?:front\.)?access#\w+\] \S+ \S+ (\d{3}) ", line)
         if access:
             statuses[access.group(1)] += 1
-        elif re.search(r"#(warn|error|critical)\]|Traceback|Unhandled" if proxy else r"Traceback|#error|#critical", line):
+        elif re.search(
+            r"#(warn|error|critical)\]|Traceback|Unhandled" if proxy else r"Traceback|#error|#critical", line
+        ):
             bad.append(line.strip())
     problems = []
     if set(statuses) - {"200", "499"}:
@@ -215,7 +237,9 @@ class RunInfo:
     def allProblems(self) -> list[str]:
         found = list(self.problems) + [p for log in self.logs for p in log.problems]
         if self.treeEnd != self.treeStart:
-            found.append(f"the code changed during the run: {self.treeStart} at the start, {self.treeEnd} at the end")
+            found.append(
+                f"the code changed during the run: {self.treeStart} at the start, {self.treeEnd} at the end"
+            )
         return found
 
 
