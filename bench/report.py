@@ -12,6 +12,7 @@ from bench.harness import LIMITS_ENV, MIB, Summary
 from bench.session import RunInfo
 
 if TYPE_CHECKING:
+    from bench.memory import MemoryResults
     from bench.relay import RelayResults
     from bench.streams import StreamsResults
 
@@ -200,4 +201,74 @@ def streamsReport(info: RunInfo, results: StreamsResults) -> str:
     rows = [[name, signedMs(p50 * 1e6), signedMs(p99 * 1e6)] for name, (p50, p99) in results.added.items()]
     lines += table(["", "added p50 ms", "added p99 ms"], rows)
     lines += ["", *footer(info)]
+    return "\n".join(lines)
+
+
+# -- bench.memory -------------------------------------------------------------------
+
+#: Targets from the brief the proxy was built to.
+TARGET_STREAMS_RSS_MB = 150.0
+TARGET_FLAT_MB = 20.0
+
+
+def memoryReport(info: RunInfo, results: MemoryResults, streamSeconds: float) -> str:
+    lines = header("zaiproxy: memory under streams", info)
+    s = results.streams
+    if s is not None:
+        perStream = (s.allRss - s.idleRss) / s.count / 1024 if s.allRss else float("nan")
+        allIn = f"{s.secondsToAllStreaming:.1f} s" if s.secondsToAllStreaming is not None else "never"
+        lines += [
+            f"## RSS with {s.count} concurrent slow streams",
+            "",
+            f"Scenario `{s.scenario}` (about {streamSeconds:g} s each), opened 100 at a time; all streaming "
+            f"after {allIn}; {s.fdsAll} open fds in the proxy then (limit {s.fdLimit}).",
+            "",
+        ]
+        heads = ["idle RSS MiB", "all streaming MiB", "peak MiB", "per stream KiB", "after MiB", "completed"]
+        row = [
+            mib(s.idleRss),
+            mib(s.allRss),
+            mib(s.peak),
+            f"{perStream:.1f}",
+            mib(s.afterRss),
+            f"{s.ok} / {s.count}",
+        ]
+        lines += table(heads, [row], left=0)
+        ok = s.peak < TARGET_STREAMS_RSS_MB * 1e6 and s.ok == s.count
+        lines += [
+            "",
+            f"Target: RSS < {TARGET_STREAMS_RSS_MB:g} MB with {s.count} streams, all complete: peak "
+            f"{s.peak / 1e6:.1f} MB, {verdict(ok)}.",
+            "",
+        ]
+    if results.big:
+        lines += [f"## RSS across one large stream (`{results.bigScenario}`)", ""]
+        heads = [
+            "reader",
+            "MB",
+            "MB/s",
+            "RSS before MiB",
+            "max during MiB",
+            "after MiB",
+            "growth MiB",
+            "proxy CPU s",
+        ]
+        rows = []
+        for x in results.big:
+            growth = x.rssPeak - x.rssBefore if x.rssPeak is not None and x.rssBefore is not None else None
+            cpu = "" if x.proxyCpu is None else f"{x.proxyCpu:.2f}"
+            rows.append([x.reader, f"{x.bytes / 1e6:.1f}", f"{x.mbps:.1f}", mib(x.rssBefore), mib(x.rssPeak)])
+            rows[-1] += [mib(x.rssAfter), mib(growth), cpu]
+        lines += table(heads, rows)
+        growths = [
+            x.rssPeak - x.rssBefore for x in results.big if x.rssPeak is not None and x.rssBefore is not None
+        ]
+        worst = max(growths, default=0)
+        lines += [
+            "",
+            f"RSS sampled every 100 ms. Target: flat (max during - before < {TARGET_FLAT_MB:g} MB): "
+            f"{worst / 1e6:.1f} MB, {verdict(worst < TARGET_FLAT_MB * 1e6)}.",
+            "",
+        ]
+    lines += footer(info)
     return "\n".join(lines)
