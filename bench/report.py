@@ -5,13 +5,16 @@ commands computed and formats them; nothing here measures or decides.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.harness import LIMITS_ENV, MIB, Summary
 from bench.session import RunInfo
 
 if TYPE_CHECKING:
+    from bench.counting import CountingResults
+    from bench.counting import TtfbSummary as CountingTtfb
     from bench.memory import MemoryResults
     from bench.relay import RelayResults
     from bench.streams import StreamsResults
@@ -272,3 +275,160 @@ def memoryReport(info: RunInfo, results: MemoryResults, streamSeconds: float) ->
         ]
     lines += footer(info)
     return "\n".join(lines)
+
+
+# -- bench.counting -------------------------------------------------------------------
+
+#: The issue's target: counting on keeps this share of the throughput.
+TARGET_THROUGHPUT_RATIO = 0.85
+MODE_TEXT = {
+    "json": "JSON answer (usage reported)",
+    "stream": "SSE stream, 5 deltas (usage reported)",
+    "json-nousage": "JSON answer, no usage: counted",
+    "stream-nousage": "SSE stream, no usage: counted",
+}
+
+
+def countingReport(info: RunInfo, results: CountingResults) -> str:
+    lines = header("zaiproxy: the cost of token accounting", info)
+    if results.control:
+        lines += [
+            "**Control run (--control): counting is off in both proxies; any difference is noise.**",
+            "",
+        ]
+    if results.modes:
+        lines += countingThroughput(results)
+    if results.rssStart:
+        start, end = results.rssStart, results.rssEnd
+        lines += [
+            f"Proxy RSS at the start of the first round: on {mib(start['on'])} MiB, off "
+            f"{mib(start['off'])} MiB (the difference is mostly the cl100k_base encoding); at the end of the "
+            f"last: on {mib(end['on'])} MiB, off {mib(end['off'])} MiB.",
+            "",
+        ]
+    if results.ttfb is not None:
+        lines += countingTtfb(results, results.ttfb)
+    if results.tokens:
+        lines += tokensSection(results.tokens)
+    lines += footer(info)
+    return "\n".join(lines)
+
+
+def countingThroughput(results: CountingResults) -> list[str]:
+    lines = [
+        f"## Throughput and proxy CPU at {results.connections} connections",
+        "",
+        f"{results.rounds} rounds, new proxies every round; medians over the rounds; on/off ratios are taken "
+        "round by round (the two runs of a round were back to back), median and range shown.",
+        "",
+    ]
+    heads = ["answer", "req/s on", "req/s off", "on/off req/s (range)", "CPU us/req on", "CPU us/req off"]
+    heads += ["on/off CPU (range)", "added us/req (range)", "p50 ms on / off", "p99 ms on / off"]
+    rows = []
+    for x in results.modes:
+        rows.append(
+            [
+                MODE_TEXT[x.mode],
+                f"{x.rps['on']:.0f}",
+                f"{x.rps['off']:.0f}",
+                f"{statistics.median(x.rpsRatios):.3f} ({fmtRange(x.rpsRatios, '.3f')})",
+                f"{x.cpuUs['on']:.0f}",
+                f"{x.cpuUs['off']:.0f}",
+                f"{statistics.median(x.cpuRatios):.3f} ({fmtRange(x.cpuRatios, '.3f')})",
+                f"{statistics.median(x.addedUs):+.0f} ({fmtRange(x.addedUs, '+.0f')})",
+                f"{ms(x.p50['on'])} / {ms(x.p50['off'])}",
+                f"{ms(x.p99['on'])} / {ms(x.p99['off'])}",
+            ]
+        )
+    lines += table(heads, rows)
+    lines += ["", f"Target: counting on keeps >= {TARGET_THROUGHPUT_RATIO} of the throughput:", ""]
+    for x in results.modes:
+        ratio = statistics.median(x.rpsRatios)
+        lines.append(f"- {MODE_TEXT[x.mode]}: {ratio:.3f}, {verdict(ratio >= TARGET_THROUGHPUT_RATIO)}")
+    cores = "; ".join(
+        f"{x.mode} {share(x.core['on'])} on / {share(x.core['off'])} off" for x in results.modes
+    )
+    worst = max(d for x in results.modes for pair in x.disturbance for d in pair)
+    lines += [
+        "",
+        f"Proxy share of its core (median): {cores}. Below 100%, the proxy and the fake take turns and req/s "
+        "understates a CPU difference; CPU per request is the direct measure of what accounting costs. "
+        f"Interference in the runs kept: up to {worst:.0%} of a CPU.",
+        "",
+    ]
+    return lines
+
+
+def countingTtfb(results: CountingResults, t: CountingTtfb) -> list[str]:
+    lines = [
+        "## Time to the first SSE event",
+        "",
+        f"Per round {results.ttfbRequests} sequential streams through each proxy, alternating request by "
+        "request, each on a new connection, after 10 warm-ups each.",
+        "",
+    ]
+    heads = ["round", "p50 ms on", "p50 ms off", "added p50 ms", "p99 ms on", "p99 ms off", "added p99 ms"]
+    rows: list[list[object]] = []
+    for i, x in enumerate(t.perRound):
+        on, off = x["on"], x["off"]
+        rows.append([i + 1, ms(on[0] * 1e6), ms(off[0] * 1e6), signedMs((on[0] - off[0]) * 1e6)])
+        rows[-1] += [ms(on[1] * 1e6), ms(off[1] * 1e6), signedMs((on[1] - off[1]) * 1e6)]
+    rows.append([f"all ({t.n['on']} / {t.n['off']})", ms(t.p50["on"] * 1e6), ms(t.p50["off"] * 1e6)])
+    rows[-1] += [signedMs(t.added * 1e6), ms(t.p99["on"] * 1e6), ms(t.p99["off"] * 1e6)]
+    rows[-1].append(signedMs((t.p99["on"] - t.p99["off"]) * 1e6))
+    lines += table(heads, rows)
+    lo, hi = t.addedInterval
+    plo, phi = t.pairedInterval
+    paired = ", ".join(f"{d * 1e3:+.3f}" for d in t.roundPaired)
+    measurable = not plo <= 0 <= phi
+    lines += [
+        "",
+        f"Added p50 with counting on: {t.added * 1e3:+.3f} ms over all streams (95% bootstrap interval "
+        f"{lo * 1e3:+.3f} to {hi * 1e3:+.3f} ms). Paired (on - off of the two streams of each pair, sent "
+        f"back to back), the median per round: {paired} ms; 95% t interval of their mean over the rounds "
+        f"{plo * 1e3:+.3f} to {phi * 1e3:+.3f} ms.",
+        "",
+        f"Target: no measurable added time to the first event: {verdict(not measurable)}"
+        + (" (the paired interval excludes 0)" if measurable else "")
+        + ".",
+        "",
+    ]
+    return lines
+
+
+def tokensSection(k: dict[str, Any]) -> list[str]:
+    c = k["corpus"]
+    mix = ", ".join(f"{name} {n / c['chars']:.0%}" for name, n in c["shares"].items())
+    load = k["load"]
+    lines = [
+        "## Tokens counted per CPU-second (in-process tiktoken)",
+        "",
+        f"Counter: `loadCounter({{}})` gave {load['counter']}, loaded in {load['wall'] * 1e3:.0f} ms "
+        f"({load['cpu'] * 1e3:.0f} ms CPU), +{mib(load['rss'])} MiB RSS. Corpus: {c['chars']:,} characters "
+        f"({c['bytes']:,} bytes UTF-8, sha256 {c['sha256']}), seeded: {mix}. CPU is `time.process_time()`; "
+        "single-threaded runs pinned to the SUT CPU; medians.",
+        "",
+    ]
+
+    def row(label: str, x: dict[str, Any], texts: int) -> list[object]:
+        perCpu = f"{x['tokensPerCpuSecond'] / 1e6:.2f} ({x['min'] / 1e6:.2f}-{x['max'] / 1e6:.2f})"
+        return [label, f"{texts:,}", f"{x['tokens']:,.0f}", perCpu, f"{x['charsPerCpuSecond'] / 1e6:.2f}"]
+
+    rows = [
+        row("one big text, `counter.count`", k["big"], 1),
+        row("~20-char texts (an SSE delta), `counter.count` each", k["short"], k["short"]["texts"]),
+        row(f"{k['inlineChars']}-char texts, `Counting.count` each", k["inline"], k["inline"]["texts"]),
+    ]
+    lines += table(["what", "texts", "tokens", "M tokens / CPU-s (range)", "M chars / CPU-s"], rows)
+    lines += ["", f"A 20-character count costs {k['short']['perCallUs']:.1f} us of CPU per call.", ""]
+    rows = []
+    for name, label in (("threadsBig", "64 K-char texts"), ("threadsShort", "20-char texts")):
+        x = k[name]
+        for n, key in ((1, "one"), (2, "two")):
+            y = x[key]
+            speed = f"{x['speedup']:.2f}x ({fmtRange(x['speedups'], '.2f')})" if n == 2 else ""
+            rows.append([f"{label}, {x['texts']:,}", n, f"{y['tokensPerWallSecond'] / 1e6:.2f}"])
+            rows[-1] += [f"{y['tokensPerCpuSecond'] / 1e6:.2f}", speed]
+    heads = ["texts", "threads", "M tokens / wall-s", "M tokens / CPU-s", "2 threads / 1, wall"]
+    lines += ["Two long-lived threads at once against one:", "", *table(heads, rows), ""]
+    return lines
