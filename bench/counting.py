@@ -40,10 +40,9 @@ from bench.harness import (
     Server,
     memory,
     percentile,
-    streamRequest,
     waitReady,
 )
-from bench.load import BenchError, Load, requestBody
+from bench.load import BenchError, Load, requestBody, streamRequest
 from bench.report import countingReport
 from bench.session import Session, commonParser
 from bench.tokens import measureTokens

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import http.client
 import json
+import queue
 import re
 import resource
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +90,13 @@ class Plan:
     retries: int = 1
     quietWait: float = 60.0
     tool: str = "wrk"
+
+
+def onCpu(cpu: int | None, argv: list[str]) -> list[str]:
+    """
+    C{argv} pinned to C{cpu} with taskset, or as it is when not pinning.
+    """
+    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
 def chooseTool(requested: str) -> str:
@@ -311,3 +322,81 @@ def pythonLoad(url: str, connections: int, seconds: float, load: Load) -> LoadRe
         mean=sum(latencies) / len(latencies) if latencies else 0.0,
         errorLines=tuple(sorted({line for t in tallies for line in t.lines})),
     )
+
+
+# -- streaming clients ------------------------------------------------------------
+
+
+def runStreamClient(
+    argv: list[str], timeout: float, cpu: int | None, onLine: Callable[[dict[str, Any]], None]
+) -> None:
+    """
+    Run bench/streamclient.py on C{cpu}, handing each JSON line it prints
+    to C{onLine} as it arrives.
+    """
+    command = onCpu(cpu, [sys.executable, str(Path(__file__).with_name("streamclient.py")), *argv])
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in _linesUntil(proc, time.monotonic() + timeout, timeout):
+            if line.startswith("{"):
+                onLine(json.loads(line))
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        stderr = proc.stderr.read() if proc.stderr else ""
+        raise BenchError(f"stream client failed ({proc.returncode}): {stderr[-2000:]}")
+
+
+def _linesUntil(proc: subprocess.Popen[str], deadline: float, timeout: float) -> Iterator[str]:
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        try:
+            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise BenchError(f"stream client still running after {timeout:g} s") from None
+        if line is None:
+            return
+        yield line
+
+
+def streamRequest(port: int, path: str, scenario: str, withKey: bool, body: bytes) -> tuple[float, bool]:
+    """
+    One streaming request on a new connection: the seconds from sending it
+    to the first SSE event's bytes, and whether the stream ended intact.
+    """
+    head = [
+        f"POST {path} HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Content-Type: application/json",
+        "anthropic-version: 2023-06-01",
+        f"x-fake-scenario: {scenario}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *([f"x-api-key: {API_KEY}"] if withKey else []),
+    ]
+    request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        buf = bytearray()
+        first: float | None = None
+        started = time.perf_counter()
+        sock.sendall(request)
+        while data := sock.recv(65536):
+            buf += data
+            if first is None:
+                end = buf.find(b"\r\n\r\n")
+                if end >= 0 and (buf.find(b"event:", end) >= 0 or buf.find(b"data:", end) >= 0):
+                    first = time.perf_counter()
+    ok = buf.startswith(b"HTTP/1.1 200") and b"event: message_stop" in buf
+    return (first - started if first is not None else float("nan")), ok

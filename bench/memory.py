@@ -29,10 +29,8 @@ from bench.harness import (
     fdLimit,
     memory,
     openFds,
-    runStreamClient,
-    streamRequest,
 )
-from bench.load import API_KEY, BenchError, requestBody
+from bench.load import API_KEY, BenchError, requestBody, runStreamClient, streamRequest
 from bench.report import memoryReport
 from bench.session import Session, commonParser
 

@@ -18,8 +18,8 @@ import sys
 
 import attrs
 
-from bench.harness import DIRECT_PATH, PROXY_PATH, Server, percentile, streamRequest
-from bench.load import BenchError, requestBody
+from bench.harness import DIRECT_PATH, PROXY_PATH, Server, percentile
+from bench.load import BenchError, requestBody, streamRequest
 from bench.report import streamsReport
 from bench.session import Session, commonParser
 
