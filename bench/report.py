@@ -15,7 +15,7 @@ from bench.session import RunInfo
 if TYPE_CHECKING:
     from bench.counting import CountingResults
     from bench.counting import TtfbSummary as CountingTtfb
-    from bench.memory import MemoryResults
+    from bench.memory import ManyStreams, MemoryResults
     from bench.relay import RelayResults
     from bench.streams import StreamsResults
 
@@ -138,6 +138,31 @@ def interference(info: RunInfo, summaries: Sequence[Summary]) -> list[str]:
 # -- bench.relay --------------------------------------------------------------------
 
 
+def throughputTable(summaries: dict[str, Summary]) -> list[str]:
+    """
+    req/s and CPU per request of each target, by its description: C{sut}
+    is the process under test (none direct to the fake).
+    """
+    heads = ["target", "req/s", "req/s range", "its CPU us/request", "its % of a core", "fake CPU us/request"]
+    rows = [
+        [
+            name,
+            f"{x.rps:.0f}",
+            f"{x.rpsMin:.0f}-{x.rpsMax:.0f}",
+            us(x.cpuPerRequestUs.get("sut")),
+            share(x.core.get("sut")),
+            us(x.cpuPerRequestUs.get("fake")),
+        ]
+        for name, x in summaries.items()
+    ]
+    return table(heads, rows)
+
+
+def latencyTable(summaries: dict[str, Summary]) -> list[str]:
+    rows = [[name, ms(x.p50), ms(x.p99), us(x.cpuPerRequestUs.get("sut"))] for name, x in summaries.items()]
+    return table(["target", "p50 ms", "p99 ms", "its CPU us/request"], rows)
+
+
 def relayReport(info: RunInfo, results: RelayResults) -> str:
     """
     L{bench.relay.RelayResults}: throughput at 32 connections, latency at
@@ -149,33 +174,12 @@ def relayReport(info: RunInfo, results: RelayResults) -> str:
     lines = header("zaiproxy: the relay's cost", info)
     lines += [f"Medians of {results.rounds} rounds; each round measures every target back to back.", ""]
     lines += [f"## Throughput at {many} connections", ""]
-    rows = [
-        [
-            text[t],
-            f"{s[t][many].rps:.0f}",
-            f"{s[t][many].rpsMin:.0f}-{s[t][many].rpsMax:.0f}",
-            us(s[t][many].cpuPerRequestUs.get("sut")),
-            share(s[t][many].core.get("sut")),
-            us(s[t][many].cpuPerRequestUs["fake"]),
-        ]
-        for t in s
-    ]
-    heads = ["target", "req/s", "req/s range", "its CPU us/request", "its % of a core", "fake CPU us/request"]
-    lines += table(heads, rows)
+    lines += throughputTable({text[t]: per[many] for t, per in s.items()})
     lines += [""]
     for name, ratio in results.ratios.items():
         lines.append(f"- {name}: **{ratio:.2f}**")
     lines += ["", f"## Latency at {one} connection", ""]
-    rows = [
-        [
-            text[t],
-            ms(s[t][one].p50),
-            ms(s[t][one].p99),
-            us(s[t][one].cpuPerRequestUs.get("sut")),
-        ]
-        for t in s
-    ]
-    lines += table(["target", "p50 ms", "p99 ms", "its CPU us/request"], rows)
+    lines += latencyTable({text[t]: per[one] for t, per in s.items()})
     lines += ["", "Added at 1 connection (medians of the rounds' figures, subtracted):", ""]
     rows = [[name, signedMs(p50), signedMs(p99)] for name, (p50, p99) in results.added.items()]
     lines += table(["", "added p50 ms", "added p99 ms"], rows)
@@ -216,65 +220,74 @@ TARGET_FLAT_MB = 20.0
 
 def memoryReport(info: RunInfo, results: MemoryResults, streamSeconds: float) -> str:
     lines = header("zaiproxy: memory under streams", info)
-    s = results.streams
-    if s is not None:
-        perStream = (s.allRss - s.idleRss) / s.count / 1024 if s.allRss else float("nan")
-        allIn = f"{s.secondsToAllStreaming:.1f} s" if s.secondsToAllStreaming is not None else "never"
-        lines += [
-            f"## RSS with {s.count} concurrent slow streams",
-            "",
-            f"Scenario `{s.scenario}` (about {streamSeconds:g} s each), opened 100 at a time; all streaming "
-            f"after {allIn}; {s.fdsAll} open fds in the proxy then (limit {s.fdLimit}).",
-            "",
-        ]
-        heads = ["idle RSS MiB", "all streaming MiB", "peak MiB", "per stream KiB", "after MiB", "completed"]
-        row = [
-            mib(s.idleRss),
-            mib(s.allRss),
-            mib(s.peak),
-            f"{perStream:.1f}",
-            mib(s.afterRss),
-            f"{s.ok} / {s.count}",
-        ]
-        lines += table(heads, [row], left=0)
-        ok = s.peak < TARGET_STREAMS_RSS_MB * 1e6 and s.ok == s.count
-        lines += [
-            "",
-            f"Target: RSS < {TARGET_STREAMS_RSS_MB:g} MB with {s.count} streams, all complete: peak "
-            f"{s.peak / 1e6:.1f} MB, {verdict(ok)}.",
-            "",
-        ]
+    if results.streams is not None:
+        lines += manyStreamsSection(results.streams, streamSeconds)
     if results.big:
-        lines += [f"## RSS across one large stream (`{results.bigScenario}`)", ""]
-        heads = [
-            "reader",
-            "MB",
-            "MB/s",
-            "RSS before MiB",
-            "max during MiB",
-            "after MiB",
-            "growth MiB",
-            "proxy CPU s",
-        ]
-        rows = []
-        for x in results.big:
-            growth = x.rssPeak - x.rssBefore if x.rssPeak is not None and x.rssBefore is not None else None
-            cpu = "" if x.proxyCpu is None else f"{x.proxyCpu:.2f}"
-            rows.append([x.reader, f"{x.bytes / 1e6:.1f}", f"{x.mbps:.1f}", mib(x.rssBefore), mib(x.rssPeak)])
-            rows[-1] += [mib(x.rssAfter), mib(growth), cpu]
-        lines += table(heads, rows)
-        growths = [
-            x.rssPeak - x.rssBefore for x in results.big if x.rssPeak is not None and x.rssBefore is not None
-        ]
-        worst = max(growths, default=0)
-        lines += [
-            "",
-            f"RSS sampled every 100 ms. Target: flat (max during - before < {TARGET_FLAT_MB:g} MB): "
-            f"{worst / 1e6:.1f} MB, {verdict(worst < TARGET_FLAT_MB * 1e6)}.",
-            "",
-        ]
+        lines += bigStreamSection(results)
     lines += footer(info)
     return "\n".join(lines)
+
+
+def manyStreamsSection(s: ManyStreams, streamSeconds: float) -> list[str]:
+    perStream = (s.allRss - s.idleRss) / s.count / 1024 if s.allRss else float("nan")
+    allIn = f"{s.secondsToAllStreaming:.1f} s" if s.secondsToAllStreaming is not None else "never"
+    lines = [
+        f"## RSS with {s.count} concurrent slow streams",
+        "",
+        f"Scenario `{s.scenario}` (about {streamSeconds:g} s each), opened 100 at a time; all streaming "
+        f"after {allIn}; {s.fdsAll} open fds in the proxy then (limit {s.fdLimit}).",
+        "",
+    ]
+    heads = ["idle RSS MiB", "all streaming MiB", "peak MiB", "per stream KiB", "after MiB", "completed"]
+    row = [
+        mib(s.idleRss),
+        mib(s.allRss),
+        mib(s.peak),
+        f"{perStream:.1f}",
+        mib(s.afterRss),
+        f"{s.ok} / {s.count}",
+    ]
+    lines += table(heads, [row], left=0)
+    ok = s.peak < TARGET_STREAMS_RSS_MB * 1e6 and s.ok == s.count
+    lines += [
+        "",
+        f"Target: RSS < {TARGET_STREAMS_RSS_MB:g} MB with {s.count} streams, all complete: peak "
+        f"{s.peak / 1e6:.1f} MB, {verdict(ok)}.",
+        "",
+    ]
+    return lines
+
+
+def bigStreamSection(results: MemoryResults) -> list[str]:
+    lines = [f"## RSS across one large stream (`{results.bigScenario}`)", ""]
+    heads = [
+        "reader",
+        "MB",
+        "MB/s",
+        "RSS before MiB",
+        "max during MiB",
+        "after MiB",
+        "growth MiB",
+        "proxy CPU s",
+    ]
+    rows = []
+    for x in results.big:
+        growth = x.rssPeak - x.rssBefore if x.rssPeak is not None and x.rssBefore is not None else None
+        cpu = "" if x.proxyCpu is None else f"{x.proxyCpu:.2f}"
+        rows.append([x.reader, f"{x.bytes / 1e6:.1f}", f"{x.mbps:.1f}", mib(x.rssBefore), mib(x.rssPeak)])
+        rows[-1] += [mib(x.rssAfter), mib(growth), cpu]
+    lines += table(heads, rows)
+    growths = [
+        x.rssPeak - x.rssBefore for x in results.big if x.rssPeak is not None and x.rssBefore is not None
+    ]
+    worst = max(growths, default=0)
+    lines += [
+        "",
+        f"RSS sampled every 100 ms. Target: flat (max during - before < {TARGET_FLAT_MB:g} MB): "
+        f"{worst / 1e6:.1f} MB, {verdict(worst < TARGET_FLAT_MB * 1e6)}.",
+        "",
+    ]
+    return lines
 
 
 # -- bench.counting -------------------------------------------------------------------

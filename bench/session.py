@@ -125,22 +125,7 @@ class Session:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     def info(self) -> RunInfo:
-        return RunInfo(
-            command=self.command,
-            elapsed=time.monotonic() - self.started,
-            facts=self.facts,
-            treeStart=self.treeAtStart,
-            treeEnd=treeState(),
-            cpus=self.harness.cpus,
-            plan=self.harness.plan,
-            env=self.env,
-            logs=tuple(
-                checkLog(name, path, self.harness.expected499[name])
-                for name, path in self.harness.logs.items()
-            ),
-            problems=tuple(self.harness.problems),
-            quietWaits=self.harness.quietWaits,
-        )
+        return runInfo(self.harness, self.command, self.started, self.facts, self.treeAtStart, self.env)
 
     def write(self, markdown: str, data: Any) -> Path:
         """
@@ -154,6 +139,34 @@ class Session:
         print(markdown)
         self.harness.say(f"report written to {path}")
         return path
+
+
+def runInfo(
+    harness: Harness,
+    command: str,
+    started: float,
+    facts: dict[str, str],
+    treeStart: dict[str, str],
+    env: dict[str, str],
+) -> RunInfo:
+    """
+    What a report says about the run of C{harness} besides its figures,
+    with every log it kept read back.
+    """
+    logs = tuple(checkLog(name, path, harness.expected499[name]) for name, path in harness.logs.items())
+    return RunInfo(
+        command=command,
+        elapsed=time.monotonic() - started,
+        facts=facts,
+        treeStart=treeStart,
+        treeEnd=treeState(),
+        cpus=harness.cpus,
+        plan=harness.plan,
+        env=env,
+        logs=logs,
+        problems=tuple(harness.problems),
+        quietWaits=harness.quietWaits,
+    )
 
 
 def toJson(data: Any) -> Any:
