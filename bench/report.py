@@ -172,7 +172,7 @@ def relayReport(info: RunInfo, results: RelayResults) -> str:
     text = results.targetText
     many, one = results.connections
     lines = header("zaiproxy: the relay's cost", info)
-    lines += [f"Medians of {results.rounds} rounds; each round measures every target back to back.", ""]
+    lines += [f"Medians of {results.rounds} round(s); each round measures every target back to back.", ""]
     lines += [f"## Throughput at {many} connections", ""]
     lines += throughputTable({text[t]: per[many] for t, per in s.items()})
     lines += [""]
