@@ -1,17 +1,17 @@
 """
 Where the proxy's CPU goes per request: py-spy samples the real proxy
-(pinned to CPU 0, as in bench/run.py) while wrk drives it with the same
+(pinned to the SUT CPU, as in bench.relay) while wrk drives it with the same
 ~1 KB JSON POSTs, and the samples are summed by function and by layer.
 
 The proxy is CPU-bound under load, so the functions with the most samples
 are what an optimisation should look at first. py-spy reads the process
 from outside (no instrumentation in the proxy); in its default blocking
 mode it pauses the proxy briefly for each sample, so req/s under profiling
-is printed next to the profile and is a little lower than bench/run.py's.
+is printed next to the profile and is a little lower than bench.relay's.
 
     .venv/bin/pip install py-spy
-    .venv/bin/python bench/hotspots.py                  # 32 connections, 20 s
-    .venv/bin/python bench/hotspots.py --connections 1
+    .venv/bin/python -m bench.hotspots                  # 32 connections, 20 s
+    .venv/bin/python -m bench.hotspots --connections 1
 
 Writes bench/out/profile-<stamp>-c<N>.txt (collapsed stacks: open it in
 https://www.speedscope.app or feed it to flamegraph.pl) and a Markdown
@@ -21,6 +21,7 @@ summary next to it.
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import shutil
 import subprocess
@@ -30,26 +31,10 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from layers import startRelay
-from run import (
-    LOAD_CPU,
-    OUT,
-    PROXY_PATH,
-    ROOT,
-    VENV_BIN,
-    BenchError,
-    Children,
-    Run,
-    cpuSeconds,
-    requestBody,
-    runWrk,
-    startFake,
-    startProxy,
-    treeState,
-    waitForQuiet,
-    writeWrkScript,
-)
-from streamclient import raiseNoFile
+from bench.harness import PROXY_PATH, ROOT, Harness, Server, cpuSeconds
+from bench.load import BenchError, Load, LoadResult, Plan, onCpu, runLoad
+from bench.session import OUT, treeState
+from bench.streamclient import raiseNoFile
 
 #: Layers of the stack, matched on the file of the innermost frame; first
 #: match wins.
@@ -88,7 +73,7 @@ def shortFrame(frame: str) -> str:
     """
     name, _, where = frame.partition(" (")
     where = where.rstrip(")")
-    for marker in ("site-packages/", "/work/main/", "lib/python3"):
+    for marker in ("site-packages/", f"{ROOT}/", "lib/python3"):
         if marker in where:
             where = where.split(marker, 1)[1]
             break
@@ -186,158 +171,143 @@ def summarise(path: Path, top: int) -> tuple[str, int]:
     return "\n".join(lines), samples
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description="Profile the proxy under wrk load with py-spy.")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=20.0, help="seconds of sampling (20)")
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--rate", type=int, default=100, help="samples per second (100)")
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument(
-        "--focus",
-        action="append",
-        default=[],
-        metavar="TEXT",
-        help="also break down the time inside functions matching TEXT, e.g. Reporter.finished (repeatable)",
-    )
-    parser.add_argument(
-        "--relay",
-        choices=("agent", "treq", "treq-bytes", "cookie", "decoder"),
-        help="profile one of bench/layers.py's minimal relays instead of the proxy",
-    )
-    parser.add_argument(
-        "--summarise",
-        type=Path,
-        metavar="RAW",
-        help="only summarise an existing raw profile (no benchmark)",
-    )
-    parser.add_argument(
-        "--stream",
-        action="store_true",
-        help='POST "stream": true bodies (the fake\'s default short SSE stream) instead of JSON answers',
-    )
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="extra environment for the proxy, e.g. TOKEN_COUNTING_ENABLED=false (repeatable)",
-    )
-    parser.add_argument(
-        "--nonblocking",
-        action="store_true",
-        help="sample without pausing the proxy (less overhead, some samples lost)",
-    )
-    args = parser.parse_args()
-    if args.summarise is not None:
-        table, _ = summarise(args.summarise, args.top)
-        print("\n\n".join([table, *(focus(args.summarise, f, args.top) for f in args.focus)]))
-        return 0
+def record(
+    pyspy: str, cpu: int | None, pid: int, args: argparse.Namespace, output: Path
+) -> tuple[threading.Thread, dict[str, subprocess.CompletedProcess[str]]]:
+    """
+    py-spy recording C{pid} for C{--duration} seconds, in a thread; its
+    completed process lands in the dict, under C{done}.
+    """
+    argv = [pyspy, "record", "--pid", str(pid), "--duration", str(round(args.duration))]
+    argv += ["--rate", str(args.rate), "--nolineno", "--format", "raw", "-o", str(output)]
+    argv += ["--nonblocking"] if args.nonblocking else []
 
-    pyspy = shutil.which("py-spy", path=str(VENV_BIN)) or shutil.which("py-spy")
-    if pyspy is None:
-        print("profile: py-spy not found; .venv/bin/pip install py-spy", file=sys.stderr)
-        return 2
-    if shutil.which("wrk") is None:
-        print("profile: wrk is not installed; apt-get install wrk", file=sys.stderr)
-        return 2
-    os.sched_setaffinity(0, {LOAD_CPU})
-    raiseNoFile()
+    box: dict[str, subprocess.CompletedProcess[str]] = {}
 
-    if any("=" not in item for item in args.env):
-        parser.error("--env takes NAME=VALUE")
-    run = Run(
-        argparse.Namespace(
-            fake="quiet", warmup=args.warmup, duration=args.duration, quiet_wait=60.0, env=args.env
+    def run() -> None:
+        box["done"] = subprocess.run(
+            onCpu(cpu, argv), capture_output=True, text=True, timeout=args.duration + 60
         )
-    )
-    if args.stream:
-        run.script = writeWrkScript(OUT / f"post-stream-{run.stamp}.lua", requestBody(stream=True))
-    subject = (f"relay-{args.relay}" if args.relay else "proxy") + ("-stream" if args.stream else "")
-    output = OUT / f"profile-{run.stamp}-{subject}-c{args.connections}.txt"
-    children = Children()
-    try:
-        _fake, fakePort = startFake(children, run)
-        if args.relay:
-            proxy, port = startRelay(children, run, args.relay, fakePort)
-            url = f"http://127.0.0.1:{port}/"
-        else:
-            proxy, port = startProxy(children, run, fakePort, "proxy-profile")
-            url = f"http://127.0.0.1:{port}{PROXY_PATH}"
-        waitForQuiet(run)
-        runWrk(url, args.connections, args.warmup, run.script)
-        recorder: dict[str, subprocess.CompletedProcess[str]] = {}
 
-        def record() -> None:
-            recorder["done"] = subprocess.run(
-                [
-                    "taskset",
-                    "-c",
-                    str(LOAD_CPU),
-                    pyspy,
-                    "record",
-                    "--pid",
-                    str(proxy.pid),
-                    "--duration",
-                    str(round(args.duration)),
-                    "--rate",
-                    str(args.rate),
-                    "--nolineno",
-                    "--format",
-                    "raw",
-                    "-o",
-                    str(output),
-                    *(["--nonblocking"] if args.nonblocking else []),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=args.duration + 60,
-            )
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, box
 
-        cpu = cpuSeconds(proxy.pid)
-        sampler = threading.Thread(target=record)
-        sampler.start()
-        time.sleep(0.3)
-        # wrk outlasts the sampling a little, so every sample is under load.
-        result = runWrk(url, args.connections, args.duration + 1, run.script)
-        sampler.join()
-        cpu = cpuSeconds(proxy.pid) - cpu
-        done = recorder.get("done")
-        if done is None or done.returncode != 0 or not output.exists():
-            raise BenchError(f"py-spy failed: {done.stderr if done else 'no result'}")
-    except BenchError as e:
-        print(f"profile: {e}", file=sys.stderr)
-        return 1
-    finally:
-        children.stopAll()
 
+def profile(harness: Harness, args: argparse.Namespace, pyspy: str, output: Path) -> tuple[LoadResult, float]:
+    """
+    Start the subject, warm it up, then sample it under load; the load's
+    result and the subject's CPU seconds over it.
+    """
+    fake = harness.startFake()
+    subject: Server
+    if args.relay:
+        subject = harness.startRelay(fake, args.relay)
+        url = subject.url("/")
+    else:
+        env = dict(item.split("=", 1) for item in args.env)
+        subject = harness.startProxy(fake, "proxy-profile", env)
+        url = subject.url(PROXY_PATH)
+    load = Load.post(stream=args.stream)
+    harness.waitForQuiet()
+    runLoad(url, args.connections, args.warmup, load, "wrk", harness.cpus.load)
+    cpu = cpuSeconds(subject.child.pid)
+    sampler, box = record(pyspy, harness.cpus.load, subject.child.pid, args, output)
+    time.sleep(0.3)
+    # wrk outlasts the sampling a little, so every sample is under load.
+    result = runLoad(url, args.connections, args.duration + 1, load, "wrk", harness.cpus.load)
+    sampler.join()
+    cpu = cpuSeconds(subject.child.pid) - cpu
+    done = box.get("done")
+    if done is None or done.returncode != 0 or not output.exists():
+        raise BenchError(f"py-spy failed: {done.stderr if done else 'no result'}")
+    return result, cpu
+
+
+def render(args: argparse.Namespace, output: Path, result: LoadResult, cpu: float) -> str:
     table, samples = summarise(output, args.top)
     tree = treeState()
     busy = samples / (args.rate * args.duration)
-    text = "\n".join(
+    subject = f"minimal relay ({args.relay})" if args.relay else "proxy"
+    answered = "with the fake's default SSE stream (5 deltas)" if args.stream else "in JSON"
+    return "\n".join(
         [
-            f"## Profile of the {'minimal relay (' + args.relay + ')' if args.relay else 'proxy'} "
-            f"at {args.connections} connections",
+            f"## Profile of the {subject} at {args.connections} connections",
             "",
-            f"Command: `.venv/bin/python bench/hotspots.py{''.join(' ' + a for a in sys.argv[1:])}`",
+            f"Command: `python -m bench.hotspots{''.join(' ' + a for a in sys.argv[1:])}`",
             "",
             f"Code: commit {tree['commit']}; uncommitted changes under zaiproxy/: {tree['changed']} "
-            f"(digest {tree['digest']}). Proxy settings as in bench/run.py (LOG_LEVEL=info, token counting "
-            f"default){''.join(', ' + e for e in args.env)}; wrk POSTs ~1 KB bodies answered "
-            f"{'with the fake' + chr(39) + 's default SSE stream (5 deltas)' if args.stream else 'in JSON'}.",
+            f"(digest {tree['digest']}). Proxy settings as in bench.relay (LOG_LEVEL=info, token counting "
+            f"default){''.join(', ' + e for e in args.env)}; wrk POSTs ~1 KB bodies answered {answered}.",
             "",
             f"py-spy record --rate {args.rate} --nolineno for {args.duration:g} s: {samples} busy samples "
             f"(idle samples are not recorded: the proxy was busy in about {busy * 100:.0f}% of them). "
-            f"Under profiling: {result['rps']:.0f} req/s, {result['errors']} wrk errors, proxy CPU "
-            f"{cpu / max(result['requests'], 1) * 1e6:.0f} us/request. Raw stacks: "
-            f"`{output.relative_to(ROOT)}`.",
+            f"Under profiling: {result.rps:.0f} req/s, {result.errors} wrk errors, proxy CPU "
+            f"{cpu / max(result.requests, 1) * 1e6:.0f} us/request. Raw stacks: `{output.name}`.",
             "",
             table,
             "",
             *(focus(output, f, args.top) + "\n" for f in args.focus),
         ]
     )
-    (OUT / f"profile-{run.stamp}-{subject}-c{args.connections}.md").write_text(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Profile the proxy under wrk load with py-spy.")
+    add = parser.add_argument
+    add("--connections", type=int, default=32)
+    add("--duration", type=float, default=20.0, help="seconds of sampling (20)")
+    add("--warmup", type=float, default=3.0)
+    add("--rate", type=int, default=100, help="samples per second (100)")
+    add("--top", type=int, default=25)
+    add("--out", type=Path, default=OUT, help="where the profile and summary go (bench/out)")
+    add(
+        "--focus",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="also break down the time inside functions matching TEXT, e.g. Reporter.finished (repeatable)",
+    )
+    add(
+        "--relay",
+        choices=("agent", "treq", "treq-bytes", "cookie", "decoder"),
+        help="profile one of bench/minirelay.py's minimal relays instead of the proxy",
+    )
+    add("--summarise", type=Path, metavar="RAW", help="only summarise an existing raw profile (no benchmark)")
+    add("--stream", action="store_true", help='POST "stream": true bodies (the fake\'s default short stream)')
+    add("--env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the proxy")
+    add("--nonblocking", action="store_true", help="sample without pausing the proxy (some samples lost)")
+    return parser
+
+
+def main() -> int:
+    args = parser().parse_args()
+    if args.summarise is not None:
+        table, _ = summarise(args.summarise, args.top)
+        print("\n\n".join([table, *(focus(args.summarise, f, args.top) for f in args.focus)]))
+        return 0
+    pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if pyspy is None:
+        print("hotspots: py-spy not found; pip install py-spy", file=sys.stderr)
+        return 2
+    if shutil.which("wrk") is None or any("=" not in item for item in args.env):
+        print("hotspots: needs wrk (apt-get install wrk); --env takes NAME=VALUE", file=sys.stderr)
+        return 2
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    subject = (f"relay-{args.relay}" if args.relay else "proxy") + ("-stream" if args.stream else "")
+    name = f"profile-{stamp}-{subject}-c{args.connections}"
+    harness = Harness(args.out, name, Plan(args.duration, args.warmup, 0, 60.0, "wrk"))
+    if harness.cpus.load is not None:
+        os.sched_setaffinity(0, {harness.cpus.load})
+    raiseNoFile()
+    try:
+        with harness:
+            result, cpu = profile(harness, args, pyspy, args.out / f"{name}.txt")
+    except BenchError as e:
+        print(f"hotspots: {e}", file=sys.stderr)
+        return 1
+    text = render(args, args.out / f"{name}.txt", result, cpu)
+    (args.out / f"{name}.md").write_text(text)
     print(text)
     return 0
 

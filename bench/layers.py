@@ -6,7 +6,7 @@ claim; this measures it instead of taking it on trust.
 
 Two minimal relays (bench/minirelay.py) that differ only in their HTTP
 client run in turn on CPU 0 in front of the fake Z.AI (CPU 1), driven by
-wrk on CPU 1 with the same ~1 KB JSON POSTs as bench/run.py:
+wrk on CPU 1 with the same ~1 KB JSON POSTs as bench.relay:
 
 - C{agent}: plain L{Agent} + L{HTTPConnectionPool};
 - C{treq}: C{HTTPClient(Agent(pool))}, C{unbuffered=True,
@@ -17,7 +17,7 @@ wrk on CPU 1 with the same ~1 KB JSON POSTs as bench/run.py:
 - C{cookie}, C{decoder}: the plain agent under just one of treq's layers
   (CookieAgent, ContentDecoderAgent), to see which layer costs what.
 
-Each relay is first measured alone, as bench/run.py does: req/s at 32
+Each relay is first measured alone, as bench.relay does: req/s at 32
 connections, p50 at 1 connection, and its CPU time per request (from /proc).
 On this shared VM the machine's speed drifts by 10-20% within minutes,
 which is as much as the difference sought, so the cost of each layer is
@@ -25,203 +25,105 @@ then measured paired: the agent relay and one variant loaded at the same
 time by two wrk processes, both relays sharing CPU 0, and each one's CPU
 per request read over the same seconds. Whatever slows the core slows both.
 
-    .venv/bin/python bench/layers.py                   # ~5 minutes
-    .venv/bin/python bench/layers.py --rounds 1 --variants agent,treq
+    .venv/bin/python -m bench.layers                   # ~5 minutes
+    .venv/bin/python -m bench.layers --rounds 1 --variants agent,treq
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from run import (
-    DIRECT_PATH,
-    LOAD_CPU,
-    OUT,
-    PYTHON,
-    SUT_CPU,
-    BenchError,
-    Child,
-    Children,
-    Run,
-    cpuSeconds,
-    freePort,
-    machineFacts,
-    measure,
-    startFake,
-    startWrk,
-    waitForQuiet,
-    wrkResult,
-)
-from streamclient import raiseNoFile
+from bench.harness import DIRECT_PATH, Harness, Measurement, Server, cpuSeconds
+from bench.load import BenchError, Load, startWrk, wrkResult, wrkScript
+from bench.session import Session, commonParser
 
 VARIANTS = ("agent", "treq", "treq-bytes", "cookie", "decoder")
 
-#: perf-baselines.md: the 40-line relays, CPU per request at 32 connections.
+#: The perf-baselines reference: the 40-line relays, CPU per request at 32 connections.
 REFERENCE_US = {"agent": 513, "treq": 726}
 
-
-def startRelay(children: Children, run: Run, kind: str, fakePort: int) -> tuple[Child, int]:
-    port = freePort()
-    argv = [
-        "taskset",
-        "-c",
-        str(SUT_CPU),
-        PYTHON,
-        str(Path(__file__).with_name("minirelay.py")),
-        kind,
-        str(port),
-        f"http://127.0.0.1:{fakePort}{DIRECT_PATH}",
-    ]
-    child = children.add(Child(f"relay-{kind}", argv, run.log(f"relay-{kind}")))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise BenchError(f"relay {kind} exited:\n{child.tail()}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return child, port
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"relay {kind} did not listen on {port}")
+Solo = dict[str, list[dict[int, Measurement]]]
+Pairs = dict[str, list[tuple[float, float, float, float]]]
 
 
 def pairedRun(
-    run: Run, agent: tuple[str, dict[str, Child]], other: tuple[str, dict[str, Child]], connections: int
+    harness: Harness, agent: Server, other: Server, connections: int, script: Path
 ) -> tuple[float, float, float, float]:
     """
     Load both relays at once; return each one's CPU us per request and
     req/s, over the same wall-clock window.
     """
-    relays = [agent[1]["relay"], other[1]["relay"]]
-    waitForQuiet(run)
-    warm = [startWrk(url, connections, run.args.warmup, run.script) for url, _ in (agent, other)]
-    for proc in warm:
-        wrkResult(proc, run.args.warmup + 60)
-    before = [cpuSeconds(r.pid) for r in relays]
-    procs = [startWrk(url, connections, run.args.duration, run.script) for url, _ in (agent, other)]
-    results = [wrkResult(proc, run.args.duration + 60) for proc in procs]
-    cpu = [cpuSeconds(r.pid) - b for r, b in zip(relays, before, strict=True)]
+    plan, cpu = harness.plan, harness.cpus.load
+    urls = [agent.url("/"), other.url("/")]
+    harness.waitForQuiet()
+    for proc in [startWrk(url, connections, plan.warmup, script, cpu) for url in urls]:
+        wrkResult(proc, plan.warmup + 60)
+    before = [cpuSeconds(s.child.pid) for s in (agent, other)]
+    procs = [startWrk(url, connections, plan.duration, script, cpu) for url in urls]
+    results = [wrkResult(proc, plan.duration + 60) for proc in procs]
+    spent = [cpuSeconds(s.child.pid) - b for s, b in zip((agent, other), before, strict=True)]
     for result in results:
-        if result["errors"]:
-            run.problem(f"paired run: {result['errors']} wrk errors {result['errorLines']}")
-    perRequest = [c / max(r["requests"], 1) * 1e6 for c, r in zip(cpu, results, strict=True)]
-    run.say(
-        f"  agent {perRequest[0]:5.0f} us/req {results[0]['rps']:5.0f} req/s | "
-        f"other {perRequest[1]:5.0f} us/req {results[1]['rps']:5.0f} req/s | "
+        if result.errors:
+            harness.problem(f"paired run: {result.errors} wrk errors {result.errorLines}")
+    perRequest = [c / max(r.requests, 1) * 1e6 for c, r in zip(spent, results, strict=True)]
+    harness.say(
+        f"  agent {perRequest[0]:5.0f} us/req {results[0].rps:5.0f} req/s | "
+        f"other {perRequest[1]:5.0f} us/req {results[1].rps:5.0f} req/s | "
         f"difference {perRequest[1] - perRequest[0]:+.0f} us"
     )
-    return perRequest[0], perRequest[1], results[0]["rps"], results[1]["rps"]
+    return perRequest[0], perRequest[1], results[0].rps, results[1].rps
 
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description="Measure treq's layers on a minimal relay.")
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measured wrk run (5)")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up before each (1)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of solo runs; medians reported (2)")
-    parser.add_argument("--pairs", type=int, default=4, help="paired runs per variant against the agent (4)")
-    parser.add_argument(
-        "--pair-connections", type=int, default=16, help="connections per relay in a paired run (16)"
-    )
-    parser.add_argument(
-        "--retries", type=int, default=1, help="re-measure a run disturbed by other processes (1)"
-    )
-    parser.add_argument(
-        "--quiet-wait", type=float, default=60.0, help="wait up to this long for a quiet machine (60)"
-    )
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("layers: wrk is not installed; apt-get install wrk", file=sys.stderr)
-        return 2
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    if "agent" not in variants or not set(variants) <= set(VARIANTS):
-        parser.error(f"--variants must include agent and be among {', '.join(VARIANTS)}")
-    os.sched_setaffinity(0, {LOAD_CPU})
-    raiseNoFile()
-
-    run = Run(
-        argparse.Namespace(
-            fake="quiet",
-            warmup=args.warmup,
-            duration=args.duration,
-            retries=args.retries,
-            quiet_wait=args.quiet_wait,
-        )
-    )
-    facts = machineFacts()
-    started = time.monotonic()
-    results: dict[str, list[dict[int, dict[str, Any]]]] = {v: [] for v in ("direct", *variants)}
-    pairs: dict[str, list[tuple[float, float, float, float]]] = {v: [] for v in variants}
-    children = Children()
-    try:
-        fake, fakePort = startFake(children, run)
-        targets: dict[str, tuple[str, dict[str, Child]]] = {
-            "direct": (f"http://127.0.0.1:{fakePort}{DIRECT_PATH}", {"fake": fake})
-        }
-        # All relays up at once (an idle one costs nothing), so a round is
-        # just wrk runs back to back and slow drift of the machine's speed
-        # hits every variant of a round alike.
-        for kind in variants:
-            relay, port = startRelay(children, run, kind, fakePort)
-            targets[kind] = (f"http://127.0.0.1:{port}/", {"relay": relay, "fake": fake})
-        order = list(targets)
-        for round in range(args.rounds):
-            run.say(f"round {round + 1} of {args.rounds}:")
-            # Rotate the order, so no variant always runs first or last.
-            shift = round % len(order)
-            for kind in order[shift:] + order[:shift]:
-                url, watch = targets[kind]
-                results[kind].append({c: measure(run, kind, url, c, watch) for c in (32, 1)})
-        for kind in variants:
-            if kind == "agent":
-                continue
-            run.say(f"paired: agent and {kind} at once, {args.pairs} runs:")
+def measureLayers(session: Session, variants: list[str]) -> tuple[Solo, Pairs]:
+    """
+    Every relay up at once (an idle one costs nothing), so a round is just
+    load runs back to back; then each variant paired with the agent.
+    """
+    args, harness = session.args, session.harness
+    fake = harness.startFake()
+    relays = {kind: harness.startRelay(fake, kind) for kind in variants}
+    targets = {"direct": (fake.url(DIRECT_PATH), {"fake": fake.child})}
+    for kind, relay in relays.items():
+        targets[kind] = (relay.url("/"), {"relay": relay.child, "fake": fake.child})
+    results: Solo = {kind: [] for kind in targets}
+    order = list(targets)
+    load = Load.post()
+    for index in range(args.rounds):
+        harness.say(f"round {index + 1} of {args.rounds}:")
+        shift = index % len(order)  # no variant always runs first or last
+        for kind in order[shift:] + order[:shift]:
+            url, watch = targets[kind]
+            results[kind].append({c: harness.measure(kind, url, c, watch, load) for c in (32, 1)})
+    pairs: Pairs = {kind: [] for kind in variants if kind != "agent"}
+    with tempfile.TemporaryDirectory(prefix="bench-layers-") as tmp:
+        script = Path(tmp) / "post.lua"
+        script.write_text(wrkScript(load))
+        for kind in pairs:
+            harness.say(f"paired: agent and {kind} at once, {args.pairs} runs:")
             for _ in range(args.pairs):
-                pairs[kind].append(pairedRun(run, targets["agent"], targets[kind], args.pair_connections))
-    except BenchError as e:
-        print(f"layers: {e}", file=sys.stderr)
-        return 1
-    finally:
-        children.stopAll()
+                pairs[kind].append(
+                    pairedRun(harness, relays["agent"], relays[kind], args.pair_connections, script)
+                )
+    return results, pairs
 
+
+def soloTable(results: Solo, variants: list[str]) -> list[str]:
     def med(kind: str, c: int, key: str) -> float:
-        return median([r[c][key] for r in results[kind]])
+        if key == "relayCpu":
+            return median([r[c].cpuPerRequestUs("relay") for r in results[kind]])
+        if key == "relayCore":
+            return median([r[c].core("relay") for r in results[kind]])
+        return median([getattr(r[c].load, key) for r in results[kind]])
 
-    def paired(kind: str, c: int, key: str) -> list[float]:
-        """
-        Round by round: this variant minus the plain agent.
-        """
-        return sorted(r[c][key] - a[c][key] for r, a in zip(results[kind], results["agent"], strict=True))
-
-    def spread(values: list[float]) -> str:
-        return f"{median(values):+.0f} us" + (
-            f" (rounds {values[0]:+.0f} to {values[-1]:+.0f})" if len(values) > 1 else ""
-        )
-
-    command = ".venv/bin/python bench/layers.py" + "".join(" " + a for a in sys.argv[1:])
     lines = [
-        f"## treq layers on a minimal relay, {facts['date']}",
-        "",
-        f"Command: `{command}` ({time.monotonic() - started:.0f} s; {args.rounds} round(s), "
-        f"{'medians' if args.rounds > 1 else 'single runs'}; wrk {args.duration:g} s after {args.warmup:g} "
-        "s warm-up).",
-        "",
-        f"Machine: {facts['nproc']} CPUs, {facts['cpu']}; Python {facts['python']}, Twisted "
-        f"{facts['twisted']}, treq {facts['treq']}; relays on CPU {SUT_CPU}, fake (bench/fakeserver.py) and "
-        f"wrk on CPU {LOAD_CPU}.",
-        "",
         "| client | req/s, 32 conns | relay CPU us/req, 32 conns | relay % of core | p50 ms, 1 conn | p99 "
         "ms, 1 conn | relay CPU us/req, 1 conn |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -230,41 +132,53 @@ def main() -> int:
     ]
     for kind in variants:
         lines.append(
-            f"| {kind} | {med(kind, 32, 'rps'):.0f} | {med(kind, 32, 'relayCpuPerRequestUs'):.0f} | "
+            f"| {kind} | {med(kind, 32, 'rps'):.0f} | {med(kind, 32, 'relayCpu'):.0f} | "
             f"{med(kind, 32, 'relayCore') * 100:.0f}% | {med(kind, 1, 'p50') / 1000:.3f} | "
-            f"{med(kind, 1, 'p99') / 1000:.3f} | {med(kind, 1, 'relayCpuPerRequestUs'):.0f} |"
+            f"{med(kind, 1, 'p99') / 1000:.3f} | {med(kind, 1, 'relayCpu'):.0f} |"
         )
-    lines += [
-        "",
-        "Cost per request relative to the plain Agent (median of the per-round differences, each round "
-        "running every variant back to back):",
-        "",
-    ]
+    return lines
+
+
+def differences(results: Solo, variants: list[str]) -> tuple[list[str], list[str]]:
+    """
+    Each variant against the plain agent, round by round.
+    """
+
+    def paired(kind: str, c: int, value: str) -> list[float]:
+        def get(m: Measurement) -> float:
+            return m.cpuPerRequestUs("relay") if value == "cpu" else m.load.p50
+
+        return sorted(get(r[c]) - get(a[c]) for r, a in zip(results[kind], results["agent"], strict=True))
+
+    def spread(values: list[float]) -> str:
+        rounds = f" (rounds {values[0]:+.0f} to {values[-1]:+.0f})" if len(values) > 1 else ""
+        return f"{median(values):+.0f} us{rounds}"
+
+    lines: list[str] = []
     verdicts: list[str] = []
     for kind in variants:
         if kind == "agent":
             continue
-        cpu32 = paired(kind, 32, "relayCpuPerRequestUs")
-        cpu1 = paired(kind, 1, "relayCpuPerRequestUs")
-        p50 = paired(kind, 1, "p50")
+        cpu32 = paired(kind, 32, "cpu")
         slower = median(
-            [a[32]["rps"] / r[32]["rps"] for r, a in zip(results[kind], results["agent"], strict=True)]
+            [a[32].load.rps / r[32].load.rps for r, a in zip(results[kind], results["agent"], strict=True)]
         )
         lines.append(
-            f"- {kind}: CPU {spread(cpu32)} a request at 32 connections, {spread(cpu1)} at 1 connection; "
-            f"p50 at 1 connection {spread(p50)}; throughput at 32 connections {slower:.2f}x lower."
+            f"- {kind}: CPU {spread(cpu32)} a request at 32 connections, {spread(paired(kind, 1, 'cpu'))} at "
+            f"1 connection; p50 at 1 connection {spread(paired(kind, 1, 'p50'))}; throughput at 32 "
+            f"connections {slower:.2f}x lower."
         )
         verdicts.append(f"{kind} {median(cpu32):+.0f} us")
-    lines += [
-        "",
-        f"Paired (both relays loaded at once by two wrk processes, {args.pair_connections} connections each, "
-        f"sharing CPU {SUT_CPU}; {args.pairs} runs of {args.duration:g} s per variant):",
-        "",
+    return lines, verdicts
+
+
+def pairsTable(pairs: Pairs) -> tuple[list[str], list[str]]:
+    lines = [
         "| variant | agent CPU us/req | variant CPU us/req | difference us/req (median) | runs: min to max "
         "| variant/agent req/s |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    pairedVerdicts: list[str] = []
+    verdicts = []
     for kind, runs in pairs.items():
         if not runs:
             continue
@@ -274,22 +188,71 @@ def main() -> int:
             f"{median([b for _, b, _, _ in runs]):.0f} | {median(diffs):+.0f} | {diffs[0]:+.0f} to "
             f"{diffs[-1]:+.0f} | {median([rb / ra for _, _, ra, rb in runs]):.2f} |"
         )
-        pairedVerdicts.append(f"{kind} {median(diffs):+.0f} us")
-    errors = sum(r[c]["errors"] for runs in results.values() for r in runs for c in (1, 32))
-    lines += [
+        verdicts.append(f"{kind} {median(diffs):+.0f} us")
+    return lines, verdicts
+
+
+def render(session: Session, results: Solo, pairs: Pairs, variants: list[str]) -> str:
+    args, info = session.args, session.info()
+    facts, cpus = info.facts, info.cpus
+    diffLines, verdicts = differences(results, variants)
+    pairLines, pairedVerdicts = pairsTable(pairs)
+    errors = sum(r[c].load.errors for runs in results.values() for r in runs for c in (1, 32))
+    lines = [
+        f"## treq layers on a minimal relay, {facts['date']}",
         "",
-        f"Reference (perf-baselines.md, same kind of relays): agent {REFERENCE_US['agent']} us, treq "
+        f"Command: `{info.command}` ({info.elapsed:.0f} s; {args.rounds} round(s); wrk {args.duration:g} s "
+        f"after {args.warmup:g} s warm-up).",
+        "",
+        f"Machine: {facts['nproc']} CPUs, {facts['cpu']}; Python {facts['python']}, Twisted "
+        f"{facts['twisted']}, treq {facts['treq']}; relays on CPU {cpus.sut}, fake (bench/fakeserver.py) and "
+        f"wrk on CPU {cpus.load}.",
+        "",
+        *soloTable(results, variants),
+        "",
+        "Cost per request relative to the plain Agent (median of the per-round differences):",
+        "",
+        *diffLines,
+        "",
+        f"Paired (both relays loaded at once by two wrk processes, {args.pair_connections} connections each, "
+        f"sharing CPU {cpus.sut}; {args.pairs} runs of {args.duration:g} s per variant):",
+        "",
+        *pairLines,
+        "",
+        f"Reference (perf-baselines, same kind of relays): agent {REFERENCE_US['agent']} us, treq "
         f"{REFERENCE_US['treq']} us CPU/request, a {REFERENCE_US['treq'] - REFERENCE_US['agent']} us "
         "difference. relay/upstream.py says 0.2 ms; measured here: solo runs (CPU at 32 connections) "
         f"{', '.join(verdicts)}; paired runs {', '.join(pairedVerdicts) or 'not run'}.",
         "",
         f"wrk errors across all runs (socket errors + non-2xx): {errors}."
-        + ("" if not run.problems else " Problems: " + "; ".join(run.problems)),
+        + ("" if not info.allProblems else " Problems: " + "; ".join(info.allProblems)),
         "",
     ]
-    text = "\n".join(lines)
-    (OUT / f"layers-{run.stamp}.md").write_text(text)
-    print(text)
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = commonParser("Measure treq's layers on a minimal relay.", duration=5.0, rounds=2)
+    add = parser.add_argument
+    add("--pairs", type=int, default=4, help="paired runs per variant against the agent (4)")
+    add("--pair-connections", type=int, default=16, help="connections per relay in a paired run (16)")
+    add("--variants", default=",".join(VARIANTS))
+    parser.set_defaults(warmup=1.0, load="wrk")
+    args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if "agent" not in variants or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants must include agent and be among {', '.join(VARIANTS)}")
+    session = Session("layers", args)
+    session.prepare()
+    started = time.monotonic()
+    try:
+        with session.harness:
+            results, pairs = measureLayers(session, variants)
+    except BenchError as e:
+        print(f"layers: {e}", file=sys.stderr)
+        return 1
+    session.harness.say(f"measured in {time.monotonic() - started:.0f} s")
+    session.write(render(session, results, pairs, variants), {"solo": results, "pairs": pairs})
     return 0
 
 

@@ -1,5 +1,5 @@
 """
-A minimal relay for bench/layers.py: a twisted.web resource that forwards
+A minimal relay for bench.relay and bench.layers: a twisted.web resource that forwards
 each POST body to one upstream and relays the answer with C{deliverBody}.
 
 The variants differ only in the HTTP client, so their difference is what

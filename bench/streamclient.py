@@ -1,5 +1,5 @@
 """
-Streaming clients for bench/run.py, run as a separate process pinned to
+Streaming clients for bench.memory, run as a separate process pinned to
 the load generator's CPU so that their work never lands on the proxy's core.
 
 C{many}: open N concurrent SSE streams and hold them, to measure what an
