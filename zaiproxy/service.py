@@ -110,9 +110,8 @@ class ProxyService(MultiService):
         self.draining = False
         self._announced = False
         self.observer = observer
-        self._warnings = list(warnings or [])
         clientKeys, keyWarnings = buildClientKeys(settings.proxyApiKeys, settings.proxyApiKeysFile or None)
-        self._warnings += keyWarnings
+        self._warnings = list(warnings or []) + keyWarnings
         self.credentials = Credentials(clientKeys, settings.adminToken)
         self.build = build = build or BuildInfo()
         self.metrics = metrics or Metrics(
@@ -126,7 +125,15 @@ class ProxyService(MultiService):
         self.metrics.watchInFlight(lambda: len(self.inFlight))
         self.metrics.watchClientKeys(lambda: len(self.credentials.clientKeys or ()))
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
-        self.context = RelayContext(
+        self.context = self._buildContext(reactor, settings)
+        self.quota = self._buildQuota(reactor, settings)
+        self._buildSites(reactor, settings, list(adminListen or []))
+        self._parseEndpoints(reactor, listen, adminListen or [])
+        self.ports: list[IListeningPort] = []
+        self.adminPorts: list[IListeningPort] = []
+
+    def _buildContext(self, reactor: Any, settings: Settings) -> RelayContext:
+        return RelayContext(
             clock=reactor,
             upstream=self.upstream,
             reporter=self.reporter,
@@ -137,10 +144,12 @@ class ProxyService(MultiService):
             limiter=self.limiter,
             maxRetries=settings.maxRetries,
         )
-        self.quota = self._buildQuota(reactor, settings)
-        self._buildSites(reactor, settings, list(adminListen or []))
-        # Parsed now, so a bad --listen stops start-up with a clear error.
-        # A Listener is a socket passed by systemd (zaiproxy.config.activation).
+
+    def _parseEndpoints(self, reactor: Any, listen: Sequence[str | Listener], admin: list[str]) -> None:
+        """
+        Parsed now, so a bad --listen stops start-up with a clear error. A
+        L{Listener} is a socket passed by systemd (L{zaiproxy.config.activation}).
+        """
         self._endpoints = [
             (item.description, item.endpoint)
             if isinstance(item, Listener)
@@ -148,11 +157,8 @@ class ProxyService(MultiService):
             for item in listen
         ]
         self._adminEndpoints = [
-            (description, endpoints.serverFromString(reactor, description))
-            for description in adminListen or []
+            (description, endpoints.serverFromString(reactor, description)) for description in admin
         ]
-        self.ports: list[IListeningPort] = []
-        self.adminPorts: list[IListeningPort] = []
 
     def _buildQuota(self, reactor: Any, settings: Settings) -> QuotaPoller | None:
         if not settings.quotaPollEnabled:

@@ -40,105 +40,132 @@ def parseEnvironmentFile(text: str, source: str = "<config>") -> dict[str, str]:
     @param source: names the file in error messages.
     @return: the assignments in file order; a later one wins.
     """
-    result: dict[str, str] = {}
-    state = "preKey"
-    key: list[str] = []
-    value: list[str] = []
-    # Length of value that must survive trailing-whitespace trimming:
-    # quoted and escaped characters are never trimmed.
-    keep = 0
-    line = 1
-    keyLine = 1
-
-    def assign() -> None:
-        name = "".join(key).rstrip(_WHITESPACE)
-        text = "".join(value)
-        cut = len(text.rstrip(_WHITESPACE))
-        text = text[: max(cut, keep)]
-        if not _KEY.match(name):
-            raise EnvironmentFileError(f"{source}:{keyLine}: {name!r} is not a valid variable name")
-        result[name] = text
-
+    parser = _Parser(source)
     for char in text + "\n":
-        if state == "preKey":
-            if char in _COMMENTS:
-                state = "comment"
-            elif char == "\n":
-                pass
-            elif char not in _WHITESPACE:
-                state = "key"
-                key = [char]
-                value = []
-                keep = 0
-                keyLine = line
-        elif state == "key":
-            if char == "\n":
-                # A line without "=": systemd ignores it.
-                state = "preKey"
-            elif char == "=":
-                state = "preValue"
-            else:
-                key.append(char)
-        elif state == "preValue":
-            if char == "\n":
-                assign()
-                state = "preKey"
-            elif char == "'":
-                state = "singleQuote"
-            elif char == '"':
-                state = "doubleQuote"
-            elif char == "\\":
-                state = "valueEscape"
-            elif char not in _WHITESPACE:
-                value.append(char)
-                state = "value"
-        elif state == "value":
-            if char == "\n":
-                assign()
-                state = "preKey"
-            elif char == "\\":
-                state = "valueEscape"
-            else:
-                value.append(char)
-        elif state == "valueEscape":
-            if char != "\n":
-                value.append(char)
-                keep = len(value)
-            state = "value"
-        elif state == "singleQuote":
-            if char == "'":
-                keep = len(value)
-                state = "preValue"
-            else:
-                value.append(char)
-        elif state == "doubleQuote":
-            if char == '"':
-                keep = len(value)
-                state = "preValue"
-            elif char == "\\":
-                state = "doubleQuoteEscape"
-            else:
-                value.append(char)
-        elif state == "doubleQuoteEscape":
-            if char in _DOUBLE_QUOTE_ESCAPES:
-                value.append(char)
-            elif char != "\n":
-                value.append("\\")
-                value.append(char)
-            state = "doubleQuote"
-        elif state == "comment":
-            if char == "\\":
-                state = "commentEscape"
-            elif char == "\n":
-                state = "preKey"
-        elif state == "commentEscape":
-            state = "comment"
-        if char == "\n":
-            line += 1
+        parser.feed(char)
+    return parser.finish()
 
-    if state in ("singleQuote", "doubleQuote", "doubleQuoteEscape"):
-        raise EnvironmentFileError(f"{source}:{keyLine}: unterminated quote in the value of {''.join(key)}")
-    return result
+
+class _Parser:
+    """
+    systemd's EnvironmentFile parser (C{parse_env_file_internal}), one
+    method per state, a character at a time.
+    """
+
+    def __init__(self, source: str) -> None:
+        self._source = source
+        self.result: dict[str, str] = {}
+        self._state = self._preKey
+        self._key: list[str] = []
+        self._value: list[str] = []
+        # Length of value that must survive trailing-whitespace trimming:
+        # quoted and escaped characters are never trimmed.
+        self._keep = 0
+        self._line = 1
+        self._keyLine = 1
+
+    def feed(self, char: str) -> None:
+        self._state(char)
+        if char == "\n":
+            self._line += 1
+
+    def finish(self) -> dict[str, str]:
+        if self._state in (self._singleQuote, self._doubleQuote, self._doubleQuoteEscape):
+            raise EnvironmentFileError(
+                f"{self._source}:{self._keyLine}: unterminated quote in the value of {''.join(self._key)}"
+            )
+        return self.result
+
+    def _assign(self) -> None:
+        name = "".join(self._key).rstrip(_WHITESPACE)
+        text = "".join(self._value)
+        cut = len(text.rstrip(_WHITESPACE))
+        text = text[: max(cut, self._keep)]
+        if not _KEY.match(name):
+            raise EnvironmentFileError(
+                f"{self._source}:{self._keyLine}: {name!r} is not a valid variable name"
+            )
+        self.result[name] = text
+        self._state = self._preKey
+
+    def _preKey(self, char: str) -> None:
+        if char in _COMMENTS:
+            self._state = self._comment
+        elif char != "\n" and char not in _WHITESPACE:
+            self._state = self._inKey
+            self._key = [char]
+            self._value = []
+            self._keep = 0
+            self._keyLine = self._line
+
+    def _inKey(self, char: str) -> None:
+        if char == "\n":
+            # A line without "=": systemd ignores it.
+            self._state = self._preKey
+        elif char == "=":
+            self._state = self._preValue
+        else:
+            self._key.append(char)
+
+    def _preValue(self, char: str) -> None:
+        if char == "\n":
+            self._assign()
+        elif char == "'":
+            self._state = self._singleQuote
+        elif char == '"':
+            self._state = self._doubleQuote
+        elif char == "\\":
+            self._state = self._valueEscape
+        elif char not in _WHITESPACE:
+            self._value.append(char)
+            self._state = self._inValue
+
+    def _inValue(self, char: str) -> None:
+        if char == "\n":
+            self._assign()
+        elif char == "\\":
+            self._state = self._valueEscape
+        else:
+            self._value.append(char)
+
+    def _valueEscape(self, char: str) -> None:
+        if char != "\n":
+            self._value.append(char)
+            self._keep = len(self._value)
+        self._state = self._inValue
+
+    def _singleQuote(self, char: str) -> None:
+        if char == "'":
+            self._keep = len(self._value)
+            self._state = self._preValue
+        else:
+            self._value.append(char)
+
+    def _doubleQuote(self, char: str) -> None:
+        if char == '"':
+            self._keep = len(self._value)
+            self._state = self._preValue
+        elif char == "\\":
+            self._state = self._doubleQuoteEscape
+        else:
+            self._value.append(char)
+
+    def _doubleQuoteEscape(self, char: str) -> None:
+        if char in _DOUBLE_QUOTE_ESCAPES:
+            self._value.append(char)
+        elif char != "\n":
+            self._value.append("\\")
+            self._value.append(char)
+        self._state = self._doubleQuote
+
+    def _comment(self, char: str) -> None:
+        if char == "\\":
+            self._state = self._commentEscape
+        elif char == "\n":
+            self._state = self._preKey
+
+    def _commentEscape(self, char: str) -> None:
+        self._state = self._comment
 
 
 def readEnvironmentFile(path: str) -> dict[str, str]:

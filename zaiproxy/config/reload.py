@@ -23,20 +23,20 @@ from __future__ import annotations
 import signal
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import attrs
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
 
 from zaiproxy.config.envfile import EnvironmentFileError, readEnvironmentFile
-from zaiproxy.config.settings import SettingsError, loadSettings, settingSpecs
+from zaiproxy.config.settings import Settings, SettingsError, loadSettings, settingSpecs
+from zaiproxy.front.access import Credentials
 from zaiproxy.front.clientkeys import ClientKeys, ClientKeysError, buildClientKeys
+from zaiproxy.limits.limiter import RateLimiter
 from zaiproxy.observe.logs import LevelFilteringObserver
+from zaiproxy.observe.metrics import Metrics
 
-if TYPE_CHECKING:
-    from zaiproxy.service import ProxyService
-
-__all__ = ["LIVE_SETTINGS", "Reloader"]
+__all__ = ["LIVE_SETTINGS", "Reloadable", "Reloader"]
 
 #: Settings a reload applies at once (attribute names of L{Settings}); a
 #: change to any other is logged as needing a restart.
@@ -85,14 +85,30 @@ def _describeKeys(keys: ClientKeys | None) -> str:
     return "none" if keys is None else f"{len(keys)} ({', '.join(keys.names)})"
 
 
+class Reloadable(Protocol):
+    """
+    What a reload reads and changes: the running proxy's settings and the
+    pieces that take new values live (L{zaiproxy.service.ProxyService}).
+    """
+
+    reactor: Any
+    settings: Settings
+    credentials: Credentials
+    observer: ILogObserver | None
+    limiter: RateLimiter
+    metrics: Metrics
+
+    def warnIfOpen(self) -> None: ...
+
+
 class Reloader:
     """
-    Reloads one L{ProxyService}'s configuration, on demand or on SIGHUP.
+    Reloads one proxy's configuration, on demand or on SIGHUP.
     """
 
     log = Logger()
 
-    def __init__(self, service: ProxyService, configPath: str | None, environ: Mapping[str, str]) -> None:
+    def __init__(self, service: Reloadable, configPath: str | None, environ: Mapping[str, str]) -> None:
         self._service = service
         self._configPath = configPath
         self._environ = _notFromFile(environ, configPath)
@@ -115,28 +131,31 @@ class Reloader:
         """
         service = self._service
         now = service.reactor.seconds()
-        variant = service.settings.deploymentVariant
         try:
             new, warnings = loadSettings(self._environ, self._configPath)
             keys, keyWarnings = buildClientKeys(new.proxyApiKeys, new.proxyApiKeysFile or None)
         except (SettingsError, ClientKeysError) as e:
             # Both errors name the place and never quote a secret.
             self.log.error("Reload failed; keeping the running configuration: {reason}", reason=str(e))
-            service.metrics.configReloads.labels("failed", variant).inc()
+            service.metrics.reloaded("failed")
             self._state = {**self._state, "last_at": _rfc3339(now), "result": "failed"}
             return False
         for warning in warnings + keyWarnings:
             self.log.warn("{warning}", warning=warning)
+        self._apply(new, keys, now)
+        return True
 
-        old = service.settings
-        credentials = service.credentials
-        hadKeys = credentials.clientKeys is not None
-        restart = [
-            spec.env
-            for spec in settingSpecs()
-            if spec.attribute not in LIVE_SETTINGS
-            and getattr(old, spec.attribute) != getattr(new, spec.attribute)
-        ]
+    def _observer(self) -> LevelFilteringObserver | None:
+        # Through object: mypy-zope finds isinstance on "ILogObserver | None"
+        # never true.
+        current: object = self._service.observer
+        return current if isinstance(current, LevelFilteringObserver) else None
+
+    def _changes(self, old: Settings, new: Settings, keys: ClientKeys | None) -> list[str]:
+        """
+        What the reload changes, for its log line (names, never secrets).
+        """
+        credentials = self._service.credentials
         changes = []
         if keys != credentials.clientKeys:
             changes.append(f"client keys {_describeKeys(credentials.clientKeys)} -> {_describeKeys(keys)}")
@@ -146,22 +165,34 @@ class Reloader:
             before, after = getattr(old, attribute), getattr(new, attribute)
             if before != after:
                 changes.append(f"{env} {before:g} -> {after:g}")
-        # Through object: mypy-zope finds isinstance on "ILogObserver | None"
-        # never true.
-        current: object = service.observer
-        observer = current if isinstance(current, LevelFilteringObserver) else None
         if new.logLevel != old.logLevel:
             changes.append(
                 f"LOG_LEVEL {old.logLevel.name} -> {new.logLevel.name}"
-                + ("" if observer is not None else " (not applied: twistd's own logger is in use)")
+                + ("" if self._observer() is not None else " (not applied: twistd's own logger is in use)")
             )
+        return changes
 
+    def _apply(self, new: Settings, keys: ClientKeys | None, now: float) -> None:
+        """
+        Apply the live settings of C{new}; log what changed and what waits
+        for a restart.
+        """
+        service = self._service
+        old = service.settings
+        credentials = service.credentials
+        hadKeys = credentials.clientKeys is not None
+        restart = [
+            spec.env
+            for spec in settingSpecs()
+            if spec.attribute not in LIVE_SETTINGS
+            and getattr(old, spec.attribute) != getattr(new, spec.attribute)
+        ]
+        changes = self._changes(old, new, keys)
         credentials.clientKeys = keys
         credentials.adminToken = new.adminToken
         service.limiter.setBounds(new.rateLimitInitial, new.rateLimitMin, new.rateLimitMax)
         service.settings = attrs.evolve(old, **{name: getattr(new, name) for name in LIVE_SETTINGS})
-        service.metrics.configReloads.labels("ok", variant).inc()
-        service.metrics.configReloadTime.labels(variant).set(now)
+        service.metrics.reloaded("ok", now)
         self._state = {"last_at": _rfc3339(now), "result": "ok", "restart_needed": restart}
         self.log.info(
             "Reloaded configuration: {changes}", changes="; ".join(changes) if changes else "no changes"
@@ -173,9 +204,9 @@ class Reloader:
         if hadKeys and keys is None:
             service.warnIfOpen()
         # Last, so the lines above show under the level they were logged at.
+        observer = self._observer()
         if observer is not None:
             observer.setLevel(new.logLevel)
-        return True
 
     # -- SIGHUP ------------------------------------------------------------------
 

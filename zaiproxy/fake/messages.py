@@ -102,21 +102,31 @@ def messageStream(scenario: Scenario, content: Content, usage: Usage, ids: Ids) 
         message["usage"] = startUsage
     yield Frame(event("message_start", {"type": "message_start", "message": message}))
     yield Frame(event("ping", {"type": "ping"}))
+    yield from _contentBlocks(content, ids)
+    messageDelta: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": {"stop_reason": _stopReason(scenario), "stop_sequence": None},
+    }
+    deltaUsage = _deltaUsage(scenario, usage)
+    if deltaUsage is not None:
+        messageDelta["usage"] = deltaUsage
+    yield Frame(event("message_delta", messageDelta), CLOSING)
+    yield Frame(event("message_stop", {"type": "message_stop"}), CLOSING)
 
+
+def _contentBlocks(content: Content, ids: Ids) -> Iterator[Frame]:
+    """
+    The content blocks, in Z.AI's order: thinking, text, tool use.
+    """
     index = 0
     if content.thinking:
         yield _blockStart(index, {"type": "thinking", "thinking": "", "signature": ""})
         for piece in content.thinking:
             yield _blockDelta(index, {"type": "thinking_delta", "thinking": piece})
+        # Not a DELTA frame: the signature carries no text.
+        signature = {"type": "signature_delta", "signature": ids.signature}
         yield Frame(
-            event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "signature_delta", "signature": ids.signature},
-                },
-            )
+            event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": signature})
         )
         yield _blockStop(index)
         index += 1
@@ -136,16 +146,6 @@ def messageStream(scenario: Scenario, content: Content, usage: Usage, ids: Ids) 
         for piece in content.toolFragments:
             yield _blockDelta(index, {"type": "input_json_delta", "partial_json": piece})
         yield _blockStop(index)
-
-    messageDelta: dict[str, Any] = {
-        "type": "message_delta",
-        "delta": {"stop_reason": _stopReason(scenario), "stop_sequence": None},
-    }
-    deltaUsage = _deltaUsage(scenario, usage)
-    if deltaUsage is not None:
-        messageDelta["usage"] = deltaUsage
-    yield Frame(event("message_delta", messageDelta), CLOSING)
-    yield Frame(event("message_stop", {"type": "message_stop"}), CLOSING)
 
 
 def _blockStart(index: int, block: dict[str, Any]) -> Frame:

@@ -276,68 +276,79 @@ class RateLimiter:
             self._persist(now)
 
     def _judgeRate(self, successes: int, frequency: int, elapsed: float, saturated: bool, now: float) -> None:
-        s = self.settings
         total = successes + frequency
         if total == 0:
             return
         ratio = frequency / total
-        margin = s.margin
         if ratio >= REFUSED_RATIO:
-            # Z.AI refused calls at this rate, so its capacity is below it;
-            # what it accepted in the window measures that capacity. Near
-            # the capacity, timing jitter makes such windows noisy: their
-            # measurement moves the ceiling by alpha. A heavy overload (or
-            # the first evidence there is) is taken as it is. (The seed
-            # pulled the ceiling toward the current rate and held still
-            # between 1% and 5%: slow to learn, and a steady trickle of
-            # 429s.)
-            old = self.ceiling
-            measured = min(self.rate, successes / elapsed)
-            # The window right after a measured overload still sees its
-            # tail (Z.AI's own window remembers the calls it took), and
-            # undercounts: it only nudges. An overload that persists is
-            # measured again the window after.
-            heavy = ratio > HEAVY_RATIO and not self._tail
-            if heavy or not self._learned:
-                ceiling = measured
-            else:
-                ceiling = min(self.rate, s.alpha * measured + (1 - s.alpha) * self.ceiling)
-            self._tail = heavy or not self._learned or self._probing
-            if self._probing:
-                # A failed probe shows the capacity lies below the probed
-                # rate; the clean windows before it showed where it lies
-                # at least (the ceiling it set out from): go back there.
-                # What a probe window accepted undercounts (Z.AI's own
-                # window refuses in bursts after an overshoot); if the
-                # capacity really fell, the next window's refusals say so.
-                ceiling = max(ceiling, old)
-            self._learned = True
-            self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
-            self._setRate(min(self.rate, _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)))
-            self._probing = False
-            self._gain = margin
-            self._clean = 0
-            self._ceilingMoved(now)
-            self._onAdjust("decrease")
-            self.log.info(
-                "Rate limit: Ceiling updated {old:.2f} -> {new:.2f} req/s, holding at {rate:.2f} req/s "
-                "(429 rate: {ratio:.2f}%)",
-                old=old,
-                new=self.ceiling,
-                rate=self.rate,
-                ratio=ratio * 100,
-            )
+            self._refusedAt(ratio, successes / elapsed, now)
             return
         self._tail = False
+        self._cleanWindow(successes / elapsed, saturated, now)
+
+    def _refusedAt(self, ratio: float, accepted: float, now: float) -> None:
+        """
+        Z.AI refused calls at this rate, so its capacity is below it; what
+        it accepted in the window (C{accepted}, per second) measures that
+        capacity. Near the capacity, timing jitter makes such windows noisy:
+        their measurement moves the ceiling by alpha. A heavy overload (or
+        the first evidence there is) is taken as it is. (The Go zai-proxy
+        pulled the ceiling toward the current rate and held still between
+        1% and 5%: slow to learn, and a steady trickle of 429s.)
+        """
+        s = self.settings
+        old = self.ceiling
+        measured = min(self.rate, accepted)
+        # The window right after a measured overload still sees its tail
+        # (Z.AI's own window remembers the calls it took), and undercounts:
+        # it only nudges. An overload that persists is measured again the
+        # window after.
+        heavy = ratio > HEAVY_RATIO and not self._tail
+        if heavy or not self._learned:
+            ceiling = measured
+        else:
+            ceiling = min(self.rate, s.alpha * measured + (1 - s.alpha) * self.ceiling)
+        self._tail = heavy or not self._learned or self._probing
+        if self._probing:
+            # A failed probe shows the capacity lies below the probed rate;
+            # the clean windows before it showed where it lies at least (the
+            # ceiling it set out from): go back there. What a probe window
+            # accepted undercounts (Z.AI's own window refuses in bursts after
+            # an overshoot); if the capacity really fell, the next window's
+            # refusals say so.
+            ceiling = max(ceiling, old)
+        self._learned = True
+        self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
+        self._setRate(min(self.rate, _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum)))
+        self._probing = False
+        self._gain = s.margin
+        self._clean = 0
+        self._ceilingMoved(now)
+        self._onAdjust("decrease")
+        self.log.info(
+            "Rate limit: Ceiling updated {old:.2f} -> {new:.2f} req/s, holding at {rate:.2f} req/s "
+            "(429 rate: {ratio:.2f}%)",
+            old=old,
+            new=self.ceiling,
+            rate=self.rate,
+            ratio=ratio * 100,
+        )
+
+    def _cleanWindow(self, accepted: float, saturated: bool, now: float) -> None:
+        """
+        A window without (many) refusals: converge toward the ceiling, or,
+        after enough clean windows at it, probe above it.
+        """
+        s = self.settings
         if saturated:
             # Callers waited for the rate and Z.AI took it all: hard
             # evidence that the capacity is at least this rate (so a clean
-            # probe raises the ceiling; the seed's never rose).
-            proven = min(successes / elapsed, self.rate, s.maximum)
+            # probe raises the ceiling; the Go zai-proxy's never rose).
+            proven = min(accepted, self.rate, s.maximum)
             if proven > self.ceiling:
                 self.ceiling = proven
                 self._ceilingMoved(now)
-        target = _clamp(self.ceiling * (1 - margin), s.minimum, s.maximum)
+        target = _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum)
         if self._probing:
             if saturated and self.rate < s.maximum:
                 self._gain = min(self._gain * 3, MAX_PROBE_GAIN)
@@ -357,8 +368,8 @@ class RateLimiter:
             self._clean += 1
             if self._clean >= s.probeInterval and saturated and self.rate < s.maximum:
                 self._probing = True
-                self._gain = margin
-                self._probe(min(s.maximum, max(self.rate, self.ceiling) * (1 + margin)))
+                self._gain = s.margin
+                self._probe(min(s.maximum, max(self.rate, self.ceiling) * (1 + s.margin)))
 
     def _probe(self, rate: float) -> None:
         clean, self._clean = self._clean, 0
