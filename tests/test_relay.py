@@ -33,6 +33,7 @@ from zaiproxy.relay.context import RelayContext
 from zaiproxy.relay.reading import MAX_UNREAD, MAX_UNREAD_BYTES, READ_OPENING_AFTER
 from zaiproxy.relay.relay import Relay
 from zaiproxy.relay.routes import Forward
+from zaiproxy.relay.states import IllegalMove, Phase
 from zaiproxy.usage.accounting import Accounting, ModelLabels, Pricing
 from zaiproxy.usage.body import RequestBody
 from zaiproxy.usage.tokens import Counting, FallbackCounter
@@ -840,3 +841,77 @@ def test_streamEnded(dialect: Dialect, tail: bytes) -> None:
     assert streamEnded(dialect, tail.replace(b"\n", b"\r\n"))
     assert not streamEnded(dialect, delta)
     assert not streamEnded(dialect, mentions)
+
+
+# -- phases ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def phases(monkeypatch: pytest.MonkeyPatch) -> list[Phase]:
+    """
+    The phases every relay made in the test moves through, in order.
+    """
+    seen: list[Phase] = []
+    move = Relay._moveTo
+
+    def recording(relay: Relay, phase: Phase) -> None:
+        move(relay, phase)
+        seen.append(phase)
+
+    monkeypatch.setattr(Relay, "_moveTo", recording)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "scenario, stream, expected",
+    [
+        ("events=3", True, [Phase.OPENING, Phase.RELAYING, Phase.ENDING, Phase.DONE]),
+        ("events=3", False, [Phase.RELAYING, Phase.ENDING, Phase.DONE]),
+        # Usage added to message_delta: the stream waits for the count.
+        (
+            "events=3 usage=none",
+            True,
+            [Phase.OPENING, Phase.RELAYING, Phase.HELD, Phase.RELAYING, Phase.ENDING, Phase.DONE],
+        ),
+        ("mode=error code=1211", True, [Phase.DONE]),
+    ],
+)
+def test_phases(phases: list[Phase], scenario: str, stream: bool, expected: list[Phase]) -> None:
+    """
+    A relay moves through the phases its answer calls for, and no others.
+    """
+    rig = OpeningRig(scenario, body=messagesBody(stream=stream))
+    rig.runOut()
+    assert phases == expected
+    assert rig.relay.phase is Phase.DONE
+
+
+def test_clientGoneWhileForwarding(phases: list[Phase]) -> None:
+    """
+    A client that leaves before the answer ends the relay from FORWARDING.
+    """
+    rig = OpeningRig("mode=hang", pump=False)
+    rig.request.processingFailed(Failure(ConnectionDone()))
+    rig.pump()
+    assert phases == [Phase.DONE]
+
+
+def test_illegalMoveAnswersTheClient(logEvents: list[dict[str, Any]]) -> None:
+    """
+    An illegal move is a bug: it raises, and the relay's last errback still
+    answers the client (500) and ends the request.
+    """
+    rig = OpeningRig("mode=hang")
+    assert rig.relay.phase.value == "forwarding"
+    with pytest.raises(IllegalMove):
+        rig.relay._moveTo(Phase.ENDING)
+    rig.relay._bug(Failure(IllegalMove("forwarding to ending")))
+    assert rig.request.responseCode == 500
+    assert rig.request.finished
+    assert rig.relay.phase is Phase.DONE
+    # The upstream call it no longer waits for was cancelled.
+    rig.pump()
+    assert rig.fake.received[0].disconnectedAt is not None
+    [failure] = [e["log_failure"] for e in logEvents if "log_failure" in e]
+    assert failure.check(IllegalMove)
+    rig.pump()

@@ -11,9 +11,11 @@ the client goes away, so no delayed call outlives its request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.logger import Logger
@@ -22,12 +24,10 @@ from twisted.web.http import RESPONSES
 from zope.interface import implementer
 
 from .content import dumps
+from .scenario import Scenario
 from .script import Abort, Action, Finish, Headers, Stall, Wait, Write
 
-if TYPE_CHECKING:
-    from .server import ReceivedRequest
-
-__all__ = ["Responder"]
+__all__ = ["ReceivedRequest", "Responder"]
 
 log = Logger()
 
@@ -47,6 +47,64 @@ def _phrase(status: int) -> bytes:
     The reason phrase; twisted.web does not know some statuses Z.AI uses.
     """
     return RESPONSES.get(status) or _EXTRA_PHRASES.get(status, b"Status %d" % (status,))
+
+
+@attrs.define(eq=False)
+class ReceivedRequest:
+    """
+    One request as the fake received it, and what became of the answer.
+
+    @ivar number: 1 for the first request the fake received, and so on.
+    @ivar uri: the raw request target, query included.
+    @ivar path: the raw path, without the query.
+    @ivar query: the raw query string, or L{None} if there was no C{?}.
+    @ivar headers: every header pair, repeated headers kept, in arrival
+        order (names as twisted.web canonicalises them).
+    @ivar body: the exact body bytes.
+    @ivar receivedAt: C{clock.seconds()} on arrival.
+    @ivar route: C{messages}, C{count_tokens}, C{models}, C{chat}, or
+        L{None} for an unknown path.
+    @ivar dialect: C{anthropic} or C{openai}: whose envelope errors use.
+    @ivar scenario: the scenario applied, once chosen.
+    @ivar stream: whether the body asked for a stream.
+    @ivar statusCode: the status sent, once sent.
+    @ivar bytesSent: response body bytes written so far (updated live).
+    @ivar disconnectedAt: when the connection went away before the
+        response finished (the client left or the fake aborted).
+    @ivar abortedByFake: the fake itself aborted the connection.
+    @ivar done: fires with C{"completed"} or C{"disconnected"}.
+    """
+
+    number: int
+    method: bytes
+    uri: bytes
+    path: bytes
+    query: bytes | None
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    receivedAt: float
+    route: str | None = None
+    dialect: str = "openai"
+    scenario: Scenario | None = None
+    stream: bool = False
+    statusCode: int | None = None
+    bytesSent: int = 0
+    disconnectedAt: float | None = None
+    abortedByFake: bool = False
+    done: Deferred[str] = attrs.field(factory=Deferred)
+
+    def header(self, name: bytes) -> list[bytes]:
+        """
+        Every value of header C{name} (case-insensitive), in order.
+        """
+        wanted = name.lower()
+        return [value for key, value in self.headers if key.lower() == wanted]
+
+    def json(self) -> Any:
+        """
+        The body parsed as JSON.
+        """
+        return json.loads(self.body)
 
 
 @implementer(IPushProducer)

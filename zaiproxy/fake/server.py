@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from . import chat, messages
 from .content import contentFor, dumps, idsFor, inputTokensFor, usageFor
 from .errors import anthropicErrorBody, errorBody, inbandErrorBody, openaiErrorBody, statusForCode
-from .responder import Responder
+from .responder import ReceivedRequest, Responder
 from .scenario import Scenario, parseScenario
 from .script import Action, bodyScript, silentScript, streamScript
 
@@ -104,64 +104,6 @@ DEFAULT_QUOTA = {
         ],
     },
 }
-
-
-@attrs.define(eq=False)
-class ReceivedRequest:
-    """
-    One request as the fake received it, and what became of the answer.
-
-    @ivar number: 1 for the first request the fake received, and so on.
-    @ivar uri: the raw request target, query included.
-    @ivar path: the raw path, without the query.
-    @ivar query: the raw query string, or L{None} if there was no C{?}.
-    @ivar headers: every header pair, repeated headers kept, in arrival
-        order (names as twisted.web canonicalises them).
-    @ivar body: the exact body bytes.
-    @ivar receivedAt: C{clock.seconds()} on arrival.
-    @ivar route: C{messages}, C{count_tokens}, C{models}, C{chat}, or
-        L{None} for an unknown path.
-    @ivar dialect: C{anthropic} or C{openai}: whose envelope errors use.
-    @ivar scenario: the scenario applied, once chosen.
-    @ivar stream: whether the body asked for a stream.
-    @ivar statusCode: the status sent, once sent.
-    @ivar bytesSent: response body bytes written so far (updated live).
-    @ivar disconnectedAt: when the connection went away before the
-        response finished (the client left or the fake aborted).
-    @ivar abortedByFake: the fake itself aborted the connection.
-    @ivar done: fires with C{"completed"} or C{"disconnected"}.
-    """
-
-    number: int
-    method: bytes
-    uri: bytes
-    path: bytes
-    query: bytes | None
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-    receivedAt: float
-    route: str | None = None
-    dialect: str = "openai"
-    scenario: Scenario | None = None
-    stream: bool = False
-    statusCode: int | None = None
-    bytesSent: int = 0
-    disconnectedAt: float | None = None
-    abortedByFake: bool = False
-    done: Deferred[str] = attrs.field(factory=Deferred)
-
-    def header(self, name: bytes) -> list[bytes]:
-        """
-        Every value of header C{name} (case-insensitive), in order.
-        """
-        wanted = name.lower()
-        return [value for key, value in self.headers if key.lower() == wanted]
-
-    def json(self) -> Any:
-        """
-        The body parsed as JSON.
-        """
-        return json.loads(self.body)
 
 
 class FakeZai(Resource):

@@ -31,11 +31,8 @@ as the seed did) the window's outcomes are judged:
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import attrs
@@ -45,6 +42,7 @@ from twisted.logger import Logger
 
 from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.admission import Admission
+from zaiproxy.limits.ceilingfile import CeilingState, readCeiling, rfc3339, writeCeiling
 
 __all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter"]
 
@@ -85,10 +83,6 @@ class LimiterSettings:
 
 def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
-
-
-def _rfc3339(when: float) -> str:
-    return datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 class RateLimiter:
@@ -204,7 +198,7 @@ class RateLimiter:
                 self.log.warn(
                     "Quota exhausted (code {code}): answering 429 locally until {until}",
                     code=error.code,
-                    until=_rfc3339(error.resetAt),
+                    until=rfc3339(error.resetAt),
                 )
 
     def quotaHeld(self) -> tuple[float, ZaiError] | None:
@@ -510,27 +504,11 @@ class RateLimiter:
         if not path:
             return
         s = self.settings
-        state = {
-            "ceiling": self.ceiling,
-            # The level to resume at: just below the ceiling (the rate of
-            # the moment may be mid-probe or mid-convergence).
-            "hold": _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum),
-            "concurrency": self.limit,
-            "ts": _rfc3339(self.ceilingUpdatedAt or now),
-        }
+        # The level to resume at: just below the ceiling (the rate of the
+        # moment may be mid-probe or mid-convergence).
+        hold = _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum)
         try:
-            directory = os.path.dirname(os.path.abspath(path))
-            # Created on demand: the default state folder may not exist yet.
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp-", dir=directory)
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(state, f)
-                os.chmod(temporary, 0o644)
-                os.replace(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
+            writeCeiling(path, CeilingState(self.ceiling, hold, self.limit, self.ceilingUpdatedAt or now))
         except OSError as e:
             self.log.warn(
                 "Rate limit: failed to persist ceiling state to {path}: {error}", path=path, error=str(e)
@@ -539,7 +517,7 @@ class RateLimiter:
         self.log.debug(
             "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
             ceiling=self.ceiling,
-            hold=state["hold"],
+            hold=hold,
             path=path,
         )
 
@@ -549,17 +527,7 @@ class RateLimiter:
         if not path:
             return
         try:
-            with open(path) as f:
-                state = json.load(f)
-            ceiling, hold = float(state["ceiling"]), float(state["hold"])
-            if not (ceiling > 0 and hold > 0):
-                raise ValueError("ceiling and hold must be positive")
-            stamp = state.get("ts")
-            when = (
-                datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-                if isinstance(stamp, str)
-                else os.path.getmtime(path)
-            )
+            state = readCeiling(path)
         except FileNotFoundError:
             self.log.info(
                 "Rate limit: no persisted ceiling at {path}; starting from RATE_LIMIT_MAX", path=path
@@ -572,7 +540,7 @@ class RateLimiter:
                 error=str(e) or type(e).__name__,
             )
             return
-        age = self._clock.seconds() - when
+        age = self._clock.seconds() - state.learnedAt
         if age > s.stateMaxAge:
             self.log.warn(
                 "Rate limit: ignoring persisted ceiling at {path}: {age:.0f} s old, older than "
@@ -581,12 +549,11 @@ class RateLimiter:
                 age=age,
             )
             return
-        self.ceiling = _clamp(ceiling, s.minimum, s.maximum)
-        self.rate = _clamp(hold, s.minimum, self.ceiling)
-        concurrency = state.get("concurrency")
-        if isinstance(concurrency, int) and 1 <= concurrency <= s.maxWorkers:
-            self.limit = concurrency
-        self.ceilingUpdatedAt = when
+        self.ceiling = _clamp(state.ceiling, s.minimum, s.maximum)
+        self.rate = _clamp(state.hold, s.minimum, self.ceiling)
+        if state.concurrency is not None and 1 <= state.concurrency <= s.maxWorkers:
+            self.limit = state.concurrency
+        self.ceilingUpdatedAt = state.learnedAt
         self.restoredFromState = True
         self._learned = True
         self.log.info(
@@ -594,7 +561,7 @@ class RateLimiter:
             "(learned {when})",
             ceiling=self.ceiling,
             rate=self.rate,
-            when=_rfc3339(when),
+            when=rfc3339(state.learnedAt),
         )
 
     # -- reporting ---------------------------------------------------------------
@@ -612,11 +579,11 @@ class RateLimiter:
             **self.admission.snapshot(),
         }
         if self.ceilingUpdatedAt is not None:
-            section["ceiling_updated_at"] = _rfc3339(self.ceilingUpdatedAt)
+            section["ceiling_updated_at"] = rfc3339(self.ceilingUpdatedAt)
         if s.stateFile:
             section["state_file"] = s.stateFile
         held = self.quotaHeld()
         if held is not None:
-            section["quota_hold_until"] = _rfc3339(held[0])
+            section["quota_hold_until"] = rfc3339(held[0])
             section["quota_hold_code"] = held[1].code
         return section

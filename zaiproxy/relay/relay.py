@@ -141,6 +141,13 @@ class Relay(BodyProtocol):
         return self._body is not None and answerKind(self._route.label, code, b"") is AnswerKind.LOCAL
 
     def _gotAnswer(self, answer: Answer) -> None:
+        if self._isDone():
+            # Ended already (by a bug): let go of what the answer holds.
+            if isinstance(answer, Stream):
+                answer.response.deliverBody(DiscardBody())
+                if answer.permit is not None:
+                    answer.permit.release()
+            return
         assert self._forwarder is not None
         self._forwarder.trail.copyTo(self._exchange)
         if isinstance(answer, Stream):
@@ -610,4 +617,8 @@ class Relay(BodyProtocol):
                 )
             elif not request.finished:
                 request.channel.forceAbortClient()
+        forwarding = self._phase is Phase.FORWARDING
         self._finished(500)
+        if forwarding and self._forwarder is not None:
+            # Nothing waits for its answer now: stop spending upstream.
+            self._forwarder.cancel("client")
