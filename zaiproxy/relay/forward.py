@@ -206,15 +206,16 @@ class Forwarder:
         request: Request,
         route: Forward,
         client: str,
-        wantsResponse: Callable[[int], bool] = lambda code: False,
+        relayedErrors: frozenset[int] = frozenset(),
     ) -> None:
         """
         @param client: who the request is from, for the fair queue.
-        @param wantsResponse: whether an error status is relayed as it is
-            (count_tokens' 404, answered locally from it).
+        @param relayedErrors: error statuses handed over as a response to
+            relay rather than read here (count_tokens' 404, which the relay
+            answers by counting).
         """
         self._context = context
-        self._wantsResponse = wantsResponse
+        self._relayedErrors = relayedErrors
         self._request = request
         self._route = route
         self._client = client
@@ -396,7 +397,7 @@ class Forwarder:
             self._cancelTimer()
             self._stopped()
             return
-        if response.code < 400 or self._wantsResponse(response.code):
+        if response.code < 400 or response.code in self._relayedErrors:
             self._cancelTimer()
             self._answer(Stream(response, self._permit))
             return

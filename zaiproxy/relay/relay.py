@@ -44,8 +44,8 @@ from zaiproxy.relay.reading import UsageReading
 from zaiproxy.relay.routes import Forward
 from zaiproxy.relay.states import CUTS, Cut, Phase, checkMove
 from zaiproxy.relay.upstream import BodyProtocol, DiscardBody, DrainBody
-from zaiproxy.usage.body import RequestBody
-from zaiproxy.usage.tap import AnswerKind, Piece, UsageTap, answerKind
+from zaiproxy.usage.body import COUNT_TOKENS_ROUTE, RequestBody
+from zaiproxy.usage.tap import NOT_SERVED, AnswerKind, Piece, UsageTap, answerKind
 
 __all__ = ["Relay"]
 
@@ -126,19 +126,17 @@ class Relay(BodyProtocol):
         """
         self._inFlight.add(self)
         exchange = self._exchange
+        countsLocally = self._body is not None and self._route.label == COUNT_TOKENS_ROUTE
         self._forwarder = Forwarder(
             self._context,
             self._request,
             self._route,
             # Fairness by client key name, else by the Go zai-proxy's address buckets.
             exchange.keyName or clientBucket(exchange.client),
-            wantsResponse=self._wantsResponse,
+            # count_tokens: Z.AI's "not served" is answered by counting here.
+            relayedErrors=NOT_SERVED if countsLocally else frozenset(),
         )
         self._forwarder.start().addCallback(self._gotAnswer).addErrback(self._bug)
-
-    def _wantsResponse(self, code: int) -> bool:
-        # count_tokens' 404 is answered locally from the relayed response.
-        return self._body is not None and answerKind(self._route.label, code, b"") is AnswerKind.LOCAL
 
     def _gotAnswer(self, answer: Answer) -> None:
         if self._isDone():

@@ -29,7 +29,7 @@ from zaiproxy.observe.record import Billed, Exchange
 from zaiproxy.usage.accounting import Accounting
 from zaiproxy.usage.body import COUNT_TOKENS_ROUTE, RequestBody
 
-__all__ = ["MAX_BODY_BYTES", "AnswerKind", "Piece", "UsageTap", "answerKind", "readsLater"]
+__all__ = ["MAX_BODY_BYTES", "NOT_SERVED", "AnswerKind", "Piece", "UsageTap", "answerKind", "readsLater"]
 
 #: A JSON answer larger than this is relayed without accounting.
 MAX_BODY_BYTES = 8 << 20
@@ -57,12 +57,17 @@ class AnswerKind(enum.Enum):
     NONE = "none"
 
 
+#: count_tokens answers Z.AI gives when it does not serve the route: the
+#: proxy counts the prompt itself instead.
+NOT_SERVED = frozenset([404, 405])
+
+
 def answerKind(route: str, code: int, contentType: bytes) -> AnswerKind:
     """
     What the answer of C{route} with this status and type is to the tap.
     """
     if route == COUNT_TOKENS_ROUTE:
-        return AnswerKind.LOCAL if code in (404, 405) else AnswerKind.NONE
+        return AnswerKind.LOCAL if code in NOT_SERVED else AnswerKind.NONE
     if not 200 <= code < 300:
         return AnswerKind.NONE
     contentType = contentType.lower()
