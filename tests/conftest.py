@@ -20,6 +20,42 @@ from twisted.internet import task
 from twisted.logger import ILogObserver
 from twistedcomplaints import twistedComplaints  # noqa: F401
 
+#: Modules whose tests run real processes (twistd, pytest, a benchmark).
+_PROCESS_MODULES = frozenset(
+    [
+        "test_activation",
+        "test_bench",
+        "test_readme",
+        "test_reload",
+        "test_soak",
+        "test_systemd",
+        "test_tap",
+        "test_twistedcomplaints",
+    ]
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "integration: over real sockets or processes, on the wall clock (set by conftest); "
+        "-m 'not integration' runs the in-memory logic tests alone",
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """
+    Mark the tests that use the real reactor (real sockets, real time) or
+    start processes: every other test runs in memory, on a clock of its own.
+    """
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        module = getattr(item, "module", None)
+        name = module.__name__ if module is not None else ""
+        if "reactor" in fixtures or name in _PROCESS_MODULES:
+            item.add_marker(pytest.mark.integration)
+
+
 #: How long a test may take, after it returns, to finish closing its sockets.
 _SETTLE_SECONDS = 3.0
 

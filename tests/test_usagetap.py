@@ -125,7 +125,7 @@ class Tapped:
         Settle the tap; count what it bills, as the reporter would.
         """
         billed: list[Billed | None] = []
-        self.tap.settle(complete).addCallback(billed.append)
+        self.tap.settle(complete, billed.append)
         [result] = billed
         if result is not None:
             self.metrics.billed(result)

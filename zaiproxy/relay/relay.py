@@ -93,7 +93,8 @@ class Relay(BodyProtocol):
         self._opening: list[bytes] = []
         self._openingCall: IDelayedCall | None = None
         # The piece being counted (HELD, or ENDING), and what waits behind it.
-        self._pieces = PieceQueue(self._send, self._held, self._drained, self._bug)
+        # Made when a stream's usage is read (most answers never need one).
+        self._pieces: PieceQueue | None = None
         self._ended: Failure | None = None
         self._idleTimer: IDelayedCall | None = None
         self._clientPaused = False
@@ -297,7 +298,7 @@ class Relay(BodyProtocol):
             return
         pieces = reading.tap().feed(data)
         if pieces is None:
-            if not self._pieces.waiting:
+            if self._pieces is None or not self._pieces.waiting:
                 self._send(data)
                 return
             pieces = [data]
@@ -348,6 +349,8 @@ class Relay(BodyProtocol):
         Write C{pieces} in order; say whether all were written without
         holding (if not, L{_drained} follows).
         """
+        if self._pieces is None:
+            self._pieces = PieceQueue(self._send, self._held, self._drained, self._bug)
         return self._pieces.emit(pieces)
 
     def _held(self) -> None:
@@ -412,7 +415,7 @@ class Relay(BodyProtocol):
                 pieces.append(rest)
         if reading is not None and reading.kind is AnswerKind.STREAM:
             pieces.extend(reading.tap().endStream())
-        if self._emit(pieces):
+        if not pieces or self._emit(pieces):
             self._endCleanly()
 
     def _endCleanly(self) -> None:
@@ -555,7 +558,8 @@ class Relay(BodyProtocol):
             if self._isDone():
                 return
         self._moveTo(Phase.DONE)
-        self._pieces.stop()
+        if self._pieces is not None:
+            self._pieces.stop()
         self._cancelIdleTimer()
         exchange = self._exchange
         exchange.status = status
@@ -572,7 +576,7 @@ class Relay(BodyProtocol):
         if error is not None:
             exchange.failed("inband_error")
             exchange.zaiErrors += ((error.cls, error.code),)
-        tap.settle(complete).addCallback(self._report, endedAt).addErrback(self._reportFailed)
+        tap.settle(complete, lambda billed: self._report(billed, endedAt))
 
     def _tellLimiter(self, status: int, tap: UsageTap | None) -> None:
         """
@@ -594,10 +598,10 @@ class Relay(BodyProtocol):
             self._permit = None
 
     def _report(self, billed: Billed | None, endedAt: float) -> None:
-        self._context.reporter.finished(self._exchange.freeze(endedAt, billed))
-
-    def _reportFailed(self, failure: Failure) -> None:
-        self.log.failure("reporting {route} failed", failure=failure, route=self._route.label)
+        try:
+            self._context.reporter.finished(self._exchange.freeze(endedAt, billed))
+        except Exception:
+            self.log.failure("reporting {route} failed", route=self._route.label)
 
     def _bug(self, failure: Failure) -> None:
         """

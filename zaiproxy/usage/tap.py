@@ -15,9 +15,10 @@ from __future__ import annotations
 import enum
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Union
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
@@ -354,24 +355,32 @@ class UsageTap:
 
     # -- the end ------------------------------------------------------------
 
-    def settle(self, complete: bool) -> Deferred[Billed | None]:
+    def settle(self, complete: bool, then: Callable[[Billed | None], object]) -> None:
         """
-        This answer's usage, billed: as reported, else estimated
-        (C{partial} when it was cut short after it began); then let go of
-        the body. Fires at once unless the estimate is still being counted,
-        and never fails (an error is logged and bills nothing).
+        Hand C{then} this answer's usage, billed: as reported, else
+        estimated (C{partial} when it was cut short after it began); then
+        let go of the body. C{then} is called at once unless the estimate is
+        still being counted; if billing fails, the error is logged and
+        C{then} gets L{None}.
 
         Nothing is billed for errors, count_tokens calls, or answers that
         never began (whether Z.AI bills a cancelled call is not known).
         """
-        billed = self._bill(complete)
+        try:
+            billed = self._bill(complete)
+        except Exception:
+            self._billFailed(Failure())
+            billed = None
+        if isinstance(billed, Deferred):
+            billed.addErrback(self._billFailed).addCallback(then)
         if self._estimate is None:
             self._body.close()
         else:
             self._estimate.addBoth(_closeAfter(self._body))
-        return billed.addErrback(self._billFailed)
+        if not isinstance(billed, Deferred):
+            then(billed)
 
-    def _bill(self, complete: bool) -> Deferred[Billed | None]:
+    def _bill(self, complete: bool) -> Billed | Deferred[Billed] | None:
         accounting = self._accounting
         exchange = self._exchange
         reader = self._reader
@@ -379,9 +388,9 @@ class UsageTap:
         model = self._responseModel or reader.model
         began = exchange.firstByteAt is not None and self._kind in (AnswerKind.STREAM, AnswerKind.BODY)
         if reported is not None:
-            return succeed(accounting.bill(exchange, reported, "reported", model))
+            return accounting.bill(exchange, reported, "reported", model)
         if not began or (reader.error is not None and not self._output):
-            return succeed(None)
+            return None
         source = "estimated" if complete else "partial"
         # A real prompt count from an unfinished message_start still holds.
         start = reader.usage or Usage()
