@@ -233,7 +233,7 @@ def proxyRounds(session: Session, modes: list[str]) -> dict[str, Any]:
     other, then the time-to-first-event streams.
     """
     args, harness = session.args, session.harness
-    fake = harness.startFake(args.fake == "twistd")
+    fake = harness.startFake(args.fake)
     loads = {mode: Load.post(*MODES[mode]) for mode in modes}
     runs: dict[str, dict[str, list[Measurement]]] = {m: {s: [] for s in SIDES} for m in modes}
     ttfb: list[dict[str, list[float]]] = []

@@ -39,6 +39,34 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIB = 1024 * 1024
 
 #: The paths of the same endpoint, direct to the fake and through the proxy.
+#: The static answer of C{--fake nginx}: a Messages answer with Z.AI's usage.
+NGINX_BODY = (
+    '{"id":"msg_bench","type":"message","role":"assistant","model":"glm-4.7",'
+    '"content":[{"type":"text","text":"hello from a static upstream"}],'
+    '"stop_reason":"end_turn","stop_sequence":null,'
+    '"usage":{"input_tokens":12,"output_tokens":7}}'
+)
+NGINX_CONF = """
+master_process off;
+worker_processes 1;
+error_log {prefix}/error.log warn;
+pid {prefix}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port};
+        default_type application/json;
+        location / {{ return 200 '{body}'; }}
+    }}
+}}
+"""
 DIRECT_PATH = "/api/anthropic/v1/messages"
 PROXY_PATH = "/v1/messages"
 
@@ -222,13 +250,18 @@ class Harness:
         while self._children:
             self._children.pop().stop()
 
-    def startFake(self, twistd: bool = False) -> Server:
+    def startFake(self, kind: str = "quiet") -> Server:
         """
-        The fake Z.AI on the load CPU: bench/fakeserver.py (no access log,
-        no request record), or with C{twistd} the plain C{zaiproxy-fake}.
+        The fake Z.AI on the load CPU: C{quiet} is bench/fakeserver.py (no
+        access log, no request record), C{twistd} the plain
+        C{zaiproxy-fake}, C{nginx} a static JSON answer from nginx (the
+        fastest upstream there is, so the relays, not the fake, are the
+        bottleneck; JSON only).
         """
+        if kind == "nginx":
+            return self._startNginx()
         port = freePort()
-        if twistd:
+        if kind == "twistd":
             command = [TWISTD, "-n", "--pidfile=", "zaiproxy-fake"]
         else:
             command = [PYTHON, str(BENCH / "fakeserver.py")]
@@ -237,11 +270,28 @@ class Harness:
         waitReady(child, port, "/api/anthropic/v1/models", {"x-api-key": API_KEY})
         return Server(child, port)
 
-    def spawnProxy(self, fake: Server, name: str, env: dict[str, str] | None = None) -> Server:
+    def _startNginx(self) -> Server:
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not os.path.exists(nginx):
+            raise BenchError("--fake nginx: nginx is not installed (apt-get install nginx-light)")
+        port = freePort()
+        prefix = self.out / f"{self.stamp}-nginx"
+        prefix.mkdir(parents=True, exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(prefix=prefix, port=port, body=NGINX_BODY))
+        argv = [nginx, "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"]
+        child = self.spawn("fake", argv, self.cpus.load)
+        waitReady(child, port, "/api/anthropic/v1/models", {})
+        return Server(child, port)
+
+    def spawnProxy(
+        self, fake: Server, name: str, env: dict[str, str] | None = None, twistd: str = TWISTD
+    ) -> Server:
         """
         Start C{twistd -n zaiproxy} on the SUT CPU in front of C{fake},
         without waiting: the bench's settings, then C{env}. The caller's
-        own ZAI_, LOG_, limit and upstream settings are dropped.
+        own ZAI_, LOG_, limit and upstream settings are dropped. C{twistd}
+        may be another venv's, to run another version of the proxy.
         """
         port = freePort()
         drop = ("ZAI_", "LOG_", "MAX_", "UPSTREAM_", "RATE_LIMIT_", "QUOTA_", "QUEUE_", "DRAIN_")
@@ -254,11 +304,13 @@ class Harness:
         )
         environ.update(env or {})
         listen = f"tcp:{port}:interface=127.0.0.1:backlog=1024"
-        argv = [TWISTD, "-n", "--pidfile=", "zaiproxy", "--listen", listen]
+        argv = [twistd, "-n", "--pidfile=", "zaiproxy", "--listen", listen]
         return Server(self.spawn(name, argv, self.cpus.sut, environ), port)
 
-    def startProxy(self, fake: Server, name: str = "proxy", env: dict[str, str] | None = None) -> Server:
-        proxy = self.spawnProxy(fake, name, env)
+    def startProxy(
+        self, fake: Server, name: str = "proxy", env: dict[str, str] | None = None, twistd: str = TWISTD
+    ) -> Server:
+        proxy = self.spawnProxy(fake, name, env, twistd)
         waitReady(proxy.child, proxy.port, "/readyz", {})
         return proxy
 

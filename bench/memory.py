@@ -199,7 +199,7 @@ def bigStream(
 
 def measureMemory(session: Session, sections: set[str]) -> MemoryResults:
     args, harness = session.args, session.harness
-    fake = harness.startFake(args.fake == "twistd")
+    fake = harness.startFake(args.fake)
     streams = None
     if "streams" in sections:
         harness.say(f"{args.streams} concurrent streams:")

@@ -19,6 +19,7 @@ in the machine's speed hits each alike; medians over C{--rounds}.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import attrs
 
@@ -57,12 +58,14 @@ class RelayResults:
     proxyRss: dict[str, tuple[int, int]]
 
 
-def startTargets(harness: Harness, countingOff: bool, env: dict[str, str], twistdFake: bool) -> list[Target]:
+def startTargets(
+    harness: Harness, countingOff: bool, env: dict[str, str], fakeKind: str, baseline: str | None = None
+) -> list[Target]:
     """
     The fake, the raw relay and the proxies, all up at once (an idle one
     costs nothing), so a round is just load runs back to back.
     """
-    fake = harness.startFake(twistdFake)
+    fake = harness.startFake(fakeKind)
     relay = harness.startRelay(fake, "agent")
     proxies = {"proxy": {**env, "TOKEN_COUNTING_ENABLED": "true"}}
     if countingOff:
@@ -78,6 +81,13 @@ def startTargets(harness: Harness, countingOff: bool, env: dict[str, str], twist
         counting = "on" if proxyEnv["TOKEN_COUNTING_ENABLED"] == "true" else "off"
         text = f"zaiproxy, counting {counting}"
         targets.append(Target(name, text, proxy.url(PROXY_PATH), {"sut": proxy.child, "fake": fake.child}))
+    if baseline is not None:
+        # The same proxy from another venv (another commit), in the same rounds.
+        twistd = str(Path(baseline) / "bin" / "twistd")
+        proxy = harness.startProxy(fake, "proxy-baseline", {**env, "TOKEN_COUNTING_ENABLED": "true"}, twistd)
+        text = f"zaiproxy, counting on, from {baseline}"
+        watch = {"sut": proxy.child, "fake": fake.child}
+        targets.append(Target("proxy-baseline", text, proxy.url(PROXY_PATH), watch))
     return targets
 
 
@@ -115,6 +125,11 @@ def compare(
         ratios[f"{name}/raw relay CPU per request at {many} connections"] = (
             summaries[name][many].cpuPerRequestUs["sut"] / summaries["relay"][many].cpuPerRequestUs["sut"]
         )
+    if "proxy-baseline" in summaries:
+        ratios[f"proxy/proxy-baseline CPU per request at {many} connections"] = (
+            summaries["proxy"][many].cpuPerRequestUs["sut"]
+            / summaries["proxy-baseline"][many].cpuPerRequestUs["sut"]
+        )
     ratios[f"raw relay/direct req/s at {many} connections"] = (
         summaries["relay"][many].rps / summaries["direct"][many].rps
     )
@@ -128,7 +143,7 @@ def compare(
 
 def measureRelay(session: Session, countingOff: bool) -> RelayResults:
     harness = session.harness
-    targets = startTargets(harness, countingOff, session.env, session.args.fake == "twistd")
+    targets = startTargets(harness, countingOff, session.env, session.args.fake, session.args.baseline)
     proxies = {t.name: t.watch["sut"] for t in targets if t.name.startswith("proxy")}
     rssStart = {name: memory(child.pid)["VmRSS"] for name, child in proxies.items()}
     runs = runRounds(harness, targets, session.args.rounds)
@@ -149,6 +164,11 @@ def measureRelay(session: Session, countingOff: bool) -> RelayResults:
 def main() -> int:
     parser = commonParser("The proxy's cost as a relay: direct, raw Agent relay and proxy, side by side.")
     parser.add_argument("--counting-off", action="store_true", help="also a proxy with token counting off")
+    parser.add_argument(
+        "--baseline",
+        metavar="VENV",
+        help="also the proxy installed in another venv (a before/after in one run)",
+    )
     args = parser.parse_args()
     session = Session("relay", args)
     session.prepare()

@@ -54,7 +54,12 @@ def commonParser(
         )
     add("--rounds", type=int, default=rounds, help=f"rounds; medians reported ({rounds})")
     add("--quiet-wait", type=float, default=60.0, help="wait up to this long for quiet CPUs (60; 0: never)")
-    add("--fake", choices=("quiet", "twistd"), default="quiet", help="bench/fakeserver.py or twistd's fake")
+    add(
+        "--fake",
+        choices=("quiet", "twistd", "nginx"),
+        default="quiet",
+        help="bench/fakeserver.py, twistd's fake, or a static nginx (JSON only: bench.relay)",
+    )
     add("--out", type=Path, default=OUT, help="where the report and raw JSON go (bench/out)")
     add(
         "--env",

@@ -116,7 +116,7 @@ def main() -> int:
     harness = session.harness
     try:
         with harness:
-            fake = harness.startFake(args.fake == "twistd")
+            fake = harness.startFake(args.fake)
             targets = streamTargets(
                 fake, harness.startRelay(fake), harness.startProxy(fake, "proxy", session.env)
             )
