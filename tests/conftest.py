@@ -8,6 +8,7 @@ neither; trial would).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -35,6 +36,10 @@ _PROCESS_MODULES = frozenset(
 )
 
 
+#: Fixtures that bring the real reactor: real sockets, the wall clock.
+_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http"])
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -49,10 +54,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     start processes: every other test runs in memory, on a clock of its own.
     """
     for item in items:
-        fixtures = getattr(item, "fixturenames", ())
+        function = getattr(item, "function", None)
+        # What the test asks for itself: the autouse cleanReactor fixture
+        # brings the reactor to every test.
+        asked = set(inspect.signature(function).parameters) if function is not None else set()
         module = getattr(item, "module", None)
         name = module.__name__ if module is not None else ""
-        if "reactor" in fixtures or name in _PROCESS_MODULES:
+        if asked & _REAL_FIXTURES or name in _PROCESS_MODULES:
             item.add_marker(pytest.mark.integration)
 
 
