@@ -345,7 +345,10 @@ async def test_sdkAuthenticationError(
     assert [(e["status"], e["client"], e["peer"], e["errorType"]) for e in access] == [
         (401, "unauthorized", "127.0.0.1", "unauthorized")
     ]
-    assert access[0]["line"].endswith(" error=unauthorized client=unauthorized")
+    # The id the client got is the one logged: a user's report joins the log.
+    requestId = error.response.headers["x-zaiproxy-request-id"]
+    assert len(requestId) == 16 and access[0]["requestId"] == requestId
+    assert access[0]["line"].endswith(f" error=unauthorized client=unauthorized id={requestId}")
     if key:
         assert key not in repr(logEvents)
 
@@ -416,7 +419,8 @@ async def test_keyNameIsLabelLogAndFairnessKey(
     assert sorted((e["client"], e["peer"]) for e in access) == [("alice", "127.0.0.1")] * 3 + [
         ("bob", "127.0.0.1")
     ]
-    assert all(e["line"].endswith(f" client={e['client']}") for e in access)
+    assert all(e["line"].endswith(f" client={e['client']} id={e['requestId']}") for e in access)
+    assert len({e["requestId"] for e in access}) == len(access)
 
 
 @pytest_twisted.ensureDeferred

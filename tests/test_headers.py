@@ -103,3 +103,12 @@ def test_responseKeepsRealContentEncoding() -> None:
     """
     out = dict(clientResponseHeaders(Headers({b"content-encoding": [b"gzip"]})))
     assert list(out.values()) == [[b"gzip"]]
+
+
+def test_upstreamRequestIdDropped() -> None:
+    """
+    An upstream's own X-Zaiproxy-Request-Id (another zaiproxy in front of
+    Z.AI) never replaces this proxy's: the client sees one id, ours.
+    """
+    upstream = Headers({b"X-Zaiproxy-Request-Id": [b"theirs"], b"X-Request-Id": [b"zai"]})
+    assert dict(clientResponseHeaders(upstream)) == {b"X-Request-Id": [b"zai"]}

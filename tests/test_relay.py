@@ -54,7 +54,9 @@ def assertNoSecret(client: RawClient) -> None:
 
 @pytest.mark.parametrize("scenario", ["events=20", "events=20 split=true thinking=true tool=true"])
 @pytest_twisted.ensureDeferred
-async def test_streamRelayedByteForByte(reactor: Any, makeStack: Any, scenario: str) -> None:
+async def test_streamRelayedByteForByte(
+    reactor: Any, makeStack: Any, scenario: str, logEvents: list[dict[str, Any]]
+) -> None:
     """
     A stream reaches the client exactly as the upstream sent it, even when
     the upstream cuts frames across writes: compared with the same answer
@@ -87,6 +89,10 @@ async def test_streamRelayedByteForByte(reactor: Any, makeStack: Any, scenario: 
         response.body
     )
     assert viaProxy.sample("zai_proxy_time_to_first_byte_seconds_count", **labels) == 1
+    # The proxy's request id reaches the client and the access log alike.
+    [requestId] = response.header(b"x-zaiproxy-request-id")
+    [access] = [e for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
+    assert access["requestId"] == requestId.decode()
 
 
 @pytest_twisted.ensureDeferred

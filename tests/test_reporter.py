@@ -69,6 +69,16 @@ def test_finished(events: list[dict[str, Any]]) -> None:
     assert not [e for e in events if e.get("log_namespace") == "zaiproxy.tokens"]
 
 
+def test_requestId(events: list[dict[str, Any]]) -> None:
+    """
+    The request's id ends the access line and is a field of its event.
+    """
+    Reporter(Metrics("test", "1.0")).finished(record(requestId="0123456789abcdef", keyName="alice"))
+    [event] = [e for e in events if e.get("log_namespace") == "zaiproxy.access"]
+    assert event["line"].endswith(" model=glm-4.7 client=alice id=0123456789abcdef")
+    assert event["requestId"] == "0123456789abcdef"
+
+
 def test_failuresCountedOnce(events: list[dict[str, Any]]) -> None:
     """
     Each upstream failure, Z.AI error and retry the record holds is counted

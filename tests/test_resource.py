@@ -210,7 +210,8 @@ async def test_refusedPathInAccessLog(
     assert client.response().status == 404
     [line] = [formatEvent(e) for e in logEvents if e.get("log_namespace") == "zaiproxy.access"]
     assert line.startswith("GET unknown 404 ")
-    assert line.endswith(f" model=- path={shown}")
+    [requestId] = client.response().header(b"x-zaiproxy-request-id")
+    assert line.endswith(f" model=- path={shown} id={requestId.decode()}")
     assert len(shown) <= 200
     assert "secret" not in repr(logEvents)
 

@@ -17,8 +17,9 @@ from zaiproxy.front.access import Credentials
 from zaiproxy.front.clientkeys import UNAUTHORIZED, presentedKeys
 from zaiproxy.front.site import InFlight
 from zaiproxy.observe.metrics import methodLabel
-from zaiproxy.observe.record import Exchange, loggedPath, sniffModel
+from zaiproxy.observe.record import Exchange, loggedPath, newRequestId, sniffModel
 from zaiproxy.relay.context import RelayContext
+from zaiproxy.relay.headers import REQUEST_ID_HEADER
 from zaiproxy.relay.relay import Relay
 from zaiproxy.relay.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
 from zaiproxy.usage.body import RequestBody
@@ -66,6 +67,8 @@ class ProxyResource(Resource):
             # (to a process that is not stopping).
             request.setHeader(b"connection", b"close")
             request.channel.persistent = False
+        requestId = newRequestId()
+        request.setHeader(REQUEST_ID_HEADER, requestId.encode("ascii"))
         route = resolve(request.uri, self._targets)
         if isinstance(route, Local):
             resource = self._local.get(route.path)
@@ -80,6 +83,7 @@ class ProxyResource(Resource):
             startedAt=context.clock.seconds(),
             requestBytes=_bodySize(request),
             client=_peer(request),
+            requestId=requestId,
         )
         if not isinstance(route, Forward):
             exchange.path = loggedPath(request.uri)
@@ -143,6 +147,7 @@ class ProxyResource(Resource):
             status=status,
             responseBytes=bodyBytes,
             path=loggedPath(path or b"/"),
+            requestId=newRequestId(),
         )
         self._context.reporter.finished(exchange.freeze(now))
 

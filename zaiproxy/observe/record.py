@@ -11,6 +11,7 @@ Nothing here writes anywhere; these are values.
 from __future__ import annotations
 
 import mmap
+import os
 import re
 from typing import IO
 
@@ -19,7 +20,16 @@ import attrs
 from zaiproxy.dialects import Dialect
 from zaiproxy.dialects.usage import Usage
 
-__all__ = ["CLIENT_CLOSED", "MAX_LOGGED_PATH", "Billed", "Exchange", "Record", "loggedPath", "sniffModel"]
+__all__ = [
+    "CLIENT_CLOSED",
+    "MAX_LOGGED_PATH",
+    "Billed",
+    "Exchange",
+    "Record",
+    "loggedPath",
+    "newRequestId",
+    "sniffModel",
+]
 
 #: The status recorded when the client left before the response ended
 #: (nginx's convention), so client disconnects never look like upstream
@@ -61,6 +71,14 @@ def sniffModel(content: IO[bytes]) -> str | None:
 
 #: A refused path is logged up to this many characters.
 MAX_LOGGED_PATH = 200
+
+
+def newRequestId() -> str:
+    """
+    A new request id: 16 hex digits, random (64 bits: no two requests of a
+    year's traffic share one, and it says nothing about the request).
+    """
+    return os.urandom(8).hex()
 
 
 def loggedPath(uri: bytes) -> str:
@@ -133,6 +151,9 @@ class Exchange:
     @ivar path: the path as L{loggedPath} shows it, for a request refused
         without a route (its route label, C{unknown} or C{invalid}, would
         not say what was asked for); L{None} otherwise.
+    @ivar requestId: the proxy's id of the request (L{newRequestId}), sent
+        to the client as C{X-Zaiproxy-Request-Id}, so a log line, a record
+        and a user's report join up.
     """
 
     method: str
@@ -153,6 +174,7 @@ class Exchange:
     zaiErrors: tuple[tuple[str, str | None], ...] = ()
     retries: tuple[str, ...] = ()
     authFailure: str | None = None
+    requestId: str = ""
 
     @property
     def clientLabel(self) -> str:
@@ -194,6 +216,7 @@ class Exchange:
             zaiErrors=self.zaiErrors,
             retries=self.retries,
             authFailure=self.authFailure,
+            requestId=self.requestId,
             billed=billed,
         )
 
@@ -231,6 +254,7 @@ class Record:
     zaiErrors: tuple[tuple[str, str | None], ...] = ()
     retries: tuple[str, ...] = ()
     authFailure: str | None = None
+    requestId: str = ""
     billed: Billed | None = None
 
     @property

@@ -97,6 +97,8 @@ def _accessLine(record: Record) -> None:
         line += f" error={record.errorType}"
     if record.keyName is not None:
         line += f" client={record.keyName}"
+    if record.requestId:
+        line += f" id={record.requestId}"
     _accessLog.info(
         LINE,
         line=line,
@@ -112,6 +114,7 @@ def _accessLine(record: Record) -> None:
         peer=record.client,
         queueWait=round(record.queueWait, 6),
         path=record.path,
+        requestId=record.requestId,
         ttfb=None if record.ttfb is None else round(record.ttfb, 6),
     )
 

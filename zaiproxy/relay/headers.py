@@ -17,7 +17,7 @@ from twisted.web.http_headers import Headers
 
 from zaiproxy.dialects import Dialect
 
-__all__ = ["HOP_BY_HOP", "clientResponseHeaders", "upstreamRequestHeaders"]
+__all__ = ["HOP_BY_HOP", "REQUEST_ID_HEADER", "clientResponseHeaders", "upstreamRequestHeaders"]
 
 HOP_BY_HOP = frozenset(
     [
@@ -45,7 +45,10 @@ _REQUEST_DROPPED = HOP_BY_HOP | {
     b"x-api-key",
 }
 
-_RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length"}
+#: The proxy's own request id header: the client sees ours, never an
+#: upstream's (another zaiproxy in front of Z.AI, say).
+REQUEST_ID_HEADER = b"x-zaiproxy-request-id"
+_RESPONSE_DROPPED = HOP_BY_HOP | {b"content-length", REQUEST_ID_HEADER}
 
 
 def _connectionTokens(headers: Headers) -> set[bytes]:
