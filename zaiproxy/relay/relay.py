@@ -23,8 +23,11 @@ rest, with the upstream paused (L{zaiproxy.relay.pieces}).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -51,7 +54,7 @@ __all__ = ["Relay"]
 
 
 @implementer(IPushProducer)
-class Relay(BodyProtocol):
+class Relay(BodyProtocol, TimeoutMixin):
     """
     Forwards one request and writes its answer.
 
@@ -96,7 +99,6 @@ class Relay(BodyProtocol):
         # Made when a stream's usage is read (most answers never need one).
         self._pieces: PieceQueue | None = None
         self._ended: Failure | None = None
-        self._idleTimer: IDelayedCall | None = None
         self._clientPaused = False
         self._registered = False
         # notifyFinish() made after the client left never fires: ask first.
@@ -250,11 +252,10 @@ class Relay(BodyProtocol):
     def connectionMade(self) -> None:
         self._request.registerProducer(self, True)
         self._registered = True
-        self._startIdleTimer()
+        self._watchIdle()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._idleTimer is not None:
-            self._idleTimer.reset(self._context.idleTimeout)
+        self.resetTimeout()
         exchange = self._exchange
         if exchange.firstByteAt is None:
             exchange.firstByteAt = self._context.clock.seconds()
@@ -360,7 +361,7 @@ class Relay(BodyProtocol):
         """
         if self._phase is Phase.RELAYING:
             self._moveTo(Phase.HELD)
-            self._cancelIdleTimer()
+            self.setTimeout(None)
             if self._ended is None and self.transport is not None:
                 self.producer.pauseProducing()
 
@@ -372,7 +373,7 @@ class Relay(BodyProtocol):
             self._moveTo(Phase.RELAYING)
             if self._ended is None and self.transport is not None and not self._clientPaused:
                 self.producer.resumeProducing()
-                self._startIdleTimer()
+                self._watchIdle()
             self._maybeEnd()
         elif self._phase is Phase.ENDING:
             self._endCleanly()
@@ -380,7 +381,7 @@ class Relay(BodyProtocol):
     # -- the end of the response --------------------------------------------
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._cancelIdleTimer()
+        self.setTimeout(None)
         if self._phase is Phase.OPENING:
             self._sendOpening()
         self._ended = reason
@@ -481,32 +482,29 @@ class Relay(BodyProtocol):
     def pauseProducing(self) -> None:
         # Silence while the client is the slow side is not upstream idleness.
         self._clientPaused = True
-        self._cancelIdleTimer()
+        self.setTimeout(None)
         self.producer.pauseProducing()
 
     def resumeProducing(self) -> None:
         self._clientPaused = False
         if self._phase is Phase.OPENING or self._phase is Phase.RELAYING:
-            self._startIdleTimer()
+            self._watchIdle()
             self.producer.resumeProducing()
 
     def stopProducing(self) -> None:
         self.producer.stopProducing()
 
-    def _startIdleTimer(self) -> None:
-        if self._idleTimer is not None or self._ended is not None:
-            return
-        if self._phase is Phase.OPENING or self._phase is Phase.RELAYING:
-            self._idleTimer = self._context.clock.callLater(self._context.idleTimeout, self._idleTimeout)
+    # -- the idle timeout (TimeoutMixin), while the upstream should send --------
 
-    def _cancelIdleTimer(self) -> None:
-        if self._idleTimer is not None:
-            if self._idleTimer.active():
-                self._idleTimer.cancel()
-            self._idleTimer = None
+    def _watchIdle(self) -> None:
+        if self._ended is None and (self._phase is Phase.OPENING or self._phase is Phase.RELAYING):
+            self.setTimeout(self._context.idleTimeout)
 
-    def _idleTimeout(self) -> None:
-        self._idleTimer = None
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        # TimeoutMixin's timer, on the relay's clock rather than the global reactor.
+        return self._context.clock.callLater(period, func)
+
+    def timeoutConnection(self) -> None:
         self._cutShort(Cut.IDLE)
 
     def _unregister(self) -> None:
@@ -560,7 +558,7 @@ class Relay(BodyProtocol):
         self._moveTo(Phase.DONE)
         if self._pieces is not None:
             self._pieces.stop()
-        self._cancelIdleTimer()
+        self.setTimeout(None)
         exchange = self._exchange
         exchange.status = status
         tap = self._reading.finished() if self._reading is not None else None
