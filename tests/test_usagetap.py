@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import tempfile
 from typing import Any
 
 import pytest
@@ -231,26 +230,6 @@ def test_readsLaterNeedsWholeFrames() -> None:
         },
     )
     assert not readsLater(mention)
-
-
-def test_requestBody() -> None:
-    """
-    The body stays readable after twisted.web closes its own copy (a
-    temporary file is kept by a duplicate descriptor), until closed.
-    """
-    small = io.BytesIO(b'{"a":1}')
-    body = RequestBody(small)
-    small.close()
-    assert body.read() == b'{"a":1}' and body.size == 7
-    body.close()
-    assert body.read() == b""
-    with tempfile.TemporaryFile() as f:
-        f.write(b"x" * 200_000)
-        body = RequestBody(f)
-    assert body.read() == b"x" * 200_000
-    body.close()
-    assert body.read() == b""
-    body.close()
 
 
 def test_burstReadLate() -> None:

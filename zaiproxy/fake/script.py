@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_fake_script -*-
+# -*- test-case-name: tests.test_fake -*-
 """
 Turn an answer into a script of wire actions: send headers, write bytes,
 wait, finish, abort or fall silent.

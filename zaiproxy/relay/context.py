@@ -1,3 +1,4 @@
+# -*- test-case-name: tests.test_relay -*-
 """
 What every relay shares: the clock, the upstream, the limiter, accounting,
 where finished requests go, and the timeouts.
