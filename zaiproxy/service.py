@@ -329,7 +329,7 @@ class ProxyService(MultiService):
 
     def _announce(self) -> None:
         """
-        The seed's start-up lines, once.
+        The Go zai-proxy's start-up lines, once.
         """
         if self._announced:
             return

@@ -79,7 +79,7 @@ _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 def parseDuration(text: str) -> float:
     """
     Seconds, as a plain number (C{2.5}) or Go-style units (C{1m30s},
-    C{300ms}, C{6h}), since the seed used Go durations.
+    C{300ms}, C{6h}), since the Go zai-proxy used Go durations.
     """
     what = "seconds greater than 0, e.g. 30, 2.5, 1m30s, 300ms or 6h"
     stripped = text.strip()
@@ -184,7 +184,7 @@ def parseLogLevel(text: str) -> LogLevel:
 
 def parseOptionalPath(text: str) -> str | None:
     """
-    A file path, or C{off} to turn the feature off (the seed could not).
+    A file path, or C{off} to turn the feature off (the Go zai-proxy could not).
     """
     stripped = text.strip()
     if stripped.lower() in ("off", "none", "false"):

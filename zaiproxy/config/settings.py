@@ -3,8 +3,8 @@
 The proxy's settings: one frozen object built from the environment and an
 optional EnvironmentFile, checked once at start-up.
 
-The variable names and defaults are the Go seed's, so its users can switch
-without rewriting their deployment. Unlike the seed, a value that does not
+The variable names and defaults are the Go zai-proxy's, so its users can switch
+without rewriting their deployment. Unlike the Go zai-proxy, a value that does not
 parse is an error naming the variable, the value and what is accepted,
 never a silent fallback to the default.
 """
@@ -166,7 +166,7 @@ class Settings:
         "PEAK_UTC_OFFSET",
         parseUTCOffset,
         "-5",
-        "Time zone of PEAK_HOURS, in hours from UTC (the seed's fixed UTC-5).",
+        "Time zone of PEAK_HOURS, in hours from UTC (the Go zai-proxy's fixed UTC-5).",
     )
     peakMultiplier: float = _setting(
         "PEAK_MULTIPLIER",
@@ -426,7 +426,7 @@ def loadSettings(environ: Mapping[str, str], configPath: str | None = None) -> t
     """
     Build L{Settings} from a config file overlaid by the environment.
 
-    An empty value counts as unset (as in the seed), so C{KEY=} in a file
+    An empty value counts as unset (as in the Go zai-proxy), so C{KEY=} in a file
     means "the default".
 
     @return: the settings, and warnings to log once logging is up (such as

@@ -19,7 +19,7 @@ __all__ = ["OutputText", "Usage"]
 @attrs.frozen
 class Usage:
     """
-    Tokens of one exchange, in the seed's four directions. C{input} never
+    Tokens of one exchange, in the Go zai-proxy's four directions. C{input} never
     includes cached tokens (Anthropic's meaning; OpenAI's C{prompt_tokens}
     does, so its cached part is moved to C{cacheRead}).
     """

@@ -21,7 +21,7 @@ import attrs
 
 __all__ = ["CLASSES", "MAX_ERROR_BYTES", "ZaiError", "codeLabel", "errorFromJSON", "parseError"]
 
-#: Error bodies larger than this are not parsed (the seed's budget).
+#: Error bodies larger than this are not parsed (the Go zai-proxy's budget).
 MAX_ERROR_BYTES = 32 << 10
 
 _CLASS_BY_CODE = {

@@ -71,7 +71,7 @@ _ROUTES: dict[bytes, _Route] = {
 }
 
 #: What the quota endpoint answers unless a test sets L{FakeZai.quota}: the
-#: current CREDIT_LIMIT shape (seed inventory section 7), five-hour and
+#: current CREDIT_LIMIT shape (the Go zai-proxy's own parsing), five-hour and
 #: weekly windows, plus a TIME_LIMIT entry the proxy must ignore.
 DEFAULT_QUOTA = {
     "code": 200,

@@ -105,7 +105,7 @@ class AdminResetResource(Resource):
     """
     C{POST /admin/reset-rate-limit}: forget what the limiter learned.
 
-    The seed left it open to anyone; here L{zaiproxy.front.access.AdminGate}
+    The Go zai-proxy left it open to anyone; here L{zaiproxy.front.access.AdminGate}
     decides who reaches it.
     """
 

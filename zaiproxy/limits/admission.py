@@ -4,7 +4,7 @@ Admission: the gate every model call passes before it goes to Z.AI.
 
 A token bucket paces calls at the current rate (burst about 2x), a
 concurrency limit caps calls in flight, and callers that cannot go at once
-wait in a bounded queue instead of getting the seed's immediate 503. The
+wait in a bounded queue instead of getting the Go zai-proxy's immediate 503. The
 queue serves clients in turn (round robin by client), so one client's burst
 cannot starve another; a waiter whose client leaves is dropped at once.
 """
@@ -29,7 +29,7 @@ _ONE = 1.0 - 1e-9
 
 def clientBucket(host: str) -> str:
     """
-    The seed's bounded client identity: C{source-00} to C{source-63}, from
+    The Go zai-proxy's bounded client identity: C{source-00} to C{source-63}, from
     an FNV-1a hash of the peer address (never a header the client sets).
     """
     value = 0x811C9DC5

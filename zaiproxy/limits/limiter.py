@@ -4,7 +4,7 @@ The adaptive rate limiter: learns how fast and how wide Z.AI lets this key
 go, from the 429s it answers, and remembers it across restarts.
 
 Every C{RATE_LIMIT_WINDOW} (a LoopingCall, not lazily on the next request
-as the seed did) the window's outcomes are judged:
+as the Go zai-proxy did) the window's outcomes are judged:
 
   - Frequency 429s (1303, 1305, unknown codes) in 1% or more of the calls
     mean the rate is above capacity; what Z.AI accepted in that window
@@ -17,7 +17,7 @@ as the seed did) the window's outcomes are judged:
     The ceiling never stays above the refused rate, and the rate holds a
     margin below the ceiling.
   - A clean window in which callers waited for the rate is hard evidence
-    that Z.AI takes at least that rate: the ceiling rises to it (the seed's
+    that Z.AI takes at least that rate: the ceiling rises to it (the Go zai-proxy's
     ceiling never rose after a clean probe). Below the ceiling the rate
     converges up to it; at the ceiling, after C{RATE_LIMIT_PROBE_INTERVAL}
     clean windows, it probes above, and while probes stay clean each next
@@ -62,7 +62,7 @@ LATE_WINDOW = 0.5
 @attrs.frozen
 class LimiterSettings:
     """
-    The limiter's settings (the seed's names, in L{zaiproxy.config.settings}).
+    The limiter's settings (the Go zai-proxy's names, in L{zaiproxy.config.settings}).
     """
 
     initial: float
@@ -568,7 +568,7 @@ class RateLimiter:
 
     def snapshot(self) -> dict[str, Any]:
         """
-        The seed's /health "rate_limit" section, and the concurrency state.
+        The Go zai-proxy's /health "rate_limit" section, and the concurrency state.
         """
         s = self.settings
         section: dict[str, Any] = {

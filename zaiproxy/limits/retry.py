@@ -60,7 +60,7 @@ def retryWait(
     The wait is the larger of the backoff (jittered into [base/2, base) for
     the rate and congestion classes, so clients do not come back in step)
     and whatever Z.AI asked for, in a header or in the body: one wait, not
-    the seed's two in a row.
+    the Go zai-proxy's two in a row.
     """
     if cls != NETWORK and cls not in RETRYABLE_CLASSES:
         return None
@@ -97,7 +97,7 @@ def _rfc3339(when: float) -> bytes:
 
 def zaiHeaders(error: ZaiError, now: float, upstreamRetryAfter: bool) -> list[tuple[bytes, bytes]]:
     """
-    The seed's headers on a final 429: C{X-Zai-Error-Class}, the code and
+    The Go zai-proxy's headers on a final 429: C{X-Zai-Error-Class}, the code and
     the reset time when known, and C{Retry-After} (if Z.AI sent none) from
     the body's C{retry_after}, else the time until the reset.
     """

@@ -1,9 +1,9 @@
 # -*- test-case-name: tests.test_metrics -*-
 """
-Every Prometheus metric of the proxy, defined once, with the Go seed's
+Every Prometheus metric of the proxy, defined once, with the Go zai-proxy's
 names, types, labels and buckets so existing dashboards keep working.
 
-Unlike the seed, every label is bounded: C{path} is the route name, never
+Unlike the Go zai-proxy, every label is bounded: C{path} is the route name, never
 the raw path, and C{method} is one of a fixed set.
 """
 
@@ -30,7 +30,7 @@ from zaiproxy.observe.record import Billed, Record
 
 __all__ = ["DURATION_BUCKETS", "METRICS", "SIZE_BUCKETS", "Metrics", "methodLabel"]
 
-# The seed exports no *_created series; neither do we.
+# The Go zai-proxy exports no *_created series; neither do we.
 prometheus_client.disable_created_metrics()
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -28,7 +28,7 @@ __all__ = ["QUOTA_PATH", "QuotaError", "QuotaPoller", "QuotaSample", "QuotaWindo
 
 QUOTA_PATH = "/api/monitor/usage/quota/limit"
 
-#: The endpoint's window units (seed inventory section 7).
+#: The endpoint's window units (the Go zai-proxy's own parsing).
 _WINDOWS = {3: "five_hour", 6: "weekly"}
 _ORDER = ("five_hour", "weekly")
 
@@ -74,7 +74,7 @@ def _number(value: Any) -> float | None:
 
 def parseQuota(body: bytes, now: float) -> QuotaSample:
     """
-    Read the quota document, normalised as the seed did: CREDIT_LIMIT used
+    Read the quota document, normalised as the Go zai-proxy did: CREDIT_LIMIT used
     over allowance (else the percentage), TOKENS_LIMIT from its percentage,
     fractions clamped to [0, 1], the first of duplicate windows kept, other
     types and units ignored.
@@ -135,7 +135,7 @@ def _rfc3339(when: float) -> str:
 
 def _label(text: str) -> str:
     """
-    The seed's sanitised label value: lower case, [a-z0-9_-], 32 at most.
+    The Go zai-proxy's sanitised label value: lower case, [a-z0-9_-], 32 at most.
     """
     cleaned = "".join(c if c.isalnum() or c in "_-" else "_" for c in text.lower())[:32]
     return cleaned or "unknown"
@@ -285,7 +285,7 @@ class QuotaPoller:
 
     def snapshot(self) -> dict[str, Any]:
         """
-        The seed's /health "quota" section.
+        The Go zai-proxy's /health "quota" section.
         """
         section: dict[str, Any] = {
             "enabled": True,

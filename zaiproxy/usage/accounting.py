@@ -145,7 +145,7 @@ _PRICE_FIELDS = {"input": "input", "output": "output", "cache_read": "cacheRead"
 @attrs.frozen
 class Pricing:
     """
-    The price table and the peak window (the seed's: GLM-4.7 prices, 2x from
+    The price table and the peak window (the Go zai-proxy's: GLM-4.7 prices, 2x from
     02:00 to 06:00 at UTC-5).
     """
 
@@ -185,7 +185,7 @@ class Accounting:
     and prices.
 
     @ivar counting: L{None} when C{TOKEN_COUNTING_ENABLED=false}: then the
-        proxy relays bodies without reading them, as the seed did.
+        proxy relays bodies without reading them, as the Go zai-proxy did.
     @ivar countedRoutes: the route labels whose answers are read (none
         when counting is off).
     """

@@ -83,7 +83,7 @@ class TiktokenCounter:
 
 class FallbackCounter:
     """
-    About four characters per token, as the seed's fallback did.
+    About four characters per token, as the Go zai-proxy's fallback did.
     """
 
     name = "fallback"
