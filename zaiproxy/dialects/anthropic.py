@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from zaiproxy.dialects.sse import Event, framesMentioning, keptData, readJSON
-from zaiproxy.dialects.usage import OutputText, Usage
+from zaiproxy.dialects.usage import OutputText, Usage, upstreamId
 from zaiproxy.dialects.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
@@ -191,6 +191,8 @@ class StreamReader:
         self.usage: Usage | None = None
         self.final = False
         self.model: str | None = None
+        #: Z.AI's id of the answer (C{message_start}'s message id).
+        self.upstreamId: str | None = None
         self.error: ZaiError | None = None
 
     def cut(self, frames: bytes) -> list[tuple[bool, bytes]] | None:
@@ -231,6 +233,7 @@ class StreamReader:
                 return None
             if isinstance(message.get("model"), str):
                 self.model = message["model"]
+            self.upstreamId = upstreamId(message)
             usage = usageFrom(message.get("usage"))
             if usage is None:
                 return "start"

@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from zaiproxy.dialects.sse import Event, framesMentioning, keptData, readJSON
-from zaiproxy.dialects.usage import OutputText, Usage
+from zaiproxy.dialects.usage import OutputText, Usage, upstreamId
 from zaiproxy.dialects.zai_errors import ZaiError, errorFromJSON
 
 __all__ = [
@@ -221,6 +221,8 @@ class StreamReader:
         self.model: str | None = None
         self.error: ZaiError | None = None
         self.chunkId: str = "chatcmpl-zaiproxy"
+        #: Z.AI's id of the answer (its C{request_id}, else the chunks' C{id}).
+        self.upstreamId: str | None = None
         self.created: int = 0
         self._seen = False
 
@@ -268,6 +270,7 @@ class StreamReader:
             self.model = chunk["model"]
         if isinstance(chunk.get("id"), str):
             self.chunkId = chunk["id"]
+        self.upstreamId = upstreamId(chunk) or self.upstreamId
         if isinstance(chunk.get("created"), int):
             self.created = chunk["created"]
         usage = usageFrom(chunk.get("usage"))

@@ -10,10 +10,26 @@ that bills them and the record that carries them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
-__all__ = ["OutputText", "Usage"]
+__all__ = ["OutputText", "Usage", "upstreamId"]
+
+#: Longest upstream id kept (they are about 30 characters).
+_MAX_UPSTREAM_ID = 100
+
+
+def upstreamId(document: dict[str, Any]) -> str | None:
+    """
+    Z.AI's id of an answer: its C{request_id} when it sends one, else the
+    answer's C{id}; bounded, so a ledger row never holds a huge string.
+    """
+    for key in ("request_id", "id"):
+        value = document.get(key)
+        if isinstance(value, str) and value:
+            return value[:_MAX_UPSTREAM_ID]
+    return None
 
 
 @attrs.frozen

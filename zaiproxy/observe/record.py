@@ -154,6 +154,9 @@ class Exchange:
     @ivar requestId: the proxy's id of the request (L{newRequestId}), sent
         to the client as C{X-Zaiproxy-Request-Id}, so a log line, a record
         and a user's report join up.
+    @ivar stream: the answer was an event stream.
+    @ivar attempts: calls made to Z.AI for this request (retries included).
+    @ivar zaiRequestId: Z.AI's own id of the answer, when it sent one.
     """
 
     method: str
@@ -175,6 +178,9 @@ class Exchange:
     retries: tuple[str, ...] = ()
     authFailure: str | None = None
     requestId: str = ""
+    stream: bool = False
+    attempts: int = 0
+    zaiRequestId: str | None = None
 
     @property
     def clientLabel(self) -> str:
@@ -217,6 +223,9 @@ class Exchange:
             retries=self.retries,
             authFailure=self.authFailure,
             requestId=self.requestId,
+            stream=self.stream,
+            attempts=self.attempts,
+            zaiRequestId=self.zaiRequestId,
             billed=billed,
         )
 
@@ -255,6 +264,9 @@ class Record:
     retries: tuple[str, ...] = ()
     authFailure: str | None = None
     requestId: str = ""
+    stream: bool = False
+    attempts: int = 0
+    zaiRequestId: str | None = None
     billed: Billed | None = None
 
     @property

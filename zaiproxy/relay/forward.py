@@ -156,6 +156,7 @@ class Trail:
     upstreamErrors: tuple[str, ...] = ()
     zaiErrors: tuple[tuple[str, str | None], ...] = ()
     retries: tuple[str, ...] = ()
+    attempts: int = 0
 
     def failed(self, errorType: str) -> None:
         self.errorType = errorType
@@ -170,6 +171,7 @@ class Trail:
         exchange.upstreamErrors = self.upstreamErrors
         exchange.zaiErrors = self.zaiErrors
         exchange.retries = self.retries
+        exchange.attempts = self.attempts
 
 
 class _ErrorBody(BodyProtocol):
@@ -340,6 +342,7 @@ class Forwarder:
         headers = upstreamRequestHeaders(request.requestHeaders, self._route.dialect, context.apiKey)
         body = bodyProducerFor(request.content, context.upstream.cooperator)
         self._timedOut = False
+        self.trail.attempts += 1
         self._timer = context.clock.callLater(context.firstByteTimeout, self._firstByteTimeout)
         try:
             pending = context.upstream.request(request.method, self._route.url, headers, body)

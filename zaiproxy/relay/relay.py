@@ -205,6 +205,7 @@ class Relay(BodyProtocol, TimeoutMixin):
         if contentType.lower().startswith(b"text/event-stream"):
             watchEnd = 200 <= response.code < 300 and self._route.label in PACED_ROUTES
             self._events = StreamEvents(self._route.dialect, watchEnd)
+            self._exchange.stream = True
             self._moveTo(Phase.OPENING)
         else:
             self._moveTo(Phase.RELAYING)

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from zaiproxy.dialects import Dialect, addUsage, anthropic, dialectModule
 from zaiproxy.dialects.sse import Event, EventParser, readJSON
-from zaiproxy.dialects.usage import OutputText, Usage
+from zaiproxy.dialects.usage import OutputText, Usage, upstreamId
 from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.observe.logs import LineLogger
 from zaiproxy.observe.record import Billed, Exchange
@@ -307,6 +307,7 @@ class UsageTap:
             return body
         if isinstance(document.get("model"), str):
             self._responseModel = document["model"]
+        self._exchange.zaiRequestId = upstreamId(document)
         self._reported = self._module.usageFrom(document.get("usage"))
         if self._reported is not None:
             return body
@@ -386,6 +387,8 @@ class UsageTap:
         reader = self._reader
         reported = self._reported or (reader.usage if reader.final else None)
         model = self._responseModel or reader.model
+        if reader.upstreamId is not None:
+            exchange.zaiRequestId = reader.upstreamId
         began = exchange.firstByteAt is not None and self._kind in (AnswerKind.STREAM, AnswerKind.BODY)
         if reported is not None:
             return accounting.bill(exchange, reported, "reported", model)

@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_ledger_writer -*-
+"""
+Ledger rows leave the reactor thread through a bounded queue and are
+written by one thread, in batches.
+
+The relay never waits for the ledger: L{LedgerWriter.add} puts a record
+on the queue or, when the queue is full, drops it and counts the drop.
+The writer thread commits a batch when 500 rows are waiting or 250 ms
+after the first of them, whichever comes first: one transaction (one
+fsync) per batch instead of one per request, the lesson every gateway with
+a usage table learned. Stopping flushes what is queued.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from zaiproxy.ledger.rows import GaugeSample, Origin
+from zaiproxy.ledger.store import Retention, SQLiteStore
+from zaiproxy.observe.record import Record
+
+__all__ = ["BATCH_ROWS", "BATCH_SECONDS", "LedgerWriter"]
+
+#: A batch is committed at this many rows...
+BATCH_ROWS = 500
+#: ...or this long after its first row.
+BATCH_SECONDS = 0.25
+#: How often rows past their retention are deleted.
+PRUNE_SECONDS = 3600.0
+
+
+class LedgerWriter:
+    """
+    The queue and the thread that writes it to the store.
+
+    @param onDropped: called on the reactor thread with a count and a
+        reason (C{queue_full}, C{write_error}) for rows that were lost.
+    @param onWritten: called on the writer thread with each batch's size.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        store: SQLiteStore,
+        origin: Origin,
+        retention: Retention,
+        capacity: int = 10_000,
+        onDropped: Callable[[int, str], None] = lambda n, why: None,
+        onWritten: Callable[[int], None] = lambda n: None,
+        wallClock: Callable[[], float] = time.time,
+    ) -> None:
+        self._reactor = reactor
+        self._store = store
+        self._origin = origin
+        self._retention = retention
+        self._queue: queue.Queue[Record | GaugeSample] = queue.Queue(capacity)
+        self._onDropped = onDropped
+        self._onWritten = onWritten
+        self._wallClock = wallClock
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped: Deferred[None] | None = None
+        self._nextPrune = 0.0
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def open(self) -> int:
+        """
+        Open and migrate the store now (at start-up, so a bad path or a
+        newer schema stops the proxy with a clear error); return the
+        schema version.
+
+        @raise LedgerError: the store cannot be used.
+        """
+        return self._store.open()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="zaiproxy-ledger", daemon=True)
+        self._thread.start()
+
+    def add(self, record: Record) -> None:
+        """
+        Queue one record (the reporter's sink); never blocks.
+        """
+        self._put(record)
+
+    def addGauges(self, sample: GaugeSample) -> None:
+        self._put(sample)
+
+    def _put(self, item: Record | GaugeSample) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._onDropped(1, "queue_full")
+
+    def stop(self) -> Deferred[None]:
+        """
+        Write what is queued, close the store, end the thread; fires when
+        it has.
+        """
+        if self._stopped is None:
+            self._stopped = Deferred()
+            if self._thread is None:
+                self._store.close()
+                self._stopped.callback(None)
+            else:
+                self._stopping.set()
+        return self._stopped
+
+    # -- the writer thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not (self._stopping.is_set() and self._queue.empty()):
+                batch = self._collect()
+                if batch:
+                    self._commit(batch)
+                self._maybePrune()
+        finally:
+            self._store.close()
+            self._reactor.callFromThread(self._ended)
+
+    def _ended(self) -> None:
+        assert self._thread is not None and self._stopped is not None
+        self._thread.join()
+        self._stopped.callback(None)
+
+    def _collect(self) -> list[Record | GaugeSample]:
+        """
+        The next batch: the first row (waiting up to a batch interval for
+        it), then whatever comes within the interval, up to L{BATCH_ROWS}.
+        """
+        get = self._queue.get
+        try:
+            batch = [get(timeout=BATCH_SECONDS)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + BATCH_SECONDS
+        while len(batch) < BATCH_ROWS:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _commit(self, batch: list[Record | GaugeSample]) -> None:
+        records = [item for item in batch if isinstance(item, Record)]
+        gauges = [item for item in batch if isinstance(item, GaugeSample)]
+        try:
+            self._store.write(records, gauges, self._origin)
+        except Exception:
+            failure = Failure()
+            self._reactor.callFromThread(self._failed, failure, len(records))
+            return
+        self._onWritten(len(records))
+
+    def _failed(self, failure: Failure, lost: int) -> None:
+        self.log.failure("writing {n} ledger row(s) failed; they are lost", failure=failure, n=lost)
+        if lost:
+            self._onDropped(lost, "write_error")
+
+    def _maybePrune(self) -> None:
+        now = self._wallClock()
+        if now < self._nextPrune:
+            return
+        self._nextPrune = now + PRUNE_SECONDS
+        try:
+            deleted = self._store.prune(now, self._retention)
+        except Exception:
+            self._reactor.callFromThread(self.log.failure, "pruning the ledger failed", Failure())
+            return
+        if deleted:
+            self._reactor.callFromThread(
+                self.log.info, "Ledger: deleted {n} row(s) past their retention", n=deleted
+            )
