@@ -311,7 +311,7 @@ async def test_openaiSDKOnStreamWithoutUsage(reactor: Any, makeStack: Any, inclu
     else:
         assert result == ["hello "] * 3 + [""]
     await sleep(reactor, 0.05)
-    labels = {"model": "glm-4.7", "variant": "production", "pricing_tier": "off_peak"}
+    labels = {"model": "glm-4.7", "variant": "production", "pricing_tier": "off_peak", "client": "-"}
     assert stack.sample("zai_proxy_token_usage_source_total", source="estimated", variant="production") == 1
     assert stack.sample("zai_proxy_tokens_total", direction="input", **labels) == inputTokens
     assert stack.sample("zai_proxy_tokens_total", direction="output", **labels) == outputTokens

@@ -116,7 +116,7 @@ def test_billed(events: list[dict[str, Any]]) -> None:
     billed = Billed(Usage(input=17, output=3), "reported", "glm-4.7", "glm-4.7", "peak", {"input": 0.5}, 6.0)
     Reporter(metrics).finished(record(billed=billed))
     sample = metrics.registry.get_sample_value
-    tokenLabels = {"model": "glm-4.7", "variant": "test", "pricing_tier": "peak"}
+    tokenLabels = {"model": "glm-4.7", "variant": "test", "pricing_tier": "peak", "client": "-"}
     assert sample("zai_proxy_tokens_total", {"direction": "input", **tokenLabels}) == 17
     assert sample("zai_proxy_tokens_total", {"direction": "output", **tokenLabels}) == 3
     assert sample("zai_proxy_estimated_cost_usd_total", {"direction": "input", **tokenLabels}) == 0.5

@@ -14,6 +14,7 @@ stops at that moment loses the tail of the stream.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,11 +33,19 @@ from zaiproxy import __version__
 from zaiproxy.config.activation import Listener
 from zaiproxy.config.reload import Reloader
 from zaiproxy.config.settings import Settings
-from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
+from zaiproxy.dashboard.api import ApiRoot, DashboardConfig, UsageMeResource
+from zaiproxy.dashboard.events import EventsResource
+from zaiproxy.dashboard.live import GaugeReading, LiveWindow, Sampler, quotaBlock
+from zaiproxy.dashboard.page import DashboardResource
+from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, Sessions, isLoopbackAddress
 from zaiproxy.front.clientkeys import buildClientKeys
 from zaiproxy.front.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.front.resource import ProxyResource
 from zaiproxy.front.site import InFlight, ProxySite
+from zaiproxy.ledger.reader import LedgerReader
+from zaiproxy.ledger.rows import Origin
+from zaiproxy.ledger.store import Retention, SQLiteStore, sqlitePath
+from zaiproxy.ledger.writer import LedgerWriter
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
 from zaiproxy.observe.metrics import Metrics
 from zaiproxy.observe.quota import QuotaPoller
@@ -114,6 +123,7 @@ class ProxyService(MultiService):
         self._warnings = list(warnings or []) + keyWarnings
         self.credentials = Credentials(clientKeys, settings.adminToken)
         self.build = build = build or BuildInfo()
+        self.instance = settings.instanceName or socket.gethostname()
         self.metrics = metrics or Metrics(
             settings.deploymentVariant, build.version, build.commit, build.buildTime
         )
@@ -127,6 +137,8 @@ class ProxyService(MultiService):
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
         self.context = self._buildContext(reactor, settings)
         self.quota = self._buildQuota(reactor, settings)
+        self.ledger, self.ledgerReader = self._buildLedger(reactor, settings)
+        self.sampler = self._buildSampler(reactor, settings)
         self._buildSites(reactor, settings, list(adminListen or []))
         self._parseEndpoints(reactor, listen, adminListen or [])
         self.ports: list[IListeningPort] = []
@@ -175,6 +187,82 @@ class ProxyService(MultiService):
             metrics=self.metrics,
         )
 
+    def _buildLedger(
+        self, reactor: Any, settings: Settings
+    ) -> tuple[LedgerWriter | None, LedgerReader | None]:
+        """
+        Open the ledger now, so a bad path or a newer schema stops start-up
+        with one clear line; hand it every record from the reporter.
+
+        @raise LedgerError: the ledger cannot be used.
+        """
+        if not (settings.ledgerEnabled and settings.ledgerURL):
+            return None, None
+        store = SQLiteStore(sqlitePath(settings.ledgerURL))
+        writer = LedgerWriter(
+            reactor,
+            store,
+            Origin(settings.deploymentVariant, self.instance),
+            Retention(
+                settings.ledgerRequestsRetention,
+                settings.ledgerMinutesRetention,
+                settings.ledgerHoursRetention,
+            ),
+            capacity=settings.ledgerQueueSize,
+            onDropped=lambda rows, reason: self.metrics.ledgerLost(rows, reason),
+            onWritten=self.metrics.ledgerWritten,
+        )
+        self.schemaVersion = writer.open()
+        self.reporter.addSink(writer.add)
+        self.metrics.watchLedger(lambda: writer.queued)
+        return writer, LedgerReader(reactor, store)
+
+    def _buildSampler(self, reactor: Any, settings: Settings) -> Sampler:
+        """
+        The dashboard's live points, fed by the reporter.
+        """
+        window = LiveWindow()
+        self.reporter.addSink(window.add)
+        self.reporter.watchAdjustments(window.adjusted)
+        limiter = self.limiter
+
+        def readGauges() -> GaugeReading:
+            quota = quotaBlock(self.quota, limiter, reactor.seconds())
+            return (len(self.inFlight), settings.maxWorkers, limiter.rate, limiter.ceiling, quota)
+
+        ledger = self.ledger
+        return Sampler(
+            reactor,
+            settings.dashboardInterval,
+            settings.deploymentVariant,
+            window,
+            readGauges,
+            ledger.addGauges if ledger is not None else None,
+        )
+
+    def _buildDashboard(self, reactor: Any, settings: Settings) -> dict[bytes, Resource]:
+        """
+        C{/dashboard} and C{/api/*}: where C{/admin/*} is, behind its gate
+        (the dashboard's session cookie counts as the token); C{/api/usage/me}
+        answers to client keys instead.
+        """
+        sessions = Sessions(reactor, self.credentials)
+        config = DashboardConfig(
+            variant=settings.deploymentVariant,
+            instance=self.instance,
+            version=self.build.version,
+            maxWorkers=settings.maxWorkers,
+            clientKeys=lambda: self.credentials.clientKeys is not None,
+        )
+        self.events = EventsResource(self.sampler, [settings.deploymentVariant])
+        api = ApiRoot(self.ledgerReader, self.sampler, config)
+        return {
+            b"/api/": AdminGate(api, self.credentials, loopbackOnly=True, sessions=sessions),
+            b"/api/events": AdminGate(self.events, self.credentials, loopbackOnly=True, sessions=sessions),
+            b"/api/usage/me": UsageMeResource(self.ledgerReader, reactor, self.credentials),
+            b"/dashboard": DashboardResource(self.credentials, sessions),
+        }
+
     def _buildHealth(self, settings: Settings, isDraining: Callable[[], bool]) -> HealthResource:
         """
         C{/health}: what is configured, and each piece's own snapshot.
@@ -216,6 +304,7 @@ class ProxyService(MultiService):
             b"/admin/reset-rate-limit": AdminGate(
                 AdminResetResource(self.limiter), self.credentials, loopbackOnly=True
             ),
+            **self._buildDashboard(reactor, settings),
         }
         self.resource = ProxyResource(
             self.targets,
@@ -325,6 +414,10 @@ class ProxyService(MultiService):
             self.quota.start()
         else:
             self.log.info("Quota polling disabled (QUOTA_POLL_ENABLED is not true)")
+        if self.ledger is not None and self.ledgerReader is not None:
+            self.ledger.start()
+            self.ledgerReader.start()
+        self.sampler.start()
         super().startService()
 
     def _announce(self) -> None:
@@ -525,6 +618,7 @@ class ProxyService(MultiService):
                 relay.shutdown()
             yield self._within(self.inFlight.whenEmpty(), _CUT_SECONDS)
 
+        self.events.closeAll()
         # Hand every connection's last bytes to the kernel before the
         # reactor stops: loseConnection() flushes the write buffer first.
         sites = (self.site, self.adminSite)
@@ -539,6 +633,11 @@ class ProxyService(MultiService):
         self.limiter.stop()
         if self.quota is not None:
             self.quota.stop()
+        self.sampler.stop()
+        if self.ledger is not None and self.ledgerReader is not None:
+            # The drain's last records are in the queue: written before exit.
+            yield self.ledger.stop()
+            self.ledgerReader.stop()
         yield self.upstream.close()
         Service.stopService(self)
         self.log.info("Drained; stopped")

@@ -149,6 +149,7 @@ def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
     from zaiproxy.front.clientkeys import ClientKeysError
+    from zaiproxy.ledger.migrations import LedgerError
     from zaiproxy.service import BuildInfo, ProxyService
 
     try:
@@ -182,7 +183,7 @@ def makeService(options: Options) -> IService:
             environ=os.environ,
             handleSignals=True,
         )
-    except ClientKeysError as e:
+    except (ClientKeysError, LedgerError) as e:
         _fail(str(e))
         raise
     except (IndexError, KeyError):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 from twisted.logger import LogLevel
 
+from zaiproxy.ledger.store import sqlitePath
+
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
 
@@ -258,3 +260,17 @@ def parseSecret(text: str) -> str:
         # Never echo the value: it is a secret.
         raise ValueError("must be a single token without spaces or control characters")
     return stripped
+
+
+def parseLedgerURL(text: str) -> str:
+    """
+    C{LEDGER_URL}: C{sqlite:///path/to/ledger.sqlite3} (empty: the default,
+    filled in from the state folder when the settings are loaded).
+    """
+    url = text.strip()
+    if not url:
+        return ""
+    if url.startswith(("postgresql:", "postgres:")):
+        raise ValueError("a PostgreSQL ledger is not supported yet; use sqlite:///path/to/ledger.sqlite3")
+    sqlitePath(url)
+    return url

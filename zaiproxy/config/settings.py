@@ -28,6 +28,7 @@ from zaiproxy.config.parsers import (
     parseFraction,
     parseGrace,
     parseHours,
+    parseLedgerURL,
     parseLogLevel,
     parseNames,
     parseNonNegativeInt,
@@ -391,6 +392,55 @@ class Settings:
         "30s",
         "On SIGTERM, how long in-flight requests may take to finish.",
     )
+    instanceName: str = _setting(
+        "INSTANCE_NAME",
+        parseText,
+        "",
+        "This process's name in the ledger and on the dashboard (empty: the host name).",
+    )
+    ledgerEnabled: bool = _setting(
+        "LEDGER_ENABLED",
+        parseBool,
+        "true",
+        "Keep the usage ledger: one row per request, read by /api/usage and the dashboard.",
+    )
+    ledgerURL: str = _setting(
+        "LEDGER_URL",
+        parseLedgerURL,
+        "",
+        "Where the ledger is kept (empty: sqlite:///<state folder>/ledger.sqlite3).",
+    )
+    ledgerRequestsRetention: float = _setting(
+        "LEDGER_REQUESTS_RETENTION",
+        parseDuration,
+        "30d",
+        "How long the ledger keeps each request's own row (/api/requests; exact short-range sums).",
+    )
+    ledgerMinutesRetention: float = _setting(
+        "LEDGER_MINUTES_RETENTION",
+        parseDuration,
+        "35d",
+        "How long the per-minute rollups (and gauge samples) are kept.",
+    )
+    ledgerHoursRetention: float = _setting(
+        "LEDGER_HOURS_RETENTION",
+        parseDuration,
+        "400d",
+        "How long the per-hour rollups are kept (usage over months).",
+    )
+    ledgerQueueSize: int = _setting(
+        "LEDGER_QUEUE_SIZE",
+        parsePositiveInt,
+        "10000",
+        "Rows waiting for the ledger's writer; past this a row is dropped and counted"
+        " (zai_proxy_ledger_dropped_total), never waited for.",
+    )
+    dashboardInterval: float = _setting(
+        "DASHBOARD_INTERVAL",
+        parseDuration,
+        "5s",
+        "How often the dashboard's live view gets a new point (/api/events).",
+    )
 
     def __attrs_post_init__(self) -> None:
         if not self.rateLimitMin <= self.rateLimitMax:
@@ -465,6 +515,9 @@ def loadSettings(environ: Mapping[str, str], configPath: str | None = None) -> t
     if settings.rateLimitStateFile == "":
         path = os.path.join(stateDirectory(environ), "ceiling.json")
         settings = attrs.evolve(settings, rateLimitStateFile=path)
+    if settings.ledgerURL == "":
+        path = os.path.join(stateDirectory(environ), "ledger.sqlite3")
+        settings = attrs.evolve(settings, ledgerURL="sqlite://" + path)
     return settings, warnings
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "Origin",
     "Rollups",
     "isError",
+    "recordSums",
     "requestRow",
 ]
 
@@ -150,7 +151,10 @@ def requestRow(record: Record, origin: Origin) -> tuple[Any, ...]:
     )
 
 
-def _sums(record: Record) -> list[float]:
+def recordSums(record: Record) -> list[float]:
+    """
+    One record's share of a rollup row, in L{ROLLUP_SUMS} order.
+    """
     billed = record.billed
     usage = billed.usage if billed is not None else None
     costs = billed.costs if billed is not None else {}
@@ -192,7 +196,7 @@ class Rollups:
     def add(self, records: Iterable[Record]) -> None:
         origin = self._origin
         for record in records:
-            sums = _sums(record)
+            sums = recordSums(record)
             rest = (
                 origin.variant,
                 origin.instance,

@@ -138,15 +138,15 @@ METRICS = (
         "tokens",
         Counter,
         "zai_proxy_tokens",
-        ("direction", "model", "variant", "pricing_tier"),
-        "Tokens billed (as Z.AI reports them, else estimated).",
+        ("direction", "model", "variant", "pricing_tier", "client"),
+        "Tokens billed (as Z.AI reports them, else estimated); client is the client key's name, or -.",
     ),
     _Spec(
         "estimatedCost",
         Counter,
         "zai_proxy_estimated_cost_usd",
-        ("direction", "model", "variant", "pricing_tier"),
-        "Estimated cost in USD, from the configured prices.",
+        ("direction", "model", "variant", "pricing_tier", "client"),
+        "Estimated cost in USD, from the configured prices; client is the client key's name, or -.",
     ),
     _Spec(
         "tokenCountDuration",
@@ -288,6 +288,27 @@ METRICS = (
         "Client keys in force (0: the proxy is open).",
     ),
     _Spec(
+        "ledgerRows",
+        Counter,
+        "zai_proxy_ledger_rows_written",
+        ("variant",),
+        "Request rows committed to the usage ledger.",
+    ),
+    _Spec(
+        "ledgerDropped",
+        Counter,
+        "zai_proxy_ledger_dropped",
+        ("reason", "variant"),
+        "Request rows the ledger lost: its queue was full (queue_full) or a write failed (write_error).",
+    ),
+    _Spec(
+        "ledgerQueue",
+        Gauge,
+        "zai_proxy_ledger_queue_rows",
+        ("variant",),
+        "Rows waiting for the ledger's writer.",
+    ),
+    _Spec(
         "configReloads",
         Counter,
         "zai_proxy_config_reloads",
@@ -369,6 +390,9 @@ class Metrics:
     quotaPolls: Counter
     clientAuthFailures: Counter
     clientKeys: Gauge
+    ledgerRows: Counter
+    ledgerDropped: Counter
+    ledgerQueue: Gauge
     configReloads: Counter
     configReloadTime: Gauge
     queueLength: Gauge
@@ -398,7 +422,7 @@ class Metrics:
         self._firstByteChildren: dict[tuple[str, str], Any] = {}
         self._usageChildren: dict[str, Any] = {}
         self._rateChildren: dict[str, Any] = {}
-        self._tokenChildren: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._tokenChildren: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # -- per request (from the reporter) -----------------------------------------
 
@@ -451,14 +475,15 @@ class Metrics:
         self.retryAttempts.labels("retry", self.variant).inc()
         self.retryAttempts.labels(reason, self.variant).inc()
 
-    def billed(self, billed: Billed) -> None:
+    def billed(self, billed: Billed, client: str = "-") -> None:
         """
-        One answer's tokens and cost, by direction, and where they came from.
+        One answer's tokens and cost, by direction and client (a client
+        key's name: bounded by the key file), and where they came from.
         """
         model, tier = billed.model, billed.tier
         for direction, tokens in billed.usage.directions().items():
             if tokens > 0:
-                self._tokensUsed(direction, model, tier, tokens, billed.costs.get(direction, 0.0))
+                self._tokensUsed(direction, model, tier, client, tokens, billed.costs.get(direction, 0.0))
         child = self._usageChildren.get(billed.source)
         if child is None:
             child = self._usageChildren[billed.source] = self.usageSource.labels(billed.source, self.variant)
@@ -469,14 +494,16 @@ class Metrics:
                 rate = self._rateChildren[model] = self.tokenRate.labels("output", model, self.variant)
             rate.observe(billed.outputRate)
 
-    def _tokensUsed(self, direction: str, model: str, tier: str, tokens: int, cost: float) -> None:
-        key = (direction, model, tier)
+    def _tokensUsed(
+        self, direction: str, model: str, tier: str, client: str, tokens: int, cost: float
+    ) -> None:
+        key = (direction, model, tier, client)
         children = self._tokenChildren.get(key)
         if children is None:
             v = self.variant
             children = self._tokenChildren[key] = (
-                self.tokens.labels(direction, model, v, tier),
-                self.estimatedCost.labels(direction, model, v, tier),
+                self.tokens.labels(direction, model, v, tier, client),
+                self.estimatedCost.labels(direction, model, v, tier, client),
             )
         children[0].inc(tokens)
         if cost > 0:
@@ -515,6 +542,17 @@ class Metrics:
         self.tokenCounter.labels(counter, encoding, self.variant).set(1)
         observe: Callable[[float], None] = self.tokenCountDuration.labels(self.variant).observe
         return observe
+
+    def ledgerWritten(self, rows: int) -> None:
+        self.ledgerRows.labels(self.variant).inc(rows)
+
+    def ledgerLost(self, rows: int, reason: str) -> None:
+        self.ledgerDropped.labels(reason, self.variant).inc(rows)
+
+    def watchLedger(self, queued: Callable[[], int]) -> None:
+        self.ledgerQueue.labels(self.variant).set_function(queued)
+        for reason in ("queue_full", "write_error"):
+            self.ledgerDropped.labels(reason, self.variant)
 
     def watchClientKeys(self, count: Callable[[], int]) -> None:
         self.clientKeys.labels(self.variant).set_function(count)

@@ -38,6 +38,7 @@ class Reporter:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._sinks: list[Callable[[Record], object]] = []
+        self._adjustmentWatchers: list[Callable[[str], object]] = []
 
     def addSink(self, sink: Callable[[Record], object]) -> None:
         """
@@ -62,7 +63,7 @@ class Reporter:
             metrics.clientAuthFailure(record.authFailure)
         _accessLine(record)
         if record.billed is not None:
-            metrics.billed(record.billed)
+            metrics.billed(record.billed, record.keyName or "-")
             _usageLine(record, record.billed)
         for sink in self._sinks:
             try:
@@ -74,6 +75,14 @@ class Reporter:
 
     def rateAdjusted(self, direction: str) -> None:
         self._metrics.rateLimitAdjustment(direction)
+        for watcher in self._adjustmentWatchers:
+            watcher(direction)
+
+    def watchAdjustments(self, watcher: Callable[[str], object]) -> None:
+        """
+        Tell C{watcher} of every limiter adjustment too (the dashboard).
+        """
+        self._adjustmentWatchers.append(watcher)
 
     def admitted(self, client: str, waited: float) -> None:
         self._metrics.admissionWait(client, waited)

@@ -19,17 +19,51 @@ import attrs
 from zaiproxy.dialects import Dialect
 
 __all__ = [
+    "DASHBOARD_API",
     "LOCAL_ENDPOINTS",
     "Forward",
     "Local",
     "Refuse",
     "Targets",
     "guessDialect",
+    "localKey",
     "resolve",
 ]
 
 #: Paths the proxy answers itself.
 LOCAL_ENDPOINTS = (b"/metrics", b"/health", b"/readyz", b"/admin/reset-rate-limit")
+#: The dashboard's API (the Go dashboard's paths, and the ledger's). Only
+#: these: Z.AI's own paths under /api/ (/api/anthropic/, /api/paas/) are
+#: forwarded.
+DASHBOARD_API = frozenset(
+    [
+        b"/api/usage",
+        b"/api/usage/me",
+        b"/api/requests",
+        b"/api/status",
+        b"/api/metrics",
+        b"/api/events",
+        b"/api/config",
+    ]
+)
+#: API endpoints with a resource of their own (not the admin-gated rest).
+_OWN_API = (b"/api/usage/me", b"/api/events")
+
+
+def localKey(path: bytes) -> bytes:
+    """
+    The key of the local resource that serves C{path}: itself for an
+    exact endpoint, else C{/api/} (the rest of the API) or C{/dashboard}
+    (its pages and files).
+    """
+    if path in LOCAL_ENDPOINTS or path in _OWN_API:
+        return path
+    if path in DASHBOARD_API:
+        return b"/api/"
+    if path == b"/dashboard" or path.startswith(b"/dashboard/"):
+        return b"/dashboard"
+    return path
+
 
 # Labels for the metrics' bounded "path" label.
 _CHAT = "/v1/chat/completions"
@@ -169,6 +203,8 @@ def resolve(uri: bytes, targets: Targets) -> Route:
 
     if path in LOCAL_ENDPOINTS:
         return Local(path)
+    if path in DASHBOARD_API or path == b"/dashboard" or path.startswith(b"/dashboard/"):
+        return Local(localKey(path))
     if path in (b"/v1/chat/completions", b"/chat/completions"):
         return Forward(_CHAT, Dialect.openai, targets.openaiBase + b"/chat/completions" + suffix)
     if path.startswith(b"/v1/"):
