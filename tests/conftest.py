@@ -167,6 +167,8 @@ async def makeStack(reactor: Any) -> AsyncIterator[Any]:
             "RATE_LIMIT_MAX": "1000",
             "RATE_LIMIT_INITIAL": "1000",
             "MAX_WORKERS": "200",
+            # The default ledger is the user's; a ledger test names its own.
+            "LEDGER_ENABLED": "false",
             **env,
         }
         settings, _ = loadSettings(environ, configPath)

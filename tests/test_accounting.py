@@ -60,6 +60,7 @@ def sample(stack: Stack, direction: str, model: str = "glm-4.7", tier: str | Non
                 model=model,
                 variant="production",
                 pricing_tier=t,
+                client="-",
             )
             or 0
         )
@@ -216,6 +217,7 @@ async def test_costMetric(reactor: Any, makeStack: Any) -> None:
         model="glm-4.7",
         variant="production",
         pricing_tier="off_peak",
+        client="-",
     )
     assert cost == pytest.approx(expected.outputTokens * 2 / 1e6)
 

@@ -21,10 +21,12 @@ def baseEnvironment() -> dict[str, str]:
     """
     PATH, and PYTHONPATH if set: a work tree on it must run its own code in
     twistd, not the installed copy's. DRAIN_GRACE=0: a process stops at
-    once unless its test is about the grace.
+    once unless its test is about the grace. LEDGER_ENABLED=false: the
+    default ledger is in the user's state folder, which tests must not
+    share; a test of the ledger gives its own LEDGER_URL.
     """
     env = {name: os.environ[name] for name in ("PATH", "PYTHONPATH") if name in os.environ}
-    return {**env, "DRAIN_GRACE": "0"}
+    return {**env, "DRAIN_GRACE": "0", "LEDGER_ENABLED": "false"}
 
 
 class Collect(protocol.ProcessProtocol):
