@@ -223,7 +223,7 @@ async def _load(reactor: Any, port: int, done: list[int], stop: list[bool]) -> N
             response = await treq.post(
                 f"http://127.0.0.1:{port}/v1/messages",
                 body,
-                headers={b"content-type": [b"application/json"]},
+                headers={"content-type": "application/json"},
                 persistent=False,
             )
             await response.content()
