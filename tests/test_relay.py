@@ -570,7 +570,9 @@ class OpeningRig:
 
     def tokens(self, direction: str) -> float:
         return sum(
-            self.sample("zai_proxy_tokens_total", direction=direction, model="glm-4.7", pricing_tier=tier, client="-")
+            self.sample(
+                "zai_proxy_tokens_total", direction=direction, model="glm-4.7", pricing_tier=tier, client="-"
+            )
             or 0.0
             for tier in ("peak", "off_peak")
         )

@@ -24,6 +24,7 @@ from support.clients import sleep
 from support.processes import TWISTD, Collect, baseEnvironment, freePort
 from support.stack import UPSTREAM_KEY, Stack
 from twisted.internet import defer, threads
+from twisted.web.http_headers import Headers
 
 from zaiproxy.fake import FakeZai, parseScenario
 from zaiproxy.fake.testing import startFake
@@ -223,7 +224,7 @@ async def _load(reactor: Any, port: int, done: list[int], stop: list[bool]) -> N
             response = await treq.post(
                 f"http://127.0.0.1:{port}/v1/messages",
                 body,
-                headers={"content-type": "application/json"},
+                headers=Headers({b"content-type": [b"application/json"]}),
                 persistent=False,
             )
             await response.content()

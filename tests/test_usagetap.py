@@ -136,7 +136,13 @@ class Tapped:
             total += (
                 self.metrics.registry.get_sample_value(
                     "zai_proxy_tokens_total",
-                    {"direction": direction, "model": "glm-4.7", "variant": "test", "pricing_tier": tier, "client": "-"},
+                    {
+                        "direction": direction,
+                        "model": "glm-4.7",
+                        "variant": "test",
+                        "pricing_tier": tier,
+                        "client": "-",
+                    },
                 )
                 or 0.0
             )
