@@ -107,8 +107,10 @@ class EventsResource(Resource):
 
     def _end(self, viewer: _Viewer) -> None:
         self._forget(viewer)
+        channel = viewer.request.channel
         viewer.request.finish()
-        viewer.request.channel.loseConnection()
+        if channel is not None:
+            channel.loseConnection()
 
     def closeAll(self) -> None:
         """
