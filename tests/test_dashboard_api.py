@@ -185,7 +185,7 @@ async def test_usageMeIsOnlyMine(reactor: Any, makeStack: Any, tmp_path: Path) -
     code, _, _ = await get(stack, "/api/usage/me", x_api_key="not-a-key-of-ours")
     assert code == 401
     code, body, _ = await get(stack, "/api/usage/me?from=never", x_api_key=ALICE)
-    assert code == 400
+    assert code == 400 and b"from='never' is not a time" in body
 
 
 @pytest_twisted.ensureDeferred
