@@ -290,7 +290,7 @@ async def test_eventsStream(reactor: Any, makeStack: Any, tmp_path: Path) -> Non
     assert frames[0] == {"type": "connected", "scrape_interval": 0.2, "variants": ["production"]}
     assert {frame["type"] for frame in frames[1:]} == {"metrics"}
     assert sum(frame["data"]["requests_2xx"] for frame in frames[1:]) == 1
-    assert len(stack.proxy.events) == 1
+    assert len(stack.proxy.usageViews.events) == 1
     await stack.proxy.stopService()
     await done
-    assert len(stack.proxy.events) == 0
+    assert len(stack.proxy.usageViews.events) == 0

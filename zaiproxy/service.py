@@ -33,19 +33,15 @@ from zaiproxy import __version__
 from zaiproxy.config.activation import Listener
 from zaiproxy.config.reload import Reloader
 from zaiproxy.config.settings import Settings
-from zaiproxy.dashboard.api import ApiRoot, DashboardConfig, UsageMeResource
-from zaiproxy.dashboard.events import EventsResource
-from zaiproxy.dashboard.live import GaugeReading, LiveWindow, Sampler, quotaBlock
-from zaiproxy.dashboard.page import DashboardResource
-from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, Sessions, isLoopbackAddress
+from zaiproxy.dashboard.api import DashboardConfig
+from zaiproxy.dashboard.assembly import LedgerOptions, UsageViews
+from zaiproxy.dashboard.live import GaugeReading, quotaBlock
+from zaiproxy.front.access import AdminGate, AdminRoot, Credentials, isLoopbackAddress
 from zaiproxy.front.clientkeys import buildClientKeys
 from zaiproxy.front.endpoints import AdminResetResource, HealthResource, MetricsResource, ReadyResource
 from zaiproxy.front.resource import ProxyResource
 from zaiproxy.front.site import InFlight, ProxySite
-from zaiproxy.ledger.reader import LedgerReader
-from zaiproxy.ledger.rows import Origin
-from zaiproxy.ledger.store import Retention, SQLiteStore, sqlitePath
-from zaiproxy.ledger.writer import LedgerWriter
+from zaiproxy.ledger.store import Retention
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
 from zaiproxy.observe.metrics import Metrics
 from zaiproxy.observe.quota import QuotaPoller
@@ -137,8 +133,7 @@ class ProxyService(MultiService):
         self.targets = Targets.fromURLs(settings.zaiTargetURL, settings.zaiOpenAITargetURL)
         self.context = self._buildContext(reactor, settings)
         self.quota = self._buildQuota(reactor, settings)
-        self.ledger, self.ledgerReader = self._buildLedger(reactor, settings)
-        self.sampler = self._buildSampler(reactor, settings)
+        self.usageViews = self._buildUsageViews(reactor, settings)
         self._buildSites(reactor, settings, list(adminListen or []))
         self._parseEndpoints(reactor, listen, adminListen or [])
         self.ports: list[IListeningPort] = []
@@ -187,66 +182,26 @@ class ProxyService(MultiService):
             metrics=self.metrics,
         )
 
-    def _buildLedger(
-        self, reactor: Any, settings: Settings
-    ) -> tuple[LedgerWriter | None, LedgerReader | None]:
+    def _buildUsageViews(self, reactor: Any, settings: Settings) -> UsageViews:
         """
-        Open the ledger now, so a bad path or a newer schema stops start-up
-        with one clear line; hand it every record from the reporter.
+        The ledger, the live points and the dashboard (L{UsageViews}).
 
         @raise LedgerError: the ledger cannot be used.
         """
-        if not (settings.ledgerEnabled and settings.ledgerURL):
-            return None, None
-        store = SQLiteStore(sqlitePath(settings.ledgerURL))
-        writer = LedgerWriter(
-            reactor,
-            store,
-            Origin(settings.deploymentVariant, self.instance),
-            Retention(
-                settings.ledgerRequestsRetention,
-                settings.ledgerMinutesRetention,
-                settings.ledgerHoursRetention,
-            ),
-            capacity=settings.ledgerQueueSize,
-            onDropped=lambda rows, reason: self.metrics.ledgerLost(rows, reason),
-            onWritten=self.metrics.ledgerWritten,
-        )
-        self.schemaVersion = writer.open()
-        self.reporter.addSink(writer.add)
-        self.metrics.watchLedger(lambda: writer.queued)
-        return writer, LedgerReader(reactor, store)
-
-    def _buildSampler(self, reactor: Any, settings: Settings) -> Sampler:
-        """
-        The dashboard's live points, fed by the reporter.
-        """
-        window = LiveWindow()
-        self.reporter.addSink(window.add)
-        self.reporter.watchAdjustments(window.adjusted)
         limiter = self.limiter
 
         def readGauges() -> GaugeReading:
             quota = quotaBlock(self.quota, limiter, reactor.seconds())
             return (len(self.inFlight), settings.maxWorkers, limiter.rate, limiter.ceiling, quota)
 
-        ledger = self.ledger
-        return Sampler(
-            reactor,
-            settings.dashboardInterval,
-            settings.deploymentVariant,
-            window,
-            readGauges,
-            ledger.addGauges if ledger is not None else None,
-        )
-
-    def _buildDashboard(self, reactor: Any, settings: Settings) -> dict[bytes, Resource]:
-        """
-        C{/dashboard} and C{/api/*}: where C{/admin/*} is, behind its gate
-        (the dashboard's session cookie counts as the token); C{/api/usage/me}
-        answers to client keys instead.
-        """
-        sessions = Sessions(reactor, self.credentials)
+        ledger = None
+        if settings.ledgerEnabled and settings.ledgerURL:
+            retention = Retention(
+                settings.ledgerRequestsRetention,
+                settings.ledgerMinutesRetention,
+                settings.ledgerHoursRetention,
+            )
+            ledger = LedgerOptions(settings.ledgerURL, retention, settings.ledgerQueueSize)
         config = DashboardConfig(
             variant=settings.deploymentVariant,
             instance=self.instance,
@@ -254,14 +209,16 @@ class ProxyService(MultiService):
             maxWorkers=settings.maxWorkers,
             clientKeys=lambda: self.credentials.clientKeys is not None,
         )
-        self.events = EventsResource(self.sampler, [settings.deploymentVariant])
-        api = ApiRoot(self.ledgerReader, self.sampler, config)
-        return {
-            b"/api/": AdminGate(api, self.credentials, loopbackOnly=True, sessions=sessions),
-            b"/api/events": AdminGate(self.events, self.credentials, loopbackOnly=True, sessions=sessions),
-            b"/api/usage/me": UsageMeResource(self.ledgerReader, reactor, self.credentials),
-            b"/dashboard": DashboardResource(self.credentials, sessions),
-        }
+        return UsageViews(
+            reactor,
+            self.reporter,
+            self.metrics,
+            self.credentials,
+            config,
+            ledger,
+            settings.dashboardInterval,
+            readGauges,
+        )
 
     def _buildHealth(self, settings: Settings, isDraining: Callable[[], bool]) -> HealthResource:
         """
@@ -304,7 +261,7 @@ class ProxyService(MultiService):
             b"/admin/reset-rate-limit": AdminGate(
                 AdminResetResource(self.limiter), self.credentials, loopbackOnly=True
             ),
-            **self._buildDashboard(reactor, settings),
+            **self.usageViews.resources,
         }
         self.resource = ProxyResource(
             self.targets,
@@ -414,10 +371,7 @@ class ProxyService(MultiService):
             self.quota.start()
         else:
             self.log.info("Quota polling disabled (QUOTA_POLL_ENABLED is not true)")
-        if self.ledger is not None and self.ledgerReader is not None:
-            self.ledger.start()
-            self.ledgerReader.start()
-        self.sampler.start()
+        self.usageViews.start()
         super().startService()
 
     def _announce(self) -> None:
@@ -618,7 +572,7 @@ class ProxyService(MultiService):
                 relay.shutdown()
             yield self._within(self.inFlight.whenEmpty(), _CUT_SECONDS)
 
-        self.events.closeAll()
+        self.usageViews.closeStreams()
         # Hand every connection's last bytes to the kernel before the
         # reactor stops: loseConnection() flushes the write buffer first.
         sites = (self.site, self.adminSite)
@@ -633,11 +587,8 @@ class ProxyService(MultiService):
         self.limiter.stop()
         if self.quota is not None:
             self.quota.stop()
-        self.sampler.stop()
-        if self.ledger is not None and self.ledgerReader is not None:
-            # The drain's last records are in the queue: written before exit.
-            yield self.ledger.stop()
-            self.ledgerReader.stop()
+        # The drain's last records are in the ledger's queue: written now.
+        yield self.usageViews.stop()
         yield self.upstream.close()
         Service.stopService(self)
         self.log.info("Drained; stopped")
