@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from zaiproxy.dialects import Dialect
-from zaiproxy.relay.routes import Forward, Local, Refuse, Targets, guessDialect, resolve
+from zaiproxy.relay.routes import Forward, Local, Refuse, Targets, guessDialect, localKey, resolve
 
 TARGETS = Targets.fromURLs("https://api.z.ai/api/anthropic", "https://api.z.ai/api/coding/paas/v4")
 A, OA = Dialect.anthropic, Dialect.openai
@@ -156,3 +156,27 @@ def test_guessDialect() -> None:
     assert guessDialect(b"/v1/chat/completions/x", False) is OA
     assert guessDialect(b"/api/paas/v4/x", False) is OA
     assert guessDialect(b"/whatever", False) is A
+
+
+@pytest.mark.parametrize(
+    "path, key",
+    [
+        (b"/api/usage", b"/api/"),
+        (b"/api/requests", b"/api/"),
+        (b"/api/metrics", b"/api/"),
+        (b"/api/status", b"/api/"),
+        (b"/api/config", b"/api/"),
+        (b"/api/usage/me", b"/api/usage/me"),
+        (b"/api/events", b"/api/events"),
+        (b"/dashboard", b"/dashboard"),
+        (b"/dashboard/static/uPlot.min.css", b"/dashboard"),
+        (b"/dashboard/login", b"/dashboard"),
+    ],
+)
+def test_dashboardIsLocal(path: bytes, key: bytes) -> None:
+    """
+    The dashboard and its API are answered here, each by its resource;
+    nothing else under /api/ is (Z.AI's own paths are forwarded).
+    """
+    assert resolve(path + b"?range=1h", TARGETS) == Local(key)
+    assert localKey(path) == key
