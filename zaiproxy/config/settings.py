@@ -320,8 +320,9 @@ class Settings:
         "ADMIN_TOKEN",
         parseSecret,
         "",
-        "When set, /metrics, /admin/*, /api/* and /dashboard require Authorization: Bearer <token> (the"
-        " dashboard: a login), from loopback too; unset, /metrics is open and the rest answers loopback only.",
+        "When set, /metrics, /admin/*, /api/* and /dashboard require Authorization: Bearer <token>"
+        " (the dashboard: a login), from loopback too; unset, /metrics is open and the rest answers"
+        " loopback only.",
         secret=True,
     )
     # _setting returns an attrs field, not a shared value; ruff cannot tell that LogLevel is immutable.

@@ -15,6 +15,7 @@ import html
 import mimetypes
 from importlib import resources
 from typing import Any
+from urllib.parse import parse_qs
 
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -35,6 +36,7 @@ _LOGIN = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>zaiproxy: sign in</title>
+<link rel="icon" href="data:,">
 <link rel="stylesheet" href="/dashboard/static/dashboard.css"></head>
 <body class="login"><main>
 <h1>zaiproxy</h1>
@@ -52,6 +54,22 @@ def _static(name: str) -> bytes | None:
         return None
     entry = _STATIC.joinpath(name)
     return entry.read_bytes() if entry.is_file() else None
+
+
+def _formField(request: Request, name: bytes) -> bytes | None:
+    """
+    One field of a small urlencoded form. The proxy's site leaves bodies
+    unparsed (a proxied body is never a form), so the login reads its own.
+    """
+    content = request.content
+    if content is None:
+        return None
+    content.seek(0)
+    body = content.read(_MAX_FORM_BYTES + 1)
+    if len(body) > _MAX_FORM_BYTES:
+        return None
+    values = parse_qs(body).get(name)
+    return values[0] if values else None
 
 
 class DashboardResource(Resource):
@@ -102,8 +120,8 @@ class DashboardResource(Resource):
         token = self._credentials.adminToken
         if not token:
             return self._redirect(request)
-        presented = (request.args or {}).get(b"token", [b""])[0]
-        if len(presented) > _MAX_FORM_BYTES or not tokenMatches(presented, token):
+        presented = _formField(request, b"token")
+        if presented is None or not tokenMatches(presented, token):
             return self._form(request, 401, "That is not the admin token.")
         session = self._sessions.open()
         request.addCookie(
