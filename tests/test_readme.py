@@ -6,6 +6,7 @@ metric it names exists.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -175,3 +176,9 @@ def test_keylessDemoRunsPastedAsOneBlock(tmp_path: Path) -> None:
     assert problems == [], problems
     assert "Connection refused" not in result.stderr
     assert f"state file={tmp_path}/.local/state/zaiproxy/ceiling.json," in out
+    # The ledger, in the same state folder, already holds the answer.
+    [answer] = [line for line in out.splitlines() if line.startswith('{"from"')]
+    usage = json.loads(answer)
+    [row] = usage["rows"]
+    assert (row["model"], row["requests"], row["errors"]) == ("glm-4.7", 1, 0)
+    assert (tmp_path / ".local/state/zaiproxy/ledger.sqlite3").exists()

@@ -52,6 +52,9 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 50
 
 _CLASS = re.compile(r"[1-5]xx\Z")
+# ASCII only: str.isdigit() takes "²", which int() then refuses.
+_CODE = re.compile(r"[1-5][0-9][0-9]\Z")
+_DIGITS = re.compile(r"[0-9]{1,6}\Z")
 
 
 class BadQuery(ValueError):
@@ -183,12 +186,12 @@ def requestsQuery(args: Arguments, now: float) -> RequestsQuery:
         return RequestsQuery(0.0, math.inf, limit=1, requestId=requestId[:64])
     start, end = _span(args, now)
     status = _one(args, "status")
-    if status is not None and not ((status.isdigit() and len(status) == 3) or _CLASS.match(status)):
+    if status is not None and not (_CODE.match(status) or _CLASS.match(status)):
         raise BadQuery(f"status={status!r} is not a status (429) or a class (5xx)")
     rawLimit = _one(args, "limit")
     limit = DEFAULT_LIMIT
     if rawLimit is not None:
-        if not rawLimit.isdigit() or not 1 <= int(rawLimit) <= MAX_LIMIT:
+        if not _DIGITS.match(rawLimit) or not 1 <= int(rawLimit) <= MAX_LIMIT:
             raise BadQuery(f"limit={rawLimit!r} is not a whole number from 1 to {MAX_LIMIT}")
         limit = int(rawLimit)
     cursor = _one(args, "cursor")

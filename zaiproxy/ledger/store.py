@@ -111,13 +111,19 @@ class SQLiteStore:
             if folder:
                 os.makedirs(folder, mode=0o750, exist_ok=True)
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as e:
+            raise LedgerError(f"cannot open the ledger {self.path}: {e}") from None
+        try:
             connection.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL mode: a commit survives a crash of the process
             # (not of the machine's power), at a tenth of FULL's fsyncs.
             connection.execute("PRAGMA synchronous=NORMAL")
             connection.execute("PRAGMA busy_timeout=5000")
             version = migrate(connection)
-        except (OSError, sqlite3.Error) as e:
+        except (OSError, sqlite3.Error, LedgerError) as e:
+            connection.close()
+            if isinstance(e, LedgerError):
+                raise
             raise LedgerError(f"cannot open the ledger {self.path}: {e}") from None
         self._connection = connection
         return version
@@ -134,13 +140,36 @@ class SQLiteStore:
         connection = self._connection
         if connection is None:
             raise LedgerError("the ledger is not open")
-        rollups = Rollups(origin)
-        rollups.add(records)
         with _transaction(connection):
-            connection.executemany(_INSERT_REQUEST, [requestRow(r, origin) for r in records])
+            rows = self._newRows(connection, records, origin)
+            rollups = Rollups(origin)
+            rollups.add(record for record, _ in rows)
+            connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
             connection.executemany(_UPSERT_MINUTE, rollups.rows(rollups.minutes))
             connection.executemany(_UPSERT_HOUR, rollups.rows(rollups.hours))
             connection.executemany(_UPSERT_GAUGES, [g.row(origin) for g in gauges])
+
+    @staticmethod
+    def _newRows(
+        connection: sqlite3.Connection, records: Sequence[Record], origin: Origin
+    ) -> list[tuple[Record, tuple[Any, ...]]]:
+        """
+        The batch's records whose request id is not in the ledger yet, with
+        their rows: a request is counted once, in its row and its rollups.
+        """
+        rows: dict[str, tuple[Record, tuple[Any, ...]]] = {}
+        for record in records:
+            row = requestRow(record, origin)
+            rows.setdefault(row[0], (record, row))
+        ids = list(rows)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for (known,) in connection.execute(
+                f"SELECT request_id FROM requests WHERE request_id IN ({marks})", chunk
+            ):
+                del rows[known]
+        return list(rows.values())
 
     def prune(self, now: float, retention: Retention) -> int:
         """

@@ -113,6 +113,10 @@ class LedgerWriter:
         if self._stopped is None:
             self._stopped = Deferred()
             if self._thread is None:
+                # Never started: what was queued cannot be written now.
+                lost = sum(isinstance(item, Record) for item in list(self._queue.queue))
+                if lost:
+                    self._onDropped(lost, "write_error")
                 self._store.close()
                 self._stopped.callback(None)
             else:
