@@ -208,6 +208,7 @@ class ProxyService(MultiService):
             version=self.build.version,
             maxWorkers=settings.maxWorkers,
             clientKeys=lambda: self.credentials.clientKeys is not None,
+            login=lambda: bool(self.credentials.adminToken),
         )
         return UsageViews(
             reactor,

@@ -72,6 +72,8 @@ class DashboardConfig:
     version: str
     maxWorkers: int
     clientKeys: Callable[[], bool]
+    #: Whether the dashboard signs in (C{ADMIN_TOKEN} is set).
+    login: Callable[[], bool] = lambda: False
 
     def document(self, interval: float, ledger: bool, variants: list[str]) -> dict[str, Any]:
         return {
@@ -84,6 +86,7 @@ class DashboardConfig:
             "ranges": ["5m", "15m", "1h", "6h", "24h", "7d", "30d"],
             "ledger": ledger,
             "client_keys": self.clientKeys(),
+            "login": self.login(),
             "max_workers": self.maxWorkers,
         }
 

@@ -469,6 +469,7 @@
     }
     const config = state.config;
     $("#instance").textContent = `${config.instance} · ${config.variant} · v${config.version}`;
+    $("#logout").hidden = !config.login;
     const select = $("#variant");
     for (const name of [...config.variants, "all"]) {
       const option = document.createElement("option");
