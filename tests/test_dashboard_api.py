@@ -239,7 +239,11 @@ async def test_liveAndLongRangeMetrics(reactor: Any, makeStack: Any, tmp_path: P
     assert status["production"]["healthy"] is True
     config = await getJSON(stack, "/api/config")
     assert (config["scrape_interval"], config["variants"], config["ledger"]) == (0.2, ["production"], True)
-    assert (config["login"], config["client_keys"], config["instance"]) == (False, False, stack.proxy.instance)
+    assert (config["login"], config["client_keys"], config["instance"]) == (
+        False,
+        False,
+        stack.proxy.instance,
+    )
 
 
 @pytest_twisted.ensureDeferred

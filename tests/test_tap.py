@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from support.processes import TWISTD, Collect, baseEnvironment, freePort
+from support.processes import TWISTD, Collect, baseEnvironment, freePort, listening
 from support.stack import UPSTREAM_KEY
 from twisted.internet import task
 
@@ -171,13 +171,7 @@ async def test_sigtermDrainsRealProcess(reactor: Any, tmp_path: Any) -> None:
         path=str(tmp_path),
     )
     try:
-        for _ in range(100):
-            try:
-                response = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
-                await response.content()
-                break
-            except Exception:
-                await task.deferLater(reactor, 0.1, lambda: None)
+        await listening(reactor, port)
         client = await rawRequest(
             reactor,
             port,

@@ -21,7 +21,7 @@ import pytest
 import pytest_twisted
 import treq
 from support.clients import sleep
-from support.processes import TWISTD, Collect, baseEnvironment, freePort
+from support.processes import TWISTD, Collect, baseEnvironment, freePort, listening
 from support.stack import UPSTREAM_KEY, Stack
 from twisted.internet import defer, threads
 from twisted.web.http_headers import Headers
@@ -264,13 +264,7 @@ async def test_sigkillUnderLoadLeavesAnIntactLedger(reactor: Any, tmp_path: Path
     done: list[int] = []
     stop: list[bool] = []
     try:
-        for _ in range(100):
-            try:
-                response = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
-                await response.content()
-                break
-            except Exception:
-                await sleep(reactor, 0.1)
+        await listening(reactor, port)
         clients = [defer.ensureDeferred(_load(reactor, port, done, stop)) for _ in range(8)]
         while len(done) < 300:
             await sleep(reactor, 0.05)

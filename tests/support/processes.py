@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, protocol
+import treq
+from twisted.internet import defer, protocol, task
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -80,3 +81,17 @@ def directives(path: Path) -> list[tuple[str, str, str]]:
         key, _, value = line.partition("=")
         found.append((section, key.strip(), value.strip()))
     return found
+
+
+async def listening(reactor: Any, port: int, tries: int = 100) -> None:
+    """
+    Wait until a daemon started on C{port} answers C{/readyz}.
+    """
+    for _ in range(tries):
+        try:
+            response = await treq.get(f"http://127.0.0.1:{port}/readyz", persistent=False)
+            await response.content()
+            return
+        except Exception:
+            await task.deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"nothing answered /readyz on port {port}")
