@@ -169,8 +169,10 @@ async def test_errorsAreRowsToo(reactor: Any, makeStack: Any, tmp_path: Path) ->
     and counts as an error in the sums.
     """
     stack = await makeStack("mode=error code=1310", **ledgerEnv(tmp_path))
-    with pytest.raises(anthropic.RateLimitError):
+    with pytest.raises(anthropic.RateLimitError) as raised:
         await inThread(lambda: callAnthropic(stack, "k", False))
+    body = raised.value.body
+    assert isinstance(body, dict)
     [row] = await ledgerRows(reactor, stack, 1)
     assert (row["status"], row["zai_error"], row["input_tokens"], row["token_source"]) == (
         429,

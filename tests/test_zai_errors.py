@@ -130,3 +130,16 @@ def test_codeLabel() -> None:
     """
     assert [codeLabel(c) for c in ("1302", "1310", "424242", None)] == ["1302", "1310", "other", "none"]
     assert datetime.fromtimestamp(epoch("2026-01-01T00:00:00+00:00"), timezone.utc).year == 2026
+
+
+def test_errorRequestId() -> None:
+    """
+    Z.AI's request_id of an error body, when there is one.
+    """
+    from zaiproxy.dialects.zai_errors import errorRequestId
+
+    body = b'{"type":"error","error":{"type":"1308","message":"x"},"request_id":"20251209155304a15e2cfd9ae44ae8"}'
+    assert errorRequestId(body) == "20251209155304a15e2cfd9ae44ae8"
+    assert errorRequestId(b'{"error":{"code":"1302","message":"x"}}') is None
+    assert errorRequestId(b"not json") is None
+    assert errorRequestId(b"[]") is None

@@ -19,7 +19,17 @@ from typing import Any
 
 import attrs
 
-__all__ = ["CLASSES", "MAX_ERROR_BYTES", "ZaiError", "codeLabel", "errorFromJSON", "parseError"]
+from zaiproxy.dialects.usage import upstreamId
+
+__all__ = [
+    "CLASSES",
+    "MAX_ERROR_BYTES",
+    "ZaiError",
+    "codeLabel",
+    "errorFromJSON",
+    "errorRequestId",
+    "parseError",
+]
 
 #: Error bodies larger than this are not parsed (the Go zai-proxy's budget).
 MAX_ERROR_BYTES = 32 << 10
@@ -209,3 +219,17 @@ def parseError(body: bytes) -> ZaiError:
     except ValueError:
         return ZaiError(None, "unknown")
     return errorFromJSON(document) or ZaiError(None, "unknown")
+
+
+def errorRequestId(body: bytes) -> str | None:
+    """
+    Z.AI's C{request_id} in an error body, when it sends one (its
+    Anthropic-compatible endpoint does; its OpenAI one does not).
+    """
+    if len(body) > MAX_ERROR_BYTES:
+        return None
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return None
+    return upstreamId(document) if isinstance(document, dict) else None

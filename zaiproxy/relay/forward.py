@@ -41,7 +41,7 @@ from twisted.web.client import (  # type: ignore[attr-defined]
 from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
-from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, parseError
+from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, errorRequestId, parseError
 from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout
 from zaiproxy.limits.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
 from zaiproxy.observe.record import Exchange
@@ -157,6 +157,7 @@ class Trail:
     zaiErrors: tuple[tuple[str, str | None], ...] = ()
     retries: tuple[str, ...] = ()
     attempts: int = 0
+    zaiRequestId: str | None = None
 
     def failed(self, errorType: str) -> None:
         self.errorType = errorType
@@ -172,6 +173,8 @@ class Trail:
         exchange.zaiErrors = self.zaiErrors
         exchange.retries = self.retries
         exchange.attempts = self.attempts
+        if self.zaiRequestId is not None:
+            exchange.zaiRequestId = self.zaiRequestId
 
 
 class _ErrorBody(BodyProtocol):
@@ -455,6 +458,8 @@ class Forwarder:
         )
         if error.code is not None:
             self.trail.zaiErrors += ((error.cls, error.code),)
+        if not oversized:
+            self.trail.zaiRequestId = errorRequestId(body) or self.trail.zaiRequestId
         if self._limiter is not None and response.code == 429:
             self._limiter.observe(error)
         return error
