@@ -138,8 +138,8 @@ def test_errorRequestId() -> None:
     """
     from zaiproxy.dialects.zai_errors import errorRequestId
 
-    body = b'{"type":"error","error":{"type":"1308","message":"x"},"request_id":"20251209155304a15e2cfd9ae44ae8"}'
-    assert errorRequestId(body) == "20251209155304a15e2cfd9ae44ae8"
+    body = b'{"type":"error","error":{"type":"1308","message":"x"},"request_id":"2025120915530a15e2cf"}'
+    assert errorRequestId(body) == "2025120915530a15e2cf"
     assert errorRequestId(b'{"error":{"code":"1302","message":"x"}}') is None
     assert errorRequestId(b"not json") is None
     assert errorRequestId(b"[]") is None
