@@ -237,6 +237,8 @@ async def test_liveAndLongRangeMetrics(reactor: Any, makeStack: Any, tmp_path: P
     assert code == 400 and b"range='2y' is not one of 5m, 15m, 1h, 6h, 24h, 7d, 30d" in body
     status = await getJSON(stack, "/api/status")
     assert status["production"]["healthy"] is True
+    assert status["production"]["concurrent"] == 0
+    assert await getJSON(stack, "/api/status?variant=canary") == {}
     config = await getJSON(stack, "/api/config")
     assert (config["scrape_interval"], config["variants"], config["ledger"]) == (0.2, ["production"], True)
     assert (config["login"], config["client_keys"], config["instance"]) == (

@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet.address import IPv4Address
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
 from zaiproxy.dashboard.api import DashboardConfig
 from zaiproxy.dashboard.assembly import LedgerOptions, UsageViews
@@ -68,6 +71,20 @@ async def test_ledgerRowsAndThreads(reactor: Any, tmp_path: Path) -> None:
         == 1
     )
     assert set(threading.enumerate()) <= before
+
+
+@pytest.mark.parametrize("path", [b"/api/", b"/api/events"])
+def test_apiAnswersLoopbackOnlyWithoutToken(reactor: Any, path: bytes) -> None:
+    """
+    Without ADMIN_TOKEN the API answers loopback only, as /admin/* does.
+    """
+    made, _ = views(reactor, None)
+    channel = DummyChannel()
+    channel.transport = DummyChannel.TCP(IPv4Address("TCP", "192.0.2.7", 4000))
+    request = Request(channel)
+    request.method, request.uri = b"GET", b"/api/usage"
+    body = made.resources[path].render(request)
+    assert request.code == 403 and b"loopback only" in body
 
 
 def test_unusableLedgerStopsStartUp(reactor: Any, tmp_path: Path) -> None:

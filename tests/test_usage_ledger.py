@@ -147,6 +147,20 @@ async def test_rowIsWhatTheUpstreamReported(
     assert row["bytes_in"] == len(stack.fake.received[0].body)
     assert row["bytes_out"] > 0 and row["ttfb_ms"] is not None
     assert (row["variant"], row["instance"]) == ("production", stack.proxy.instance)
+    # Prometheus knows who too: the token counters carry the key's name.
+    counted = sum(
+        stack.sample(
+            "zai_proxy_tokens_total",
+            direction="output",
+            model="glm-4.7",
+            variant="production",
+            pricing_tier=tier,
+            client=row["client"],
+        )
+        or 0
+        for tier in ("peak", "off_peak")
+    )
+    assert counted == outputTokens
     usage = await getJSON(stack, "/api/usage?group_by=client")
     assert usage["rows"] == [
         {

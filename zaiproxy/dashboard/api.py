@@ -196,7 +196,7 @@ class ApiRoot(Resource, _Answering):
     def _status(self, request: Request) -> Any:
         sampler = self._sampler
         points = sampler.points
-        if not points:
+        if not points or variantOf(request.args or {}) not in (None, sampler.variant):
             return sendJSON(request, 200, {})
         last = points[-1]
         age = self._now() - last["timestamp"] / 1000
