@@ -30,6 +30,7 @@ LAYERS = [
     "front",
     "dashboard",
     "config",
+    "startup",
     "service",
     "tap",
 ]

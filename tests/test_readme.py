@@ -181,4 +181,4 @@ def test_keylessDemoRunsPastedAsOneBlock(tmp_path: Path) -> None:
     usage = json.loads(answer)
     [row] = usage["rows"]
     assert (row["model"], row["requests"], row["errors"]) == ("glm-4.7", 1, 0)
-    assert (tmp_path / ".local/state/zaiproxy/ledger.sqlite3").exists()
+    assert f"Usage ledger: {tmp_path}/.local/state/zaiproxy/ledger.sqlite3 (schema version 1)" in out

@@ -29,7 +29,6 @@ from twisted.python.components import Componentized
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from zaiproxy import __version__
 from zaiproxy.config.activation import Listener
 from zaiproxy.config.reload import Reloader
 from zaiproxy.config.settings import Settings
@@ -50,6 +49,7 @@ from zaiproxy.relay.context import RelayContext
 from zaiproxy.relay.relay import Relay
 from zaiproxy.relay.routes import Targets
 from zaiproxy.relay.upstream import Upstream
+from zaiproxy.startup import BuildInfo, announce
 from zaiproxy.twistedprivate import forgetExitSignal
 from zaiproxy.usage.accounting import Accounting, ModelLabels, Price, Pricing
 from zaiproxy.usage.tokens import Counting, loadCounter
@@ -62,19 +62,6 @@ _FLUSH_SECONDS = 5.0
 _CUT_SECONDS = 2.0
 #: Largest request body on the admin port (its endpoints take none).
 _ADMIN_MAX_REQUEST_BYTES = 64 * 1024
-
-
-class BuildInfo:
-    """
-    The version, commit and build time reported by C{zai_proxy_build_info}.
-    """
-
-    def __init__(
-        self, version: str = __version__, commit: str = "unknown", buildTime: str = "unknown"
-    ) -> None:
-        self.version = version
-        self.commit = commit
-        self.buildTime = buildTime
 
 
 class ProxyService(MultiService):
@@ -377,86 +364,20 @@ class ProxyService(MultiService):
 
     def _announce(self) -> None:
         """
-        The Go zai-proxy's start-up lines, once.
+        The start-up lines, once (L{zaiproxy.startup}).
         """
         if self._announced:
             return
         self._announced = True
-        settings = self.settings
-        for warning in self._warnings:
-            self.log.warn("{warning}", warning=warning)
-        if settings.deploymentVariant != "production":
-            self.log.info("Deployment variant: {variant}", variant=settings.deploymentVariant)
-        self.log.info(
-            "Build info: version={version}, variant={variant}, commit={commit}, build_time={buildTime}",
-            version=self.build.version,
-            variant=settings.deploymentVariant,
-            commit=self.build.commit,
-            buildTime=self.build.buildTime,
-        )
-        counting = self.accounting.counting
-        if counting is None:
-            self.log.info("Token counting disabled (TOKEN_COUNTING_ENABLED=false)")
-        else:
-            for problem in self._counterProblems:
-                self.log.warn("Warning: Failed to initialize TikToken counter: {problem}", problem=problem)
-            if counting.counter.name == "fallback":
-                self.log.warn("Falling back to SimpleTokenCounter")
-                self.log.info(
-                    "Token counting enabled (fallback mode, model: {model})", model=settings.tokenizerModel
-                )
-            else:
-                self.log.info(
-                    "Token counting enabled (tiktoken {encoding} encoding, model: {model})",
-                    encoding=counting.counter.encoding,
-                    model=settings.tokenizerModel,
-                )
-        self._announceClientKeys()
-        self.log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
-        limiter = self.limiter
-        self.log.info(
-            "Adaptive rate limiting: initial={initial:.1f}, min={minimum:.1f}, max={maximum:.1f} req/s "
-            "(ceiling alpha={alpha:.2f}, margin={margin:.1f}%, probe every {probe} windows of {window:g} s, "
-            "state file={stateFile}, max age={maxAge:g} s, restored={restored})",
-            initial=settings.rateLimitInitial,
-            minimum=settings.rateLimitMin,
-            maximum=settings.rateLimitMax,
-            alpha=settings.rateLimitCeilingAlpha,
-            margin=settings.rateLimitHoldMargin * 100,
-            probe=settings.rateLimitProbeInterval,
-            window=settings.rateLimitWindow,
-            stateFile=settings.rateLimitStateFile or "off",
-            maxAge=settings.rateLimitStateMaxAge,
-            restored=limiter.restoredFromState,
-        )
-        self.log.info(
-            "Forwarding Anthropic-compatible calls to {anthropic} and OpenAI-compatible calls to {openai}",
-            anthropic=settings.zaiTargetURL,
-            openai=settings.zaiOpenAITargetURL,
-        )
-
-    def _announceClientKeys(self) -> None:
-        """
-        Whether proxied routes need a client key, and how many there are
-        (never the keys): the first thing to check when a user gets 401.
-        """
-        keys = self.credentials.clientKeys
-        if keys is None:
-            self.log.info("Client keys: off (any caller may use the proxied routes)")
-            return
-        sources = [
-            name
-            for name, value in (
-                ("PROXY_API_KEYS_FILE", self.settings.proxyApiKeysFile),
-                ("PROXY_API_KEYS", self.settings.proxyApiKeys),
-            )
-            if value
-        ]
-        self.log.info(
-            "Client keys: on, {count} key{s} (from {sources})",
-            count=len(keys),
-            s="" if len(keys) == 1 else "s",
-            sources=" and ".join(sources),
+        announce(
+            self.settings,
+            self.build,
+            self._warnings,
+            self.accounting.counting,
+            self._counterProblems,
+            self.credentials.clientKeys,
+            self.limiter,
+            self.usageViews.ledger,
         )
 
     def _listen(self) -> None:

@@ -71,6 +71,12 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._nextPrune = 0.0
+        #: The schema version, once opened.
+        self.schema = 0
+
+    @property
+    def path(self) -> str:
+        return self._store.path
 
     @property
     def queued(self) -> int:
@@ -84,7 +90,8 @@ class LedgerWriter:
 
         @raise LedgerError: the store cannot be used.
         """
-        return self._store.open()
+        self.schema = self._store.open()
+        return self.schema
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="zaiproxy-ledger", daemon=True)
