@@ -290,16 +290,30 @@ class Harness:
         """
         Start C{twistd -n zaiproxy} on the SUT CPU in front of C{fake},
         without waiting: the bench's settings, then C{env}. The caller's
-        own ZAI_, LOG_, limit and upstream settings are dropped. C{twistd}
+        own ZAI_, LOG_, limit, upstream and ledger settings are dropped. C{twistd}
         may be another venv's, to run another version of the proxy.
         """
         port = freePort()
-        drop = ("ZAI_", "LOG_", "MAX_", "UPSTREAM_", "RATE_LIMIT_", "QUOTA_", "QUEUE_", "DRAIN_")
+        drop = (
+            "ZAI_",
+            "LOG_",
+            "MAX_",
+            "UPSTREAM_",
+            "RATE_LIMIT_",
+            "QUOTA_",
+            "QUEUE_",
+            "DRAIN_",
+            "LEDGER_",
+            "DASHBOARD_",
+        )
         environ = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
         environ.update(
             ZAI_API_KEY=API_KEY,
             ZAI_TARGET_URL=fake.url("/api/anthropic"),
             ZAI_OPENAI_TARGET_URL=fake.url("/api/coding/paas/v4"),
+            # The ledger on, as shipped, in a file of this run's (never the
+            # user's state folder).
+            LEDGER_URL=f"sqlite:///{(self.out / f'{self.stamp}-{name}.sqlite3').resolve()}",
             **PROXY_ENV,
         )
         environ.update(env or {})

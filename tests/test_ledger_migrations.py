@@ -59,7 +59,7 @@ def test_freshFile(connection: sqlite3.Connection) -> None:
     indexes = connection.execute(
         "SELECT name FROM sqlite_master WHERE type = 'index' AND name NOT LIKE 'sqlite_%' ORDER BY name"
     ).fetchall()
-    assert indexes == [("requests_by_client",), ("requests_by_id",), ("requests_by_start",)]
+    assert indexes == [("requests_by_id",), ("requests_by_start",)]
     assert not connection.in_transaction
 
 

@@ -195,9 +195,10 @@ class Rollups:
 
     def add(self, records: Iterable[Record]) -> None:
         origin = self._origin
+        minutes = self.minutes
         for record in records:
-            sums = recordSums(record)
-            rest = (
+            key = (
+                int(record.startedAt // 60) * 60,
                 origin.variant,
                 origin.instance,
                 record.keyName or "-",
@@ -205,9 +206,11 @@ class Rollups:
                 record.route,
                 record.status // 100,
             )
-            minute = int(record.startedAt // 60) * 60
-            _addTo(self.minutes, (minute, *rest), sums)
-            _addTo(self.hours, (minute - minute % 3600, *rest), sums)
+            _addTo(minutes, key, recordSums(record))
+        # Hours from the batch's minutes: a few dozen keys, not every row.
+        self.hours = {}
+        for key, sums in minutes.items():
+            _addTo(self.hours, (key[0] - key[0] % 3600, *key[1:]), sums)
 
     @staticmethod
     def rows(table: dict[tuple[Any, ...], list[float]]) -> list[tuple[Any, ...]]:

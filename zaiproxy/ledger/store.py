@@ -141,10 +141,18 @@ class SQLiteStore:
         if connection is None:
             raise LedgerError("the ledger is not open")
         with _transaction(connection):
-            rows = self._newRows(connection, records, origin)
+            rows = [(record, requestRow(record, origin)) for record in records]
+            before = connection.total_changes
+            connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
+            if connection.total_changes - before < len(rows):
+                # A request id already written (or twice in the batch): undo,
+                # and write only the new ones, so each is counted once.
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN")
+                rows = self._newRows(connection, records, origin)
+                connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
             rollups = Rollups(origin)
             rollups.add(record for record, _ in rows)
-            connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
             connection.executemany(_UPSERT_MINUTE, rollups.rows(rollups.minutes))
             connection.executemany(_UPSERT_HOUR, rollups.rows(rollups.hours))
             connection.executemany(_UPSERT_GAUGES, [g.row(origin) for g in gauges])

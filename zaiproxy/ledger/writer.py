@@ -3,19 +3,24 @@
 Ledger rows leave the reactor thread through a bounded queue and are
 written by one thread, in batches.
 
-The relay never waits for the ledger: L{LedgerWriter.add} puts a record
-on the queue or, when the queue is full, drops it and counts the drop.
-The writer thread commits a batch when 500 rows are waiting or 250 ms
-after the first of them, whichever comes first: one transaction (one
+The relay never waits for the ledger: L{LedgerWriter.add} appends a
+record to the queue or, when the queue is full, drops it and counts the
+drop. The writer thread commits a batch when 500 rows are waiting or 250
+ms after the first of them, whichever comes first: one transaction (one
 fsync) per batch instead of one per request, the lesson every gateway with
 a usage table learned. Stopping flushes what is queued.
+
+The queue is a C{deque} the writer looks at every 25 ms, not a
+C{queue.Queue}: a Queue wakes its consumer on every put, and handing the
+GIL to the writer thread for each request cost the relay more than the
+writes themselves.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +40,8 @@ BATCH_ROWS = 500
 BATCH_SECONDS = 0.25
 #: How often rows past their retention are deleted.
 PRUNE_SECONDS = 3600.0
+#: How often the writer looks at the queue.
+LOOK_SECONDS = 0.025
 
 
 class LedgerWriter:
@@ -63,7 +70,8 @@ class LedgerWriter:
         self._store = store
         self._origin = origin
         self._retention = retention
-        self._queue: queue.Queue[Record | GaugeSample] = queue.Queue(capacity)
+        self._queue: deque[Record | GaugeSample] = deque()
+        self._capacity = capacity
         self._onDropped = onDropped
         self._onWritten = onWritten
         self._wallClock = wallClock
@@ -80,7 +88,7 @@ class LedgerWriter:
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     def open(self) -> int:
         """
@@ -107,10 +115,11 @@ class LedgerWriter:
         self._put(sample)
 
     def _put(self, item: Record | GaugeSample) -> None:
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        # deque.append and len are atomic: no lock, and no wake-up.
+        if len(self._queue) >= self._capacity:
             self._onDropped(1, "queue_full")
+        else:
+            self._queue.append(item)
 
     def stop(self) -> Deferred[None]:
         """
@@ -121,7 +130,7 @@ class LedgerWriter:
             self._stopped = Deferred()
             if self._thread is None:
                 # Never started: what was queued cannot be written now.
-                lost = sum(isinstance(item, Record) for item in list(self._queue.queue))
+                lost = sum(isinstance(item, Record) for item in self._queue)
                 if lost:
                     self._onDropped(lost, "write_error")
                 self._store.close()
@@ -134,7 +143,7 @@ class LedgerWriter:
 
     def _run(self) -> None:
         try:
-            while not (self._stopping.is_set() and self._queue.empty()):
+            while not (self._stopping.is_set() and not self._queue):
                 batch = self._collect()
                 if batch:
                     self._commit(batch)
@@ -150,21 +159,20 @@ class LedgerWriter:
 
     def _collect(self) -> list[Record | GaugeSample]:
         """
-        The next batch: the first row (waiting up to a batch interval for
-        it), then whatever comes within the interval, up to L{BATCH_ROWS}.
+        The next batch: once a row is waiting, whatever comes within the
+        batch interval, up to L{BATCH_ROWS} (all at once when stopping).
         """
-        get = self._queue.get
-        try:
-            batch = [get(timeout=BATCH_SECONDS)]
-        except queue.Empty:
-            return []
+        waiting = self._queue
+        if not waiting:
+            time.sleep(LOOK_SECONDS)
+            if not waiting:
+                return []
         deadline = time.monotonic() + BATCH_SECONDS
-        while len(batch) < BATCH_ROWS:
-            remaining = deadline - time.monotonic()
-            try:
-                batch.append(get(timeout=remaining) if remaining > 0 else self._queue.get_nowait())
-            except queue.Empty:
-                break
+        while len(waiting) < BATCH_ROWS and not self._stopping.is_set() and time.monotonic() < deadline:
+            time.sleep(LOOK_SECONDS)
+        batch = []
+        for _ in range(min(len(waiting), BATCH_ROWS)):
+            batch.append(waiting.popleft())
         return batch
 
     def _commit(self, batch: list[Record | GaugeSample]) -> None:

@@ -35,7 +35,6 @@ CREATE TABLE requests (
 );
 CREATE UNIQUE INDEX requests_by_id ON requests (request_id);
 CREATE INDEX requests_by_start ON requests (started_at);
-CREATE INDEX requests_by_client ON requests (client, started_at);
 
 -- Per-minute and per-hour sums of the requests table, kept as rows are
 -- written, so long ranges never scan it. lat_N counts requests whose
