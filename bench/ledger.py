@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,8 @@ def synthetic(offset: int, count: int, total: int, end: float) -> list[Record]:
 @attrs.frozen
 class RowsResults:
     rows: int
+    #: The same questions as HTTP GETs of a proxy on that file: median, worst (ms).
+    http: dict[str, tuple[float, float]]
     writeSeconds: float
     rowsPerSecond: float
     fileBytes: int
@@ -188,7 +191,8 @@ def yearAt100k(sizes: dict[str, int], counts: dict[str, int], days: float) -> tu
     return int(total), formula
 
 
-def measureRows(total: int, say: Callable[[str], None], folder: Path) -> RowsResults:
+def measureRows(total: int, harness: Harness, folder: Path) -> RowsResults:
+    say = harness.say
     path = folder / "ledger.sqlite3"
     say(f"writing {total:,} synthetic requests over 30 days to {path}")
     seconds = writeRows(path, total, 500, say)
@@ -204,9 +208,42 @@ def measureRows(total: int, say: Callable[[str], None], folder: Path) -> RowsRes
     questions = askAll(store, time.time())
     fileBytes = sum(p.stat().st_size for p in folder.glob("ledger.sqlite3*"))
     yearBytes, formula = yearAt100k(sizes, counts, 30.0)
+    say("asking a proxy on that file over HTTP, five times each")
+    http = askOverHTTP(harness, path, time.time())
     return RowsResults(
-        total, seconds, total / seconds, fileBytes, sizes, counts, questions, yearBytes, formula
+        total, http, seconds, total / seconds, fileBytes, sizes, counts, questions, yearBytes, formula
     )
+
+
+#: The HTTP questions: /api/usage's, as a script or the dashboard asks them.
+HTTP_QUESTIONS = {
+    "GET /api/usage (30 days)": "/api/usage?from={month}",
+    "GET /api/usage?group_by=client (30 days)": "/api/usage?from={month}&group_by=client",
+    "GET /api/usage?group_by=client,day (30 days)": "/api/usage?from={month}&group_by=client,day",
+    "GET /api/usage?group_by=model (24 hours)": "/api/usage?group_by=model",
+    "GET /api/metrics?range=30d": "/api/metrics?range=30d",
+    "GET /api/requests?limit=50": "/api/requests?limit=50",
+}
+
+
+def askOverHTTP(harness: Harness, path: Path, now: float) -> dict[str, tuple[float, float]]:
+    """
+    The API's answers from a real proxy on the synthetic ledger.
+    """
+    fake = harness.startFake("quiet")
+    proxy = harness.startProxy(fake, "ledger-10m", {"LEDGER_URL": f"sqlite:///{path}"})
+    timed = {}
+    for name, template in HTTP_QUESTIONS.items():
+        url = proxy.url(template.format(month=int(now - 30 * DAY)))
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=60) as answer:
+                answer.read()
+            times.append((time.perf_counter() - started) * 1000)
+        timed[name] = (statistics.median(times), max(times))
+    harness.stopAll()
+    return timed
 
 
 def rowsReport(results: RowsResults) -> list[str]:
@@ -220,6 +257,9 @@ def rowsReport(results: RowsResults) -> list[str]:
     ]
     for name, (median, worst, resolution) in results.questions.items():
         lines.append(f"| {name} | {resolution} rows | {median:,.1f} ms | {worst:,.1f} ms |")
+    lines += ["", "| over HTTP, from a proxy on that file | median of 5 | worst |", "|---|---:|---:|"]
+    for name, (median, worst) in results.http.items():
+        lines.append(f"| {name} | {median:,.1f} ms | {worst:,.1f} ms |")
     lines += ["", "| table (with its indexes) | rows | MiB | bytes per row |", "|---|---:|---:|---:|"]
     for table, count in results.tableRows.items():
         size = results.tableBytes.get(table, 0)
@@ -341,12 +381,11 @@ def main() -> int:
     args = parser.parse_args()
     session = Session("ledger", args)
     session.prepare()
-    say = session.harness.say
     lines = ["# bench.ledger", "", f"    {session.command}", ""]
     data: dict[str, Any] = {}
     if args.part in ("rows", "all"):
-        with tempfile.TemporaryDirectory(prefix="ledger-bench-") as folder:
-            rows = measureRows(args.rows, say, Path(folder))
+        with tempfile.TemporaryDirectory(prefix="ledger-bench-") as folder, session.harness:
+            rows = measureRows(args.rows, session.harness, Path(folder))
         lines += ["## 10 million rows", "", *rowsReport(rows), ""]
         data["rows"] = rows
     if args.part in ("relay", "all"):

@@ -74,3 +74,30 @@ def test_harnessSmoke(tmp_path: Path) -> None:
     assert "| zaiproxy | " in text and "| direct to the fake | " in text
     assert "No load errors" in text
     assert toJson(summaries["zaiproxy"])["runs"][0]["load"]["requests"] == viaProxy.load.requests
+
+
+@pytest.mark.timeout(60)
+def test_ledgerRowsSmoke(tmp_path: Path) -> None:
+    """
+    bench.ledger's rows part at 3,000 rows: every row and its rollups
+    written, each question answered from the table its span calls for, a
+    real proxy on the file answering over HTTP, and a report.
+    """
+    from bench.ledger import QUESTIONS, measureRows, rowsReport
+
+    plan = Plan(duration=0.0, warmup=0.0, retries=0, quietWait=0.0, tool="python")
+    harness = Harness(tmp_path / "out", "smoke", plan, Cpus(None, None), say=lambda text: None)
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    with harness:
+        results = measureRows(3_000, harness, folder)
+    assert results.tableRows["requests"] == 3_000
+    # 30 days of minutes and hours, every one with traffic in it.
+    assert results.tableRows["usage_hour"] >= 720
+    resolutions = {name: resolution for name, (_, _, resolution) in results.questions.items()}
+    assert resolutions["30 days by client"] == "hour"
+    assert resolutions["24 hours by model"] == "minute"
+    assert resolutions["1 hour by client (request rows)"] == "request"
+    assert set(results.questions) == set(QUESTIONS)
+    assert all(worst >= median > 0 for median, worst in results.http.values())
+    assert "| 30 days by client | hour rows |" in "\n".join(rowsReport(results))
