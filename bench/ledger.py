@@ -58,7 +58,7 @@ CLIENTS = [f"user-{i:02d}" for i in range(10)]
 MODELS = ["glm-4.7", "glm-4.6", "glm-4.5-air", "glm-4.5"]
 ROUTES = ["/v1/messages", "/v1/chat/completions"]
 #: The default retentions (LEDGER_*_RETENTION), in days.
-RETENTION_DAYS = {"requests": 30, "usage_minute": 35, "gauges_minute": 35, "usage_hour": 400}
+RETENTION_DAYS = {"requests": 30, "usage_minute": 8, "gauges_minute": 8, "usage_hour": 400}
 
 
 # -- part 1: rows ----------------------------------------------------------------
@@ -185,7 +185,7 @@ def yearAt100k(sizes: dict[str, int], counts: dict[str, int], days: float) -> tu
     )
     formula = (
         f"100,000/day x 30 days x {perRow:.0f} B per request row"
-        f" + {minuteRows:,.0f} minute rows/day x 35 days x {minuteBytes:.0f} B"
+        f" + {minuteRows:,.0f} minute rows/day x 8 days x {minuteBytes:.0f} B"
         f" + {hourRows:,.0f} hour rows/day x 400 days x {hourBytes:.0f} B"
     )
     return int(total), formula

@@ -301,3 +301,23 @@ async def test_eventsStream(reactor: Any, makeStack: Any, tmp_path: Path) -> Non
     await stack.proxy.stopService()
     await done
     assert len(stack.proxy.usageViews.events) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_withAnAdminPort(makeStack: Any, tmp_path: Path) -> None:
+    """
+    With --admin-listen, the dashboard and its API move there with /admin/*;
+    /api/usage/me stays with the proxied routes' clients.
+    """
+    env = ledgerEnv(tmp_path, PROXY_API_KEYS=f"alice:{ALICE}")
+    stack = await makeStack(adminListen=["tcp:0:interface=127.0.0.1"], **env)
+    admin = stack.proxy.adminPorts[0].getHost().port
+    for path in ("/api/usage", "/dashboard", "/api/events"):
+        code, _, _ = await get(stack, path)
+        assert code == 404, path
+    response = await treq.get(f"http://127.0.0.1:{admin}/api/usage", persistent=False)
+    assert response.code == 200 and json.loads(await response.content())["totals"]["requests"] == 0
+    response = await treq.get(f"http://127.0.0.1:{admin}/dashboard", persistent=False)
+    assert response.code == 200 and b"dashboard.js" in await response.content()
+    mine = await getJSON(stack, "/api/usage/me", x_api_key=ALICE)
+    assert mine["totals"]["requests"] == 0

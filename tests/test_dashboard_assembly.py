@@ -45,7 +45,8 @@ async def test_withoutALedger(reactor: Any) -> None:
     Without a ledger the dashboard and the live API are still served.
     """
     made, _ = views(reactor, None)
-    assert sorted(made.resources) == [b"/api/", b"/api/events", b"/api/usage/me", b"/dashboard"]
+    assert sorted(made.resources) == [b"/api/", b"/api/events", b"/dashboard"]
+    assert sorted(made.clientResources) == [b"/api/usage/me"]
     made.start()
     await made.stop()
     assert made.ledger is None

@@ -243,6 +243,7 @@ class ProxyService(MultiService):
         public: dict[bytes, Resource] = {
             b"/health": self.health,
             b"/readyz": ReadyResource(isDraining),
+            **self.usageViews.clientResources,
         }
         guarded = {
             b"/metrics": AdminGate(MetricsResource(self.metrics), self.credentials, loopbackOnly=False),

@@ -420,8 +420,9 @@ class Settings:
     ledgerMinutesRetention: float = _setting(
         "LEDGER_MINUTES_RETENTION",
         parseDuration,
-        "35d",
-        "How long the per-minute rollups (and gauge samples) are kept.",
+        "8d",
+        "How long the per-minute rollups (and gauge samples) are kept; spans over 3 days read the"
+        " hourly ones.",
     )
     ledgerHoursRetention: float = _setting(
         "LEDGER_HOURS_RETENTION",

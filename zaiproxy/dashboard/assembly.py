@@ -48,7 +48,10 @@ class UsageViews:
     session cookie counts as the token); C{/api/usage/me} answers to
     client keys instead.
 
-    @ivar resources: the local resources by path, for the resource tree.
+    @ivar resources: the local resources by path that go where C{/admin/*}
+        goes (the admin port, when there is one).
+    @ivar clientResources: those that stay on the proxy's port, for its
+        clients (C{/api/usage/me}).
     @raise LedgerError: the ledger cannot be opened (at construction, so a
         bad path or a newer schema stops start-up with one clear line).
     """
@@ -85,8 +88,10 @@ class UsageViews:
         self.resources: dict[bytes, Resource] = {
             b"/api/": AdminGate(api, credentials, loopbackOnly=True, sessions=sessions),
             b"/api/events": AdminGate(self.events, credentials, loopbackOnly=True, sessions=sessions),
-            b"/api/usage/me": UsageMeResource(self.reader, reactor, credentials),
             b"/dashboard": DashboardResource(credentials, sessions),
+        }
+        self.clientResources: dict[bytes, Resource] = {
+            b"/api/usage/me": UsageMeResource(self.reader, reactor, credentials),
         }
 
     @staticmethod
