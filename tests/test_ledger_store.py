@@ -390,15 +390,15 @@ def test_prune(store: SQLiteStore) -> None:
     # 00:53; hours at 21:00 and 00:00; gauges at 21:00 and 00:00.
     now = T0 + 60
     deleted = store.prune(now, Retention(requests=100, minutes=3600, hours=4 * 3600))
-    # requests: before T0-40 (two); minutes and gauges: before 23:54:20
-    # (one each); hours: before 20:54:20 (none).
-    assert deleted == 4
+    # requests: before T0-40 (two); minutes: before 23:54:20 (one);
+    # hours and gauges: before 20:54:20 (none).
+    assert deleted == 3
     assert query(store, "SELECT request_id FROM requests") == [("req-0",)]
     assert query(store, "SELECT bucket FROM usage_minute ORDER BY bucket") == [
         (1_795_999_860,),
         (1_795_999_980,),
     ]
-    assert query(store, "SELECT bucket FROM gauges_minute") == [(hour,)]
+    assert query(store, "SELECT bucket FROM gauges_minute ORDER BY bucket") == [(hour - 3 * 3600,), (hour,)]
     assert query(store, "SELECT bucket FROM usage_hour ORDER BY bucket") == [(hour - 3 * 3600,), (hour,)]
     assert store.prune(now, Retention(requests=100, minutes=3600, hours=4 * 3600)) == 0
 

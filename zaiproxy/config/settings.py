@@ -421,14 +421,13 @@ class Settings:
         "LEDGER_MINUTES_RETENTION",
         parseDuration,
         "8d",
-        "How long the per-minute rollups (and gauge samples) are kept; spans over 3 days read the"
-        " hourly ones.",
+        "How long the per-minute rollups are kept; spans over 3 days read the hourly ones.",
     )
     ledgerHoursRetention: float = _setting(
         "LEDGER_HOURS_RETENTION",
         parseDuration,
         "400d",
-        "How long the per-hour rollups are kept (usage over months).",
+        "How long the per-hour rollups (and the dashboard's gauge samples) are kept (usage over months).",
     )
     ledgerQueueSize: int = _setting(
         "LEDGER_QUEUE_SIZE",

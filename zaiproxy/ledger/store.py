@@ -191,7 +191,9 @@ class SQLiteStore:
             for sql, keep in (
                 ("DELETE FROM requests WHERE started_at < ?", retention.requests),
                 ("DELETE FROM usage_minute WHERE bucket < ?", retention.minutes),
-                ("DELETE FROM gauges_minute WHERE bucket < ?", retention.minutes),
+                # One row a minute per process: kept as long as the hours, so
+                # the 30-day view has its gauge lines too.
+                ("DELETE FROM gauges_minute WHERE bucket < ?", retention.hours),
                 ("DELETE FROM usage_hour WHERE bucket < ?", retention.hours),
             ):
                 deleted += connection.execute(sql, (now - keep,)).rowcount
