@@ -9,6 +9,7 @@ neither; trial would).
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -37,7 +38,7 @@ _PROCESS_MODULES = frozenset(
 
 
 #: Fixtures that bring the real reactor: real sockets, the wall clock.
-_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http"])
+_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http", "postgresURL"])
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -254,3 +255,28 @@ def logEvents() -> Iterator[list[dict[str, Any]]]:
         if failure is not None:
             text += failure.getTraceback()
         assert UPSTREAM_KEY not in text, f"the upstream key was logged: {formatEvent(event)}"
+
+
+# ---------------------------------------------------------------------------
+# A real PostgreSQL server, once per session, and a database per test.
+
+from support.postgres import RunningPostgres, postgresBin, startPostgres  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgresServer() -> Iterator[RunningPostgres]:
+    if postgresBin() is None and not os.environ.get("CI"):
+        pytest.skip("PostgreSQL is not installed here (.ci/run installs it: apt-get install postgresql)")
+    server = startPostgres()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgresURL(postgresServer: RunningPostgres) -> str:
+    """
+    The URL of a fresh, empty database on the session's server.
+    """
+    return postgresServer.newDatabase()

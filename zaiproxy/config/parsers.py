@@ -264,13 +264,17 @@ def parseSecret(text: str) -> str:
 
 def parseLedgerURL(text: str) -> str:
     """
-    C{LEDGER_URL}: C{sqlite:///path/to/ledger.sqlite3} (empty: the default,
+    C{LEDGER_URL}: C{sqlite:///path/to/ledger.sqlite3} or
+    C{postgresql://user:password@host/database} (empty: the default,
     filled in from the state folder when the settings are loaded).
     """
     url = text.strip()
-    if not url:
-        return ""
-    if url.startswith(("postgresql:", "postgres:")):
-        raise ValueError("a PostgreSQL ledger is not supported yet; use sqlite:///path/to/ledger.sqlite3")
-    sqlitePath(url)
+    if not url or url.startswith(("postgresql://", "postgres://")):
+        return url
+    try:
+        sqlitePath(url)
+    except ValueError:
+        raise ValueError(
+            "expected sqlite:///path/to/ledger.sqlite3 or postgresql://user:password@host/database"
+        ) from None
     return url

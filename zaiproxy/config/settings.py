@@ -409,7 +409,8 @@ class Settings:
         "LEDGER_URL",
         parseLedgerURL,
         "",
-        "Where the ledger is kept (empty: sqlite:///<state folder>/ledger.sqlite3).",
+        "Where the ledger is kept: sqlite:///path/to/file, or postgresql://user:password@host/database"
+        " to share one ledger between proxies (empty: sqlite:///<state folder>/ledger.sqlite3).",
     )
     ledgerRequestsRetention: float = _setting(
         "LEDGER_REQUESTS_RETENTION",

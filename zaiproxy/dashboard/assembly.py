@@ -19,9 +19,10 @@ from zaiproxy.dashboard.events import EventsResource
 from zaiproxy.dashboard.live import GaugeReading, LiveWindow, Sampler
 from zaiproxy.dashboard.page import DashboardResource
 from zaiproxy.front.access import AdminGate, Credentials, Sessions
+from zaiproxy.ledger.postgres import PostgresStore, isPostgresURL
 from zaiproxy.ledger.reader import LedgerReader
 from zaiproxy.ledger.rows import Origin
-from zaiproxy.ledger.store import Retention, SQLiteStore, sqlitePath
+from zaiproxy.ledger.store import LedgerStore, Retention, SQLiteStore, sqlitePath
 from zaiproxy.ledger.writer import LedgerWriter
 from zaiproxy.observe.metrics import Metrics
 from zaiproxy.observe.reporter import Reporter
@@ -98,7 +99,9 @@ class UsageViews:
     def _openLedger(
         reactor: Any, reporter: Reporter, metrics: Metrics, config: DashboardConfig, options: LedgerOptions
     ) -> tuple[LedgerWriter, LedgerReader]:
-        store = SQLiteStore(sqlitePath(options.url))
+        store: LedgerStore = (
+            PostgresStore(options.url) if isPostgresURL(options.url) else SQLiteStore(sqlitePath(options.url))
+        )
         writer = LedgerWriter(
             reactor,
             store,

@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from zaiproxy.ledger.store import SQLiteStore
+from zaiproxy.ledger.store import LedgerStore
 
 __all__ = ["LedgerReader"]
 
@@ -30,7 +30,7 @@ class LedgerReader:
     Runs C{question(connection, *args)} on a reader thread.
     """
 
-    def __init__(self, reactor: Any, store: SQLiteStore, threads: int = 2) -> None:
+    def __init__(self, reactor: Any, store: LedgerStore, threads: int = 2) -> None:
         self._reactor = reactor
         self._store = store
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="zaiproxy-ledger-reader")

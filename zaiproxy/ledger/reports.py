@@ -14,13 +14,13 @@ which, and its bounds are widened to whole minutes or hours to match.
 from __future__ import annotations
 
 import datetime
-import sqlite3
 from collections import defaultdict
 from typing import Any
 
 from zaiproxy.ledger.queries import RequestsQuery, UsageQuery, makeCursor
 from zaiproxy.ledger.rows import REQUEST_COLUMNS, ROLLUP_SUMS
 from zaiproxy.ledger.series import Gauges, snapshot
+from zaiproxy.ledger.store import Reading
 
 __all__ = ["NUMBERS", "RAW_SPAN", "requests", "series", "usage", "variants"]
 
@@ -90,7 +90,7 @@ def _shown(name: str, value: Any) -> Any:
     return value
 
 
-def usage(connection: sqlite3.Connection, query: UsageQuery) -> dict[str, Any]:
+def usage(connection: Reading, query: UsageQuery) -> dict[str, Any]:
     """
     The answer of C{/api/usage}: rows by the groups asked, and totals.
     """
@@ -137,7 +137,7 @@ def usage(connection: sqlite3.Connection, query: UsageQuery) -> dict[str, Any]:
 _SHOWN_COLUMNS = tuple(c for c in REQUEST_COLUMNS if c != "minute")
 
 
-def requests(connection: sqlite3.Connection, query: RequestsQuery) -> dict[str, Any]:
+def requests(connection: Reading, query: RequestsQuery) -> dict[str, Any]:
     """
     The answer of C{/api/requests}: a page of rows, newest first, and the
     cursor of the next page (L{None} on the last).
@@ -189,7 +189,7 @@ def _requestRow(row: tuple[Any, ...]) -> dict[str, Any]:
     return shown
 
 
-def variants(connection: sqlite3.Connection) -> list[str]:
+def variants(connection: Reading) -> list[str]:
     """
     Every variant that wrote rows in the last 30 days.
     """
@@ -201,7 +201,7 @@ def variants(connection: sqlite3.Connection) -> list[str]:
 
 
 def series(
-    connection: sqlite3.Connection, start: float, end: float, step: int, variant: str | None
+    connection: Reading, start: float, end: float, step: int, variant: str | None
 ) -> list[dict[str, Any]]:
     """
     The dashboard's points over [start, end), one per C{step} (60 or
@@ -221,7 +221,7 @@ def series(
         "GROUP BY bucket, variant, status_class",
         params,
     ):
-        byPoint[(row[0], row[1])][row[2]] = [value or 0 for value in row[3:]]
+        byPoint[(row[0], row[1])][row[2]] = [float(value or 0) for value in row[3:]]
     gauges = _gauges(connection, where, params, step)
     for key in gauges:
         byPoint.setdefault(key, {})
@@ -231,9 +231,7 @@ def series(
     ]
 
 
-def _gauges(
-    connection: sqlite3.Connection, where: str, params: list[Any], step: int
-) -> dict[tuple[int, str], Gauges]:
+def _gauges(connection: Reading, where: str, params: list[Any], step: int) -> dict[tuple[int, str], Gauges]:
     """
     The gauges of each point: per minute as sampled; per hour the peak
     concurrency, the mean rate, the summed adjustments, the last quota.

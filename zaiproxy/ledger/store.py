@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import attrs
@@ -30,9 +30,19 @@ from zaiproxy.ledger.rows import (
 )
 from zaiproxy.observe.record import Record
 
-__all__ = ["Retention", "SQLiteStore", "sqlitePath"]
+__all__ = [
+    "INSERT_REQUEST",
+    "UPSERT_GAUGES",
+    "UPSERT_HOUR",
+    "UPSERT_MINUTE",
+    "LedgerStore",
+    "Reading",
+    "Retention",
+    "SQLiteStore",
+    "sqlitePath",
+]
 
-_INSERT_REQUEST = (
+INSERT_REQUEST = (
     f"INSERT INTO requests ({', '.join(REQUEST_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(REQUEST_COLUMNS))}) ON CONFLICT (request_id) DO NOTHING"
 )
@@ -50,9 +60,9 @@ def _upsert(table: str) -> str:
     )
 
 
-_UPSERT_MINUTE = _upsert("usage_minute")
-_UPSERT_HOUR = _upsert("usage_hour")
-_UPSERT_GAUGES = (
+UPSERT_MINUTE = _upsert("usage_minute")
+UPSERT_HOUR = _upsert("usage_hour")
+UPSERT_GAUGES = (
     "INSERT INTO gauges_minute (bucket, variant, instance, concurrent_max, max_workers, rate_limit_rps, "
     "rate_limit_ceiling, adj_increase, adj_decrease, quota) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (bucket, variant, instance) DO UPDATE SET concurrent_max = excluded.concurrent_max, "
@@ -75,6 +85,36 @@ def sqlitePath(url: str) -> str:
     if not rest.startswith("/") or not rest.strip("/"):
         raise ValueError("a sqlite URL needs a path after three slashes: sqlite:///path/to/ledger.sqlite3")
     return "/" + rest.lstrip("/")
+
+
+class Reading(Protocol):
+    """
+    A read-only connection, as the reports use it: C{execute} with
+    SQLite-style C{?} parameters, rows as tuples.
+    """
+
+    def execute(self, sql: str, params: Sequence[Any] = ..., /) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class LedgerStore(Protocol):
+    """
+    Where the ledger is kept: L{SQLiteStore} or
+    L{zaiproxy.ledger.postgres.PostgresStore}.
+    """
+
+    path: str
+
+    def open(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def write(self, records: Sequence[Record], gauges: Sequence[GaugeSample], origin: Origin) -> None: ...
+
+    def prune(self, now: float, retention: Retention) -> int: ...
+
+    def reader(self) -> Reading: ...
 
 
 @attrs.frozen
@@ -143,19 +183,19 @@ class SQLiteStore:
         with _transaction(connection):
             rows = [(record, requestRow(record, origin)) for record in records]
             before = connection.total_changes
-            connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
+            connection.executemany(INSERT_REQUEST, [row for _, row in rows])
             if connection.total_changes - before < len(rows):
                 # A request id already written (or twice in the batch): undo,
                 # and write only the new ones, so each is counted once.
                 connection.execute("ROLLBACK")
                 connection.execute("BEGIN")
                 rows = self._newRows(connection, records, origin)
-                connection.executemany(_INSERT_REQUEST, [row for _, row in rows])
+                connection.executemany(INSERT_REQUEST, [row for _, row in rows])
             rollups = Rollups(origin)
             rollups.add(record for record, _ in rows)
-            connection.executemany(_UPSERT_MINUTE, rollups.rows(rollups.minutes))
-            connection.executemany(_UPSERT_HOUR, rollups.rows(rollups.hours))
-            connection.executemany(_UPSERT_GAUGES, [g.row(origin) for g in gauges])
+            connection.executemany(UPSERT_MINUTE, rollups.rows(rollups.minutes))
+            connection.executemany(UPSERT_HOUR, rollups.rows(rollups.hours))
+            connection.executemany(UPSERT_GAUGES, [g.row(origin) for g in gauges])
 
     @staticmethod
     def _newRows(

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from zaiproxy.ledger.rows import GaugeSample, Origin
-from zaiproxy.ledger.store import Retention, SQLiteStore
+from zaiproxy.ledger.store import LedgerStore, Retention
 from zaiproxy.observe.record import Record
 
 __all__ = ["BATCH_ROWS", "BATCH_SECONDS", "LedgerWriter"]
@@ -58,7 +58,7 @@ class LedgerWriter:
     def __init__(
         self,
         reactor: Any,
-        store: SQLiteStore,
+        store: LedgerStore,
         origin: Origin,
         retention: Retention,
         capacity: int = 10_000,
