@@ -38,7 +38,7 @@ _PROCESS_MODULES = frozenset(
 
 
 #: Fixtures that bring the real reactor: real sockets, the wall clock.
-_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http", "postgresURL"])
+_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http", "postgresURL", "postgresServer"])
 
 
 def pytest_configure(config: pytest.Config) -> None:

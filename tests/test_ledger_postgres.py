@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 import treq
 from support.clients import ANTHROPIC, sleep
+from support.postgres import RunningPostgres
 from support.stack import Stack
 from twisted.web.http_headers import Headers
 
@@ -26,6 +27,7 @@ from zaiproxy.ledger.postgres import PostgresStore
 from zaiproxy.ledger.queries import RequestsQuery, UsageQuery
 from zaiproxy.ledger.rows import GaugeSample, Origin
 from zaiproxy.ledger.store import LedgerStore, Retention, SQLiteStore
+from zaiproxy.ledger.writer import LedgerWriter
 from zaiproxy.observe.record import Billed, Record
 
 ORIGIN = Origin("production", "host-1")
@@ -176,3 +178,50 @@ async def test_twoProxiesOneLedger(reactor: Any, makeStack: Any, postgresURL: st
         assert json.loads(await response.content())["totals"]["requests"] == 3
         response = await treq.get(stack.url("/api/config"), persistent=False)
         assert json.loads(await response.content())["variants"] == ["canary", "production"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_databaseAwayAndBack(reactor: Any, postgresServer: RunningPostgres) -> None:
+    """
+    The server stops mid-run: rows wait in the queue and are retried; once
+    it is back every row is written and none was dropped.
+    """
+    url = postgresServer.newDatabase()
+    dropped: list[tuple[int, str]] = []
+    written: list[int] = []
+    writer = LedgerWriter(
+        reactor,
+        PostgresStore(url),
+        ORIGIN,
+        Retention(10 * 86400, 10 * 86400, 10 * 86400),
+        onDropped=lambda n, why: dropped.append((n, why)),
+        onWritten=written.append,
+        wallClock=lambda: T0,
+        retryBase=0.1,
+    )
+    writer.open()
+    writer.start()
+    try:
+        everything = records()
+        for record in everything[:10]:
+            writer.add(record)
+        while sum(written) < 10:
+            await sleep(reactor, 0.05)
+        postgresServer.halt()
+        for record in everything[10:]:
+            writer.add(record)
+        await sleep(reactor, 1.0)
+        assert sum(written) == 10 and writer.queued == 30
+        postgresServer.resume()
+        for _ in range(100):
+            if sum(written) == 40:
+                break
+            await sleep(reactor, 0.1)
+    finally:
+        await writer.stop()
+    assert (sum(written), dropped) == (40, [])
+    with psycopg.connect(url) as connection:
+        counted = connection.execute(
+            "SELECT COUNT(*), (SELECT SUM(requests) FROM usage_minute) FROM requests"
+        )
+        assert counted.fetchone() == (40, 40)

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
 
 from zaiproxy.ledger.rows import GaugeSample, Origin
 from zaiproxy.ledger.store import Retention, SQLiteStore
@@ -224,3 +226,85 @@ async def test_stopWithoutStartCountsWhatWasQueued(reactor: Any, tmp_path: Path)
     writer.add(record(1))
     await writer.stop()
     assert dropped == [(2, "write_error")]
+
+
+class AwayTwice(SQLiteStore):
+    """
+    A store whose database is away (locked) for its first two writes.
+    """
+
+    tries = 0
+
+    def write(self, records: Sequence[Record], gauges: Sequence[GaugeSample], origin: Origin) -> None:
+        self.tries += 1
+        if self.tries <= 2:
+            raise sqlite3.OperationalError("database is locked")
+        super().write(records, gauges, origin)
+
+
+@pytest_twisted.ensureDeferred
+async def test_databaseAwayKeepsRowsAndRetries(reactor: Any, tmp_path: Path) -> None:
+    """
+    While the database is away the batch goes back to the queue and is
+    tried again, longer apart; once it answers every row is written and
+    none was dropped.
+    """
+    path = tmp_path / "ledger.sqlite3"
+    dropped: list[tuple[int, str]] = []
+    written: Deferred[int] = Deferred()
+    store = AwayTwice(str(path))
+    writer = LedgerWriter(
+        reactor,
+        store,
+        ORIGIN,
+        RETENTION,
+        onDropped=lambda n, why: dropped.append((n, why)),
+        onWritten=lambda n: reactor.callFromThread(written.callback, n),
+        wallClock=clock,
+        retryBase=0.05,
+    )
+    writer.open()
+    writer.add(record(1))
+    writer.add(record(2))
+    writer.start()
+    try:
+        assert await written == 2
+    finally:
+        await writer.stop()
+    assert (store.tries, dropped) == (3, [])
+    assert rows(path) == [("req-1",), ("req-2",)]
+
+
+class AlwaysAway(SQLiteStore):
+    def write(self, records: Sequence[Record], gauges: Sequence[GaugeSample], origin: Origin) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+@pytest_twisted.ensureDeferred
+async def test_stopWhileTheDatabaseIsAway(reactor: Any, tmp_path: Path) -> None:
+    """
+    Stopping while the database is away ends at once: what waited is
+    counted as lost, and the drain does not hang on retries.
+    """
+    dropped: list[tuple[int, str]] = []
+    writer = LedgerWriter(
+        reactor,
+        AlwaysAway(str(tmp_path / "l.sqlite3")),
+        ORIGIN,
+        RETENTION,
+        onDropped=lambda n, why: dropped.append((n, why)),
+        wallClock=clock,
+        retryBase=60.0,
+    )
+    writer.open()
+    for i in range(3):
+        writer.add(record(i))
+    writer.start()
+    # Its first try has failed by now, and it waits a minute for the next.
+    await deferLater(reactor, 0.5, lambda: None)
+    assert writer.queued == 3
+    started = time.monotonic()
+    await writer.stop()
+    assert time.monotonic() - started < 2.0
+    assert sum(n for n, why in dropped if why == "write_error") == 3
+    assert writerThreads() == []

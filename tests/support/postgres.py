@@ -67,11 +67,20 @@ class RunningPostgres:
             connection.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def halt(self, mode: str = "fast") -> None:
+        """
+        Stop the server, cutting every connection (its data stays; L{resume}
+        starts it again). C{fast} flushes first: the test server runs with
+        C{synchronous_commit=off}, so C{immediate} may lose commits.
+        """
+        data = str(self.folder / "data")
+        _run([str(self.bin / "pg_ctl"), "-D", data, "-m", mode, "stop"], self.asPostgres)
+
+    def resume(self) -> None:
+        _start(self.bin, self.folder, self.port, self.asPostgres)
+
     def stop(self) -> None:
-        _run(
-            [str(self.bin / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop"],
-            self.asPostgres,
-        )
+        self.halt("immediate")
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -89,14 +98,16 @@ def startPostgres() -> RunningPostgres:
     if asPostgres:
         shutil.chown(folder, "postgres", "postgres")
     port = freePort()
-    data = folder / "data"
+    data = str(folder / "data")
     _run(
-        [str(bin / "initdb"), "-D", str(data), "-U", "zaiproxy", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        [str(bin / "initdb"), "-D", data, "-U", "zaiproxy", "--auth=trust", "-E", "UTF8", "--no-sync"],
         asPostgres,
     )
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
-    _run(
-        [str(bin / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
-        asPostgres,
-    )
+    _start(bin, folder, port, asPostgres)
     return RunningPostgres(bin, folder, port, asPostgres)
+
+
+def _start(bin: Path, folder: Path, port: int, asPostgres: bool) -> None:
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    data, log = str(folder / "data"), str(folder / "log")
+    _run([str(bin / "pg_ctl"), "-D", data, "-o", options, "-l", log, "-w", "start"], asPostgres)

@@ -137,9 +137,7 @@ class PostgresStore:
         """
         One batch, in one transaction, as L{SQLiteStore.write} does.
         """
-        connection = self._connection
-        if connection is None:
-            raise LedgerError("the ledger is not open")
+        connection = self._connected()
         with connection.transaction(), connection.cursor() as cursor:
             rows = self._newRows(cursor, records, origin)
             rollups = Rollups(origin)
@@ -152,6 +150,26 @@ class PostgresStore:
             ):
                 if values:
                     cursor.executemany(_placeholders(sql), values)
+
+    def _connected(self) -> psycopg.Connection[Any]:
+        """
+        The writer's connection, made again if the last one broke (the
+        server restarted, the network dropped it).
+        """
+        connection = self._connection
+        if connection is None:
+            raise LedgerError("the ledger is not open")
+        if connection.closed or connection.broken:
+            connection.close()
+            self._connection = connection = self._connect()
+        return connection
+
+    def transient(self, error: BaseException) -> bool:
+        """
+        The server or the network away (a new connection may work), not a
+        problem with the rows.
+        """
+        return isinstance(error, psycopg.OperationalError)
 
     @staticmethod
     def _newRows(
@@ -171,9 +189,7 @@ class PostgresStore:
         return list(rows.values())
 
     def prune(self, now: float, retention: Retention) -> int:
-        connection = self._connection
-        if connection is None:
-            raise LedgerError("the ledger is not open")
+        connection = self._connected()
         deleted = 0
         with connection.transaction(), connection.cursor() as cursor:
             for table, column, keep in (

@@ -116,6 +116,13 @@ class LedgerStore(Protocol):
 
     def reader(self) -> Reading: ...
 
+    def transient(self, error: BaseException) -> bool:
+        """
+        Whether a write that raised C{error} may work if tried again (the
+        database is away or busy), rather than never.
+        """
+        ...
+
 
 @attrs.frozen
 class Retention:
@@ -238,6 +245,13 @@ class SQLiteStore:
             ):
                 deleted += connection.execute(sql, (now - keep,)).rowcount
         return deleted
+
+    def transient(self, error: BaseException) -> bool:
+        """
+        Locked, busy, full or failing disks: worth another try. A
+        constraint or a programming error is not.
+        """
+        return isinstance(error, sqlite3.OperationalError)
 
     def reader(self) -> sqlite3.Connection:
         """

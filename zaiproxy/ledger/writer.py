@@ -42,6 +42,8 @@ BATCH_SECONDS = 0.25
 PRUNE_SECONDS = 3600.0
 #: How often the writer looks at the queue.
 LOOK_SECONDS = 0.025
+#: The longest wait between tries while the database is away.
+MAX_RETRY_SECONDS = 30.0
 
 
 class LedgerWriter:
@@ -65,6 +67,7 @@ class LedgerWriter:
         onDropped: Callable[[int, str], None] = lambda n, why: None,
         onWritten: Callable[[int], None] = lambda n: None,
         wallClock: Callable[[], float] = time.time,
+        retryBase: float = 0.5,
     ) -> None:
         self._reactor = reactor
         self._store = store
@@ -79,6 +82,9 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._nextPrune = 0.0
+        #: Transient write failures in a row, and the first wait after one.
+        self._failing = 0
+        self._retryBase = retryBase
         #: The schema version, once opened.
         self.schema = 0
 
@@ -180,11 +186,47 @@ class LedgerWriter:
         gauges = [item for item in batch if isinstance(item, GaugeSample)]
         try:
             self._store.write(records, gauges, self._origin)
-        except Exception:
+        except Exception as e:
             failure = Failure()
-            self._reactor.callFromThread(self._failed, failure, len(records))
+            if self._stopping.is_set() or not self._store.transient(e):
+                if self._stopping.is_set():
+                    # Stopping with the database away: no more tries.
+                    records += [item for item in self._queue if isinstance(item, Record)]
+                    self._queue.clear()
+                self._reactor.callFromThread(self._failed, failure, len(records))
+                return
+            self._keep(batch, failure)
             return
+        if self._failing:
+            self._reactor.callFromThread(
+                self.log.info, "Ledger writes resumed after {n} failed tries", n=self._failing
+            )
+            self._failing = 0
         self._onWritten(len(records))
+
+    def _keep(self, batch: list[Record | GaugeSample], failure: Failure) -> None:
+        """
+        The database is away (a transient error): put the batch back at the
+        head of the queue, as far as the queue has room (the rest is
+        dropped and counted), and wait before the next try, longer each
+        time up to 30 s. Requests go on meanwhile.
+        """
+        if not self._failing:
+            self._reactor.callFromThread(
+                self.log.failure,
+                "Ledger writes are failing; rows wait in the queue (LEDGER_QUEUE_SIZE) and are retried",
+                failure,
+            )
+        self._failing += 1
+        kept = batch[: max(0, self._capacity - len(self._queue))]
+        lost = sum(isinstance(item, Record) for item in batch[len(kept) :])
+        self._queue.extendleft(reversed(kept))
+        if lost:
+            self._reactor.callFromThread(self._onDropped, lost, "queue_full")
+        wait = self._retryBase * 2 ** min(self._failing - 1, 6)
+        deadline = time.monotonic() + min(MAX_RETRY_SECONDS, wait)
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            time.sleep(LOOK_SECONDS)
 
     def _failed(self, failure: Failure, lost: int) -> None:
         self.log.failure("writing {n} ledger row(s) failed; they are lost", failure=failure, n=lost)
