@@ -130,7 +130,7 @@ def test_passwordNeverShown() -> None:
     assert store.path == "postgresql://ledger:***@127.0.0.1:9/zaiproxy"
     with pytest.raises(LedgerError) as raised:
         store.open()
-    assert "cannot open the ledger postgresql://ledger:***@127.0.0.1:9/zaiproxy" in str(raised.value)
+    assert "cannot reach the ledger postgresql://ledger:***@127.0.0.1:9/zaiproxy" in str(raised.value)
     assert "s3cret" not in str(raised.value)
 
 
@@ -225,3 +225,42 @@ async def test_databaseAwayAndBack(reactor: Any, postgresServer: RunningPostgres
             "SELECT COUNT(*), (SELECT SUM(requests) FROM usage_minute) FROM requests"
         )
         assert counted.fetchone() == (40, 40)
+
+
+@pytest_twisted.ensureDeferred
+async def test_awayAtStart(reactor: Any, postgresServer: RunningPostgres) -> None:
+    """
+    A database that cannot be reached at start does not stop the proxy:
+    rows wait, and are written once it answers.
+    """
+    url = postgresServer.newDatabase()
+    postgresServer.halt()
+    written: list[int] = []
+    try:
+        writer = LedgerWriter(
+            reactor,
+            PostgresStore(url),
+            ORIGIN,
+            Retention(10 * 86400, 10 * 86400, 10 * 86400),
+            onWritten=written.append,
+            wallClock=lambda: T0,
+            retryBase=0.1,
+        )
+        assert writer.open() == 0
+        assert writer.away is not None and "cannot reach the ledger" in writer.away
+        writer.start()
+        for record in records()[:5]:
+            writer.add(record)
+        await sleep(reactor, 0.5)
+        assert written == []
+    finally:
+        postgresServer.resume()
+    try:
+        for _ in range(100):
+            if sum(written) == 5:
+                break
+            await sleep(reactor, 0.1)
+    finally:
+        await writer.stop()
+    assert (sum(written), writer.schema) == (5, 1)
+    assert not writer.away

@@ -67,6 +67,10 @@ def announce(
     _limiter(settings, limiter)
     if ledger is None:
         log.info("Usage ledger: off (LEDGER_ENABLED=false); the dashboard shows live points only")
+    elif ledger.away is not None:
+        log.warn(
+            "Usage ledger: {path} cannot be reached yet; rows wait and it is tried again", path=ledger.path
+        )
     else:
         log.info("Usage ledger: {path} (schema version {version})", path=ledger.path, version=ledger.schema)
     log.info(

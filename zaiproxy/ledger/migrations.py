@@ -14,7 +14,7 @@ import re
 import sqlite3
 from importlib import resources
 
-__all__ = ["LedgerError", "migrate", "migrations"]
+__all__ = ["LedgerAway", "LedgerError", "migrate", "migrations"]
 
 _NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql\Z")
 
@@ -22,6 +22,13 @@ _NAME = re.compile(r"(\d{3})_[a-z0-9_]+\.sql\Z")
 class LedgerError(Exception):
     """
     The ledger cannot be used (its file, its schema); the message says why.
+    """
+
+
+class LedgerAway(LedgerError):
+    """
+    The ledger's database cannot be reached now (it may be later): the
+    proxy starts anyway, and rows wait in the queue.
     """
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from zaiproxy.ledger.migrations import LedgerError, migrations
+from zaiproxy.ledger.migrations import LedgerAway, LedgerError, migrations
 from zaiproxy.ledger.rows import GaugeSample, Origin, Rollups, requestRow
 from zaiproxy.ledger.store import (
     INSERT_REQUEST,
@@ -118,6 +118,8 @@ class PostgresStore:
         """
         try:
             connection = self._connect()
+        except psycopg.OperationalError as e:
+            raise LedgerAway(f"cannot reach the ledger {self.path}: {_firstLine(e)}") from None
         except psycopg.Error as e:
             raise LedgerError(f"cannot open the ledger {self.path}: {_firstLine(e)}") from None
         try:

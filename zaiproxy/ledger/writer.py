@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from zaiproxy.ledger.migrations import LedgerAway, LedgerError
 from zaiproxy.ledger.rows import GaugeSample, Origin
 from zaiproxy.ledger.store import LedgerStore, Retention
 from zaiproxy.observe.record import Record
@@ -82,6 +83,8 @@ class LedgerWriter:
         self._thread: threading.Thread | None = None
         self._stopped: Deferred[None] | None = None
         self._nextPrune = 0.0
+        #: Why the database could not be reached at start, while it cannot.
+        self.away: str | None = None
         #: Transient write failures in a row, and the first wait after one.
         self._failing = 0
         self._retryBase = retryBase
@@ -100,11 +103,16 @@ class LedgerWriter:
         """
         Open and migrate the store now (at start-up, so a bad path or a
         newer schema stops the proxy with a clear error); return the
-        schema version.
+        schema version, 0 when the database cannot be reached yet: the
+        writer thread then keeps trying, and rows wait in the queue.
 
         @raise LedgerError: the store cannot be used.
         """
-        self.schema = self._store.open()
+        try:
+            self.schema = self._store.open()
+        except LedgerAway as e:
+            self.away = str(e)
+            return 0
         return self.schema
 
     def start(self) -> None:
@@ -149,6 +157,8 @@ class LedgerWriter:
 
     def _run(self) -> None:
         try:
+            if self.away is not None:
+                self._reach()
             while not (self._stopping.is_set() and not self._queue):
                 batch = self._collect()
                 if batch:
@@ -157,6 +167,28 @@ class LedgerWriter:
         finally:
             self._store.close()
             self._reactor.callFromThread(self._ended)
+
+    def _reach(self) -> None:
+        """
+        The database was away at start: try again, further apart each time,
+        until it answers or the proxy stops (rows queue meanwhile).
+        """
+        tries = 0
+        while not self._stopping.is_set():
+            try:
+                self.schema = self._store.open()
+            except LedgerError:
+                tries += 1
+                self._pause(self._retryBase * 2 ** min(tries - 1, 6))
+                continue
+            self.away = None
+            self._reactor.callFromThread(self.log.info, "Ledger reached after {n} tries", n=tries + 1)
+            return
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + min(MAX_RETRY_SECONDS, seconds)
+        while not self._stopping.is_set() and time.monotonic() < deadline:
+            time.sleep(LOOK_SECONDS)
 
     def _ended(self) -> None:
         assert self._thread is not None and self._stopped is not None
@@ -223,10 +255,7 @@ class LedgerWriter:
         self._queue.extendleft(reversed(kept))
         if lost:
             self._reactor.callFromThread(self._onDropped, lost, "queue_full")
-        wait = self._retryBase * 2 ** min(self._failing - 1, 6)
-        deadline = time.monotonic() + min(MAX_RETRY_SECONDS, wait)
-        while not self._stopping.is_set() and time.monotonic() < deadline:
-            time.sleep(LOOK_SECONDS)
+        self._pause(self._retryBase * 2 ** min(self._failing - 1, 6))
 
     def _failed(self, failure: Failure, lost: int) -> None:
         self.log.failure("writing {n} ledger row(s) failed; they are lost", failure=failure, n=lost)
