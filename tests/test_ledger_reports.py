@@ -546,3 +546,32 @@ def test_variants(store: SQLiteStore) -> None:
         assert reports.variants(reader) == ["canary", "production"]
     finally:
         reader.close()
+
+
+def test_pastTheFinerRetentionReadsTheCoarser(tmp_path: Path) -> None:
+    """
+    Each table keeps its own retention: a short question about a day long
+    since pruned from the request rows and minute rollups is answered
+    from the hour rollups, not as zero.
+    """
+    from zaiproxy.ledger.store import Retention
+
+    ledger = SQLiteStore(str(tmp_path / "pruned.sqlite3"))
+    ledger.open()
+    day = 86400.0
+    old = [record(f"old-{i}", -20 * day + 60 * i, "alice") for i in range(30)]
+    new = [record(f"new-{i}", -60.0 * (i + 1), "alice") for i in range(5)]
+    ledger.write(old + new, [], PRODUCTION)
+    ledger.prune(T0, Retention(requests=30 * day, minutes=8 * day, hours=400 * day))
+    ledger.prune(T0, Retention(requests=8 * day, minutes=8 * day, hours=400 * day))
+    reading = ledger.reader()
+    try:
+        start = T0 - 20 * day
+        for span in (3600.0, day):
+            answer = reports.usage(reading, UsageQuery(start, start + span))
+            assert (answer["resolution"], answer["totals"]["requests"]) == ("hour", 30)
+        recent = reports.usage(reading, UsageQuery(T0 - 3600, T0))
+        assert (recent["resolution"], recent["totals"]["requests"]) == ("request", 5)
+    finally:
+        reading.close()
+        ledger.close()

@@ -57,16 +57,43 @@ def _iso(seconds: float) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _source(query: UsageQuery) -> tuple[str, str, int]:
+def _source(connection: Reading, query: UsageQuery) -> tuple[str, str, int]:
     """
-    The table, its time column, and its bucket size in seconds.
+    The table, its time column, and its bucket size in seconds: the most
+    detailed one the span allows that still holds rows as old as the
+    question's start (each table has its own retention, so a short span
+    a month back is read from the hour rollups).
     """
     span = query.end - query.start
+    candidates = []
     if span <= RAW_SPAN:
-        return "requests", "started_at", 0
+        candidates.append(("requests", "started_at", 0))
     if span <= MINUTE_SPAN or "minute" in query.groupBy:
-        return "usage_minute", "bucket", 60
-    return "usage_hour", "bucket", 3600
+        candidates.append(("usage_minute", "bucket", 60))
+    if "minute" not in query.groupBy:
+        candidates.append(("usage_hour", "bucket", 3600))
+    oldest = [_oldest(connection, source) for source in candidates]
+    held = [time for time in oldest if time is not None]
+    if not held:
+        return candidates[0]
+    # From as far back as the question asks and the ledger reaches; a
+    # table that begins later was pruned (young ledgers begin together,
+    # give or take the coarsest bucket).
+    target = max(query.start, min(held)) + candidates[-1][2]
+    for source, time in zip(candidates, oldest, strict=True):
+        if time is not None and time <= target:
+            return source
+    return candidates[-1]
+
+
+def _oldest(connection: Reading, source: tuple[str, str, int]) -> float | None:
+    """
+    The oldest time a table holds (MIN of an index's first column: one
+    step, on both databases).
+    """
+    table, column, _ = source
+    found = connection.execute(f"SELECT MIN({column}) FROM {table}").fetchone()[0]
+    return None if found is None else float(found)
 
 
 def _groupExpression(name: str, raw: bool) -> str:
@@ -94,7 +121,7 @@ def usage(connection: Reading, query: UsageQuery) -> dict[str, Any]:
     """
     The answer of C{/api/usage}: rows by the groups asked, and totals.
     """
-    table, column, size = _source(query)
+    table, column, size = _source(connection, query)
     raw = size == 0
     start = query.start if raw else query.start - query.start % size
     end = query.end if raw else query.end + (-query.end % size)
