@@ -42,7 +42,6 @@ class _Viewer:
         self.request = request
         self.variant = variant
         self.sinceBeat = 0.0
-        self.stop: Any = None
 
     def unread(self) -> int:
         transport = getattr(self.request.channel, "transport", None)
@@ -63,6 +62,8 @@ class EventsResource(Resource):
         self._sampler = sampler
         self._variants = variants
         self._viewers: list[_Viewer] = []
+        # One subscription for every viewer: each point is encoded once.
+        sampler.subscribe(self._point)
 
     def __len__(self) -> int:
         return len(self._viewers)
@@ -82,12 +83,18 @@ class EventsResource(Resource):
             "variants": self._variants,
         }
         request.write(b"data: " + json.dumps(connected).encode() + b"\n\n")
-        viewer.stop = self._sampler.subscribe(lambda point: self._send(viewer, point))
         self._viewers.append(viewer)
         request.notifyFinish().addBoth(lambda _: self._forget(viewer))
         return NOT_DONE_YET
 
-    def _send(self, viewer: _Viewer, point: dict[str, Any]) -> None:
+    def _point(self, point: dict[str, Any]) -> None:
+        if not self._viewers:
+            return
+        frame = b"data: " + json.dumps({"type": "metrics", "data": point}, separators=(",", ":")).encode()
+        for viewer in list(self._viewers):
+            self._send(viewer, point["variant"], frame + b"\n\n")
+
+    def _send(self, viewer: _Viewer, variant: str, frame: bytes) -> None:
         if viewer.unread() > MAX_UNREAD_BYTES:
             self.log.info("Dropping a dashboard stream that stopped reading")
             self._end(viewer)
@@ -96,14 +103,12 @@ class EventsResource(Resource):
         if viewer.sinceBeat >= HEARTBEAT_SECONDS:
             viewer.sinceBeat = 0.0
             viewer.request.write(b": heartbeat\n\n")
-        if viewer.variant in (None, point["variant"]):
-            frame = {"type": "metrics", "data": point}
-            viewer.request.write(b"data: " + json.dumps(frame, separators=(",", ":")).encode() + b"\n\n")
+        if viewer.variant in (None, variant):
+            viewer.request.write(frame)
 
     def _forget(self, viewer: _Viewer) -> None:
         if viewer in self._viewers:
             self._viewers.remove(viewer)
-            viewer.stop()
 
     def _end(self, viewer: _Viewer) -> None:
         self._forget(viewer)
