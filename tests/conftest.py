@@ -38,7 +38,9 @@ _PROCESS_MODULES = frozenset(
 
 
 #: Fixtures that bring the real reactor: real sockets, the wall clock.
-_REAL_FIXTURES = frozenset(["reactor", "makeStack", "stack", "http", "postgresURL", "postgresServer"])
+_REAL_FIXTURES = frozenset(
+    ["reactor", "makeStack", "stack", "http", "postgresURL", "postgresServer", "redisURL", "redisServer"]
+)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -280,3 +282,28 @@ def postgresURL(postgresServer: RunningPostgres) -> str:
     The URL of a fresh, empty database on the session's server.
     """
     return postgresServer.newDatabase()
+
+
+from support.redis import RunningRedis, redisBin, startRedis  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def redisServer() -> Iterator[RunningRedis]:
+    if redisBin() is None and not os.environ.get("CI"):
+        pytest.skip("Redis is not installed here (.ci/run installs it: apt-get install redis-server)")
+    server = startRedis()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redisURL(redisServer: RunningRedis) -> str:
+    """
+    The URL of an emptied database on the session's server (restarted if
+    a test left it stopped).
+    """
+    if redisServer.process is None:
+        redisServer.resume()
+    return redisServer.newDatabase()

@@ -13,7 +13,7 @@ from pathlib import Path
 import docutils.core
 import docutils.nodes
 
-from zaiproxy.config.settings import settingsTable
+from zaiproxy.config.reference import settingsTable
 from zaiproxy.observe.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
@@ -23,7 +23,7 @@ README = (ROOT / "README.rst").read_text(encoding="utf-8")
 def test_settingsTableIsTheSchema() -> None:
     """
     The table between the markers is generated from the settings schema
-    (regenerate it with C{python -m zaiproxy.config.settings}).
+    (regenerate it with C{python -m zaiproxy.config.reference}).
     """
     inside = README.split(".. settings-table-start\n\n", 1)[1].split("\n\n.. settings-table-end", 1)[0]
     assert inside == settingsTable()

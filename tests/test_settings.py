@@ -9,10 +9,10 @@ import os
 import pytest
 from twisted.logger import LogLevel
 
+from zaiproxy.config.reference import environmentTemplate
 from zaiproxy.config.settings import (
     Settings,
     SettingsError,
-    environmentTemplate,
     loadSettings,
     settingSpecs,
     stateDirectory,
@@ -210,7 +210,7 @@ def test_etcTemplateListsEverySetting() -> None:
     from zaiproxy.config.envfile import parseEnvironmentFile
 
     text = (Path(__file__).parent.parent / "etc" / "zaiproxy.env").read_text()
-    # Regenerate it with: python -m zaiproxy.config.settings --env > etc/zaiproxy.env
+    # Regenerate it with: python -m zaiproxy.config.reference --env > etc/zaiproxy.env
     assert text == environmentTemplate() + "\n"
     lines = text.splitlines()
     for spec in settingSpecs():

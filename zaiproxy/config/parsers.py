@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from twisted.logger import LogLevel
 
 from zaiproxy.ledger.store import sqlitePath
+from zaiproxy.limits.redislink import RedisAddress
 
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off"}
@@ -277,4 +278,14 @@ def parseLedgerURL(text: str) -> str:
         raise ValueError(
             "expected sqlite:///path/to/ledger.sqlite3 or postgresql://user:password@host/database"
         ) from None
+    return url
+
+
+def parseRedisURL(text: str) -> str:
+    """
+    C{REDIS_URL}: C{redis://[:password@]host[:port][/db]} (empty: unset).
+    """
+    url = text.strip()
+    if url:
+        RedisAddress.fromURL(url)
     return url

@@ -12,7 +12,6 @@ never a silent fallback to the default.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,6 +35,7 @@ from zaiproxy.config.parsers import (
     parsePositiveFloat,
     parsePositiveInt,
     parsePrices,
+    parseRedisURL,
     parseSecret,
     parseText,
     parseURL,
@@ -47,10 +47,8 @@ __all__ = [
     "SettingSpec",
     "Settings",
     "SettingsError",
-    "environmentTemplate",
     "loadSettings",
     "settingSpecs",
-    "settingsTable",
     "stateDirectory",
 ]
 
@@ -397,7 +395,30 @@ class Settings:
         "INSTANCE_NAME",
         parseText,
         "",
-        "This process's name in the ledger and on the dashboard (empty: the host name).",
+        "This process's name in logs, /health, metrics, the ledger and the dashboard (empty: host:port,"
+        " the host name and the port it listens on).",
+    )
+    redisURL: str = _setting(
+        "REDIS_URL",
+        parseRedisURL,
+        "",
+        "Share the rate limit, the concurrency slots and the quota hold with every proxy using this Redis:"
+        " redis://[:password@]host[:port][/db] (empty: this process limits alone).",
+        secret=True,
+    )
+    redisTimeout: float = _setting(
+        "REDIS_TIMEOUT",
+        parseDuration,
+        "250ms",
+        "How long any Redis call may take; past it this proxy limits alone at its share of the ceiling"
+        " until Redis answers again.",
+    )
+    redisLease: float = _setting(
+        "REDIS_LEASE",
+        parseDuration,
+        "15s",
+        "How long a concurrency slot taken through Redis outlives its proxy: the slots of a proxy that"
+        " died come back after this (live proxies renew theirs).",
     )
     ledgerEnabled: bool = _setting(
         "LEDGER_ENABLED",
@@ -542,46 +563,3 @@ def stateDirectory(environ: Mapping[str, str]) -> str:
         return os.path.join(xdg, "zaiproxy")
     home = environ.get("HOME", "").strip() or os.path.expanduser("~")
     return os.path.join(home, ".local", "state", "zaiproxy")
-
-
-def settingsTable() -> str:
-    """
-    The reStructuredText table of every setting (README.rst holds a copy).
-    """
-    rows = [
-        (
-            f"``{s.env}``",
-            "*required*" if s.default is None else f"``{s.default}``" if s.default else "(empty)",
-            s.help,
-        )
-        for s in settingSpecs()
-    ]
-    header = ("Variable", "Default", "Meaning")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(3)]
-    rule = " ".join("=" * width for width in widths)
-    lines = [rule, " ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(), rule]
-    lines += [" ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
-    lines.append(rule)
-    return "\n".join(lines)
-
-
-def environmentTemplate() -> str:
-    """
-    etc/zaiproxy.env: every setting with its default, commented out.
-    """
-    lines = [
-        "# zaiproxy settings, read by systemd (EnvironmentFile=) and by",
-        "# `twistd zaiproxy --config`. Every setting is listed with its default;",
-        "# uncomment a line to change it. Keep this file readable only by root and",
-        "# the service's group (it holds the Z.AI key): install -m 0640, chgrp zaiproxy.",
-        "",
-    ]
-    for spec in settingSpecs():
-        lines.append("# " + spec.help)
-        lines.append(f"{spec.env}=" if spec.default is None else f"#{spec.env}={spec.default}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.stdout.write((environmentTemplate() if sys.argv[1:] == ["--env"] else settingsTable()) + "\n")
