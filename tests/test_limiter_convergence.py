@@ -21,13 +21,11 @@ from typing import Any
 import attrs
 import pytest
 import pytest_twisted
+from support.clients import SocketLoad
 from support.doubles import HeapClock, MemoryUpstream, PushRequest
 from support.stack import UPSTREAM_KEY, Stack
-from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet import task
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.http_headers import Headers
 
 from zaiproxy.config.settings import loadSettings
 from zaiproxy.fake import FakeZai
@@ -224,41 +222,6 @@ def test_convergesThroughTheProxy(tmp_path: Path, capacity: int) -> None:
     restarted.stop()
     # No burst of 429s while re-learning (the seed saw 40-60%).
     assert sum(refused for _, refused, _ in history) / len(history) < 0.05, show(history)
-
-
-class SocketLoad:
-    """
-    Offers C{rate} requests a second of the reactor to a proxy on a real
-    socket.
-    """
-
-    def __init__(self, reactor: Any, url: str, rate: float) -> None:
-        self._pool = HTTPConnectionPool(reactor, persistent=True)
-        self._pool.maxPersistentPerHost = 50
-        self._client = HTTPClient(Agent(reactor, pool=self._pool))
-        self._url = url
-        self._loop = task.LoopingCall(self._send)
-        self._loop.clock = reactor
-        self._rate = rate
-        self.outstanding: set[Any] = set()
-
-    def start(self) -> None:
-        self._loop.start(1.0 / self._rate, now=True)
-
-    def _send(self) -> None:
-        sent = self._client.post(
-            self._url, data=BODY, headers=Headers({b"content-type": [b"application/json"]})
-        )
-        sent.addCallback(lambda response: response.content())
-        sent.addErrback(lambda failure: None)
-        self.outstanding.add(sent)
-        sent.addBoth(lambda _: self.outstanding.discard(sent))
-
-    async def stop(self) -> None:
-        self._loop.stop()
-        for sent in list(self.outstanding):
-            await sent
-        await self._pool.closeCachedConnections()
 
 
 @pytest_twisted.ensureDeferred

@@ -42,6 +42,8 @@ from zaiproxy.front.resource import ProxyResource
 from zaiproxy.front.site import InFlight, ProxySite
 from zaiproxy.ledger.store import Retention
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
+from zaiproxy.limits.redislink import RedisAddress, RedisLink
+from zaiproxy.limits.shared import SharedKeys, SharedLimits
 from zaiproxy.observe.metrics import Metrics
 from zaiproxy.observe.quota import QuotaPoller
 from zaiproxy.observe.reporter import Reporter
@@ -110,6 +112,7 @@ class ProxyService(MultiService):
         self.metrics = metrics or Metrics(
             settings.deploymentVariant, build.version, build.commit, build.buildTime
         )
+        self.metrics.nameInstance(self.instance)
         self.upstream = Upstream(reactor, settings.upstreamConnectTimeout, settings.upstreamPoolSize)
         self.reporter = Reporter(self.metrics)
         self.accounting = self._buildAccounting(reactor, settings)
@@ -224,6 +227,9 @@ class ProxyService(MultiService):
             isDraining,
         )
         health.sections["rate_limit"] = self.limiter.snapshot
+        health.sections["instance"] = lambda: self.instance
+        if self.sharedLimits is not None:
+            health.sections["shared_limits"] = self.sharedLimits.snapshot
         if self.quota is not None:
             health.sections["quota"] = self.quota.snapshot
         else:
@@ -326,6 +332,12 @@ class ProxyService(MultiService):
             onRejected=reporter.refused,
         )
         self.metrics.watchLimiter(limiter, settings.maxWorkers)
+        self.sharedLimits: SharedLimits | None = None
+        if settings.redisURL:
+            link = RedisLink(self.reactor, RedisAddress.fromURL(settings.redisURL), settings.redisTimeout)
+            keys = SharedKeys.forKey(settings.zaiApiKey)
+            self.sharedLimits = SharedLimits(clock, link, keys, limiter, self.instance, settings.redisLease)
+            self.metrics.watchShared(self.sharedLimits)
         return limiter
 
     def setServiceParent(self, parent: Any) -> None:
@@ -354,6 +366,8 @@ class ProxyService(MultiService):
         self._announce()
         self._listen()
         self.limiter.start()
+        if self.sharedLimits is not None:
+            self.sharedLimits.start()
         if self._handleSignals:
             self.reloader.installSignal()
         if self.quota is not None:
@@ -508,6 +522,8 @@ class ProxyService(MultiService):
                 for channel in site.channels:
                     channel.abortConnection()
         self.limiter.stop()
+        if self.sharedLimits is not None:
+            yield self.sharedLimits.stop()
         if self.quota is not None:
             self.quota.stop()
         # The drain's last records are in the ledger's queue: written now.

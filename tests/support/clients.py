@@ -9,9 +9,12 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from treq.client import HTTPClient
 from twisted.internet import task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 
 from support.stack import Stack
 from zaiproxy.fake.testing import RawClient
@@ -94,3 +97,48 @@ async def connect(stack: Stack, reactor: Any, data: bytes) -> RawClient:
     client = await endpoint.connect(ClientFactory.forProtocol(lambda: RawClient(data)))
     assert isinstance(client, RawClient)
     return client
+
+
+#: A small non-streaming Messages call.
+LOAD_BODY = b'{"model":"glm-4.7","max_tokens":8,"stream":false,"messages":[{"role":"user","content":"hi"}]}'
+
+
+class SocketLoad:
+    """
+    Offers C{rate} requests a second of the reactor to a proxy on a real
+    socket.
+    """
+
+    def __init__(self, reactor: Any, url: str, rate: float, body: bytes = LOAD_BODY) -> None:
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.maxPersistentPerHost = 50
+        self._client = HTTPClient(Agent(reactor, pool=self._pool))
+        self._url = url
+        self._body = body
+        self.answers: dict[int, int] = {}
+        self._loop = task.LoopingCall(self._send)
+        self._loop.clock = reactor
+        self._rate = rate
+        self.outstanding: set[Any] = set()
+
+    def start(self) -> None:
+        self._loop.start(1.0 / self._rate, now=True)
+
+    def _send(self) -> None:
+        sent = self._client.post(
+            self._url, data=self._body, headers=Headers({b"content-type": [b"application/json"]})
+        )
+        sent.addCallback(self._answered)
+        sent.addErrback(lambda failure: None)
+        self.outstanding.add(sent)
+        sent.addBoth(lambda _: self.outstanding.discard(sent))
+
+    def _answered(self, response: Any) -> Any:
+        self.answers[response.code] = self.answers.get(response.code, 0) + 1
+        return response.content()
+
+    async def stop(self) -> None:
+        self._loop.stop()
+        for sent in list(self.outstanding):
+            await sent
+        await self._pool.closeCachedConnections()

@@ -14,13 +14,25 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-__all__ = ["Admission", "NotAdmitted", "Permit", "QueueFull", "QueueTimeout", "clientBucket"]
+__all__ = [
+    "Admission",
+    "Grant",
+    "NotAdmitted",
+    "Permit",
+    "QueueFull",
+    "QueueTimeout",
+    "QuotaHeld",
+    "RemoteGate",
+    "clientBucket",
+]
 
 # A token is there when the bucket holds 1 within float error; otherwise a
 # refill computed at the same instant would wake us again, forever.
@@ -37,6 +49,10 @@ def clientBucket(host: str) -> str:
         value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
     return f"source-{value % 64:02d}"
 
+
+#: With shared limits and every slot taken, how often to look again for
+#: one that another proxy freed.
+SLOT_POLL = 0.02
 
 #: Seconds of credit that time spent with callers waiting may still build:
 #: enough for timers that run a tick late, far too little for a burst.
@@ -71,6 +87,45 @@ class QueueTimeout(NotAdmitted):
         self.waited = waited
 
 
+class QuotaHeld(NotAdmitted):
+    """
+    Another proxy sharing the key was told the quota is gone until
+    C{until}, with C{error} (a L{zaiproxy.dialects.zai_errors.ZaiError}).
+    """
+
+    def __init__(self, until: float, error: Any) -> None:
+        super().__init__(max(1.0, until))
+        self.until = until
+        self.error = error
+
+
+@attrs.frozen
+class Grant:
+    """
+    What the shared gate gave: a lease (concurrency slot, with its token)
+    for each admitted call, and when to ask again for the rest (C{None}:
+    when a slot frees here; the slots are all taken).
+    """
+
+    leases: tuple[str, ...]
+    retryIn: float | None
+    quota: tuple[float, Any] | None = None
+
+
+class RemoteGate(Protocol):
+    """
+    The shared limits' side of admission (L{zaiproxy.limits.shared}).
+    """
+
+    @property
+    def shared(self) -> bool:
+        """Whether to ask it; when Redis is away, admission is local."""
+
+    def acquire(self, wanted: int) -> Deferred[Grant]: ...
+
+    def release(self, lease: str) -> None: ...
+
+
 class Permit:
     """
     One admitted call; it holds a concurrency slot until released.
@@ -78,16 +133,17 @@ class Permit:
     @ivar waited: seconds spent waiting for admission.
     """
 
-    def __init__(self, admission: Admission, client: str, waited: float) -> None:
+    def __init__(self, admission: Admission, client: str, waited: float, lease: str | None = None) -> None:
         self._admission = admission
         self.client = client
         self.waited = waited
+        self.lease = lease
         self.released = False
 
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self._admission._released()
+            self._admission._released(self.lease)
 
 
 @attrs.define(eq=False)
@@ -106,6 +162,8 @@ class Admission:
         bucket (demand at or above the rate); read and reset by the limiter.
     @ivar slotWaits: admissions that had to wait for a free slot.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -141,6 +199,10 @@ class Admission:
         # if calls were under way then) to when the last call ended.
         self._activeSince: float | None = None
         self._idleSince = 0.0
+        #: Shared limits: while they are L{RemoteGate.shared}, each call's
+        #: token and slot come from Redis, asked for one batch at a time.
+        self.remote: RemoteGate | None = None
+        self._asking = False
 
     # -- settings the limiter moves ---------------------------------------------
 
@@ -165,7 +227,8 @@ class Admission:
         """
         if self._activeSince is None:
             self._activeSince = self._clock.seconds()
-        if not self.queued and self.inFlight < self.limit:
+        sharing = self.remote is not None and self.remote.shared
+        if not self.queued and self.inFlight < self.limit and not sharing:
             self._refill()
             if self._tokens >= _ONE:
                 self._tokens -= 1.0
@@ -192,7 +255,9 @@ class Admission:
         self._dispatch()
         return waiter.deferred
 
-    def _released(self) -> None:
+    def _released(self, lease: str | None = None) -> None:
+        if lease is not None and self.remote is not None:
+            self.remote.release(lease)
         self.inFlight -= 1
         self._dispatch()
         self._maybeIdle()
@@ -239,28 +304,89 @@ class Admission:
         Admit waiters in turn while a token and a slot are free; otherwise
         wake up when the next token is due (a release wakes us for slots).
         """
+        if self.remote is not None and self.remote.shared:
+            self._askRemote(self.remote)
+            return
         while self._rotation and self.inFlight < self.limit:
             self._refill()
             if self._tokens < _ONE:
                 self._reschedule()
                 return
-            client = self._rotation[0]
-            queue = self._queues[client]
-            waiter = queue.popleft()
-            if queue:
-                self._rotation.rotate(-1)
-            else:
-                self._rotation.popleft()
-                del self._queues[client]
-            self.queued -= 1
             self._tokens -= 1.0
-            self.inFlight += 1
-            if waiter.timeout is not None and waiter.timeout.active():
-                waiter.timeout.cancel()
-            waited = self._clock.seconds() - waiter.since
-            self._onAdmitted(client, waited)
-            waiter.deferred.callback(Permit(self, client, waited))
+            self._admitNext(None)
         self._cancelTimer()
+
+    def _askRemote(self, remote: RemoteGate) -> None:
+        """
+        Ask the shared gate for as many calls as wait and fit here; one
+        question at a time, so a busy proxy asks once per round trip.
+        """
+        wanted = min(self.queued, self.limit - self.inFlight)
+        if self._asking or wanted <= 0:
+            return
+        self._cancelTimer()
+        self._asking = True
+        asked = remote.acquire(wanted)
+        asked.addCallbacks(self._granted, self._notGranted).addErrback(self._bug)
+
+    def _granted(self, grant: Grant) -> None:
+        self._asking = False
+        if grant.quota is not None:
+            self._refuseAll(QuotaHeld(*grant.quota))
+            return
+        leases = list(grant.leases)
+        if grant.retryIn is None:
+            self.slotWaits += 1
+        elif len(leases) < self.queued:
+            self.rateWaits += 1
+        while leases and self._rotation:
+            self._admitNext(leases.pop())
+        for lease in leases:
+            # Its caller left while we asked: give the slot back.
+            if self.remote is not None:
+                self.remote.release(lease)
+        if self._rotation and grant.retryIn is not None:
+            self._timer = self._clock.callLater(max(grant.retryIn, 0.001), self._wake)
+        elif self._rotation:
+            # Every slot is taken, by other proxies too: theirs free
+            # without telling us, so look again soon.
+            self._timer = self._clock.callLater(SLOT_POLL, self._wake)
+
+    def _notGranted(self, failure: Failure) -> None:
+        # The gate has gone local (Redis away): admit here, now.
+        self._asking = False
+        self._dispatch()
+
+    def _bug(self, failure: Failure) -> None:
+        self.log.failure("admitting through shared limits failed", failure)
+        self._asking = False
+
+    def _admitNext(self, lease: str | None) -> None:
+        """
+        Admit the next waiter in turn (clients take turns).
+        """
+        client = self._rotation[0]
+        queue = self._queues[client]
+        waiter = queue.popleft()
+        if queue:
+            self._rotation.rotate(-1)
+        else:
+            self._rotation.popleft()
+            del self._queues[client]
+        self.queued -= 1
+        self.inFlight += 1
+        if waiter.timeout is not None and waiter.timeout.active():
+            waiter.timeout.cancel()
+        waited = self._clock.seconds() - waiter.since
+        self._onAdmitted(client, waited)
+        waiter.deferred.callback(Permit(self, client, waited, lease))
+
+    def _refuseAll(self, refusal: NotAdmitted) -> None:
+        for queue in list(self._queues.values()):
+            for waiter in list(queue):
+                self._remove(waiter)
+                self._onRejected(waiter.client)
+                waiter.deferred.errback(refusal)
 
     def _reschedule(self) -> None:
         self._cancelTimer()

@@ -17,8 +17,9 @@ import tempfile
 from datetime import datetime, timezone
 
 import attrs
+from twisted.logger import Logger
 
-__all__ = ["CeilingState", "readCeiling", "rfc3339", "writeCeiling"]
+__all__ = ["CeilingState", "persistCeiling", "readCeiling", "restoreCeiling", "rfc3339", "writeCeiling"]
 
 
 def rfc3339(when: float) -> str:
@@ -89,3 +90,49 @@ def readCeiling(path: str) -> CeilingState:
     )
     concurrency = state.get("concurrency")
     return CeilingState(ceiling, hold, concurrency if isinstance(concurrency, int) else None, when)
+
+
+def persistCeiling(path: str, state: CeilingState, log: Logger) -> None:
+    """
+    Write the state, logging (not raising) when it cannot be written.
+    """
+    try:
+        writeCeiling(path, state)
+    except OSError as e:
+        log.warn("Rate limit: failed to persist ceiling state to {path}: {error}", path=path, error=str(e))
+        return
+    log.debug(
+        "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
+        ceiling=state.ceiling,
+        hold=state.hold,
+        path=path,
+    )
+
+
+def restoreCeiling(path: str, maxAge: float, now: float, log: Logger) -> CeilingState | None:
+    """
+    The state to resume at, if the file holds one young enough; otherwise
+    log why not.
+    """
+    try:
+        state = readCeiling(path)
+    except FileNotFoundError:
+        log.info("Rate limit: no persisted ceiling at {path}; starting from RATE_LIMIT_MAX", path=path)
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warn(
+            "Rate limit: ignoring persisted ceiling at {path}: {error}",
+            path=path,
+            error=str(e) or type(e).__name__,
+        )
+        return None
+    age = now - state.learnedAt
+    if age > maxAge:
+        log.warn(
+            "Rate limit: ignoring persisted ceiling at {path}: {age:.0f} s old, older than "
+            "RATE_LIMIT_STATE_MAX_AGE",
+            path=path,
+            age=age,
+        )
+        return None
+    return state

@@ -42,9 +42,10 @@ from twisted.logger import Logger
 
 from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.admission import Admission
-from zaiproxy.limits.ceilingfile import CeilingState, readCeiling, rfc3339, writeCeiling
+from zaiproxy.limits.ceilingfile import CeilingState, persistCeiling, restoreCeiling, rfc3339
+from zaiproxy.limits.learned import WindowSharing, WindowTotals, adoptFields, learnedFields
 
-__all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter"]
+__all__ = ["HEAVY_RATIO", "REFUSED_RATIO", "LimiterSettings", "RateLimiter", "WindowTotals"]
 
 #: A window in which Z.AI refused at least this share of the calls (429s of
 #: the class in question) is over capacity; below it, the window is clean.
@@ -61,9 +62,7 @@ LATE_WINDOW = 0.5
 
 @attrs.frozen
 class LimiterSettings:
-    """
-    The limiter's settings (the Go zai-proxy's names, in L{zaiproxy.config.settings}).
-    """
+    """The limiter's settings (the Go zai-proxy's names, in L{zaiproxy.config.settings})."""
 
     initial: float
     minimum: float
@@ -129,6 +128,8 @@ class RateLimiter:
         self.quotaUntil: float | None = None
         self.quotaError: ZaiError | None = None
         self._loop: LoopingCall | None = None
+        #: Shared limits, when C{REDIS_URL} is set: they judge the windows.
+        self.sharing: WindowSharing | None = None
         self._restore()
         self.admission = Admission(
             clock,
@@ -153,22 +154,20 @@ class RateLimiter:
         elif error.cls in ("frequency", "unknown"):
             self.record("frequency")
         elif error.cls == "concurrency":
-            self.record("concurrency", self.admission.inFlight)
+            sharing = self.sharing
+            shared = sharing is not None and sharing.shared
+            self.record("concurrency", sharing.slotsTaken if sharing and shared else self.admission.inFlight)
         elif error.cls == "quota" and self.settings.quotaHold:
             self.holdQuota(error)
 
     @property
     def inFlight(self) -> int:
-        """
-        Model calls holding a slot now.
-        """
+        """Model calls holding a slot now."""
         return self.admission.inFlight
 
     @property
     def queued(self) -> int:
-        """
-        Model calls waiting for a slot now.
-        """
+        """Model calls waiting for a slot now."""
         return self.admission.queued
 
     def record(self, outcome: str, inFlight: int | None = None) -> None:
@@ -187,14 +186,14 @@ class RateLimiter:
                     inFlight if self._concurrencyAt is None else min(self._concurrencyAt, inFlight)
                 )
 
-    def holdQuota(self, error: ZaiError) -> None:
-        """
-        A quota 429 with a reset time: hold until then.
-        """
+    def holdQuota(self, error: ZaiError, share: bool = True) -> None:
+        """A quota 429 with a reset time: hold until then."""
         if error.resetAt is not None and error.resetAt > self._clock.seconds():
             if self.quotaUntil is None or error.resetAt > self.quotaUntil:
                 self.quotaUntil = error.resetAt
                 self.quotaError = error
+                if share and self.sharing is not None:
+                    self.sharing.holdQuota(error)
                 self.log.warn(
                     "Quota exhausted (code {code}): answering 429 locally until {until}",
                     code=error.code,
@@ -202,9 +201,7 @@ class RateLimiter:
                 )
 
     def quotaHeld(self) -> tuple[float, ZaiError] | None:
-        """
-        The quota hold in force now, if any.
-        """
+        """The quota hold in force now, if any."""
         if self.quotaUntil is None or self.quotaError is None:
             return None
         if self._clock.seconds() >= self.quotaUntil:
@@ -229,31 +226,18 @@ class RateLimiter:
     def _tick(self) -> None:
         # A LoopingCall whose function raises stops for good: never raise.
         try:
-            self.judge()
+            if self.sharing is not None and self.sharing.shared:
+                self.sharing.windowEnded()
+            else:
+                self.judge()
         except Exception:
             self.log.failure("judging a rate-limit window failed")
 
     def judge(self) -> None:
-        """
-        Judge the window that just ended and adjust.
-        """
+        """Judge the window that just ended and adjust."""
         now = self._clock.seconds()
-        admission = self.admission
-        # What Z.AI accepted is measured over the time calls were going: a
-        # window that began idle (a fresh start, a quiet spell, then a
-        # burst) would otherwise read as a fraction of the capacity, and
-        # the rate would hold there until the probes. (Without a span, as
-        # for outcomes recorded with no admission, the window is the time.)
-        span = admission.takeActiveSpan()
         late = now - self._windowStart - self.settings.window
-        elapsed = max(span if span > 0 else now - self._windowStart, 1e-6)
-        self._windowStart = now
-        successes, frequency, concurrency = self._successes, self._frequency, self._concurrency
-        concurrencyAt = self._concurrencyAt
-        self._successes = self._frequency = self._concurrency = 0
-        self._concurrencyAt = None
-        rateSaturated, slotSaturated = admission.rateWaits > 0, admission.slotWaits > 0
-        admission.rateWaits = admission.slotWaits = 0
+        totals = self.takeWindow()
         if late > LATE_WINDOW * self.settings.window:
             # The process did not run for part of this window (a blocked
             # reactor, a paused VM): its calls waited in buffers while the
@@ -263,22 +247,63 @@ class RateLimiter:
                 late=late,
             )
             return
-        self._judgeRate(successes, frequency, elapsed, rateSaturated, now)
-        self._judgeConcurrency(successes, concurrency, concurrencyAt, slotSaturated)
+        self.judgeWindow(totals)
+
+    def takeWindow(self) -> WindowTotals:
+        """
+        This process's outcomes in the window that just ended; the next
+        window starts now.
+        """
+        now = self._clock.seconds()
+        admission = self.admission
+        # What Z.AI accepted is measured over the time calls were going: a
+        # window that began idle (a fresh start, a quiet spell, then a
+        # burst) would otherwise read as a fraction of the capacity, and
+        # the rate would hold there until the probes. (Without a span, as
+        # for outcomes recorded with no admission, the window is the time.)
+        span = admission.takeActiveSpan()
+        elapsed = max(span if span > 0 else now - self._windowStart, 1e-6)
+        self._windowStart = now
+        totals = WindowTotals(
+            successes=self._successes,
+            frequency=self._frequency,
+            concurrency=self._concurrency,
+            concurrencyAt=self._concurrencyAt,
+            accepted=self._successes / elapsed,
+            rateSaturated=admission.rateWaits > 0,
+            slotSaturated=admission.slotWaits > 0,
+        )
+        self._successes = self._frequency = self._concurrency = 0
+        self._concurrencyAt = None
+        admission.rateWaits = admission.slotWaits = 0
+        return totals
+
+    def judgeWindow(self, totals: WindowTotals) -> None:
+        """
+        Adjust to a window's outcomes: this process's, or (with shared
+        limits) every proxy's together.
+        """
+        now = self._clock.seconds()
+        self._judgeRate(totals.successes, totals.frequency, totals.accepted, totals.rateSaturated, now)
+        self._judgeConcurrency(
+            totals.successes, totals.concurrency, totals.concurrencyAt, totals.slotSaturated
+        )
         if self._dirty:
             self._dirty = False
             self._persist(now)
 
-    def _judgeRate(self, successes: int, frequency: int, elapsed: float, saturated: bool, now: float) -> None:
+    def _judgeRate(
+        self, successes: int, frequency: int, accepted: float, saturated: bool, now: float
+    ) -> None:
         total = successes + frequency
         if total == 0:
             return
         ratio = frequency / total
         if ratio >= REFUSED_RATIO:
-            self._refusedAt(ratio, successes / elapsed, now)
+            self._refusedAt(ratio, accepted, now)
             return
         self._tail = False
-        self._cleanWindow(successes / elapsed, saturated, now)
+        self._cleanWindow(accepted, saturated, now)
 
     def _refusedAt(self, ratio: float, accepted: float, now: float) -> None:
         """
@@ -453,6 +478,8 @@ class RateLimiter:
         # too. If Z.AI still refuses, its next quota 429 sets it again.
         held = self.quotaHeld() is not None
         self.quotaUntil = self.quotaError = None
+        if self.sharing is not None:
+            self.sharing.reset()
         if s.stateFile:
             try:
                 os.remove(s.stateFile)
@@ -471,9 +498,7 @@ class RateLimiter:
         return {"quota_hold_cleared": held}
 
     def _freshWindow(self) -> None:
-        """
-        Drop the window in progress and start the next one now.
-        """
+        """Drop the window in progress and start the next one now."""
         self._windowStart = self._clock.seconds()
         self._successes = self._frequency = self._concurrency = 0
         self._concurrencyAt = None
@@ -500,54 +525,20 @@ class RateLimiter:
     # -- persistence -------------------------------------------------------------
 
     def _persist(self, now: float) -> None:
-        path = self.settings.stateFile
-        if not path:
-            return
         s = self.settings
-        # The level to resume at: just below the ceiling (the rate of the
-        # moment may be mid-probe or mid-convergence).
-        hold = _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum)
-        try:
-            writeCeiling(path, CeilingState(self.ceiling, hold, self.limit, self.ceilingUpdatedAt or now))
-        except OSError as e:
-            self.log.warn(
-                "Rate limit: failed to persist ceiling state to {path}: {error}", path=path, error=str(e)
-            )
-            return
-        self.log.debug(
-            "Rate limit: persisted ceiling {ceiling:.2f} req/s (hold {hold:.2f}) to {path}",
-            ceiling=self.ceiling,
-            hold=hold,
-            path=path,
-        )
+        if s.stateFile:
+            # The level to resume at: just below the ceiling (the rate of
+            # the moment may be mid-probe or mid-convergence).
+            hold = _clamp(self.ceiling * (1 - s.margin), s.minimum, s.maximum)
+            state = CeilingState(self.ceiling, hold, self.limit, self.ceilingUpdatedAt or now)
+            persistCeiling(s.stateFile, state, self.log)
 
     def _restore(self) -> None:
         s = self.settings
-        path = s.stateFile
-        if not path:
+        if not s.stateFile:
             return
-        try:
-            state = readCeiling(path)
-        except FileNotFoundError:
-            self.log.info(
-                "Rate limit: no persisted ceiling at {path}; starting from RATE_LIMIT_MAX", path=path
-            )
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            self.log.warn(
-                "Rate limit: ignoring persisted ceiling at {path}: {error}",
-                path=path,
-                error=str(e) or type(e).__name__,
-            )
-            return
-        age = self._clock.seconds() - state.learnedAt
-        if age > s.stateMaxAge:
-            self.log.warn(
-                "Rate limit: ignoring persisted ceiling at {path}: {age:.0f} s old, older than "
-                "RATE_LIMIT_STATE_MAX_AGE",
-                path=path,
-                age=age,
-            )
+        state = restoreCeiling(s.stateFile, s.stateMaxAge, self._clock.seconds(), self.log)
+        if state is None:
             return
         self.ceiling = _clamp(state.ceiling, s.minimum, s.maximum)
         self.rate = _clamp(state.hold, s.minimum, self.ceiling)
@@ -563,6 +554,26 @@ class RateLimiter:
             rate=self.rate,
             when=rfc3339(state.learnedAt),
         )
+
+    # -- sharing -------------------------------------------------------------------
+
+    def learned(self) -> dict[str, str]:
+        """
+        What this limiter has learned, as the text fields shared limits
+        keep in Redis.
+        """
+        return learnedFields(self)
+
+    def adopt(self, fields: dict[str, str]) -> None:
+        """
+        Take on what the proxies sharing this key learned (L{learned}'s
+        fields), within this proxy's bounds.
+        """
+        s = self.settings
+        adoptFields(self, fields)
+        self.ceiling = _clamp(self.ceiling, s.minimum, s.maximum)
+        self._setRate(_clamp(self.rate, s.minimum, s.maximum))
+        self._setLimit(max(1, min(s.maxWorkers, self.limit)))
 
     # -- reporting ---------------------------------------------------------------
 

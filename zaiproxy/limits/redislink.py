@@ -85,7 +85,9 @@ class Script:
 
     @classmethod
     def named(cls, name: str) -> Script:
-        text = resources.files("zaiproxy.limits").joinpath("scripts", name + ".lua").read_text("utf-8")
+        text = (
+            resources.files("zaiproxy.limits").joinpath("scripts").joinpath(name + ".lua").read_text("utf-8")
+        )
         return cls(name, text, hashlib.sha1(text.encode("utf-8")).hexdigest())
 
 
@@ -118,6 +120,9 @@ class RedisLink:
             password=self.address.password,
             reconnect=True,
             connectTimeout=self.timeout,
+            # Replies as Redis sent them: a field that reads like a number
+            # stays text, as the scripts' callers expect.
+            convertNumbers=False,
         )
         # Reconnect quickly: an outage's end should rejoin within a second
         # or two, not after txredisapi's default back-off of up to 10 s.
@@ -131,7 +136,8 @@ class RedisLink:
             d: Deferred[Any] = Deferred()
             d.callback(None)
             return d
-        return handler.disconnect()
+        closed: Deferred[Any] = handler.disconnect()
+        return closed
 
     def _bounded(self, d: Deferred[Any]) -> Deferred[Any]:
         def failed(reason: Any) -> Any:

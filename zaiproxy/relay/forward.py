@@ -42,7 +42,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from zaiproxy.dialects.zai_errors import MAX_ERROR_BYTES, ZaiError, errorRequestId, parseError
-from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout
+from zaiproxy.limits.admission import NotAdmitted, Permit, QueueTimeout, QuotaHeld
 from zaiproxy.limits.retry import NETWORK, parseRetryAfter, retryWait, zaiHeaders
 from zaiproxy.observe.record import Exchange
 from zaiproxy.relay.context import RelayContext
@@ -305,6 +305,10 @@ class Forwarder:
         failure.trap(NotAdmitted)
         refusal = failure.value
         assert isinstance(refusal, NotAdmitted)
+        if isinstance(refusal, QuotaHeld):
+            # Another proxy sharing the key was told the quota is gone.
+            self._quotaHeld(refusal.until, refusal.error)
+            return
         retryAfter = math.ceil(refusal.retryAfter)
         if isinstance(refusal, QueueTimeout):
             errorType = "queue_timeout"
