@@ -86,6 +86,7 @@ async def test_health(reactor: Any, stack: Stack) -> None:
         "status": "ok",
         "version": "0.1.0",
         "variant": "production",
+        "instance": stack.proxy.instance,
         "upstream": {
             "anthropic": stack.upstream.url("/api/anthropic"),
             "openai": stack.upstream.url("/api/coding/paas/v4"),

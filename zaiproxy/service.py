@@ -219,6 +219,7 @@ class ProxyService(MultiService):
             {
                 "version": self.build.version,
                 "variant": settings.deploymentVariant,
+                "instance": self.instance,
                 "upstream": {
                     "anthropic": settings.zaiTargetURL,
                     "openai": settings.zaiOpenAITargetURL,
@@ -227,7 +228,6 @@ class ProxyService(MultiService):
             isDraining,
         )
         health.sections["rate_limit"] = self.limiter.snapshot
-        health.sections["instance"] = lambda: self.instance
         if self.sharedLimits is not None:
             health.sections["shared_limits"] = self.sharedLimits.snapshot
         if self.quota is not None:
