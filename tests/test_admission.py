@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from zaiproxy.limits.admission import Admission, Permit, QueueFull, QueueTimeout
+from zaiproxy.limits.admission import SLOT_POLL, Admission, Grant, Permit, QueueFull, QueueTimeout, QuotaHeld
 
 
 def make(
@@ -295,3 +295,124 @@ def test_activeSpan() -> None:
     assert admission.takeActiveSpan() == 5.0
     admission.close()
     assert clock.getDelayedCalls() == []
+
+
+class GateDouble:
+    """
+    A L{RemoteGate} whose answers the test gives: each C{acquire} waits in
+    C{asked} until the test fires it.
+    """
+
+    def __init__(self) -> None:
+        self.shared = True
+        self.asked: list[tuple[int, Deferred[Grant]]] = []
+        self.released: list[str] = []
+
+    def acquire(self, wanted: int) -> Deferred[Grant]:
+        d: Deferred[Grant] = Deferred()
+        self.asked.append((wanted, d))
+        return d
+
+    def release(self, lease: str) -> None:
+        self.released.append(lease)
+
+
+def shared(concurrency: int = 10) -> tuple[Clock, Admission, GateDouble]:
+    clock, admission, _, _ = make(rate=1000.0, concurrency=concurrency)
+    gate = GateDouble()
+    admission.remote = gate
+    return clock, admission, gate
+
+
+def test_sharedAsksOnceForEveryoneWaiting() -> None:
+    """
+    With a shared gate no call goes on the local bucket: callers queue,
+    one question asks for as many as wait (and fit under the limit), and
+    the leases granted admit them in turn, each permit holding its lease
+    and giving it back when released.
+    """
+    _, admission, gate = shared(concurrency=3)
+    waiting = [admission.admit(client) for client in ("a", "a", "b", "b")]
+    assert not any(d.called for d in waiting)
+    assert [wanted for wanted, _ in gate.asked] == [1]
+    gate.asked[0][1].callback(Grant(("L1",), 0.0))
+    # The first was admitted; the other three are asked for in one go, but
+    # only two fit under the limit of three.
+    assert [wanted for wanted, _ in gate.asked] == [1, 2]
+    gate.asked[1][1].callback(Grant(("L2", "L3"), 0.0))
+    permits = [result(d) for d in waiting[:3]]
+    # Clients take turns: a, then b, then a again.
+    assert [(p.client, p.lease) for p in permits] == [("a", "L1"), ("a", "L3"), ("b", "L2")]
+    assert not waiting[3].called and admission.inFlight == 3
+    permits[0].release()
+    assert gate.released == ["L1"]
+    assert [wanted for wanted, _ in gate.asked] == [1, 2, 1]
+
+
+def test_sharedWaitsForTheNextTokenOrSlot() -> None:
+    """
+    A partial grant asks again when Redis says the next token is due; no
+    grant because every slot everywhere is taken asks again after
+    L{SLOT_POLL}. Both count as waits for the limiter's saturation signals.
+    """
+    clock, admission, gate = shared()
+    waiting = [admission.admit("a") for _ in range(3)]
+    gate.asked[0][1].callback(Grant(("L1",), 0.25))
+    assert result(waiting[0]).lease == "L1"
+    clock.advance(0.2)
+    assert len(gate.asked) == 1
+    clock.advance(0.05)
+    assert [wanted for wanted, _ in gate.asked] == [1, 2]
+    gate.asked[1][1].callback(Grant((), None))
+    assert admission.slotWaits == 1
+    clock.advance(SLOT_POLL)
+    assert [wanted for wanted, _ in gate.asked] == [1, 2, 2]
+    gate.asked[2][1].callback(Grant(("L2", "L3"), 0.0))
+    assert [result(d).lease for d in waiting[1:]] == ["L2", "L3"]
+    assert not clock.getDelayedCalls() or all(not c.active() for c in clock.getDelayedCalls())
+
+
+def test_sharedQuotaHoldRefusesEveryWaiter() -> None:
+    """
+    Redis says another proxy was told the quota is gone: every waiter is
+    refused with L{QuotaHeld}, carrying Z.AI's reset and error.
+    """
+    _, admission, gate = shared()
+    waiting = [admission.admit(c) for c in ("a", "b")]
+    gate.asked[0][1].callback(Grant((), 0.0, (5000.0, "the error")))
+    refusals = [result(d).value for d in waiting]
+    assert all(isinstance(r, QuotaHeld) for r in refusals)
+    assert [(r.until, r.error) for r in refusals] == [(5000.0, "the error")] * 2
+    assert admission.queued == 0
+
+
+def test_sharedGateAwayAdmitsLocally() -> None:
+    """
+    The gate's question fails (Redis away; the gate has gone local by
+    then): the waiters are admitted by the local bucket at once, without
+    leases.
+    """
+    clock, admission, gate = shared()
+    waiting = [admission.admit("a") for _ in range(2)]
+    gate.shared = False
+    gate.asked[0][1].errback(RuntimeError("Redis away"))
+    assert result(waiting[0]).lease is None
+    # The local bucket's pace (1000 a second) for the next.
+    clock.advance(0.001)
+    assert result(waiting[1]).lease is None
+    assert len(gate.asked) == 1
+
+
+def test_leaseOfACallerWhoLeftIsGivenBack() -> None:
+    """
+    A caller that left while the gate was asked: its lease is released at
+    once instead of holding a slot until it expires.
+    """
+    _, admission, gate = shared()
+    waiting = [admission.admit("a") for _ in range(2)]
+    gate.asked[0][1].callback(Grant(("L1",), 0.0))
+    waiting[1].cancel()
+    assert isinstance(result(waiting[1]).value, CancelledError)
+    gate.asked[1][1].callback(Grant(("L2",), 0.0))
+    assert gate.released == ["L2"]
+    assert admission.inFlight == 1

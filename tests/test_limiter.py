@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 
 from zaiproxy.dialects.zai_errors import ZaiError
 from zaiproxy.limits.admission import NotAdmitted, Permit
+from zaiproxy.limits.learned import WindowTotals
 from zaiproxy.limits.limiter import LimiterSettings, RateLimiter
 
 WINDOW = 30.0
@@ -621,3 +622,65 @@ def test_heapClockRunsLikeClock(makeClock: Any) -> None:
     clock.advance(2)
     assert ran == ["a1", "a2", "reset to 1.5", "b", "delayed to 2.5", "chained"]
     assert not clock.getDelayedCalls()
+
+
+# -- shared limits: what travels through Redis ------------------------------------
+
+
+def test_judgeWindowTakesTotalsFromElsewhere() -> None:
+    """
+    A window's totals from every proxy (as shared limits add them up) are
+    judged by the same rules: a heavy overload sets the ceiling to what
+    was accepted, and the rate just below it.
+    """
+    _, rl, adjustments = limiter()
+    rl.judgeWindow(WindowTotals(60, 40, 0, None, 4.0, True, False))
+    assert rl.ceiling == 4.0
+    assert rl.rate == pytest.approx(4.0 * 0.98)
+    assert adjustments == ["decrease"]
+
+
+def test_takeWindowEmptiesIt() -> None:
+    clock, rl, _ = limiter()
+    rl.record("success")
+    rl.record("frequency")
+    rl.record("concurrency", 7)
+    rl.record("concurrency", 5)
+    rl.admission.slotWaits += 1
+    clock.advance(10.0)
+    totals = rl.takeWindow()
+    assert totals == WindowTotals(1, 1, 2, 5, 0.1, False, True)
+    assert rl.takeWindow() == WindowTotals(0, 0, 0, None, 0.0, False, False)
+
+
+def test_learnedIsAdoptedWhole() -> None:
+    """
+    What one limiter learned, taken on by another (the proxy that judged a
+    window, and the ones that did not): rate, ceiling, probe state and
+    concurrency alike, and its admission paces at the adopted rate.
+    """
+    clock, judge, _ = limiter()
+    window(clock, judge, successes=300, frequency=30)
+    window(clock, judge, successes=0, concurrency=5, inFlight=6)
+    for _ in range(10):
+        window(clock, judge, successes=int(judge.rate * WINDOW))
+    fields = judge.learned()
+    assert all(isinstance(value, str) for value in fields.values())
+    _, other, _ = limiter()
+    other.adopt(fields)
+    assert other.learned() == fields
+    assert (other.rate, other.ceiling, other.limit) == (judge.rate, judge.ceiling, judge.limit)
+    assert other.admission.rate == judge.rate and other.admission.limit == judge.limit
+
+
+def test_adoptKeepsItsOwnBounds() -> None:
+    """
+    Fields from a proxy with other settings (or garbage) cannot take this
+    one outside its own RATE_LIMIT_MIN/MAX and MAX_WORKERS.
+    """
+    _, rl, _ = limiter()
+    rl.adopt({"rate": "1e6", "ceiling": "1e6", "limit": "500", "gain": "not a number"})
+    assert (rl.rate, rl.ceiling, rl.limit) == (50.0, 50.0, 10)
+    assert rl.learned()["gain"] == "0.02"
+    rl.adopt({"rate": "0.001", "limit": "0"})
+    assert (rl.rate, rl.limit) == (1.0, 1)

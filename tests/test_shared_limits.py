@@ -8,9 +8,11 @@ twistd processes, so one can be killed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,8 @@ from twisted.web.http_headers import Headers
 
 from zaiproxy.fake import FakeZai
 from zaiproxy.fake.testing import RunningFake, startFake
-from zaiproxy.limits.shared import Mode, SharedKeys
+from zaiproxy.limits.redislink import RedisAddress, RedisLink
+from zaiproxy.limits.shared import ACQUIRE, RENEW, SEED, WINDOW, Mode, SharedKeys
 
 
 def sharedEnv(redisURL: str, **extra: str) -> dict[str, str]:
@@ -269,3 +272,112 @@ async def test_sharedProxiesHoldTheCapacityUnsharedOvershoot(
     assert ceilings[0] == pytest.approx(ceilings[1], rel=0.05), ceilings
     # Unshared, each offers Z.AI the whole limit: Z.AI refuses far more.
     assert end["alone"][1] - start["alone"][1] > 3 * (end["shared"][1] - start["shared"][1]) + 10, seen
+
+
+# -- the scripts, on a real Redis ------------------------------------------------
+
+
+def texts(reply: Any) -> Any:
+    if isinstance(reply, list):
+        return [texts(item) for item in reply]
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
+async def acquire(link: RedisLink, keys: SharedKeys, wanted: int, first: int = 0, lease: float = 10.0) -> Any:
+    reply = await link.run(
+        ACQUIRE, [keys.state, keys.bucket, keys.leases, keys.quota], [wanted, "p:", first, lease, 1.0, 1]
+    )
+    return texts(reply)
+
+
+@pytest_twisted.async_yield_fixture
+async def link(reactor: Any, redisURL: str) -> AsyncIterator[RedisLink]:
+    opened = RedisLink(reactor, RedisAddress.fromURL(redisURL), 2.0)
+    opened.open()
+    yield opened
+    await opened.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_acquirePacesOnRedisClock(link: RedisLink) -> None:
+    """
+    At 4 calls a second the bucket lets a quarter second's calls go early
+    (two of the five asked for), says when the next token is due, and
+    gives nothing more until then; each call granted holds a lease.
+    """
+    keys = SharedKeys.forKey("k")
+    await link.run(SEED, [keys.state], ["rate", "4", "limit", "10"])
+    granted, wait, quota, taken, limit = await acquire(link, keys, 5)
+    assert (granted, quota, taken, limit) == (2, None, 2, 10)
+    assert float(wait) == pytest.approx(0.25, abs=0.01)
+    granted, wait, _, taken, _ = await acquire(link, keys, 5, first=2)
+    assert (granted, taken) == (0, 2)
+    assert 0.2 <= float(wait) <= 0.25
+    assert sorted(texts(await link.command("zrange", keys.leases, 0, -1))) == ["p:0", "p:1"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_leasesCapConcurrencyAndExpire(reactor: Any, link: RedisLink) -> None:
+    """
+    Two slots: a third call is refused (-1: no slot, not a token wait);
+    a lease not renewed expires and its slot is free again; a renewed one
+    stays.
+    """
+    keys = SharedKeys.forKey("k")
+    await link.run(SEED, [keys.state], ["rate", "1000", "limit", "2"])
+    assert (await acquire(link, keys, 5, lease=0.5))[0] == 2
+    granted, wait, _, taken, _ = await acquire(link, keys, 1, first=2, lease=0.5)
+    assert (granted, float(wait), taken) == (0, -1.0, 2)
+    await sleep(reactor, 0.3)
+    # Only the lease still held is renewed.
+    assert int(await link.run(RENEW, [keys.leases], [0.5, "p:0", "p:gone"])) == 1
+    await sleep(reactor, 0.3)
+    granted, _, _, taken, _ = await acquire(link, keys, 5, first=3, lease=0.5)
+    assert (granted, taken) == (1, 2)
+    assert sorted(texts(await link.command("zrange", keys.leases, 0, -1))) == ["p:0", "p:3"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_quotaKeyAnswersFirst(link: RedisLink) -> None:
+    keys = SharedKeys.forKey("k")
+    await link.command("set", keys.quota, '{"code": "1308"}', "px", 10000)
+    granted, _, quota, _, _ = await acquire(link, keys, 3)
+    assert (granted, quota) == (0, '{"code": "1308"}')
+    assert int(await link.command("zcard", keys.leases)) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_windowIsJudgedOnceWithEveryonesOutcomes(reactor: Any, link: RedisLink) -> None:
+    """
+    Two proxies report into the same window (numbered on Redis's clock);
+    in the next window the first to report gets the totals of both (and
+    the others nothing), and each sees both alive.
+    """
+    keys = SharedKeys.forKey("k")
+    span = 1.0
+
+    async def report(name: str, successes: int, frequency: int, at: int, accepted: float) -> Any:
+        args = [keys.prefix, span, name, successes, frequency, 1, at, 1, 0, repr(accepted)]
+        return texts(await link.run(WINDOW, [keys.state, keys.instances], args))
+
+    now = float(texts(await link.command("time"))[0])
+    await sleep(reactor, math.ceil(now) - now + 0.1 if math.ceil(now) - now < 0.3 else 0.0)
+    first = await report("a", 10, 1, 5, 2.5)
+    await report("b", 20, 2, 3, 4.0)
+    index = math.floor(float(first[3]) / span)
+    await sleep(reactor, (index + 1) * span - float(first[3]) + 0.05)
+    judged = await report("b", 0, 0, -1, 0.0)
+    late = await report("a", 0, 0, -1, 0.0)
+    totals = dict(zip(judged[0][::2], judged[0][1::2], strict=True))
+    assert {
+        k: totals[k] for k in ("successes", "frequency", "concurrency", "concurrency_at", "reporters")
+    } == {
+        "successes": "30",
+        "frequency": "3",
+        "concurrency": "2",
+        "concurrency_at": "3",
+        "reporters": "2",
+    }
+    assert float(totals["accepted"]) == 6.5 and totals["rate_waits"] == "2"
+    assert late[0] is None
+    assert (judged[2], late[2]) == (2, 2)

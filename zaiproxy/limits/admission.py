@@ -334,19 +334,22 @@ class Admission:
         if grant.quota is not None:
             self._refuseAll(QuotaHeld(*grant.quota))
             return
-        leases = list(grant.leases)
+        leases = deque(grant.leases)
         if grant.retryIn is None:
             self.slotWaits += 1
         elif len(leases) < self.queued:
             self.rateWaits += 1
         while leases and self._rotation:
-            self._admitNext(leases.pop())
+            self._admitNext(leases.popleft())
         for lease in leases:
             # Its caller left while we asked: give the slot back.
             if self.remote is not None:
                 self.remote.release(lease)
-        if self._rotation and grant.retryIn is not None:
-            self._timer = self._clock.callLater(max(grant.retryIn, 0.001), self._wake)
+        if self._rotation and grant.retryIn == 0:
+            # Tokens are there; the grant was cut by what we asked for.
+            self._dispatch()
+        elif self._rotation and grant.retryIn is not None:
+            self._timer = self._clock.callLater(grant.retryIn, self._wake)
         elif self._rotation:
             # Every slot is taken, by other proxies too: theirs free
             # without telling us, so look again soon.

@@ -35,7 +35,8 @@ if tat < now then
 end
 local granted = 0
 if tat - now <= tolerance then
-    granted = math.min(wanted, math.floor((now + tolerance - tat) / interval) + 1)
+    -- (A millionth of a token for float error: the times are ~1.7e9 s.)
+    granted = math.min(wanted, math.floor((now + tolerance - tat) / interval + 0.000001) + 1)
 end
 tat = tat + granted * interval
 if granted > 0 then
