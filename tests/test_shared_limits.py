@@ -381,3 +381,39 @@ async def test_windowIsJudgedOnceWithEveryonesOutcomes(reactor: Any, link: Redis
     assert float(totals["accepted"]) == 6.5 and totals["rate_waits"] == "2"
     assert late[0] is None
     assert (judged[2], late[2]) == (2, 2)
+
+
+@pytest_twisted.ensureDeferred
+async def test_startUpSaysWhereLimitsAreShared(
+    reactor: Any, makeStack: Any, logEvents: list[dict[str, Any]], redisServer: RunningRedis
+) -> None:
+    """
+    The start-up lines say whether the limits are shared, through which
+    Redis and as which instance, with the password masked everywhere
+    (Redis here has none, so the proxy goes alone at once and says so).
+    """
+    from twisted.logger import formatEvent
+
+    url = f"redis://:hunter2-secret@127.0.0.1:{redisServer.port}/3"
+    stack = await makeStack(REDIS_URL=url, INSTANCE_NAME="vm-a:8080")
+    await until(reactor, lambda: modes(stack) == [Mode.ALONE], "the proxy goes alone")
+    said = [formatEvent(e) for e in logEvents]
+    masked = f"redis://:***@127.0.0.1:{redisServer.port}/3"
+    assert f"Shared limits: through {masked} as vm-a:8080 (REDIS_TIMEOUT=0.25 s, REDIS_LEASE=15 s)" in said
+    assert any(line.startswith(f"Shared limits: Redis at {masked} is away") for line in said), said
+    assert any(
+        line.startswith(f"Redis at {masked} refused this proxy: Redis error: could not auth") for line in said
+    )
+    assert "hunter2" not in repr(logEvents)
+    assert "hunter2" not in repr(stack.proxy.sharedLimits.snapshot() if stack.proxy.sharedLimits else None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_startUpSaysLimitsAreNotShared(
+    reactor: Any, makeStack: Any, logEvents: list[dict[str, Any]]
+) -> None:
+    from twisted.logger import formatEvent
+
+    await makeStack(INSTANCE_NAME="vm-a:8080")
+    said = [formatEvent(e) for e in logEvents]
+    assert "Shared limits: off (REDIS_URL unset); this process paces Z.AI alone as vm-a:8080" in said

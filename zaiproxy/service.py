@@ -393,6 +393,7 @@ class ProxyService(MultiService):
             self.credentials.clientKeys,
             self.limiter,
             self.usageViews.ledger,
+            self.instance,
         )
 
     def _listen(self) -> None:

@@ -16,6 +16,7 @@ from zaiproxy.config.settings import Settings
 from zaiproxy.front.clientkeys import ClientKeys
 from zaiproxy.ledger.writer import LedgerWriter
 from zaiproxy.limits.limiter import RateLimiter
+from zaiproxy.limits.redislink import RedisAddress
 from zaiproxy.usage.tokens import Counting
 
 __all__ = ["BuildInfo", "announce"]
@@ -46,6 +47,7 @@ def announce(
     clientKeys: ClientKeys | None,
     limiter: RateLimiter,
     ledger: LedgerWriter | None,
+    instance: str = "",
 ) -> None:
     """
     Log the start-up lines.
@@ -65,6 +67,7 @@ def announce(
     _clientKeys(settings, clientKeys)
     log.info("Max workers: {maxWorkers}", maxWorkers=settings.maxWorkers)
     _limiter(settings, limiter)
+    _sharing(settings, instance)
     if ledger is None:
         log.info("Usage ledger: off (LEDGER_ENABLED=false); the dashboard shows live points only")
     elif ledger.away is not None:
@@ -136,4 +139,23 @@ def _limiter(settings: Settings, limiter: RateLimiter) -> None:
         stateFile=settings.rateLimitStateFile or "off",
         maxAge=settings.rateLimitStateMaxAge,
         restored=limiter.restoredFromState,
+    )
+
+
+def _sharing(settings: Settings, instance: str) -> None:
+    """
+    Whether the limits are shared with other proxies, and as whom.
+    """
+    if not settings.redisURL:
+        log.info(
+            "Shared limits: off (REDIS_URL unset); this process paces Z.AI alone as {instance}",
+            instance=instance or "-",
+        )
+        return
+    log.info(
+        "Shared limits: through {redis} as {instance} (REDIS_TIMEOUT={timeout:g} s, REDIS_LEASE={lease:g} s)",
+        redis=RedisAddress.fromURL(settings.redisURL).masked,
+        instance=instance or "-",
+        timeout=settings.redisTimeout,
+        lease=settings.redisLease,
     )

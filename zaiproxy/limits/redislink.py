@@ -128,7 +128,17 @@ class RedisLink:
         # or two, not after txredisapi's default back-off of up to 10 s.
         factory_._factory.maxDelay = 1.0
         factory_._factory.initialDelay = 0.2
+        # txredisapi reports a refused password (or database) here, once,
+        # and stops reconnecting: say so, or the only sign would be "away".
+        factory_._connected.addErrback(self._refused)
         self._handler = factory_
+
+    def _refused(self, reason: Any) -> None:
+        self.log.error(
+            "Redis at {redis} refused this proxy: {why}; fix REDIS_URL and restart",
+            redis=self.address.masked,
+            why=reason.getErrorMessage(),
+        )
 
     def close(self) -> Deferred[Any]:
         handler, self._handler = self._handler, None
