@@ -89,6 +89,13 @@ async def test_quotaHeldByOneIsHeldByAll(
     section = json.loads(await response.content())["shared_limits"]
     assert section["mode"] == "shared" and section["instance"] == "b"
     assert section["redis"].startswith("redis://127.0.0.1:")
+    # An operator resets the limits on A: B lifts its hold within a window.
+    response = await http.post(a.url("/admin/reset-rate-limit"))
+    assert response.code == 200
+    await response.content()
+    await until(reactor, lambda: b.proxy.limiter.quotaHeld() is None, "B lifts the hold", 5.0)
+    code, _ = await post(http, b.url("/v1/messages"))
+    assert code == 200
 
 
 @pytest_twisted.ensureDeferred
@@ -358,7 +365,7 @@ async def test_windowIsJudgedOnceWithEveryonesOutcomes(reactor: Any, link: Redis
 
     async def report(name: str, successes: int, frequency: int, at: int, accepted: float) -> Any:
         args = [keys.prefix, span, name, successes, frequency, 1, at, 1, 0, repr(accepted)]
-        return texts(await link.run(WINDOW, [keys.state, keys.instances], args))
+        return texts(await link.run(WINDOW, [keys.state, keys.instances, keys.quota], args))
 
     now = float(texts(await link.command("time"))[0])
     await sleep(reactor, math.ceil(now) - now + 0.1 if math.ceil(now) - now < 0.3 else 0.0)
@@ -380,6 +387,7 @@ async def test_windowIsJudgedOnceWithEveryonesOutcomes(reactor: Any, link: Redis
     }
     assert float(totals["accepted"]) == 6.5 and totals["rate_waits"] == "2"
     assert late[0] is None
+    assert (judged[4], late[4]) == (0, 0)
     assert (judged[2], late[2]) == (2, 2)
 
 

@@ -232,6 +232,10 @@ class SharedLimits:
             ceiling=self._limiter.ceiling,
             limit=self._limiter.limit,
         )
+        held = self._limiter.quotaHeld()
+        if held is not None:
+            # Told while alone: the others should hold too.
+            self.holdQuota(held[1])
         # Callers that queued while we joined go through the shared gate now.
         self._limiter.admission._dispatch()
 
@@ -311,13 +315,18 @@ class SharedLimits:
             int(totals.slotSaturated),
             repr(totals.accepted),
         ]
-        d = self._link.run(WINDOW, [self._keys.state, self._keys.instances], args)
+        d = self._link.run(WINDOW, [self._keys.state, self._keys.instances, self._keys.quota], args)
         d.addCallback(self._windowJudged)
         self._track(d)
 
     def _windowJudged(self, reply: Any) -> Deferred[Any] | None:
-        previous, state, alive, now = reply
+        previous, state, alive, now, held = reply
         self.alive = max(1, int(alive))
+        if not int(held) and self._limiter.quotaHeld() is not None:
+            # Every hold is in Redis too: gone there means an operator
+            # reset the limits on some proxy (or it expired).
+            self._limiter.quotaUntil = self._limiter.quotaError = None
+            self.log.info("Shared limits: the quota hold was lifted on another proxy")
         span = self._limiter.settings.window
         redisNow = float(now)
         if self.shared and self._windowCall is None:

@@ -2,12 +2,13 @@
 -- (numbered on Redis's clock), say it is alive, and claim the judging of
 -- the previous window: exactly one proxy (SET NX) gets its totals.
 --
--- KEYS: state hash, instances (zset name -> last seen).
+-- KEYS: state hash, instances (zset name -> last seen), quota hold.
 -- ARGV: key prefix, window seconds, instance name, successes, frequency
 --       429s, concurrency 429s, calls in flight at the first 1302 (-1:
 --       none), rate waits, slot waits, accepted calls per second.
 -- Returns {previous window's totals (flat hash) or false, state (flat
---          hash), instances alive, Redis's time (string)}.
+--          hash), instances alive, Redis's time (string), whether a quota
+--          hold is in force}.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local span = tonumber(ARGV[2])
@@ -38,4 +39,5 @@ local totals = false
 if redis.call('SET', prefix .. ':judged:' .. (index - 1), ARGV[3], 'NX', 'EX', keep) then
     totals = redis.call('HGETALL', prefix .. ':window:' .. (index - 1))
 end
-return {totals, redis.call('HGETALL', KEYS[1]), alive, string.format('%.6f', now)}
+local held = redis.call('EXISTS', KEYS[3])
+return {totals, redis.call('HGETALL', KEYS[1]), alive, string.format('%.6f', now), held}
