@@ -33,6 +33,7 @@ _PROCESS_MODULES = frozenset(
         "test_systemd",
         "test_tap",
         "test_twistedcomplaints",
+        "test_workers",
     ]
 )
 

@@ -32,6 +32,7 @@ LAYERS = [
     "config",
     "startup",
     "service",
+    "workers",
     "tap",
 ]
 #: The fake Z.AI stands apart: it may use the wire formats, nothing else.

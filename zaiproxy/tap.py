@@ -4,6 +4,11 @@ C{twistd zaiproxy}: command-line options and the service they build.
 
 This is the one module that touches the global reactor, and only inside
 L{makeService}, after twistd has installed the reactor it was asked for.
+
+With C{--workers N} (N > 1) this process is worker 0 and supervises
+workers 1..N-1, each the same command with C{--worker-index K}; every worker
+binds the C{--listen} port itself with C{SO_REUSEPORT} and the kernel
+spreads the connections (L{zaiproxy.workers} says why that mechanism).
 """
 
 from __future__ import annotations
@@ -11,21 +16,35 @@ from __future__ import annotations
 import gc
 import os
 import re
+import socket
 import sys
 import textwrap
+from collections.abc import Sequence
 from typing import IO, Any, ClassVar
 
-from twisted.application.service import IService
+import attrs
+from twisted.application.service import IService, MultiService
 from twisted.logger import ILogObserver, Logger
 from twisted.python import usage
+from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 
 from zaiproxy import __version__
-from zaiproxy.config.activation import chooseListeners
+from zaiproxy.config.activation import ListenChoice, Listener, chooseListeners
 from zaiproxy.config.settings import Settings, SettingsError, loadSettings, settingSpecs
 from zaiproxy.observe.logs import buildObserver
+from zaiproxy.workers import (
+    ParentWatch,
+    Supervisor,
+    TCPAddress,
+    WorkerCommand,
+    adminListenFor,
+    instanceName,
+    workerHealth,
+    workersProblem,
+)
 
-__all__ = ["Options", "makeService"]
+__all__ = ["Options", "ProcessService", "makeService"]
 
 DEFAULT_LISTEN = "tcp:8080"
 
@@ -56,7 +75,7 @@ class Options(usage.Options):
     """
 
     synopsis = "[--listen DESCRIPTION ...] [--admin-listen DESCRIPTION ...] [--config PATH]"
-    optParameters: ClassVar[list[list[str | None]]] = [
+    optParameters: ClassVar[list[list[Any]]] = [
         [
             "config",
             "c",
@@ -64,6 +83,22 @@ class Options(usage.Options):
             "A KEY=VALUE file in systemd EnvironmentFile syntax (e.g. "
             "/etc/zaiproxy/zaiproxy.env); variables in the process environment "
             "override it. Re-read (with the client key file) on SIGHUP.",
+        ],
+        [
+            "workers",
+            None,
+            1,
+            "Serve the --listen port with N processes (SO_REUSEPORT; the kernel spreads the "
+            "connections). N > 1 needs REDIS_URL, --listen tcp:PORT and --admin-listen tcp:PORT "
+            "(worker K serves its own metrics on PORT+K).",
+            int,
+        ],
+        [
+            "worker-index",
+            None,
+            0,
+            "Internal: which worker this process is, set by the supervisor on the workers it starts.",
+            int,
         ],
     ]
 
@@ -85,6 +120,12 @@ class Options(usage.Options):
         self.docs = {name: " ".join(doc.split()) if doc else doc for name, doc in self.docs.items()}
         self["listen"] = []
         self["admin-listen"] = []
+        #: The options as given, which the workers are started with.
+        self.arguments: list[str] = []
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        self.arguments = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def opt_listen(self, description: str) -> None:
         """
@@ -109,6 +150,10 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        if self["workers"] < 1:
+            raise usage.UsageError(f"--workers must be 1 or more, not {self['workers']}")
+        if not 0 <= self["worker-index"] < self["workers"]:
+            raise usage.UsageError(f"--worker-index must be 0 to {self['workers'] - 1}")
 
 
 def _fail(message: str) -> None:
@@ -139,24 +184,42 @@ def chooseObserver(
     return buildObserver(stream, settings.logFormat, settings.logLevel, reactor)
 
 
+class ProcessService(MultiService):
+    """
+    What this process runs: the proxy and, with C{--workers}, the supervisor
+    (worker 0) or the watch on it (the others). Under twistd it gives the
+    application our log observer, as the proxy does when it is the top.
+    """
+
+    def __init__(self, observer: ILogObserver | None) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent: Any) -> None:
+        if self.observer is not None and isinstance(parent, Componentized):
+            if parent.getComponent(ILogObserver, None) is None:
+                parent.setComponent(ILogObserver, self.observer)
+        super().setServiceParent(parent)
+
+
 def makeService(options: Options) -> IService:
     """
-    Load and check the settings, then build the proxy service.
+    Load and check the settings, then build the proxy service (and, with
+    C{--workers}, what runs beside it).
     """
     # Before anything imports twisted.internet.endpoints, which deletes
     # LISTEN_PID and LISTEN_FDS from the environment.
     environ = dict(os.environ)
     from twisted.internet import reactor
 
-    from zaiproxy.front.clientkeys import ClientKeysError
-    from zaiproxy.ledger.migrations import LedgerError
-    from zaiproxy.service import BuildInfo, ProxyService
+    from zaiproxy.service import BuildInfo
 
     try:
         settings, warnings = loadSettings(os.environ, options["config"])
     except SettingsError as e:
         _fail(str(e))
-    observer = chooseObserver(getattr(options, "parent", None), settings, sys.stdout, reactor)
+    twistdOptions = getattr(options, "parent", None)
+    observer = chooseObserver(twistdOptions, settings, sys.stdout, reactor)
     build = BuildInfo(
         version=os.environ.get("ZAI_PROXY_VERSION") or __version__,
         commit=os.environ.get("ZAI_PROXY_COMMIT") or "unknown",
@@ -170,17 +233,80 @@ def makeService(options: Options) -> IService:
     choice = chooseListeners(reactor, options["listen"], environ, os.getpid())
     for note in choice.notes:
         log.info("{note}", note=note)
+    count, index = options["workers"], options["worker-index"]
+    problem = workersProblem(
+        count,
+        settings.redisURL,
+        options["listen"],
+        options["admin-listen"],
+        choice.source,
+        foreground(twistdOptions),
+    )
+    if problem is not None:
+        _fail(problem)
+    name = instanceName(settings.instanceName, socket.gethostname(), firstPort(choice), index, count)
+    settings = attrs.evolve(settings, instanceName=name)
+    top = ProcessService(observer)
+    proxy = _buildProxy(
+        reactor,
+        options,
+        settings,
+        _listeners(reactor, options, choice),
+        observer,
+        [*warnings, *choice.warnings],
+        build,
+    )
+    proxy.setServiceParent(top)
+    if count > 1:
+        _addWorkerServices(reactor, options, settings, proxy, top)
+    freezeStartupHeap()
+    return top
+
+
+def _listeners(reactor: Any, options: Options, choice: ListenChoice) -> Sequence[str | Listener]:
+    """
+    What the proxy listens on: the choice, or with several workers each
+    C{--listen} bound with C{SO_REUSEPORT}.
+    """
+    if options["workers"] == 1:
+        return choice.listen
+    found = []
+    for description in options["listen"]:
+        address = TCPAddress.parse(description)
+        assert address is not None  # workersProblem refused any other
+        found.append(address.listener(reactor, description))
+    return found
+
+
+def _buildProxy(
+    reactor: Any,
+    options: Options,
+    settings: Settings,
+    listen: Sequence[str | Listener],
+    observer: ILogObserver | None,
+    warnings: list[str],
+    build: Any,
+) -> Any:
+    from zaiproxy.front.clientkeys import ClientKeysError
+    from zaiproxy.ledger.migrations import LedgerError
+    from zaiproxy.service import ProxyService
+
+    adminListen = options["admin-listen"]
+    if options["workers"] > 1:
+        adminListen = adminListenFor(adminListen, options["worker-index"])
     try:
-        service = ProxyService(
+        return ProxyService(
             reactor,
             settings,
-            choice.listen,
+            listen,
             observer,
-            [*warnings, *choice.warnings],
+            warnings,
             build,
-            adminListen=options["admin-listen"],
+            adminListen=adminListen,
             configPath=options["config"],
-            environ=os.environ,
+            # A reload reads the environment again: it must find the name
+            # this process has, not report INSTANCE_NAME as changed.
+            environ={**os.environ, "INSTANCE_NAME": settings.instanceName},
             handleSignals=True,
         )
     except (ClientKeysError, LedgerError) as e:
@@ -190,8 +316,59 @@ def makeService(options: Options) -> IService:
         # The systemd: parser, asked for a descriptor that was not passed.
         _fail("invalid --listen: systemd passed no such socket (is zaiproxy.socket active?)")
         raise
-    freezeStartupHeap()
-    return service
+
+
+def _addWorkerServices(
+    reactor: Any, options: Options, settings: Settings, proxy: Any, top: MultiService
+) -> None:
+    """
+    Worker 0 supervises the others; the others watch that it is there.
+    """
+    count, index = options["workers"], options["worker-index"]
+    supervisor: Supervisor | None = None
+    parent: int | None = None
+    if index == 0:
+        # Bounded by the workers' own drain (grace, timeout, cut and flush) and a margin.
+        stopTimeout = settings.drainGrace + settings.drainTimeout + 15.0
+        command = WorkerCommand.forTwistd(options.arguments)
+        supervisor = Supervisor(reactor, command, count, os.environ, stopTimeout)
+        supervisor.setServiceParent(top)
+    else:
+        parent = os.getppid()
+        ParentWatch(reactor, index, parent, handleSignals=True).setServiceParent(top)
+    proxy.health.sections["worker"] = workerHealth(index, count, supervisor, parent)
+    log.info(
+        "Worker {index} of {count} (pid {pid}): instance {instance}{role}",
+        index=index,
+        count=count,
+        pid=os.getpid(),
+        instance=settings.instanceName,
+        role="; supervising the others" if supervisor is not None else f"; supervisor pid {parent}",
+    )
+
+
+def foreground(twistdOptions: Any) -> bool:
+    """
+    Whether twistd logs to standard output (where the workers write theirs).
+    """
+    if twistdOptions is None:
+        return True
+    if twistdOptions.get("logger") or twistdOptions.get("syslog"):
+        return False
+    logfile = twistdOptions.get("logfile") or ""
+    return logfile == "-" or (not logfile and bool(twistdOptions.get("nodaemon")))
+
+
+def firstPort(choice: ListenChoice) -> int | None:
+    """
+    The port of the first C{--listen} TCP description, if that is what
+    the proxy listens on.
+    """
+    for item in choice.listen:
+        address = TCPAddress.parse(item) if isinstance(item, str) else None
+        if address is not None:
+            return address.port
+    return None
 
 
 _NOT_A_NUMBER = re.compile(r"invalid literal for int\(\) with base 10: (.*)")
