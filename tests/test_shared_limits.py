@@ -204,6 +204,8 @@ async def test_deadProxysSlotsComeBack(
     assert code == 200
     # A renewed its leases every 2/3 s: at the kill they had 4/3 to 2 s left.
     assert 1.0 <= waited <= 3.0, waited
+    # B gave its slot back once its call ended (batched: within 10 ms).
+    await until(reactor, lambda: leasesTaken(redisServer, redisURL) == 0, "B's slot returned", 1.0)
 
 
 async def healthOf(http: HTTPClient, port: int) -> Any:
@@ -290,9 +292,18 @@ def texts(reply: Any) -> Any:
     return reply.decode() if isinstance(reply, bytes) else reply
 
 
-async def acquire(link: RedisLink, keys: SharedKeys, wanted: int, first: int = 0, lease: float = 10.0) -> Any:
+async def acquire(
+    link: RedisLink,
+    keys: SharedKeys,
+    wanted: int,
+    first: int = 0,
+    lease: float = 10.0,
+    returned: tuple[str, ...] = (),
+) -> Any:
     reply = await link.run(
-        ACQUIRE, [keys.state, keys.bucket, keys.leases, keys.quota], [wanted, "p:", first, lease, 1.0, 1]
+        ACQUIRE,
+        [keys.state, keys.bucket, keys.leases, keys.quota],
+        [wanted, "p:", first, lease, 1.0, 1, *returned],
     )
     return texts(reply)
 
@@ -342,6 +353,10 @@ async def test_leasesCapConcurrencyAndExpire(reactor: Any, link: RedisLink) -> N
     granted, _, _, taken, _ = await acquire(link, keys, 5, first=3, lease=0.5)
     assert (granted, taken) == (1, 2)
     assert sorted(texts(await link.command("zrange", keys.leases, 0, -1))) == ["p:0", "p:3"]
+    # A lease given back with the next question frees its slot for it.
+    granted, _, _, taken, _ = await acquire(link, keys, 5, first=4, lease=0.5, returned=("p:0",))
+    assert (granted, taken) == (1, 2)
+    assert sorted(texts(await link.command("zrange", keys.leases, 0, -1))) == ["p:3", "p:4"]
 
 
 @pytest_twisted.ensureDeferred

@@ -54,6 +54,8 @@ __all__ = ["Mode", "SharedKeys", "SharedLimits"]
 
 #: While alone, how often to ask whether Redis is back.
 REJOIN_INTERVAL = 1.0
+#: How long a freed slot may wait to ride on the next acquire's round trip.
+RETURN_DELAY = 0.01
 
 ACQUIRE = Script.named("acquire")
 RENEW = Script.named("renew")
@@ -154,6 +156,8 @@ class SharedLimits:
         self._rejoining.clock = clock
         self._pending: set[Deferred[Any]] = set()
         self._windowCall: IDelayedCall | None = None
+        self._returned: list[str] = []
+        self._returnCall: IDelayedCall | None = None
 
     @property
     def shared(self) -> bool:
@@ -175,9 +179,11 @@ class SharedLimits:
         if self._windowCall is not None and self._windowCall.active():
             self._windowCall.cancel()
         self._windowCall = None
+        self._cancelReturn()
         self._limiter.sharing = None
         self._limiter.admission.remote = None
-        leases, self._held = list(self._held), set()
+        leases, self._held = [*self._held, *self._returned], set()
+        self._returned = []
         if leases and self.shared:
             # Hand the slots back at once rather than after REDIS_LEASE.
             self._track(self._link.command("zrem", self._keys.leases, *leases))
@@ -246,10 +252,13 @@ class SharedLimits:
         self._leaseNumber += wanted
         prefix = f"{self.instance}#{id(self):x}:"
         settings = self._limiter.settings
+        # Slots freed since the last round trip go back in this one.
+        returned, self._returned = self._returned, []
+        self._cancelReturn()
         d = self._link.run(
             ACQUIRE,
             [self._keys.state, self._keys.bucket, self._keys.leases, self._keys.quota],
-            [wanted, prefix, first, self._leaseTime, self._limiter.rate, settings.maxWorkers],
+            [wanted, prefix, first, self._leaseTime, self._limiter.rate, settings.maxWorkers, *returned],
         )
         d.addCallbacks(lambda reply: self._grant(reply, prefix, first), self._acquireFailed)
         return d
@@ -274,8 +283,24 @@ class SharedLimits:
         if lease not in self._held:
             return
         self._held.discard(lease)
-        if self.shared:
-            self._track(self._link.command("zrem", self._keys.leases, lease))
+        if not self.shared:
+            return
+        # Returned with the next acquire's round trip, or after RETURN_DELAY
+        # in one ZREM if none comes: one round trip a batch, not a call.
+        self._returned.append(lease)
+        if self._returnCall is None:
+            self._returnCall = self._clock.callLater(RETURN_DELAY, self._returnNow)
+
+    def _returnNow(self) -> None:
+        self._returnCall = None
+        returned, self._returned = self._returned, []
+        if returned and self.shared:
+            self._track(self._link.command("zrem", self._keys.leases, *returned))
+
+    def _cancelReturn(self) -> None:
+        if self._returnCall is not None and self._returnCall.active():
+            self._returnCall.cancel()
+        self._returnCall = None
 
     def _renew(self) -> None:
         if self._held and self.shared:
@@ -416,6 +441,8 @@ class SharedLimits:
             fields["limit"] = str(max(1, limiter.limit // self._share))
             limiter.adopt(fields)
         self._held.clear()
+        self._returned = []
+        self._cancelReturn()
         self.log.warn(
             "Shared limits: Redis at {redis} is away ({why}); limiting alone at 1/{share} of the shared "
             "limits ({rate:.2f} req/s, concurrency {limit}) until it answers",

@@ -6,7 +6,8 @@
 -- KEYS: state hash, bucket (the theoretical arrival time), leases (zset
 --       lease -> expiry), quota hold.
 -- ARGV: wanted, lease id prefix, first lease number, lease seconds,
---       rate and limit to use before any proxy published them.
+--       rate and limit to use before any proxy published them, then the
+--       leases this proxy gives back (slots its calls freed).
 -- Returns {granted, seconds until the next token (string), quota or false,
 --          slots taken, slots limit}; granted leases are prefix..number,
 --          number counting up from ARGV[3].
@@ -14,10 +15,16 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local quota = redis.call('GET', KEYS[4])
 if quota then
+    for i = 7, #ARGV do
+        redis.call('ZREM', KEYS[3], ARGV[i])
+    end
     return {0, '0', quota, 0, 0}
 end
 local rate = tonumber(redis.call('HGET', KEYS[1], 'rate')) or tonumber(ARGV[5])
 local limit = tonumber(redis.call('HGET', KEYS[1], 'limit')) or tonumber(ARGV[6])
+for i = 7, #ARGV do
+    redis.call('ZREM', KEYS[3], ARGV[i])
+end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 local taken = redis.call('ZCARD', KEYS[3])
 local wanted = math.min(tonumber(ARGV[1]), limit - taken)
