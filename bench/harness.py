@@ -88,6 +88,22 @@ PROXY_ENV = {"LOG_FORMAT": "text", "DRAIN_TIMEOUT": "1s", "DRAIN_GRACE": "0", **
 DISTURBED = 0.05
 
 
+#: Prefixes of the caller's environment a bench proxy does not inherit: the
+#: bench sets its own upstream, logging, limits and ledger.
+DROP_ENV = (
+    "ZAI_",
+    "LOG_",
+    "MAX_",
+    "UPSTREAM_",
+    "RATE_LIMIT_",
+    "QUOTA_",
+    "QUEUE_",
+    "DRAIN_",
+    "LEDGER_",
+    "DASHBOARD_",
+)
+
+
 @attrs.frozen
 class Cpus:
     """
@@ -294,19 +310,7 @@ class Harness:
         may be another venv's, to run another version of the proxy.
         """
         port = freePort()
-        drop = (
-            "ZAI_",
-            "LOG_",
-            "MAX_",
-            "UPSTREAM_",
-            "RATE_LIMIT_",
-            "QUOTA_",
-            "QUEUE_",
-            "DRAIN_",
-            "LEDGER_",
-            "DASHBOARD_",
-        )
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(DROP_ENV)}
         environ.update(
             ZAI_API_KEY=API_KEY,
             ZAI_TARGET_URL=fake.url("/api/anthropic"),

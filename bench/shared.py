@@ -12,17 +12,15 @@ measured is the round trips themselves (issue 17: at most 15%).
 
 from __future__ import annotations
 
-import shutil
-import socket
 import sys
-import time
 from typing import Any
 
 import attrs
 
-from bench.harness import PROXY_PATH, Harness, Summary, freePort
+from bench.harness import PROXY_PATH, Harness, Summary
 from bench.load import BenchError, Load
 from bench.session import Session, commonParser
+from bench.workers import startRedis
 
 TARGETS = {
     "alone": "limits in memory (REDIS_URL unset)",
@@ -38,29 +36,10 @@ class SharedResults:
     ratios: dict[str, float]
 
 
-def startRedis(harness: Harness) -> int:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise BenchError("redis-server is not installed (apt-get install redis-server)")
-    port = freePort()
-    argv = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    harness.spawn("redis", argv, harness.cpus.load)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return port
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError("redis-server did not answer")
-
-
 def measureShared(session: Session, connections: int) -> SharedResults:
     harness: Harness = session.harness
     fake = harness.startFake(session.args.fake)
-    redis = startRedis(harness)
+    redis = startRedis(harness, None)
     base = {**session.env, "LEDGER_ENABLED": "false"}
     proxies = {
         "alone": harness.startProxy(fake, "alone", base),

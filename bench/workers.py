@@ -29,25 +29,21 @@ import urllib.request
 import attrs
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.harness import PROXY_ENV, PROXY_PATH, TWISTD, Child, Cpus, Harness, cpuSeconds, freePort, median
+from bench.harness import (
+    DROP_ENV,
+    PROXY_ENV,
+    PROXY_PATH,
+    TWISTD,
+    Child,
+    Cpus,
+    Harness,
+    cpuSeconds,
+    freePort,
+    median,
+)
 from bench.load import API_KEY, BenchError, Load, runLoad
 from bench.report import footer
 from bench.session import Session, commonParser
-
-#: Prefixes of the caller's environment a bench proxy does not inherit
-#: (as bench.harness.Harness.spawnProxy drops them).
-DROP = (
-    "ZAI_",
-    "LOG_",
-    "MAX_",
-    "UPSTREAM_",
-    "RATE_LIMIT_",
-    "QUOTA_",
-    "QUEUE_",
-    "DRAIN_",
-    "LEDGER_",
-    "DASHBOARD_",
-)
 
 
 @attrs.frozen
@@ -159,7 +155,7 @@ def startProxy(
 ) -> Proxy:
     name = f"proxy-w{workers}"
     port, admin = freePort(), adminPorts(workers)
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(DROP)}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(DROP_ENV)}
     environ.update(
         ZAI_API_KEY=API_KEY,
         ZAI_TARGET_URL=f"http://127.0.0.1:{fakePort}/api/anthropic",
