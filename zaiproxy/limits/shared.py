@@ -149,7 +149,6 @@ class SharedLimits:
         self._share = 1
         self._held: set[str] = set()
         self._leaseNumber = 0
-        self._since = clock.seconds()
         self._renewing = LoopingCall(self._renew)
         self._renewing.clock = clock
         self._rejoining = LoopingCall(self._rejoin)
@@ -431,7 +430,6 @@ class SharedLimits:
             self._startRejoining()
             return
         was, self.mode = self.mode, Mode.ALONE
-        self._since = self._clock.seconds()
         self._share = self.alive if was is Mode.SHARED else 1
         limiter = self._limiter
         if self._share > 1:
@@ -462,7 +460,11 @@ class SharedLimits:
     def _rejoin(self) -> None:
         d = self._link.command("ping")
         d.addCallback(lambda _: self._join())
-        d.addErrback(lambda failure: failure.trap(RedisAway, RedisRefused) and None)
+        # Still away: the loop asks again in a second.
+        d.addErrback(self._stillAway)
+
+    def _stillAway(self, failure: Failure) -> None:
+        failure.trap(RedisAway, RedisRefused)
 
     # -- reporting ------------------------------------------------------------------------
 
